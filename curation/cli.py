@@ -1,0 +1,122 @@
+"""The ``curation`` command.
+
+Exit codes: 0 success, 1 the run failed, 2 bad usage or an invalid recipe (nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from curation import __version__
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from curation.sample import write_sample_corpus
+
+    summary = write_sample_corpus(args.out, rows=args.rows, seed=args.seed, workers=args.workers,
+                                  progress=not args.quiet)
+    print(f"sample corpus: {args.out} ({summary.get('rows', args.rows):,} rows; see {args.out}/corpus.json)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from curation.recipe import RecipeError, load_pipeline
+    from curation.runner import run_pipeline, summary_table
+
+    try:
+        recipe = load_pipeline(args.recipe, args.set or [])
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_pipeline(recipe, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(result.stats))
+    print(f"pool:   {result.pool}  ({result.manifest['totals']['rows']:,} rows in "
+          f"{result.manifest['totals']['shards']} shards)")
+    if result.report:
+        print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from curation.stage import describe, load_registry
+
+    registry = load_registry()
+    if args.json:
+        print(json.dumps({n: describe(c) for n, c in sorted(registry.items())}, indent=2, default=str))
+        return 0
+    for name, cls in sorted(registry.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<22}{doc}")
+        params = {k: v for k, v in describe(cls).items() if k not in ("instance", "resources", "modalities")}
+        if params:
+            print(f"{'':<22}params: " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from curation.report import write_report
+
+    html, js = write_report(args.pool)
+    print(f"report: {html}\njson:   {js}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curation",
+        description="Curate multimodal training data for vision-language models on Ray, and build mixtures.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sample", help="write a deterministic sample corpus (all input formats, with realistic dirt)",
+                       description="Write a deterministic sample corpus: image-text pairs as WebDataset, Parquet and "
+                                   "JSONL, interleaved and text documents, a small benchmark set, and truth.parquet "
+                                   "labelling the dirt injected in each row.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--rows", type=int, default=5000, help="total rows across sources (default 5000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("run", help="run a curation pipeline recipe as a Ray Data job and write a pool",
+                       description="Run a pipeline recipe (pipelines/*.yaml) on local Ray, or on a cluster with "
+                                   "--address / RAY_ADDRESS. Rerunning into the same folder resumes.")
+    p.add_argument("recipe", help="pipeline YAML")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set vars.corpus=/data --set stages.1.image_size.min_side=64")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing pool folder first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stages", help="list the registered stages and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("report", help="(re)write report.html and report.json of a pool folder")
+    p.add_argument("pool")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Local paths and ``s3://`` URIs behind one interface (pyarrow filesystems).
+
+S3 settings come from the usual AWS environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_REGION`` / ``AWS_DEFAULT_REGION`` and, for S3-compatible servers (MinIO, SeaweedFS, Ceph),
+``AWS_ENDPOINT_URL`` (for example ``http://127.0.0.1:8333``). Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+        # S3-compatible servers generally need path-style addressing.
+        kwargs["force_virtual_addressing"] = False
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path within it)`` for a local path or an ``s3://bucket/key`` URI."""
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3(endpoint, region), path[len("s3://"):]
+    if is_uri(path) and not path.startswith("file://"):
+        return pafs.FileSystem.from_uri(path)
+    local = path[len("file://"):] if path.startswith("file://") else path
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """Inverse of :func:`filesystem`: what to store in lineage and hand to other workers."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def join(base: str, rel: str) -> str:
+    """Resolve ``rel`` (relative, absolute or a URI) against the folder ``base`` (path or URI)."""
+    if is_uri(rel) or os.path.isabs(rel):
+        return rel
+    return posixpath.join(base, rel) if is_uri(base) else os.path.join(base, rel)
+
+
+def dirname(path: str) -> str:
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(os.path.abspath(path))
+
+
+def expand(pattern: str) -> list[str]:
+    """Files matching a glob (``*``, ``?``, ``[..]`` in the last parts), or a folder's files, sorted.
+
+    Returns URIs for ``s3://`` patterns and absolute paths for local ones.
+    """
+    fs, path = filesystem(pattern)
+    if not any(ch in path for ch in "*?["):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [to_uri(fs, path)]
+        if info.type == pafs.FileType.Directory:
+            sel = pafs.FileSelector(path, recursive=True)
+            return sorted(to_uri(fs, i.path) for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+        return []
+    parts = path.split("/")
+    first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+    root = "/".join(parts[:first_glob]) or "/"
+    recursive = len(parts) - first_glob > 1 or "**" in path
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    except FileNotFoundError:
+        return []
+    matched = [i.path for i in infos if i.type == pafs.FileType.File and _match(i.path, path)]
+    return sorted(to_uri(fs, p) for p in matched)
+
+
+def _match(path: str, pattern: str) -> bool:
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(path, pattern.replace("**/", "*").replace("**", "*"))
+    p_parts, s_parts = path.split("/"), pattern.split("/")
+    return len(p_parts) == len(s_parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p_parts, s_parts))
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def open_input(path: str):
+    """A binary stream over a whole file (sequential reads; fine for tars and JSONL)."""
+    fs, p = filesystem(path)
+    return fs.open_input_stream(p)
+
+
+def open_random_access(path: str):
+    fs, p = filesystem(path)
+    return fs.open_input_file(p)

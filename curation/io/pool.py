@@ -1,0 +1,261 @@
+"""Pool folders: sharded Parquet + WebDataset with a manifest, stats and rejects.
+
+See ``docs/pool-format.md`` for the layout. Writes are idempotent and exactly-once per unit:
+
+1. a worker writes every part of a unit (``shards/UUUUU_PPPP.{parquet,tar}``, ``rejects/UUUUU.parquet``)
+   under temporary names and renames each into place when complete;
+2. then it writes ``_work/done/UUUUU.json`` (rows, bytes, sha256 of each part, stage counters), again
+   by temp-and-rename. That record is the commit.
+
+A rerun skips units that have a done record (their shards are not rewritten) and redoes the others
+from scratch; since units, ids and bytes are deterministic, a redone unit overwrites its half-written
+parts with identical ones, so no row is lost or duplicated whatever moment the crash came.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from curation.io import fs as cfs
+from curation.schema import REJECT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+FORMAT = "curation.pool/1"
+_JSON_SKIP = {"image", "images", "frames", *REJECT_COLUMNS}
+_MAGIC = [(b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"),
+          (b"MM\x00*", "tif")]
+
+
+def image_ext(data: bytes, fmt: str | None = None) -> str:
+    """File extension for encoded image bytes (img2dataset uses .jpg; we keep the real format)."""
+    if fmt:
+        return {"jpeg": "jpg", "tiff": "tif"}.get(fmt.lower(), fmt.lower())
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "bin")
+
+
+def sha256_file(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _commit_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class _Part:
+    """One shard being written: a Parquet file and a tar with the same rows, under temp names."""
+
+    def __init__(self, fs, root: str, name: str, schema: pa.Schema, formats: list[str]):
+        self.fs, self.root, self.name, self.schema, self.formats = fs, root, name, schema, formats
+        self.tmp_tag = uuid.uuid4().hex[:8]
+        self.rows = 0
+        self.bytes = 0
+        self._pq = self._tar = self._tar_stream = None
+        if "parquet" in formats:
+            self._pq_stream = fs.open_output_stream(self._tmp("parquet"))
+            self._pq = pq.ParquetWriter(self._pq_stream, schema, compression="zstd")
+        if "webdataset" in formats:
+            self._tar_stream = fs.open_output_stream(self._tmp("tar"))
+            self._tar = tarfile.open(fileobj=self._tar_stream, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def _final(self, ext: str) -> str:
+        return f"{self.root}/shards/{self.name}.{ext}"
+
+    def _tmp(self, ext: str) -> str:
+        return f"{self._final(ext)}.tmp-{self.tmp_tag}"
+
+    def write(self, table: pa.Table) -> None:
+        if self._pq is not None:
+            self._pq.write_table(table, row_group_size=max(1, min(table.num_rows, 1024)))
+        if self._tar is not None:
+            for row in table.to_pylist():
+                for member, data in _wds_members(row):
+                    info = tarfile.TarInfo(f"{row['id']}.{member}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    self._tar.addfile(info, io.BytesIO(data))
+        self.rows += table.num_rows
+        self.bytes += table.nbytes
+
+    def commit(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name, "rows": self.rows}
+        if self._pq is not None:
+            self._pq.close()
+            self._pq_stream.close()
+        if self._tar is not None:
+            self._tar.close()
+            self._tar_stream.close()
+        for ext, key in (("parquet", "parquet"), ("tar", "webdataset")):
+            if key in self.formats:
+                self.fs.move(self._tmp(ext), self._final(ext))
+                path = self._final(ext)
+                entry[ext] = {"path": f"shards/{self.name}.{ext}", "bytes": self.fs.get_file_info(path).size,
+                              "sha256": sha256_file(self.fs, path)}
+        return entry
+
+
+def _wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    meta = {k: v for k, v in row.items() if k not in _JSON_SKIP and v is not None}
+    members = []
+    if row.get("image") is not None:
+        members.append((image_ext(row["image"], row.get("image_format")), row["image"]))
+    for i, img in enumerate(row.get("images") or []):
+        if img is not None:
+            members.append((f"img{i}.{image_ext(img)}", img))
+    members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
+    if row.get("text") is not None:
+        members.append(("txt", row["text"].encode("utf-8", "replace")))
+    return sorted(members)
+
+
+@dataclass
+class UnitSink:
+    """Writes one unit's kept rows (in parts of at most ``shard_rows`` rows / ``shard_bytes``) and rejects."""
+
+    root: str
+    unit: int
+    schema: pa.Schema  # shards
+    reject_schema: pa.Schema  # rejects: the shard columns plus reject_stage/reason/detail
+    formats: list[str]
+    shard_rows: int = 10_000
+    shard_bytes: int = 1 << 30
+    write_rejects: bool = True
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.fs, self.path = cfs.filesystem(self.root)
+        self._part: _Part | None = None
+        self._rejects: pq.ParquetWriter | None = None
+        self._rejects_rows = 0
+        self._rejects_tmp = f"{self.path}/rejects/{self.unit:05d}.parquet.tmp-{uuid.uuid4().hex[:8]}"
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._part is None:
+                self._part = _Part(self.fs, self.path, f"{self.unit:05d}_{len(self.parts):04d}", self.schema, self.formats)
+            room = self.shard_rows - self._part.rows
+            chunk = table.slice(start, room)
+            self._part.write(chunk)
+            start += chunk.num_rows
+            if self._part.rows >= self.shard_rows or self._part.bytes >= self.shard_bytes:
+                self.parts.append(self._part.commit())
+                self._part = None
+
+    def reject(self, table: pa.Table) -> None:
+        if not self.write_rejects or not table.num_rows:
+            self._rejects_rows += table.num_rows
+            return
+        if self._rejects is None:
+            self._rejects_stream = self.fs.open_output_stream(self._rejects_tmp)
+            self._rejects = pq.ParquetWriter(self._rejects_stream, self.reject_schema, compression="zstd")
+        self._rejects.write_table(table)
+        self._rejects_rows += table.num_rows
+
+    def close(self) -> dict[str, Any]:
+        """Commit the last part and the rejects; return this unit's manifest entries."""
+        if self._part is not None and self._part.rows:
+            self.parts.append(self._part.commit())
+        self._part = None
+        rejects = None
+        if self._rejects is not None:
+            self._rejects.close()
+            self._rejects_stream.close()
+            final = f"{self.path}/rejects/{self.unit:05d}.parquet"
+            self.fs.move(self._rejects_tmp, final)
+            rejects = {"path": f"rejects/{self.unit:05d}.parquet", "rows": self._rejects_rows,
+                       "bytes": self.fs.get_file_info(final).size, "sha256": sha256_file(self.fs, final)}
+        return {"shards": self.parts, "rejects": rejects, "rejected": self._rejects_rows}
+
+
+# ---------------------------------------------------------------- driver side
+
+
+class Pool:
+    """A pool folder on the driver: resume state, and the final manifest."""
+
+    def __init__(self, root: str, recipe_hash: str):
+        self.root = root
+        self.recipe_hash = recipe_hash
+        self.fs, self.path = cfs.filesystem(root)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(f"{self.path}/_work/recipe.json").type == pafs.FileType.File
+
+    def prepare(self, resolved: dict[str, Any], overwrite: bool = False) -> None:
+        """Create the folder, or check that an existing one was written by the same recipe."""
+        if overwrite and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        if self.exists():
+            with self.fs.open_input_stream(f"{self.path}/_work/recipe.json") as f:
+                previous = json.loads(f.read())
+            if previous.get("recipe_hash") != self.recipe_hash:
+                raise FileExistsError(
+                    f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
+                    f"this one is {self.recipe_hash}); write to another folder or pass --overwrite")
+        for sub in ("shards", "rejects", "_work/done", "_work/index"):
+            self.fs.create_dir(f"{self.path}/{sub}", recursive=True)
+        _commit_bytes(self.fs, f"{self.path}/_work/recipe.json",
+                      json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode())
+
+    def done_path(self, unit: int) -> str:
+        return f"{self.path}/_work/done/{unit:05d}.json"
+
+    def done_records(self) -> dict[int, dict[str, Any]]:
+        sel = pafs.FileSelector(f"{self.path}/_work/done", allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(sel):
+            if info.path.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as f:
+                    rec = json.loads(f.read())
+                out[rec["unit"]] = rec
+        return out
+
+    def write_manifest(self, resolved: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+        shards = [dict(s, unit=r["unit"]) for r in records for s in r["shards"]]
+        rejects = [r["rejects"] for r in records if r.get("rejects")]
+        total_bytes = sum(s[k]["bytes"] for s in shards for k in ("parquet", "tar") if k in s)
+        manifest = {
+            "format": FORMAT,
+            "recipe": resolved,
+            "recipe_hash": self.recipe_hash,
+            "shards": shards,
+            "rejects": rejects,
+            "units": [{"unit": r["unit"], "uri": r["uri"], "source": r["source"], "errors": r.get("errors", [])}
+                      for r in records],
+            "totals": {"rows": sum(s["rows"] for s in shards), "rejected": sum(r["rejected"] for r in records),
+                       "shards": len(shards), "bytes": total_bytes},
+        }
+        self.write_json("manifest.json", manifest)
+        return manifest
+
+    def write_json(self, name: str, obj: Any) -> None:
+        _commit_bytes(self.fs, f"{self.path}/{name}", json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode())
+
+
+def commit_done(root: str, record: dict[str, Any]) -> None:
+    """Write a unit's done record: the commit point of that unit."""
+    fs, path = cfs.filesystem(root)
+    _commit_bytes(fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode())

@@ -1,0 +1,335 @@
+"""Readers: turn source files into canonical rows (:data:`curation.schema.ROW_SCHEMA`).
+
+Work is planned in *units*: one input file, or a range of row groups of a large Parquet file.
+A unit is the grain of parallelism, of output sharding and of resume, like an img2dataset shard.
+Units are planned on the driver in a deterministic order, so the same recipe gives the same
+units, and so the same pool, on a laptop and on a cluster.
+
+Bad input never stops a reader: a row that cannot be read (malformed JSON, text that is not UTF-8,
+an image file that is missing, the unreadable tail of a truncated tar) becomes a row rejected by the
+``ingest`` stage with a reason and a detail naming the file and offset.
+
+Formats and the fields they map (``fields:`` in the source overrides the defaults below):
+
+=========== =========== ===================================================================
+format      modality    default fields
+=========== =========== ===================================================================
+webdataset  image_text  text: ``txt``, image: ``jpg;jpeg;png;webp``, meta: ``json``
+parquet     image_text  text: ``caption``, image: ``image`` (binary or ``{bytes, path}``)
+jsonl       image_text  text: ``caption``, image: ``image`` (path relative to the .jsonl)
+jsonl/pq    interleaved texts: ``texts``, images: ``images`` (aligned lists, OBELICS style)
+any         text        text: ``text`` (webdataset: ``txt``)
+=========== =========== ===================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.io import fs as cfs
+from curation.recipe import SourceSpec
+from curation.schema import from_rows, json_meta, row_id
+
+log = logging.getLogger(__name__)
+
+INGEST = "ingest"
+
+_DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
+    ("webdataset", "image_text"): {"text": "txt", "image": "jpg;jpeg;png;webp", "meta": "json"},
+    ("webdataset", "text"): {"text": "txt", "meta": "json"},
+    ("parquet", "image_text"): {"text": "caption", "image": "image"},
+    ("parquet", "interleaved"): {"texts": "texts", "images": "images"},
+    ("parquet", "text"): {"text": "text"},
+    ("jsonl", "image_text"): {"text": "caption", "image": "image"},
+    ("jsonl", "interleaved"): {"texts": "texts", "images": "images"},
+    ("jsonl", "text"): {"text": "text"},
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of input work: a file, or row groups ``[rg_start, rg_stop)`` of a Parquet file."""
+
+    index: int
+    source: str
+    format: str
+    modality: str
+    uri: str
+    rg_start: int = 0
+    rg_stop: int | None = None
+    fields_json: str = "{}"
+    on_bad_text: str = "reject"
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return json.loads(self.fields_json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        rng = f" row groups {self.rg_start}-{self.rg_stop}" if self.rg_stop is not None else ""
+        return f"{self.uri}{rng}"
+
+
+def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]:
+    """Expand every source's paths into units, in recipe order, files sorted."""
+    units: list[Unit] = []
+    for spec in sources:
+        fields = dict(_DEFAULT_FIELDS.get((spec.format, spec.modality), {}))
+        fields.update(spec.fields)
+        fields_json = json.dumps(fields, sort_keys=True)
+        files: list[str] = []
+        for pattern in spec.paths:
+            for f in cfs.expand(pattern):
+                if f not in files:
+                    files.append(f)
+        for uri in files:
+            common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
+                          fields_json=fields_json, on_bad_text=spec.on_bad_text)
+            if spec.format == "parquet":
+                for start, stop in _row_group_ranges(uri, unit_rows):
+                    units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
+            else:
+                units.append(Unit(index=len(units), **common))
+    return units
+
+
+def _row_group_ranges(uri: str, unit_rows: int) -> list[tuple[int, int | None]]:
+    try:
+        with cfs.open_random_access(uri) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception as e:  # unreadable file: one unit, whose reader reports the error as a reject
+        log.warning("cannot read Parquet metadata of %s (%s); it will be reported as unreadable", uri, e)
+        return [(0, None)]
+    ranges, start, rows = [], 0, 0
+    for rg in range(meta.num_row_groups):
+        rows += meta.row_group(rg).num_rows
+        if rows >= unit_rows:
+            ranges.append((start, rg + 1))
+            start, rows = rg + 1, 0
+    if start < meta.num_row_groups or not ranges:
+        ranges.append((start, meta.num_row_groups))
+    return ranges
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
+    """Yield :data:`ROW_SCHEMA` tables of at most ``batch_rows`` rows for one unit."""
+    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl}[unit.format]
+    rows: list[dict[str, Any]] = []
+    for row in reader(unit):
+        rows.append(row)
+        if len(rows) >= batch_rows:
+            yield from_rows(rows)
+            rows = []
+    if rows:
+        yield from_rows(rows)
+
+
+class _RowMaker:
+    """Builds canonical row dicts for one unit (ids, lineage, ingest rejects)."""
+
+    def __init__(self, unit: Unit):
+        self.unit = unit
+        self.fields = unit.fields
+
+    def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
+            texts: list | None = None, images: list | None = None, meta: dict | None = None,
+            reason: str | None = None, detail: str | None = None) -> dict[str, Any]:
+        m = self.unit.modality
+        if m == "interleaved":
+            joined = "\x1e".join("" if t is None else t for t in (texts or []))
+            rid = row_id(m, joined, images or [])
+        else:
+            rid = row_id(m, text, [image] if image is not None else [])
+        if isinstance(text, bytes):
+            text, bad = _decode_text(text)
+            if bad and reason is None and self.unit.on_bad_text == "reject":
+                reason, detail = "text_not_utf8", f"{self.unit.uri}#{offset}: {bad}"
+        return {
+            "id": rid, "source": self.unit.source, "modality": m, "text": text, "image": image,
+            "texts": texts, "images": images, "meta": json_meta(meta),
+            "source_uri": self.unit.uri, "source_offset": offset,
+            "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
+        }
+
+    def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:
+        """A row that could not be read at all: kept (as a reject) so it is counted and visible."""
+        text = raw.decode("utf-8", "replace")[:2000] if isinstance(raw, bytes) else raw
+        r = self.row(offset, text=text, reason=reason, detail=f"{self.unit.uri}#{offset}: {detail}")
+        r["id"] = row_id("broken", f"{self.unit.uri}#{offset}")
+        return r
+
+
+def _decode_text(raw: bytes) -> tuple[str, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return raw.decode("utf-8", "replace"), f"not UTF-8 ({e.reason} at byte {e.start})"
+
+
+def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
+    make = _RowMaker(unit)
+    f = make.fields
+    image_exts = f.get("image", "").split(";") if f.get("image") else []
+    offset = 0
+    current_key, members = None, {}
+
+    def emit():
+        text = members.get(f["text"]) if "text" in f else None
+        image = next((members[e] for e in image_exts if e in members), None)
+        meta = {"__key__": current_key}
+        if f.get("meta") in members:
+            try:
+                meta.update(json.loads(members[f["meta"]]))
+            except (ValueError, UnicodeDecodeError):
+                meta["meta_unparsed"] = True
+        return make.row(offset, text=text, image=image, meta=meta)
+
+    try:
+        with cfs.open_input(unit.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                prefix = member.name[: len(member.name) - len(base)]
+                key, ext = base.split(".", 1)
+                key = prefix + key
+                data = tar.extractfile(member).read()
+                if key != current_key:
+                    if current_key is not None:
+                        yield emit()
+                        offset += 1
+                    current_key, members = key, {}
+                members[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if current_key is not None:
+            yield emit()
+            offset += 1
+            current_key = None
+        yield make.broken(offset, "unreadable_file", f"tar unreadable after {offset} samples: {e}")
+        return
+    if current_key is not None:
+        yield emit()
+
+
+def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
+    make = _RowMaker(unit)
+    f = make.fields
+    try:
+        handle = cfs.open_random_access(unit.uri)
+        pf = pq.ParquetFile(handle)
+    except Exception as e:
+        yield make.broken(0, "unreadable_file", f"not a readable Parquet file: {e}")
+        return
+    with handle:
+        stop = unit.rg_stop if unit.rg_stop is not None else pf.metadata.num_row_groups
+        groups = list(range(unit.rg_start, stop))
+        offset = sum(pf.metadata.row_group(i).num_rows for i in range(unit.rg_start))
+        mapped = {f.get(k) for k in ("text", "image", "texts", "images")} - {None}
+        meta_cols = [c for c in pf.schema_arrow.names if c not in mapped
+                     and not pa.types.is_binary(pf.schema_arrow.field(c).type)]
+        try:
+            for batch in pf.iter_batches(row_groups=groups, batch_size=1024):
+                cols = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
+                    yield make.row(
+                        offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
+                        texts=_col(cols, f.get("texts"), i),
+                        images=[_image_bytes(x) for x in _col(cols, f.get("images"), i)] if f.get("images") in cols and _col(cols, f.get("images"), i) is not None else None,
+                        meta=meta)
+                    offset += 1
+        except Exception as e:  # a corrupt page: report where, keep what was read
+            yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+
+
+def _col(cols: dict, name: str | None, i: int) -> Any:
+    return cols[name][i] if name and name in cols else None
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    """Accept raw bytes or the Hugging Face ``{"bytes": ..., "path": ...}`` image struct."""
+    if isinstance(value, dict):
+        return value.get("bytes")
+    return value
+
+
+def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
+    make = _RowMaker(unit)
+    f = make.fields
+    base = cfs.dirname(unit.uri)
+    try:
+        stream = cfs.open_input(unit.uri)
+    except OSError as e:
+        yield make.broken(0, "unreadable_file", str(e))
+        return
+    with stream:
+        for offset, raw in enumerate(_lines(stream)):
+            if not raw.strip():
+                continue  # blank lines are not rows (offsets stay line numbers)
+            text_of_line, bad = _decode_text(raw)
+            try:
+                obj = json.loads(text_of_line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as e:
+                yield make.broken(offset, "malformed_row", f"not a JSON object: {e}", raw)
+                continue
+            yield _jsonl_row(make, f, base, offset, obj, bad)
+
+
+def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream, read in large chunks (pyarrow streams have no readline)."""
+    tail = b""
+    while block := stream.read(chunk):
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if tail.strip():
+        yield tail.rstrip(b"\r")
+
+
+def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> dict:
+    unit = make.unit
+    mapped = {f.get(k) for k in ("text", "image", "texts", "images")}
+    meta = {k: v for k, v in obj.items() if k not in mapped}
+    reason = detail = None
+    if bad_text and unit.on_bad_text == "reject":
+        reason, detail = "text_not_utf8", f"{unit.uri}#{offset}: {bad_text}"
+    missing: list[str] = []
+
+    def load(ref: Any) -> bytes | None:
+        if ref is None:
+            return None
+        path = cfs.join(base, str(ref))
+        try:
+            return cfs.read_bytes(path)
+        except (OSError, FileNotFoundError):
+            missing.append(str(ref))
+            return None
+
+    text = obj.get(f["text"]) if "text" in f else None
+    image = load(obj.get(f["image"])) if "image" in f else None
+    texts = obj.get(f["texts"]) if "texts" in f else None
+    images = [load(x) for x in obj.get(f["images"]) or []] if "images" in f else None
+    if missing and reason is None:
+        reason, detail = "missing_image_file", f"{unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
+    if text is not None and not isinstance(text, str):
+        text = json.dumps(text, ensure_ascii=False)
+    row = make.row(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason, detail=detail)
+    return row

@@ -1,0 +1,384 @@
+"""Pipeline recipes: YAML to validated objects.
+
+A recipe is loaded with ``yaml.safe_load`` (never the full loader: recipes come from other people),
+``--set key=value`` overrides are applied to the raw tree, ``${var}`` references are filled from the
+``vars`` section, and then everything is validated strictly. Every problem is collected and reported
+at once, each naming the file, the key and what was expected, before anything is written.
+
+Example::
+
+    name: demo
+    vars: {corpus: ./sample, out: ./pools/demo}
+    sources:
+      - {name: pairs, format: webdataset, modality: image_text, paths: ["${corpus}/image_text/wds/*.tar"]}
+    stages:
+      - image_decode: {}
+      - image_size: {min_side: 32}
+    output: {path: "${out}", formats: [parquet, webdataset]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curation.stage import Resources, Stage, load_registry
+
+FORMATS = ("webdataset", "parquet", "jsonl")
+OUTPUT_FORMATS = ("parquet", "webdataset")
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid. ``str()`` lists every problem, one per line."""
+
+    def __init__(self, file: str, problems: list[str]):
+        self.file = file
+        self.problems = problems
+        super().__init__(f"invalid recipe {file}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    format: str
+    modality: str
+    paths: list[str]
+    fields: dict[str, str] = field(default_factory=dict)
+    on_bad_text: str = "reject"  # reject | replace
+
+
+@dataclass
+class OutputSpec:
+    path: str
+    formats: list[str] = field(default_factory=lambda: list(OUTPUT_FORMATS))
+    shard_rows: int = 10_000
+    shard_bytes: int = 1 << 30
+    write_rejects: bool = True
+    report: bool = True
+
+
+@dataclass
+class ExecutionSpec:
+    batch_rows: int = 256  # rows per stage call: bounds worker memory
+    unit_rows: int = 20_000  # Parquet inputs are split into units of at most this many rows
+    num_workers: int | None = None  # default: the cluster's CPUs
+    num_cpus: int | None = None  # local Ray only: CPUs to start it with (default: all)
+
+
+@dataclass
+class PipelineRecipe:
+    name: str
+    sources: list[SourceSpec]
+    stages: list[Stage]
+    output: OutputSpec
+    execution: ExecutionSpec
+    file: str
+    resolved: dict[str, Any]  # the recipe after overrides and interpolation, as written next to outputs
+
+    @property
+    def hash(self) -> str:
+        return recipe_hash(self.resolved)
+
+
+def recipe_hash(resolved: dict[str, Any]) -> str:
+    """Hash of what determines the pool's content: sources, stages and output layout.
+
+    Execution settings and the output folder are left out, so the same recipe run on a laptop or a
+    cluster, into any folder, carries the same hash (and writes the same bytes).
+    """
+    keyed = {k: v for k, v in resolved.items() if k not in ("execution", "vars", "name")}
+    keyed["output"] = {k: v for k, v in keyed.get("output", {}).items() if k != "path"}
+    blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
+    """Load, override, interpolate and validate a pipeline recipe; raise :class:`RecipeError`."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RecipeError(file, [f"cannot read the recipe: {e.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(file, [f"not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(file, ["the recipe must be a mapping with sources, stages and output"])
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    raw = _interpolate(raw, raw.get("vars") or {}, "", problems)
+    if problems:
+        raise RecipeError(file, problems)
+    recipe = _validate(raw, file, problems, check_paths)
+    if problems:
+        raise RecipeError(file, problems)
+    return recipe
+
+
+def _apply_override(tree: dict, item: str, problems: list[str]) -> None:
+    """``a.b.0.c=value``: value is parsed as a YAML scalar/flow (``--set output.formats=[parquet]``)."""
+    if "=" not in item:
+        problems.append(f"--set {item!r}: expected key=value, for example --set vars.corpus=/data/sample")
+        return
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = _child(node, part)
+        if nxt is None:
+            if isinstance(node, dict):
+                nxt = node[part] = {}
+            else:
+                problems.append(f"--set {key}: '{'.'.join(parts[:i + 1])}' does not exist")
+                return
+        node = nxt
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            problems.append(f"--set {key}: '{last}' is not an index of a list of {len(node)}")
+            return
+        node[int(last)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        problems.append(f"--set {key}: '{'.'.join(parts[:-1])}' is a value, not a mapping or list")
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return None
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(node: Any, variables: dict, where: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (v if k == "vars" else _interpolate(v, variables, f"{where}.{k}".lstrip("."), problems))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, variables, f"{where}.{i}", problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in variables:
+                problems.append(f"{where}: unknown variable ${{{m.group(1)}}} (define it under vars:, "
+                                f"or pass --set vars.{m.group(1)}=...)")
+                return m.group(0)
+            return str(variables[m.group(1)])
+        return _VAR.sub(sub, node)
+    return node
+
+
+# ---------------------------------------------------------------- validation
+
+_TOP_KEYS = {"name", "vars", "sources", "stages", "output", "execution"}
+
+
+def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> PipelineRecipe:
+    for key in raw:
+        if key not in _TOP_KEYS:
+            problems.append(f"{key}: unknown key (expected one of {', '.join(sorted(_TOP_KEYS))})")
+    sources = []
+    raw_sources = raw.get("sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        problems.append("sources: expected a non-empty list of sources")
+        raw_sources = []
+    seen_names: set[str] = set()
+    for i, s in enumerate(raw_sources):
+        spec = _build(SourceSpec, s, f"sources.{i}", problems)
+        if spec is None:
+            continue
+        if spec.name in seen_names:
+            problems.append(f"sources.{i}.name: '{spec.name}' is used twice; source names must be unique")
+        seen_names.add(spec.name)
+        if spec.format not in FORMATS:
+            problems.append(f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})")
+        from curation.schema import MODALITIES
+
+        if spec.modality not in MODALITIES:
+            problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
+        if spec.on_bad_text not in ("reject", "replace"):
+            problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
+        if check_paths:
+            from curation.io.fs import expand
+
+            for j, p in enumerate(spec.paths):
+                try:
+                    if not expand(p):
+                        problems.append(f"sources.{i}.paths.{j}: no file matches '{p}' (check the path, "
+                                        f"or pass --set vars.<name>=... if it comes from a variable)")
+                except OSError as e:
+                    problems.append(f"sources.{i}.paths.{j}: cannot list '{p}': {e}")
+        sources.append(spec)
+
+    stages = _build_stages(raw.get("stages"), problems)
+    output = _build(OutputSpec, raw.get("output"), "output", problems)
+    if output is not None:
+        for fmt in output.formats:
+            if fmt not in OUTPUT_FORMATS:
+                problems.append(f"output.formats: '{fmt}' (expected a list of {', '.join(OUTPUT_FORMATS)})")
+        if output.shard_rows < 1:
+            problems.append("output.shard_rows: expected a positive integer")
+    execution = _build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
+    resolved = json.loads(json.dumps(raw, default=str))
+    return PipelineRecipe(
+        name=str(raw.get("name") or Path(file).stem),
+        sources=sources,
+        stages=stages,
+        output=output,  # type: ignore[arg-type]
+        execution=execution,  # type: ignore[arg-type]
+        file=file,
+        resolved=resolved,
+    )
+
+
+def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
+    registry = load_registry()
+    if not isinstance(raw_stages, list):
+        problems.append("stages: expected a list like [- image_decode: {}, - image_size: {min_side: 32}]")
+        return []
+    stages, labels = [], set()
+    for i, entry in enumerate(raw_stages):
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            problems.append(f"stages.{i}: expected a mapping with one stage name, like '- image_size: {{min_side: 32}}'")
+            continue
+        (name, params), = entry.items()
+        cls = registry.get(name)
+        if cls is None:
+            problems.append(f"stages.{i}: unknown stage '{name}' (known: {', '.join(sorted(registry))}; "
+                            f"`curation stages` lists them with their parameters)")
+            continue
+        stage = _build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
+        if stage is None:
+            continue
+        if stage.label in labels:
+            problems.append(f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>")
+        labels.add(stage.label)
+        stages.append(stage)
+    return stages
+
+
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types; None on error."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {_kind(raw)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs, ok = {}, True
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(fields))})")
+            ok = False
+            continue
+        hint = hints[key]
+        if hint is Resources:
+            res = _build(Resources, value, f"{where}.{key}", problems)
+            ok &= res is not None
+            kwargs[key] = res
+            continue
+        converted, err = _check_type(value, hint)
+        if err:
+            problems.append(f"{where}.{key}: expected {err}, got {_kind(value)} {value!r}")
+            ok = False
+        kwargs[key] = converted
+    for name, f in fields.items():
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}.{name}: required key is missing")
+            ok = False
+    if not ok:
+        return None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where}: {e}")
+        return None
+
+
+def _check_type(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Return (value converted, None) or (value, description of what was expected)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            v, err = _check_type(value, a)
+            if err is None:
+                return v, None
+            errs.append(err)
+        return value, " or ".join(errs)
+    if hint is Any:
+        return value, None
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (value, "true or false")
+    if hint is int:
+        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else (value, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, "a number"
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (value, "a string")
+    if origin is list:
+        (item,) = args or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected: accept it
+        if not isinstance(value, list):
+            return value, f"a list of {_hint_name(item)}"
+        out = []
+        for v in value:
+            cv, err = _check_type(v, item)
+            if err:
+                return value, f"a list of {_hint_name(item)}"
+            out.append(cv)
+        return out, None
+    if origin is dict:
+        kt, vt = args or (Any, Any)
+        if not isinstance(value, dict):
+            return value, "a mapping"
+        for v in value.values():
+            if _check_type(v, vt)[1]:
+                return value, f"a mapping of {_hint_name(vt)}"
+        return value, None
+    return value, None
+
+
+def _hint_name(hint: Any) -> str:
+    return {str: "strings", int: "integers", float: "numbers", bool: "booleans"}.get(hint, str(hint))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def dump_resolved(recipe: PipelineRecipe) -> str:
+    """The resolved recipe as YAML, written next to every output."""
+    return yaml.safe_dump(recipe.resolved, sort_keys=False)

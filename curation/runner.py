@@ -1,0 +1,386 @@
+"""The only module that builds Ray Data plans.
+
+A pipeline run is:
+
+1. plan units (one per input file or Parquet row-group range) on the driver, deterministically;
+2. if a stage needs a global index (exact dedup), a parallel pre-pass reads the index columns of
+   every unit (cached under ``_work/index``), the driver builds the index once and puts it in the
+   object store;
+3. a Ray Data plan maps each pending unit through a pool of actors (stages ``setup()`` once per
+   actor): read -> stages -> shards + rejects, committed per unit (see :mod:`curation.io.pool`);
+4. the driver merges the units' counters into ``stats.json``, writes ``manifest.json`` and the report.
+
+Units are the grain of parallelism, so a plan over few large files still uses every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from curation.io import fs as cfs
+from curation.io.pool import Pool, UnitSink, commit_done
+from curation.io.readers import INGEST, Unit, plan_units, read_unit
+from curation.recipe import PipelineRecipe
+from curation.schema import REJECT_COLUMNS, ROW_SCHEMA
+from curation.stage import IndexedFilter, ScoreFilter, Stage
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_schema(stages: list[Stage]) -> pa.Schema:
+    """ROW_SCHEMA plus every stage's extra columns, in pipeline order."""
+    fields = list(ROW_SCHEMA)
+    for s in stages:
+        if isinstance(s, ScoreFilter):
+            fields += [f for f in s.output_fields() if f.name not in {x.name for x in fields}]
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------- per-unit work (runs in workers)
+
+
+@dataclass
+class UnitJob:
+    """Everything a worker needs to process units; shipped once per actor."""
+
+    stages: list[Stage]
+    root: str
+    recipe_hash: str
+    formats: list[str]
+    shard_rows: int
+    shard_bytes: int
+    write_rejects: bool
+    batch_rows: int
+
+
+def _new_counter() -> dict[str, Any]:
+    return {"rows_in": 0, "rows_out": 0, "drops": {}, "seconds": 0.0}
+
+
+def _count_drops(counter: dict, table: pa.Table, stage: str) -> None:
+    mask = pc.equal(table["reject_stage"], stage)
+    if not pc.any(mask).as_py():
+        return
+    for item in pc.value_counts(table.filter(mask)["reject_reason"]).to_pylist():
+        counter["drops"][item["values"]] = counter["drops"].get(item["values"], 0) + item["counts"]
+
+
+def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]) -> pa.Table:
+    """Run ``stages`` over one batch, counting rows in/out, drops by reason and time per stage.
+
+    A stage that raises on a batch does not stop the run: the batch's live rows are rejected with
+    reason ``stage_error`` and the exception text, so the failure is counted and visible.
+    """
+    for stage in stages:
+        c = counters[stage.label]
+        alive = pc.sum(pc.is_null(table["reject_reason"]).cast(pa.int64())).as_py() or 0
+        c["rows_in"] += alive
+        t0 = time.perf_counter()
+        try:
+            table = stage(table)
+        except Exception as e:  # noqa: BLE001 - isolate the batch, never the run
+            log.exception("stage %s failed on a batch of %d rows", stage.label, table.num_rows)
+            from curation.stage import mark_rejected
+
+            live = pc.indices_nonzero(pc.is_null(table["reject_reason"]))
+            table = mark_rejected(table, live, stage.label, pa.array(["stage_error"] * len(live)),
+                                  pa.array([f"{type(e).__name__}: {e}"[:500]] * len(live)))
+        c["seconds"] += time.perf_counter() - t0
+        _count_drops(c, table, stage.label)
+        c["rows_out"] += pc.sum(pc.is_null(table["reject_reason"]).cast(pa.int64())).as_py() or 0
+    return table
+
+
+def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
+    """Read one unit, run the stages, write and commit its shards; return its done record."""
+    t_start = time.perf_counter()
+    schema = pipeline_schema(job.stages)
+    shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
+    sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
+                    job.write_rejects)
+    counters = {INGEST: _new_counter(), **{s.label: _new_counter() for s in job.stages}}
+    errors: list[str] = []
+    hash_col = None
+    reader = read_unit(unit, job.batch_rows)
+    while True:
+        t0 = time.perf_counter()
+        table = next(reader, None)
+        counters[INGEST]["seconds"] += time.perf_counter() - t0
+        if table is None:
+            break
+        ingest = counters[INGEST]
+        ingest["rows_in"] += table.num_rows
+        _count_drops(ingest, table, INGEST)
+        ingest["rows_out"] += table.num_rows - (pc.sum(pc.is_valid(table["reject_reason"]).cast(pa.int64())).as_py() or 0)
+        errors += [d for d in table.filter(pc.equal(table["reject_reason"], "unreadable_file"))["reject_detail"].to_pylist()]
+        if hash_col is None or len(hash_col) != table.num_rows:
+            hash_col = pa.array([job.recipe_hash] * table.num_rows, pa.string())
+        table = table.set_column(table.schema.get_field_index("recipe_hash"), "recipe_hash", hash_col)
+        table = apply_stages(table, job.stages, counters)
+        table = _conform(table, schema)
+        rejected = pc.is_valid(table["reject_reason"])
+        t0 = time.perf_counter()
+        sink.reject(table.filter(rejected))
+        sink.write(table.filter(pc.invert(rejected)).select(shard_schema.names))
+        counters.setdefault("_write", {"seconds": 0.0})["seconds"] += time.perf_counter() - t0
+    outputs = sink.close()
+    record = {
+        "unit": unit.index, "uri": unit.uri, "source": unit.source, "recipe_hash": job.recipe_hash,
+        "counters": counters, "errors": errors, "seconds": time.perf_counter() - t_start, **outputs,
+    }
+    commit_done(job.root, record)
+    return record
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def index_unit(unit: Unit, columns: tuple[str, ...], batch_rows: int) -> pa.Table:
+    """The index columns of every row of a unit, plus the unit number (for input order)."""
+    parts = [t.select(list(columns)) for t in read_unit(unit, batch_rows)]
+    table = pa.concat_tables(parts) if parts else ROW_SCHEMA.empty_table().select(list(columns))
+    return table.append_column("unit", pa.array([unit.index] * table.num_rows, pa.int64()))
+
+
+class _UnitWorker:
+    """Ray Data actor: set the stages up once, then process one unit per call."""
+
+    def __init__(self, job: UnitJob, index_refs: list):
+        import ray
+
+        self.job = job
+        for stage in job.stages:
+            stage.setup()
+        for stage, ref in zip([s for s in job.stages if isinstance(s, IndexedFilter)], index_refs):
+            stage.use_index(ray.get(ref))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = []
+        for i in range(len(batch["index"])):
+            unit = Unit(**{k: _py(batch[k][i]) for k in batch})
+            records.append(json.dumps(process_unit(unit, self.job)))
+        return {"record": np.array(records, dtype=object)}
+
+
+class _IndexWorker:
+    def __init__(self, root: str, columns: tuple[str, ...], batch_rows: int):
+        self.root, self.columns, self.batch_rows = root, columns, batch_rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fs, path = cfs.filesystem(self.root)
+        for i in range(len(batch["index"])):
+            unit = Unit(**{k: _py(batch[k][i]) for k in batch})
+            table = index_unit(unit, self.columns, self.batch_rows)
+            out = f"{path}/_work/index/{unit.index:05d}.parquet"
+            tmp = f"{out}.tmp-{os.getpid()}"
+            with fs.open_output_stream(tmp) as f:
+                pq.write_table(table, f)
+            fs.move(tmp, out)
+        return {"done": batch["index"]}
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ---------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Use a running Ray (tests, notebooks), connect to ``address``/``RAY_ADDRESS``, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=1 << 30, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class RunResult:
+    pool: str
+    manifest: dict[str, Any]
+    stats: dict[str, Any]
+    report: str | None
+
+
+def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrite: bool = False,
+                 progress: bool = True) -> RunResult:
+    """Run a validated pipeline recipe as a Ray Data job and write its pool."""
+    for stage in recipe.stages:
+        stage.check_requirements()
+    units = plan_units(recipe.sources, recipe.execution.unit_rows)
+    root = recipe.output.path if cfs.is_uri(recipe.output.path) else os.path.abspath(recipe.output.path)
+    pool = Pool(root, recipe.hash)
+    pool.prepare(recipe.resolved, overwrite=overwrite)
+    t0 = time.perf_counter()
+    with ray_session(address, recipe.execution.num_cpus):
+        import ray
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        done = pool.done_records()
+        pending = [u for u in units if u.index not in done]
+        if done:
+            log.info("resuming: %d of %d units already done", len(done), len(units))
+        index_refs = _build_indexes(recipe, units, root, workers, progress) if pending else []
+        job = UnitJob(recipe.stages, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
+                      recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows)
+        if pending:
+            ds = ray.data.from_items([u.to_dict() for u in pending], override_num_blocks=len(pending))
+            ds = ds.map_batches(_UnitWorker, fn_constructor_kwargs={"job": job, "index_refs": index_refs},
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))), num_cpus=1)
+            bar = _progress(len(pending), "units", progress)
+            rows = 0
+            for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+                for rec in batch["record"]:
+                    rec = json.loads(rec)
+                    done[rec["unit"]] = rec
+                    rows += rec["counters"][INGEST]["rows_in"]
+                    bar.set_postfix_str(f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
+                    bar.update(1)
+            bar.close()
+    records = [done[u.index] for u in units]
+    elapsed = time.perf_counter() - t0
+    manifest = pool.write_manifest(recipe.resolved, records)
+    stats = _stats(records, recipe.stages, root, elapsed)
+    pool.write_json("stats.json", stats)
+    report = None
+    if recipe.output.report:
+        from curation.report import write_report
+
+        report = str(write_report(root)[0])
+    return RunResult(root, manifest, stats, report)
+
+
+def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers: int, progress: bool) -> list:
+    """Pre-pass for index-then-query stages: index columns of every unit (cached), one index per stage."""
+    import ray
+
+    indexed = [s for s in recipe.stages if isinstance(s, IndexedFilter)]
+    if not indexed:
+        return []
+    fs, path = cfs.filesystem(root)
+    columns = tuple(dict.fromkeys(c for s in indexed for c in s.index_columns))
+    cached = {int(i.base_name.split(".")[0]) for i in fs.get_file_info(
+        pafs.FileSelector(f"{path}/_work/index", allow_not_found=True))
+        if i.base_name.endswith(".parquet")}
+    todo = [u for u in units if u.index not in cached]
+    if todo:
+        ds = ray.data.from_items([u.to_dict() for u in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(_IndexWorker, fn_constructor_kwargs={"root": root, "columns": columns,
+                                                                 "batch_rows": recipe.execution.batch_rows},
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))), num_cpus=1)
+        bar = _progress(len(todo), "indexed", progress)
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            bar.update(len(batch["done"]))
+        bar.close()
+    tables = []
+    for u in units:
+        with fs.open_input_file(f"{path}/_work/index/{u.index:05d}.parquet") as f:
+            tables.append(pq.read_table(f))
+    rows = pa.concat_tables(tables)
+    return [ray.put(stage.build_index(rows)) for stage in indexed]
+
+
+def _progress(total: int, unit: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float) -> dict[str, Any]:
+    """Merge the units' counters; add score histograms read from the shards and rejects."""
+    names = [INGEST] + [s.label for s in stages]
+    merged = {n: _new_counter() for n in names}
+    write_s = 0.0
+    for rec in records:
+        for n in names:
+            c = rec["counters"].get(n)
+            if not c:
+                continue
+            m = merged[n]
+            m["rows_in"] += c["rows_in"]
+            m["rows_out"] += c["rows_out"]
+            m["seconds"] += c["seconds"]
+            for reason, k in c["drops"].items():
+                m["drops"][reason] = m["drops"].get(reason, 0) + k
+        write_s += rec["counters"].get("_write", {}).get("seconds", 0.0)
+    hist = _histograms(stages, root)
+    rows_in = merged[INGEST]["rows_in"]
+    rows_out = merged[names[-1]]["rows_out"]
+    return {
+        "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_in - rows_out,
+        "elapsed_s": round(elapsed, 3), "rows_per_s": round(rows_in / elapsed, 1) if elapsed else None,
+        "write_seconds": round(write_s, 3),
+        "stages": [{"name": n, **merged[n], "seconds": round(merged[n]["seconds"], 3),
+                    "drops": dict(sorted(merged[n]["drops"].items(), key=lambda kv: -kv[1])),
+                    "histograms": hist.get(n, {})} for n in names],
+    }
+
+
+def _histograms(stages: list[Stage], root: str, bins: int = 30) -> dict[str, dict]:
+    import pyarrow.dataset as pads
+
+    fs, path = cfs.filesystem(root)
+    files = [i.path for d in ("shards", "rejects") for i in fs.get_file_info(
+        pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
+        if i.path.endswith(".parquet")]
+    wanted = {s.label: [f.name for f in s.output_fields() if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
+              for s in stages if isinstance(s, ScoreFilter)}
+    cols = sorted({c for v in wanted.values() for c in v})
+    if not files or not cols:
+        return {}
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=cols)
+    out: dict[str, dict] = {}
+    for label, names in wanted.items():
+        for c in names:
+            values = table[c].drop_null().to_numpy()
+            if not len(values):
+                continue
+            lo, hi = float(values.min()), float(values.max())
+            counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+            out.setdefault(label, {})[c] = {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
+    return out
+
+
+def summary_table(stats: dict[str, Any]) -> str:
+    """Plain-text summary printed at the end of a run."""
+    lines = [f"{'stage':<22}{'rows in':>10}{'rows out':>10}{'dropped':>9}{'sec':>8}  drops by reason"]
+    for s in stats["stages"]:
+        dropped = s["rows_in"] - s["rows_out"]
+        reasons = ", ".join(f"{r}={k:,}" for r, k in s["drops"].items()) or "-"
+        lines.append(f"{s['name']:<22}{s['rows_in']:>10,}{s['rows_out']:>10,}{dropped:>9,}{s['seconds']:>8.1f}  {reasons}")
+    lines.append(f"{'total':<22}{stats['rows_in']:>10,}{stats['rows_out']:>10,}{stats['rows_rejected']:>9,}"
+                 f"{stats['elapsed_s']:>8.1f}  {stats['rows_per_s']:,} rows/s wall clock")
+    return "\n".join(lines)

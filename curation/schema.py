@@ -1,0 +1,117 @@
+"""The row: one Arrow schema for every modality.
+
+Every reader yields tables in :data:`ROW_SCHEMA`; every stage reads and appends columns of it;
+every sink writes it. Keeping one schema (nulls where a modality has no value) is what lets Ray
+Data concatenate blocks from different sources and lets polars read a whole pool at once.
+Stages add ``score_<name>`` columns (float64) on top; see :func:`score_column`.
+
+The ``id`` is content-derived (128-bit xxh3 of modality, text and media bytes), so the same sample
+has the same id in Parquet and WebDataset, on a laptop and on a cluster, and exact duplicates share it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+import xxhash
+
+MODALITIES = ("image_text", "interleaved", "video", "text", "sft")
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("texts", pa.list_(pa.string())),
+        pa.field("images", pa.list_(pa.binary())),
+        pa.field("video", pa.string()),
+        pa.field("frames", pa.list_(pa.binary())),
+        pa.field("frame_ts", pa.list_(pa.float64())),
+        pa.field("messages", pa.string()),
+        pa.field("mode", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("ocr_text", pa.string()),
+        pa.field("dense_caption", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("source_uri", pa.string()),
+        pa.field("source_offset", pa.int64()),
+        pa.field("recipe_hash", pa.string()),
+        # Set when a stage rejects a row. Rows are never dropped mid-pipeline: they travel with their
+        # reason to the end, where the sink splits them into shards and rejects.
+        pa.field("reject_stage", pa.string()),
+        pa.field("reject_reason", pa.string()),
+        pa.field("reject_detail", pa.string()),
+    ]
+)
+
+REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+BINARY_COLUMNS = frozenset(f.name for f in ROW_SCHEMA if pa.types.is_binary(f.type) or f.name in ("images", "frames"))
+
+
+def score_column(stage_name: str) -> str:
+    """Name of the persisted score column of a stage: thresholds change without recomputing it."""
+    return f"score_{stage_name}"
+
+
+def row_id(modality: str, text: bytes | str | None = None, media: Iterable[bytes | None] = ()) -> str:
+    """128-bit content hash (32 hex chars) of a row's modality, text and media bytes.
+
+    >>> row_id("text", "hello") == row_id("text", b"hello")
+    True
+    """
+    h = xxhash.xxh3_128()
+    h.update(modality.encode())
+    h.update(b"\x00")
+    if text is not None:
+        h.update(text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text)
+    for blob in media:
+        h.update(b"\x01")
+        if blob is not None:
+            h.update(len(blob).to_bytes(8, "little"))
+            h.update(blob)
+    return h.hexdigest()
+
+
+def empty_table(schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    return schema.empty_table()
+
+
+def from_rows(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a :data:`ROW_SCHEMA` table from dicts; missing keys become nulls."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in ROW_SCHEMA}
+    return pa.table(cols, schema=ROW_SCHEMA)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Return ``table`` with exactly the :data:`ROW_SCHEMA` columns first (added as nulls if missing,
+    cast if a reader produced a compatible type), followed by any extra columns (scores) in order."""
+    n = table.num_rows
+    cols, fields = [], []
+    for f in ROW_SCHEMA:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            if col.type != f.type:
+                col = col.cast(f.type)
+        else:
+            col = pa.nulls(n, f.type)
+        cols.append(col)
+        fields.append(f)
+    for name in table.column_names:
+        if name not in ROW_SCHEMA.names:
+            cols.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def json_meta(obj: dict[str, Any] | None) -> str | None:
+    """Serialise source metadata for the ``meta`` column (sorted keys: stable bytes, stable ids)."""
+    if not obj:
+        return None
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)

@@ -1,0 +1,246 @@
+"""The stage protocol: a callable over a ``pyarrow.Table`` batch.
+
+A stage runs unchanged inside a Ray Data task or actor, in a plain loop, or in a test. It declares
+its YAML name, the columns it reads and writes, the modalities it applies to, the resources it wants
+and the optional packages it needs. Heavy imports and model loads go in :meth:`Stage.setup`, which
+runs once per worker.
+
+A :class:`ScoreFilter` computes a score first (persisted as a column) and decides second, so a
+threshold can change without recomputing the score, and ``annotate_only`` keeps every row.
+Rejected rows are not dropped: they keep flowing with ``reject_stage`` / ``reject_reason`` set,
+later stages skip them, and the sink writes them to ``rejects/``. Every drop is therefore counted
+by stage and reason, and nothing vanishes.
+
+Example (a complete filter)::
+
+    @register
+    class CaptionLength(ScoreFilter):
+        name = "caption_length"
+        reads = ("text",)
+        min: int = 1
+        def score(self, batch):
+            return {self.score_name: pc.utf8_length(batch["text"]).cast(pa.float64())}
+        def decide(self, batch, scores):
+            return reason_where(pc.less(scores[self.score_name], self.min), "too_short")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.schema import ROW_SCHEMA, score_column
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """What one worker of a stage needs (Ray resources) and how it is batched."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int | None = None  # actors; None = tasks
+    batch_size: int = 256
+
+
+class MissingDependency(RuntimeError):
+    """An optional package a stage needs is not installed; the message has the install command."""
+
+
+@dataclass
+class Stage:
+    """Base of every stage. Subclasses are dataclasses whose fields are the YAML parameters."""
+
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()  # (import name, extra) pairs
+    default_modalities: ClassVar[tuple[str, ...] | None] = None  # None = every modality
+
+    # Parameters every stage accepts.
+    instance: str | None = field(default=None, metadata={"help": "name of this instance (default: the stage name)"})
+    modalities: list[str] | None = field(default=None, metadata={"help": "modalities to apply to (default: the stage's own)"})
+    resources: Resources = field(default_factory=Resources, metadata={"help": "num_cpus, num_gpus, concurrency, batch_size"})
+
+    @property
+    def label(self) -> str:
+        """The name this instance reports under (stats, reject_stage, score column)."""
+        return self.instance or self.name
+
+    def check_requirements(self) -> None:
+        for module, extra in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise MissingDependency(
+                    f"stage '{self.name}' needs the '{module}' package: pip install 'keye-curation[{extra}]'"
+                ) from e
+
+    def setup(self) -> None:
+        """Load models and heavy imports; called once per worker before the first batch."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def applies(self, batch: pa.Table) -> pa.Array:
+        """Boolean mask: rows not yet rejected and of a modality this stage handles."""
+        mask = pc.is_null(batch["reject_reason"])
+        modalities = self.modalities if self.modalities is not None else self.default_modalities
+        if modalities is not None:
+            mask = pc.and_(mask, pc.is_in(batch["modality"], pa.array(list(modalities), pa.string())))
+        return mask
+
+
+@dataclass
+class ScoreFilter(Stage):
+    """Compute score columns, then turn them into reject reasons (``None`` = keep)."""
+
+    annotate_only: bool = field(default=False, metadata={"help": "write scores but reject nothing"})
+
+    @property
+    def score_name(self) -> str:
+        return score_column(self.label)
+
+    def output_fields(self) -> list[pa.Field]:
+        """Columns this stage adds beyond :data:`ROW_SCHEMA`: always present after it ran, so every
+        batch of a pipeline has the same schema."""
+        return [pa.field(self.score_name, pa.float64())]
+
+    def score(self, batch: pa.Table) -> dict[str, pa.Array]:
+        """Columns to persist, computed over ``batch`` (only the rows this stage applies to)."""
+        raise NotImplementedError
+
+    def decide(self, batch: pa.Table, scores: dict[str, pa.Array]) -> pa.Array | tuple[pa.Array, pa.Array]:
+        """A string array of reject reasons (null = keep), optionally with a detail string array."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        mask = self.applies(batch)
+        active_idx = pc.indices_nonzero(mask)
+        active = batch.take(active_idx)
+        scores = self.score(active) if active.num_rows else {}
+        if active.num_rows:
+            decided = self.decide(active, scores)
+        types = {f.name: f.type for f in self.output_fields()}
+        types.update((f.name, f.type) for f in ROW_SCHEMA)
+        for name, arr in scores.items():
+            batch = _set_column(batch, name, _scatter(arr, active_idx, batch.num_rows).cast(types.get(name, arr.type)))
+        for f in self.output_fields():
+            if f.name not in batch.column_names:
+                batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
+        if not active.num_rows or self.annotate_only:
+            return batch
+        reasons, detail = decided if isinstance(decided, tuple) else (decided, None)
+        return mark_rejected(batch, active_idx, self.label, reasons, detail)
+
+
+@dataclass
+class IndexedFilter(ScoreFilter):
+    """A filter that needs a view of the whole dataset before it can decide (index, then query).
+
+    The runner reads :attr:`index_columns` of every row in a parallel pre-pass (cheap: no decoding),
+    hands the concatenated table to :meth:`build_index` once on the driver, ships the result to every
+    worker through the object store, and calls :meth:`use_index` there before the first batch. So a
+    match anywhere in the corpus is found, and the index is never rebuilt per worker.
+    """
+
+    index_columns: ClassVar[tuple[str, ...]] = ("id", "source_uri", "source_offset")
+
+    def build_index(self, rows: pa.Table) -> Any:
+        raise NotImplementedError
+
+    def use_index(self, index: Any) -> None:
+        raise NotImplementedError
+
+
+def reason_where(condition: pa.Array, reason: str) -> pa.Array:
+    """``reason`` where ``condition`` is true, null elsewhere (nulls in condition keep the row)."""
+    return pc.if_else(pc.fill_null(condition, False), pa.scalar(reason), pa.scalar(None, pa.string()))
+
+
+def first_reason(*reasons: pa.Array) -> pa.Array:
+    """Combine reason arrays: the first non-null reason per row wins."""
+    return pc.coalesce(*reasons)
+
+
+def mark_rejected(
+    batch: pa.Table, positions: pa.Array, stage: str, reasons: pa.Array, detail: pa.Array | None = None
+) -> pa.Table:
+    """Set reject columns at ``positions`` (indices into ``batch``) where ``reasons`` is not null."""
+    n = batch.num_rows
+    full_reason = _scatter(reasons, positions, n)
+    hit = pc.is_valid(full_reason)
+    if not pc.any(hit).as_py():
+        return batch
+    batch = _set_column(batch, "reject_reason", pc.coalesce(batch["reject_reason"], full_reason))
+    stage_arr = pc.if_else(hit, pa.scalar(stage), pa.scalar(None, pa.string()))
+    batch = _set_column(batch, "reject_stage", pc.coalesce(batch["reject_stage"], stage_arr))
+    if detail is not None:
+        batch = _set_column(batch, "reject_detail", pc.coalesce(batch["reject_detail"], _scatter(detail, positions, n)))
+    return batch
+
+
+def _scatter(values: pa.Array, positions: pa.Array, n: int) -> pa.Array:
+    """Place ``values`` at ``positions`` of a length-``n`` array of nulls."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if len(positions) == n:
+        return values
+    # Inverse permutation: index into values for each output slot, null where not active.
+    lookup = np.full(n, -1, dtype=np.int64)
+    lookup[positions.to_numpy(zero_copy_only=False)] = np.arange(len(positions))
+    return values.take(pa.array(lookup, mask=lookup < 0))
+
+
+def _set_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    idx = batch.schema.get_field_index(name)
+    if idx >= 0:
+        return batch.set_column(idx, name, values)
+    return batch.append_column(name, values)
+
+
+# ---------------------------------------------------------------- registry
+
+REGISTRY: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available to recipes under ``cls.name``."""
+    existing = REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"two stages are registered as '{cls.name}': {existing} and {cls}")
+    # Subclasses inherit __dataclass_fields__, so always (re)apply dataclass to pick up their own fields.
+    cls = dataclass(cls)
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def stage_params(cls: type[Stage]) -> dict[str, dataclasses.Field]:
+    """The YAML parameters of a stage class, by name."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def load_registry() -> dict[str, type[Stage]]:
+    """Import the built-in stage modules so they register themselves."""
+    from curation import filters  # noqa: F401  (imports every filter family)
+
+    return REGISTRY
+
+
+def describe(cls: type[Stage]) -> dict[str, Any]:
+    """Parameters with defaults, for ``curation stages`` and error messages."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return out

@@ -1,0 +1,6 @@
+"""Built-in filter stages, one module per family. Installed as ``curation.filters``.
+
+Importing this package registers every stage with :func:`curation.stage.register`.
+"""
+
+from curation.filters import dedup, image, text  # noqa: F401

@@ -1,0 +1,111 @@
+"""Shared fixtures: one Ray per test session, small inline corpora."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("RAY_ACCEPT_CALLABLE_NAMESPACES", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (each start costs seconds): 2 CPUs, a small object store."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def jpeg(w: int = 64, h: int = 48, color: str = "red", shape: str = "circle", quality: int = 85) -> bytes:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=color)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
+    """samples: [{"__key__": k, "jpg": b..., "txt": b...}, ...]"""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A few rows in every format, with one of each common defect; labels in truth.json."""
+    root = tmp_path / "corpus"
+    (root / "wds").mkdir(parents=True)
+    good = jpeg(96, 80, "red", "circle")
+    samples = [
+        {"__key__": "000", "jpg": good, "txt": b"A red circle on a white background."},
+        {"__key__": "001", "jpg": jpeg(96, 80, "blue", "square"), "txt": b"A blue square on a white background."},
+        {"__key__": "002", "jpg": good, "txt": b"A red circle on a white background."},  # exact duplicate of 000
+        {"__key__": "003", "jpg": b"not an image at all", "txt": b"A green circle in the middle."},  # corrupt
+        {"__key__": "004", "jpg": jpeg(96, 80, "green")[:300], "txt": b"A green circle in the middle."},  # truncated
+        {"__key__": "005", "jpg": jpeg(20, 16), "txt": b"A tiny red circle on white."},  # too small
+        {"__key__": "006", "jpg": jpeg(400, 50), "txt": b"A long thin banner with a red circle."},  # aspect
+        {"__key__": "007", "jpg": jpeg(96, 80, "blue"), "txt": "Un cercle bleu sur un fond blanc.".encode()},
+        {"__key__": "008", "jpg": jpeg(96, 80, "pink"), "txt": "A pink circle caf\xe9 sign.".encode("latin-1")},
+        {"__key__": "009", "jpg": jpeg(96, 80, "black"), "txt": b"best price best price best price best price"},
+        {"__key__": "010", "jpg": jpeg(96, 80, "grey"), "txt": b"  "},
+        {"__key__": "011", "jpg": jpeg(96, 80, "purple"), "txt": b"Click here to download this stock photo"},
+        {"__key__": "012", "txt": b"A caption whose image member is missing."},
+    ]
+    write_tar(root / "wds" / "00000.tar", samples)
+    (root / "jsonl" / "images").mkdir(parents=True)
+    (root / "jsonl" / "images" / "a.jpg").write_bytes(jpeg(80, 80, "orange"))
+    lines = [
+        json.dumps({"caption": "An orange circle on a white background.", "image": "images/a.jpg"}).encode(),
+        b'{"caption": "truncated json',
+        json.dumps({"caption": "A picture that is not there at all.", "image": "images/missing.jpg"}).encode(),
+    ]
+    (root / "jsonl" / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "text").mkdir()
+    docs = [{"text": "word " * 50}, {"text": "too short"}]
+    (root / "text" / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    return root
+
+
+TINY_RECIPE = """
+name: tiny
+vars: {{corpus: {corpus}, out: {out}}}
+sources:
+  - {{name: wds, format: webdataset, modality: image_text, paths: ["${{corpus}}/wds/*.tar"]}}
+  - {{name: pairs, format: jsonl, modality: image_text, paths: ["${{corpus}}/jsonl/*.jsonl"]}}
+  - {{name: docs, format: jsonl, modality: text, paths: ["${{corpus}}/text/*.jsonl"]}}
+stages:
+  - image_decode: {{}}
+  - image_size: {{min_side: 32}}
+  - aspect_ratio: {{max_ratio: 3.0}}
+  - caption_length: {{min: 3}}
+  - caption_repetition: {{}}
+  - caption_boilerplate: {{}}
+  - caption_language: {{languages: [en]}}
+  - caption_length: {{instance: doc_length, modalities: [text], min: 20}}
+  - exact_dedup: {{}}
+output: {{path: "${{out}}", shard_rows: 4}}
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path, tiny_corpus: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(corpus=tiny_corpus, out=tmp_path / "pool"))
+    return path
