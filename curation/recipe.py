@@ -132,7 +132,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool
 def _apply_override(tree: dict, item: str, problems: list[str]) -> None:
     """``a.b.0.c=value``: value is parsed as a YAML scalar/flow (``--set output.formats=[parquet]``)."""
     if "=" not in item:
-        problems.append(f"--set {item!r}: expected key=value, for example --set vars.corpus=/data/sample")
+        problems.append(f"--set {item}: expected key=value, for example --set vars.corpus=/data/sample")
         return
     key, _, value = item.partition("=")
     parts = key.strip().split(".")
@@ -186,7 +186,12 @@ def _interpolate(node: Any, variables: dict, where: str, problems: list[str]) ->
                                 f"or pass --set vars.{m.group(1)}=...)")
                 return m.group(0)
             return str(variables[m.group(1)])
-        return _VAR.sub(sub, node)
+        for _ in range(10):  # variables may refer to variables
+            expanded = _VAR.sub(sub, node)
+            if expanded == node:
+                break
+            node = expanded
+        return node
     return node
 
 

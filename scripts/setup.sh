@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh machine: Debian packages (when root), a virtualenv in .venv, the project.
+#   EXTRAS=test bash scripts/setup.sh      # with the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-}
+
+# Debian packages: none are needed by the spine yet (ffmpeg and fonts come with the video and OCR stages).
+APT_PACKAGES=${APT_PACKAGES:-}
+if [ -n "$APT_PACKAGES" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  if [ -n "$missing" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+spec="."
+[ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
+python -m pip install -q -e "$spec" 2>&1 | grep -vE "^WARNING: Location|^\s*$" || true
+python -c "import curation, ray, pyarrow, polars" >/dev/null
+echo "setup: ok ($(python --version), .venv ready; extras: ${EXTRAS:-none})"

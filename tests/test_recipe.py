@@ -1,0 +1,97 @@
+"""Recipe loading: overrides, interpolation, strict validation with messages that name file and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from curation.cli import main
+from curation.recipe import RecipeError, load_pipeline, recipe_hash
+
+BASE = """
+name: t
+vars: {{corpus: {corpus}, out: {out}}}
+sources:
+  - {{name: wds, format: webdataset, modality: image_text, paths: ["${{corpus}}/wds/*.tar"]}}
+stages:
+{stages}
+output: {{path: "${{out}}"}}
+"""
+
+
+def _write(tmp_path, corpus, stages="  - image_decode: {}", **fmt):
+    path = tmp_path / "r.yaml"
+    path.write_text(BASE.format(corpus=corpus, out=tmp_path / "pool", stages=stages, **fmt))
+    return path
+
+
+def _problems(path, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        load_pipeline(path, list(overrides))
+    assert str(path) in str(info.value)
+    return info.value.problems
+
+
+def test_valid_recipe_loads_with_defaults(tmp_path, tiny_corpus):
+    r = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_size: {min_side: 64}\n  - caption_language: {}"))
+    assert [s.label for s in r.stages] == ["image_size", "caption_language"]
+    assert r.stages[0].min_side == 64 and r.stages[1].languages == ["en"]
+    assert r.output.formats == ["parquet", "webdataset"]
+    assert r.sources[0].paths == [f"{tiny_corpus}/wds/*.tar"]
+
+
+def test_unknown_stage_names_the_known_ones(tmp_path, tiny_corpus):
+    (p,) = _problems(_write(tmp_path, tiny_corpus, "  - image_dekode: {}"))
+    assert p.startswith("stages.0: unknown stage 'image_dekode'") and "image_decode" in p
+
+
+def test_unknown_key_and_wrong_type_are_all_reported(tmp_path, tiny_corpus):
+    path = _write(tmp_path, tiny_corpus, "  - image_size: {min_sid: 3}\n  - aspect_ratio: {max_ratio: wide}")
+    problems = _problems(path)
+    assert any(p.startswith("stages.0.image_size.min_sid: unknown key") and "min_side" in p for p in problems)
+    assert any(p.startswith("stages.1.aspect_ratio.max_ratio: expected a number, got a string 'wide'") for p in problems)
+
+
+def test_missing_source_path_and_unknown_variable(tmp_path, tiny_corpus):
+    (p,) = _problems(_write(tmp_path, tmp_path / "nowhere"))
+    assert p.startswith("sources.0.paths.0: no file matches") and "nowhere" in p
+    path = tmp_path / "v.yaml"
+    path.write_text(BASE.format(corpus='"${elsewhere}"', out=tmp_path / "o", stages="  - image_decode: {}"))
+    assert any("unknown variable ${elsewhere}" in p for p in _problems(path))
+
+
+def test_top_level_typos_bad_format_and_duplicate_instances(tmp_path, tiny_corpus):
+    path = _write(tmp_path, tiny_corpus, "  - caption_length: {}\n  - caption_length: {min: 5}")
+    path.write_text(path.read_text().replace("format: webdataset", "format: tfrecord") + "outptu: {}\n")
+    problems = _problems(path)
+    assert any(p.startswith("outptu: unknown key") for p in problems)
+    assert any(p.startswith("sources.0.format: 'tfrecord' is not a format") for p in problems)
+    assert any("add instance: <name>" in p for p in problems)
+
+
+def test_overrides_and_hash(tmp_path, tiny_corpus):
+    path = _write(tmp_path, tiny_corpus, "  - image_size: {min_side: 32}")
+    base = load_pipeline(path)
+    r = load_pipeline(path, ["stages.0.image_size.min_side=128", "output.formats=[parquet]",
+                             f"vars.out={tmp_path / 'other'}"])
+    assert r.stages[0].min_side == 128 and r.output.formats == ["parquet"]
+    assert r.output.path == str(tmp_path / "other")
+    assert r.hash != base.hash
+    # the output folder and execution settings do not change the hash: same content, any folder
+    moved = load_pipeline(path, [f"vars.out={tmp_path / 'x'}", "execution.batch_rows=64"])
+    assert moved.hash == base.hash == recipe_hash(base.resolved)
+    assert any("--set nothing" in p for p in _problems(path, ["nothing"]))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    (p,) = _problems(path)
+    assert "not valid YAML" in p
+
+
+def test_cli_exits_2_and_writes_nothing(tmp_path, tiny_corpus, capsys):
+    path = _write(tmp_path, tiny_corpus, "  - image_size: {min_side: small}")
+    assert main(["run", str(path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.0.image_size.min_side: expected an integer, got a string 'small'" in err
+    assert not (tmp_path / "pool").exists()
