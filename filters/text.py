@@ -86,10 +86,15 @@ class CaptionRepetition(ScoreFilter):
 
 
 DEFAULT_BOILERPLATE = [
-    r"\bclick here\b", r"\bstock (photo|image|picture)s?\b", r"\bimage (not found|not available|unavailable)\b",
-    r"^\s*(img|dsc|dscn|pxl|photo)[_-]?\d+(\.(jpe?g|png|gif|webp))?\s*$", r"\ball rights reserved\b",
-    r"^\s*(untitled|image|photo|picture|thumbnail|placeholder|no description)\.?\s*$",
-    r"\b(free )?download (now|here)\b", r"\bbuy now\b", r"\bsubscribe\b",
+    # calls to action and shop text
+    r"\bclick here\b", r"\b(free )?download (now|here)\b", r"\bbuy now\b", r"\bsubscribe\b",
+    r"\bview (full|larger) (size|image|version)\b",
+    # stock-site and copyright notices
+    r"\bstock (photo|image|picture)s?\b", r"\ball rights reserved\b", r"\bsubject to copyright\b",
+    # placeholders: missing images, empty alt texts, camera file names
+    r"\bimage (not found|not available|unavailable)\b", r"\bno description( available)?\b",
+    r"^\s*(untitled|image|photo|picture|thumbnail|placeholder|loading)( image| photo)?[.\s]*$",
+    r"^\s*(img|dsc|dscn|pxl|photo)[_-]?\d+(\.(jpe?g|png|gif|webp|heic))?\s*$",
 ]
 
 
