@@ -108,7 +108,7 @@ def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]
 
 def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     """Read one unit, run the stages, write and commit its shards; return its done record."""
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     schema = pipeline_schema(job.stages)
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
     sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
@@ -141,7 +141,8 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     outputs = sink.close()
     record = {
         "unit": unit.index, "uri": unit.uri, "source": unit.source, "recipe_hash": job.recipe_hash,
-        "counters": counters, "errors": errors, "seconds": time.perf_counter() - t_start, **outputs,
+        "counters": counters, "errors": errors, "started_at": started_at, "seconds": time.perf_counter() - t_start,
+        "worker": f"{os.uname().nodename}:{os.getpid()}", **outputs,
     }
     commit_done(job.root, record)
     return record
@@ -193,18 +194,12 @@ def _index_batch(batch: dict[str, np.ndarray], root: str, columns: tuple[str, ..
         with fs.open_output_stream(tmp) as f:
             pq.write_table(table, f)
         fs.move(tmp, out)
-    return {"done": batch["index"]}
+    return {"done": np.array([len(batch["unit"])])}
 
 
 def _units(batch: dict[str, np.ndarray]) -> Iterator[Unit]:
-    for i in range(len(batch["index"])):
-        yield Unit(**{k: _py(batch[k][i]) for k in batch})
-
-
-def _py(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+    for item in batch["unit"]:
+        yield Unit(**json.loads(item))
 
 
 # ---------------------------------------------------------------- driver
@@ -257,6 +252,10 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts units and rows, across both passes
         ctx.print_on_execution_start = False
+        # Each plan is one fused operator whose outputs are small done records: holding CPUs in reserve for
+        # downstream operators (the default) only idles workers; measured on 2 CPUs, 8 x 1 s tasks took
+        # 6.5 s with the reservation and 4.6 s without.
+        ctx.op_resource_reservation_enabled = False
         if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines drown the summary
             logging.getLogger("ray.data").setLevel(logging.ERROR)
         workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -269,12 +268,11 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                       recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
                       token=uuid.uuid4().hex)
         if pending:
-            ds = ray.data.from_items([u.to_dict() for u in pending], override_num_blocks=len(pending))
-            ds = ds.map_batches(_process_batch, fn_kwargs={"job": job, "index_refs": index_refs},
-                                batch_size=1, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=min(workers, len(pending))))
             bar = _progress(len(pending), "units", progress)
             rows = 0
-            for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            # Two units per task on average: halves the per-task overhead, keeps the tail short.
+            tasks = min(len(pending), max(workers * 8, len(pending) // 2))
+            for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers, tasks):
                 for rec in batch["record"]:
                     rec = json.loads(rec)
                     done[rec["unit"]] = rec
@@ -312,13 +310,11 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
         if i.base_name.endswith(".parquet")}
     todo = [u for u in units if u.index not in cached]
     if todo:
-        ds = ray.data.from_items([u.to_dict() for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_index_batch, fn_kwargs={"root": root, "columns": columns,
-                                                     "batch_rows": recipe.execution.batch_rows},
-                            batch_size=1, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=min(workers, len(todo))))
         bar = _progress(len(todo), "indexed", progress)
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            bar.update(len(batch["done"]))
+        # Indexing a unit is cheap (read and hash): a few tasks per worker, many units each.
+        kwargs = {"root": root, "columns": columns, "batch_rows": recipe.execution.batch_rows}
+        for batch in _map_units(todo, _index_batch, kwargs, workers, min(len(todo), workers * 4)):
+            bar.update(int(batch["done"].sum()))
         bar.close()
     tables = []
     for u in units:
@@ -326,6 +322,19 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
             tables.append(pq.read_table(f))
     rows = pa.concat_tables(tables)
     return [ray.put(stage.build_index(rows)) for stage in indexed]
+
+
+def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int) -> Iterator[dict]:
+    """The Ray Data plan of both passes: units split into ``tasks`` blocks, ``fn`` over each block on at
+    most ``workers`` concurrent tasks; yields ``fn``'s outputs as they complete."""
+    import ray
+
+    # One JSON string per unit: a block mixing units with and without Parquet row-group bounds would
+    # otherwise become a float column with NaNs.
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=tasks)
+    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=1,
+                        compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 
 
 def _progress(total: int, unit: str, enabled: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import ClassVar
 
@@ -12,6 +13,14 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.stage import ScoreFilter, first_reason, reason_where, register
+
+
+def _clean(e: Exception) -> str:
+    """The error text without object addresses, so reject details are the same on every run."""
+    return _ADDRESS.sub("", str(e))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @register
@@ -29,12 +38,9 @@ class ImageDecode(ScoreFilter):
     writes: ClassVar[tuple[str, ...]] = ("width", "height", "image_format")
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
-    max_pixels: int = 89_478_485  # Pillow's own bomb threshold (about 0.25 GB of RGBA)
+    max_pixels: int = 89_478_485  # Pillow's own bomb threshold (about 0.25 GB of RGBA); Pillow itself
+    # refuses more than twice its PIL.Image.MAX_IMAGE_PIXELS, so a higher max_pixels needs that raised too
     full_decode: bool = False
-
-    def setup(self) -> None:
-        Image.MAX_IMAGE_PIXELS = None  # we check the header ourselves and report instead of raising
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
         n = batch.num_rows
@@ -48,7 +54,11 @@ class ImageDecode(ScoreFilter):
                 self._errors[i] = "missing_image"
                 continue
             try:
-                with Image.open(io.BytesIO(data)) as img:
+                with warnings.catch_warnings():
+                    # Pillow warns between 1x and 2x its own limit; the check below is ours.
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    img = Image.open(io.BytesIO(data))
+                with img:
                     w, h = img.size
                     width[i], height[i], pixels[i], valid[i] = w, h, float(w) * h, True
                     fmts[i] = (img.format or "").lower() or None
@@ -58,8 +68,10 @@ class ImageDecode(ScoreFilter):
                     if not self.full_decode and img.format == "JPEG":
                         img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
                     img.load()
+            except Image.DecompressionBombError as e:  # above 2x Pillow's limit it refuses to open
+                self._errors[i] = f"decompression_bomb:{_clean(e)}"
             except Exception as e:  # PIL raises many types for bad data
-                self._errors[i] = f"undecodable:{type(e).__name__}: {e}"[:300]
+                self._errors[i] = f"undecodable:{type(e).__name__}: {_clean(e)}"[:300]
         return {
             self.score_name: pa.array(pixels, mask=~valid),
             "width": pa.array(width, mask=~valid),
@@ -71,7 +83,7 @@ class ImageDecode(ScoreFilter):
         reasons = [None if e is None else e.split(":", 1)[0] for e in self._errors]
         details = [None if e is None or ":" not in e else e.split(":", 1)[1] for e in self._errors]
         for i, r in enumerate(reasons):
-            if r == "decompression_bomb":
+            if r == "decompression_bomb" and scores["width"][i].is_valid:
                 details[i] = f"{int(scores['width'][i].as_py())}x{int(scores['height'][i].as_py())} exceeds max_pixels={self.max_pixels}"
         return pa.array(reasons, pa.string()), pa.array(details, pa.string())
 

@@ -52,10 +52,17 @@ def test_image_decode_reasons_and_sizes():
     out = stage("image_decode")(b)
     assert reasons(out) == [None, "missing_image", "undecodable", "undecodable", "decompression_bomb", "earlier"]
     assert out["width"].to_pylist()[0] == 64 and out["height"].to_pylist()[0] == 48
-    assert out["width"].to_pylist()[4] == 30000  # from the header; nothing decoded
-    assert "exceeds max_pixels" in out["reject_detail"].to_pylist()[4]
+    assert " at 0x" not in "".join(d for d in out["reject_detail"].to_pylist() if d)  # stable across runs
+    # 900 MP: above twice Pillow's limit, refused from the header (nothing decoded), with Pillow's numbers
+    assert "900000000 pixels" in out["reject_detail"].to_pylist()[4]
     assert out["score_image_decode"].to_pylist()[5] is None  # rejected earlier: not scored
     assert out["image_format"].to_pylist()[0] == "jpeg"
+    # between our max_pixels and Pillow's hard limit: our own check, with the declared size
+    out = stage("image_decode", max_pixels=10_000)(batch({"image": png_bomb(200, 100)}))
+    assert reasons(out) == ["decompression_bomb"] and out["width"].to_pylist() == [200]
+    assert "200x100 exceeds max_pixels=10000" in out["reject_detail"].to_pylist()[0]
+    import PIL.Image
+    assert PIL.Image.MAX_IMAGE_PIXELS == 89_478_485  # no global state changed
 
 
 @pytest.mark.parametrize("full", [False, True])

