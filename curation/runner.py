@@ -181,7 +181,17 @@ def _ready(job: UnitJob, index_refs: list) -> UnitJob:
 
 def _process_batch(batch: dict[str, np.ndarray], job: UnitJob, index_refs: list) -> dict[str, np.ndarray]:
     job = _ready(job, index_refs)
-    records = [json.dumps(process_unit(unit, job)) for unit in _units(batch)]
+    fs, path = cfs.filesystem(job.root)
+    records = []
+    for unit in _units(batch):
+        # A retried task (a worker died) skips the units it had already committed.
+        try:
+            with fs.open_input_stream(f"{path}/_work/done/{unit.index:05d}.json") as f:
+                records.append(f.read().decode())
+            continue
+        except (FileNotFoundError, OSError):
+            pass
+        records.append(json.dumps(process_unit(unit, job)))
     return {"record": np.array(records, dtype=object)}
 
 
@@ -314,7 +324,7 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
         bar = _progress(len(todo), "indexed", progress)
         # Indexing a unit is cheap (read and hash): a few tasks per worker, many units each.
         kwargs = {"root": root, "columns": columns, "batch_rows": recipe.execution.batch_rows}
-        for batch in _map_units(todo, _index_batch, kwargs, workers, min(len(todo), workers * 4)):
+        for batch in _map_units(todo, _index_batch, kwargs, workers, min(len(todo), workers * 8)):
             bar.update(int(batch["done"].sum()))
         bar.close()
     tables = []
@@ -330,9 +340,12 @@ def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int)
     most ``workers`` concurrent tasks; yields ``fn``'s outputs as they complete."""
     import ray
 
+    # Blocks are cut from consecutive items, and consecutive units come from the same source (heavy
+    # tars, then light text files): deal units out by stride so every task gets a mix and none is the tail.
+    dealt = [units[i] for b in range(tasks) for i in range(b, len(units), tasks)]
     # One JSON string per unit: a block mixing units with and without Parquet row-group bounds would
     # otherwise become a float column with NaNs.
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=tasks)
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in dealt], override_num_blocks=tasks)
     ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=1,
                         compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
@@ -393,9 +406,16 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30) -> dict[str, dic
             values = table[c].drop_null().to_numpy()
             if not len(values):
                 continue
-            lo, hi = float(values.min()), float(values.max())
-            counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1))
-            out.setdefault(label, {})[c] = {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
+            # Bin the central 99% so one outlier (a 900-megapixel bomb) cannot flatten the picture;
+            # values outside fall into the end bins, and how many did is recorded.
+            lo, hi = (float(q) for q in np.quantile(values, [0.005, 0.995]))
+            if hi <= lo:
+                lo, hi = float(values.min()), float(values.max()) if values.max() > values.min() else lo + 1
+            clipped = int(((values < lo) | (values > hi)).sum())
+            counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+            out.setdefault(label, {})[c] = {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist(),
+                                            "min": float(values.min()), "max": float(values.max()),
+                                            "outside_range": clipped}
     return out
 
 

@@ -76,3 +76,15 @@ def test_unreadable_parquet_becomes_a_reject_not_a_crash(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     got = rows(SourceSpec(name="p", format="parquet", modality="text", paths=[str(tmp_path / "bad.parquet")]))
     assert len(got) == 1 and got[0]["reject_reason"] == "unreadable_file"
+
+
+def test_rows_with_wrongly_typed_fields_are_rejected_one_by_one(tmp_path):
+    docs = [{"texts": ["ok", "fine"], "images": [None, None]},
+            {"texts": "not a list", "images": [None]},
+            {"texts": [1, {"a": 2}], "images": [None, None]},
+            {"texts": ["still", "fine"], "images": [None, None]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(__import__("json").dumps(d) for d in docs))
+    got = rows(SourceSpec(name="d", format="jsonl", modality="interleaved", paths=[str(tmp_path / "d.jsonl")]))
+    assert [r["reject_reason"] for r in got] == [None, "malformed_row", "malformed_row", None]
+    assert "wrong type" in got[1]["reject_detail"] and "d.jsonl#1" in got[1]["reject_detail"]
+    assert [r["source_offset"] for r in got] == [0, 1, 2, 3]

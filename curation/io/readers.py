@@ -125,16 +125,42 @@ def _row_group_ranges(uri: str, unit_rows: int) -> list[tuple[int, int | None]]:
 
 
 def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
-    """Yield :data:`ROW_SCHEMA` tables of at most ``batch_rows`` rows for one unit."""
+    """Yield :data:`ROW_SCHEMA` tables of at most ``batch_rows`` rows for one unit.
+
+    Never raises for bad data: a row whose fields have the wrong types becomes a ``malformed_row``
+    reject, and an error the format reader did not expect ends the file with one ``unreadable_file``
+    reject naming the offset where reading stopped.
+    """
     reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl}[unit.format]
+    make = _RowMaker(unit)
     rows: list[dict[str, Any]] = []
-    for row in reader(unit):
-        rows.append(row)
-        if len(rows) >= batch_rows:
-            yield from_rows(rows)
-            rows = []
+    next_offset = 0
+    try:
+        for row in reader(unit):
+            rows.append(row)
+            next_offset = row["source_offset"] + 1
+            if len(rows) >= batch_rows:
+                yield _table(rows, make)
+                rows = []
+    except Exception as e:  # noqa: BLE001 - a reader bug or an exotic file must not stop the run
+        log.exception("reading %s stopped at offset %d", unit.label, next_offset)
+        rows.append(make.broken(next_offset, "unreadable_file", f"reading stopped: {type(e).__name__}: {e}"))
     if rows:
-        yield from_rows(rows)
+        yield _table(rows, make)
+
+
+def _table(rows: list[dict[str, Any]], make: "_RowMaker") -> pa.Table:
+    try:
+        return from_rows(rows)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        fixed = []
+        for r in rows:  # find the offending rows; keep every other one as it is
+            try:
+                from_rows([r])
+                fixed.append(r)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                fixed.append(make.broken(r["source_offset"], "malformed_row", f"a field has the wrong type: {e}"))
+        return from_rows(fixed)
 
 
 class _RowMaker:
@@ -289,7 +315,11 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
             except ValueError as e:
                 yield make.broken(offset, "malformed_row", f"not a JSON object: {e}", raw)
                 continue
-            yield _jsonl_row(make, f, base, offset, obj, bad)
+            try:
+                row = _jsonl_row(make, f, base, offset, obj, bad)
+            except (TypeError, ValueError, AttributeError) as e:  # fields of the wrong shape
+                row = make.broken(offset, "malformed_row", f"a field has the wrong type: {e}", raw)
+            yield row
 
 
 def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -323,6 +353,9 @@ def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_
             missing.append(str(ref))
             return None
 
+    for key in ("texts", "images"):
+        if key in f and obj.get(f[key]) is not None and not isinstance(obj[f[key]], list):
+            raise TypeError(f"'{f[key]}' must be a list, got {type(obj[f[key]]).__name__}")
     text = obj.get(f["text"]) if "text" in f else None
     image = load(obj.get(f["image"])) if "image" in f else None
     texts = obj.get(f["texts"]) if "texts" in f else None
