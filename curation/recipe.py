@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from curation.schema import MODALITIES
 from curation.stage import Resources, Stage, load_registry
 
 FORMATS = ("webdataset", "parquet", "jsonl")
@@ -219,8 +220,6 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         seen_names.add(spec.name)
         if spec.format not in FORMATS:
             problems.append(f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})")
-        from curation.schema import MODALITIES
-
         if spec.modality not in MODALITIES:
             problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
         if spec.on_bad_text not in ("reject", "replace"):

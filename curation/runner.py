@@ -115,6 +115,7 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
                     job.write_rejects)
     counters = {INGEST: _new_counter(), **{s.label: _new_counter() for s in job.stages}}
     errors: list[str] = []
+    write_s = 0.0
     hash_col = None
     reader = read_unit(unit, job.batch_rows)
     while True:
@@ -137,11 +138,12 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
         t0 = time.perf_counter()
         sink.reject(table.filter(rejected))
         sink.write(table.filter(pc.invert(rejected)).select(shard_schema.names))
-        counters.setdefault("_write", {"seconds": 0.0})["seconds"] += time.perf_counter() - t0
+        write_s += time.perf_counter() - t0
     outputs = sink.close()
     record = {
         "unit": unit.index, "uri": unit.uri, "source": unit.source, "recipe_hash": job.recipe_hash,
         "counters": counters, "errors": errors, "started_at": started_at, "seconds": time.perf_counter() - t_start,
+        "write_seconds": write_s,
         "worker": f"{os.uname().nodename}:{os.getpid()}", **outputs,
     }
     commit_done(job.root, record)
@@ -373,7 +375,7 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float) 
             m["seconds"] += c["seconds"]
             for reason, k in c["drops"].items():
                 m["drops"][reason] = m["drops"].get(reason, 0) + k
-        write_s += rec["counters"].get("_write", {}).get("seconds", 0.0)
+        write_s += rec.get("write_seconds", 0.0)
     hist = _histograms(stages, root)
     rows_in = merged[INGEST]["rows_in"]
     rows_out = merged[names[-1]]["rows_out"]

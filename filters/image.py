@@ -27,6 +27,9 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 class ImageDecode(ScoreFilter):
     """Decode every image; reject missing, undecodable and truncated ones and decompression bombs.
 
+    Interleaved documents are rejected when any of their images fails, with the image's position in
+    the detail (``image 2: ...``); their score is the largest image's pixel count.
+
     Writes ``width``, ``height``, ``image_format`` and ``score_image_decode`` (pixels declared by the
     header). The pixel limit is checked on the header *before* decoding, so a 30000x30000 PNG of a few
     kilobytes costs nothing. ``full_decode: false`` decodes JPEGs at 1/8 scale (libjpeg's DCT scaling):
@@ -36,7 +39,7 @@ class ImageDecode(ScoreFilter):
     name: ClassVar[str] = "image_decode"
     reads: ClassVar[tuple[str, ...]] = ("image",)
     writes: ClassVar[tuple[str, ...]] = ("width", "height", "image_format")
-    default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
+    default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "interleaved")
 
     max_pixels: int = 89_478_485  # Pillow's own bomb threshold (about 0.25 GB of RGBA); Pillow itself
     # refuses more than twice its PIL.Image.MAX_IMAGE_PIXELS, so a higher max_pixels needs that raised too
@@ -47,44 +50,62 @@ class ImageDecode(ScoreFilter):
         width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
         pixels = np.zeros(n, np.float64)
         valid = np.zeros(n, bool)
+        sized = np.zeros(n, bool)
         fmts: list[str | None] = [None] * n
         self._errors: list[str | None] = [None] * n
-        for i, data in enumerate(batch["image"].to_pylist()):
-            if data is None:
+        modality = batch["modality"].to_pylist()
+        singles, multis = batch["image"].to_pylist(), batch["images"].to_pylist()
+        for i in range(n):
+            if modality[i] == "interleaved":  # every image of the document must decode
+                images = [(j, d) for j, d in enumerate(multis[i] or []) if d is not None]
+                for j, data in images:
+                    info, err = self._check(data)
+                    if err:
+                        reason, _, detail = err.partition(":")
+                        self._errors[i] = f"{reason}:image {j}: {detail or reason}"
+                        break
+                    pixels[i] = max(pixels[i], info[2])
+                valid[i] = bool(images) and self._errors[i] is None
+                continue
+            if singles[i] is None:
                 self._errors[i] = "missing_image"
                 continue
-            try:
-                with warnings.catch_warnings():
-                    # Pillow warns between 1x and 2x its own limit; the check below is ours.
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    img = Image.open(io.BytesIO(data))
-                with img:
-                    w, h = img.size
-                    width[i], height[i], pixels[i], valid[i] = w, h, float(w) * h, True
-                    fmts[i] = (img.format or "").lower() or None
-                    if w * h > self.max_pixels:
-                        self._errors[i] = "decompression_bomb"
-                        continue
-                    if not self.full_decode and img.format == "JPEG":
-                        img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
-                    img.load()
-            except Image.DecompressionBombError as e:  # above 2x Pillow's limit it refuses to open
-                self._errors[i] = f"decompression_bomb:{_clean(e)}"
-            except Exception as e:  # PIL raises many types for bad data
-                self._errors[i] = f"undecodable:{type(e).__name__}: {_clean(e)}"[:300]
+            info, self._errors[i] = self._check(singles[i])
+            if info is not None:
+                width[i], height[i], pixels[i], fmts[i] = info
+                valid[i] = sized[i] = True
         return {
             self.score_name: pa.array(pixels, mask=~valid),
-            "width": pa.array(width, mask=~valid),
-            "height": pa.array(height, mask=~valid),
+            "width": pa.array(width, mask=~sized),
+            "height": pa.array(height, mask=~sized),
             "image_format": pa.array(fmts, pa.string()),
         }
 
+    def _check(self, data: bytes) -> tuple[tuple | None, str | None]:
+        """((width, height, pixels, format) or None, "reason:detail" or None) for one encoded image."""
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns between 1x and 2x its own limit; the check below is ours.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+            with img:
+                w, h = img.size
+                info = (w, h, float(w) * h, (img.format or "").lower() or None)
+                if w * h > self.max_pixels:
+                    return info, f"decompression_bomb:{w}x{h} exceeds max_pixels={self.max_pixels}"
+                if not self.full_decode and img.format == "JPEG":
+                    img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+                img.load()
+                return info, None
+        except Image.DecompressionBombError as e:  # above 2x Pillow's limit it refuses to open
+            return None, f"decompression_bomb:{_clean(e)}"
+        except Exception as e:  # PIL raises many types for bad data
+            return None, f"undecodable:{type(e).__name__}: {_clean(e)}"[:300]
+
     def decide(self, batch, scores):
-        reasons = [None if e is None else e.split(":", 1)[0] for e in self._errors]
-        details = [None if e is None or ":" not in e else e.split(":", 1)[1] for e in self._errors]
-        for i, r in enumerate(reasons):
-            if r == "decompression_bomb" and scores["width"][i].is_valid:
-                details[i] = f"{int(scores['width'][i].as_py())}x{int(scores['height'][i].as_py())} exceeds max_pixels={self.max_pixels}"
+        parts = [e.split(":", 1) if e else (None, None) for e in self._errors]
+        reasons = [p[0] for p in parts]
+        details = [p[1] if len(p) > 1 else None for p in parts]
         return pa.array(reasons, pa.string()), pa.array(details, pa.string())
 
 

@@ -126,3 +126,15 @@ def test_png_bomb_helper_is_a_real_png():
     img = Image.open(io.BytesIO(png_bomb(300, 200)))
     img.load()
     assert img.size == (300, 200)
+
+
+def test_image_decode_checks_every_image_of_an_interleaved_document():
+    good = jpeg(64, 48)
+    b = batch({"texts": ["a", None, "b"], "images": [None, good, None]},
+              {"texts": ["a", None, None], "images": [None, good, good[:200]]},
+              {"texts": ["only text"], "images": [None]}, modality="interleaved")
+    out = stage("image_decode")(b)
+    assert reasons(out) == [None, "undecodable", None]
+    assert out["reject_detail"].to_pylist()[1].startswith("image 2: ")
+    assert out["score_image_decode"].to_pylist()[0] == 64 * 48
+    assert out["width"].to_pylist() == [None, None, None]  # one size per document does not exist

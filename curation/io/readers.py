@@ -273,11 +273,11 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
                     meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
+                    images = _col(cols, f.get("images"), i)
                     yield make.row(
                         offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
                         texts=_col(cols, f.get("texts"), i),
-                        images=[_image_bytes(x) for x in _col(cols, f.get("images"), i)] if f.get("images") in cols and _col(cols, f.get("images"), i) is not None else None,
-                        meta=meta)
+                        images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta)
                     offset += 1
         except Exception as e:  # a corrupt page: report where, keep what was read
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
