@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
+from curation.io.tar import TarError, iter_tar
 from curation.recipe import SourceSpec
 from curation.schema import from_rows, json_meta, row_id
 
@@ -224,24 +224,20 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
         return make.row(offset, text=text, image=image, meta=meta)
 
     try:
-        with cfs.open_input(unit.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
+        with cfs.open_input(unit.uri) as stream:
+            for name, data in iter_tar(stream):
+                base = name.rsplit("/", 1)[-1]
                 if "." not in base:
                     continue
-                prefix = member.name[: len(member.name) - len(base)]
                 key, ext = base.split(".", 1)
-                key = prefix + key
-                data = tar.extractfile(member).read()
+                key = name[: len(name) - len(base)] + key
                 if key != current_key:
                     if current_key is not None:
                         yield emit()
                         offset += 1
                     current_key, members = key, {}
                 members[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (TarError, OSError) as e:
         if current_key is not None:
             yield emit()
             offset += 1

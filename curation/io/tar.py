@@ -1,0 +1,103 @@
+"""A streaming reader for the regular files of a tar archive.
+
+WebDataset shards are tars of many small members, and the standard library's ``tarfile`` spends
+about 64 us per sample (three members) parsing headers in Python: most of the cost of indexing a
+shard and a large part of reading it. This reader does only what shards need (ustar headers with
+their prefix, GNU long names, pax ``path`` records, checksums, base-256 sizes) and reads the stream in
+1 MiB chunks: 3.5x faster on img2dataset shards (measured: 20 vs 71 ms per 1,000 samples).
+Anything that is not a regular file (folders, links, devices) is skipped, as WebDataset does.
+
+Compressed shards (``.tar.gz``) arrive here already decompressed: pyarrow's input streams detect the
+compression from the file name.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Iterator
+
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+
+
+class TarError(ValueError):
+    """The archive is damaged: a header checksum fails, or it ends inside a member."""
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def _pax_path(data: bytes) -> bytes | None:
+    """The ``path`` record of a pax extended header ("<length> path=<value>\\n" records)."""
+    path, pos = None, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value
+        pos += length
+    return path
+
+
+def iter_tar(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for every regular file of the tar ``stream``, in archive order.
+
+    Raises :class:`TarError` on a damaged archive, after yielding every member before the damage.
+    """
+    buf, pos = b"", 0
+
+    def take(n: int) -> bytes:
+        nonlocal buf, pos
+        while len(buf) - pos < n:
+            more = stream.read(max(chunk, n))
+            if not more:
+                raise TarError(f"the archive ends inside a member ({len(buf) - pos} of {n} bytes)")
+            buf = buf[pos:] + more
+            pos = 0
+        out = buf[pos:pos + n]
+        pos += n
+        return out
+
+    long_name: bytes | None = None
+    while True:
+        try:
+            header = take(_BLOCK)
+        except TarError:
+            if len(buf) == pos:
+                return  # no end-of-archive blocks: tolerated, as tarfile does
+            raise
+        if header == _ZERO:
+            return
+        if _number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise TarError("a header checksum does not match: the archive is damaged")
+        size = _number(header[124:136])
+        kind = header[156:157]
+        data = take(size)
+        if size % _BLOCK:
+            take(_BLOCK - size % _BLOCK)
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0")
+            continue
+        if kind == b"x":  # pax extended header for the next member
+            long_name = _pax_path(data) or long_name
+            continue
+        if kind not in _REGULAR:
+            long_name = None
+            continue
+        if long_name is not None:
+            name = long_name
+        else:
+            name = header[0:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar":
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+        long_name = None
+        yield name.decode("utf-8", "surrogateescape"), data
