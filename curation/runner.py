@@ -294,10 +294,11 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                     bar.update(1)
             bar.close()
         records = [done[u.index] for u in units]
-        elapsed = time.perf_counter() - t0
+        t_end = time.perf_counter()
+    ray_stop_s = time.perf_counter() - t_end
     manifest = pool.write_manifest(recipe.resolved, records)
-    stats = _stats(records, recipe.stages, root, elapsed)
-    stats["ray_start_stop_s"] = round(time.perf_counter() - t_start - elapsed, 3)
+    stats = _stats(records, recipe.stages, root, t_end - t0)
+    stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
     pool.write_json("stats.json", stats)
     report = None
     if recipe.output.report and cfs.is_uri(root):
