@@ -278,6 +278,9 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
         stage = _build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
         if stage is None:
             continue
+        if stage.resources.num_gpus or stage.resources.concurrency is not None:
+            problems.append(f"stages.{i}.{name}.resources: num_gpus and concurrency are for model-backed actor "
+                            f"stages, which this version does not run; remove them (num_cpus is honoured)")
         if stage.label in labels:
             problems.append(f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>")
         labels.add(stage.label)

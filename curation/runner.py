@@ -270,7 +270,8 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         ctx.op_resource_reservation_enabled = False
         if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines drown the summary
             logging.getLogger("ray.data").setLevel(logging.ERROR)
-        workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus_per_task = max([s.resources.num_cpus for s in recipe.stages] or [1.0])
+        workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
         done = pool.done_records()
         pending = [u for u in units if u.index not in done]
         if done:
@@ -285,7 +286,8 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
             # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
             tasks = min(len(pending), max(workers * 8, len(pending) // 4))
-            for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers, tasks):
+            for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers, tasks,
+                                    cpus_per_task):
                 for rec in batch["record"]:
                     rec = json.loads(rec)
                     done[rec["unit"]] = rec
@@ -338,7 +340,8 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
     return [ray.put(stage.build_index(rows)) for stage in indexed]
 
 
-def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int) -> Iterator[dict]:
+def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
+               num_cpus: float = 1.0) -> Iterator[dict]:
     """The Ray Data plan of both passes: units split into ``tasks`` blocks, ``fn`` over each block on at
     most ``workers`` concurrent tasks; yields ``fn``'s outputs as they complete."""
     import ray
@@ -349,7 +352,7 @@ def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int)
     # One JSON string per unit: a block mixing units with and without Parquet row-group bounds would
     # otherwise become a float column with NaNs.
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in dealt], override_num_blocks=tasks)
-    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=1,
+    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 

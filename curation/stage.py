@@ -43,12 +43,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Resources:
-    """What one worker of a stage needs (Ray resources) and how it is batched."""
+    """What one worker of a stage needs (Ray resources).
+
+    CPU stages run fused in one task per unit, which asks for the largest ``num_cpus`` of its stages.
+    ``num_gpus`` and ``concurrency`` describe actor stages (a model loaded once per actor, fed by the
+    CPU tasks); the runner refuses them until such stages exist rather than ignoring them.
+    """
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    concurrency: int | None = None  # actors; None = tasks
-    batch_size: int = 256
+    concurrency: int | None = None
 
 
 class MissingDependency(RuntimeError):
@@ -68,7 +72,7 @@ class Stage:
     # Parameters every stage accepts.
     instance: str | None = field(default=None, metadata={"help": "name of this instance (default: the stage name)"})
     modalities: list[str] | None = field(default=None, metadata={"help": "modalities to apply to (default: the stage's own)"})
-    resources: Resources = field(default_factory=Resources, metadata={"help": "num_cpus, num_gpus, concurrency, batch_size"})
+    resources: Resources = field(default_factory=Resources, metadata={"help": "num_cpus, num_gpus, concurrency"})
 
     @property
     def label(self) -> str:

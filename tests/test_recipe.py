@@ -95,3 +95,11 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, tiny_corpus, capsys):
     err = capsys.readouterr().err
     assert "stages.0.image_size.min_side: expected an integer, got a string 'small'" in err
     assert not (tmp_path / "pool").exists()
+
+
+def test_gpu_requests_are_refused_not_ignored(tmp_path, tiny_corpus):
+    path = _write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_gpus: 1}}")
+    (p,) = _problems(path)
+    assert p.startswith("stages.0.image_decode.resources: num_gpus and concurrency")
+    ok = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_cpus: 2}}"))
+    assert ok.stages[0].resources.num_cpus == 2.0
