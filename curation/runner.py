@@ -360,7 +360,9 @@ def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
 def _progress(total: int, unit: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    # In a terminal, redraw twice a second; in a log (ray job logs, CI) a line every 30 s is enough.
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=interval)
 
 
 def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float) -> dict[str, Any]:
