@@ -105,25 +105,49 @@ def recipe_hash(resolved: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
-    """Load, override, interpolate and validate a pipeline recipe; raise :class:`RecipeError`."""
+def load_yaml(path: str | Path, overrides: list[str] = (), what: str = "a mapping") -> dict[str, Any]:
+    """Read a YAML mapping safely, apply ``--set`` overrides and fill ``${var}`` from ``vars``.
+
+    Shared by every recipe kind (pipelines, benchmark registries); raises :class:`RecipeError`.
+    """
     file = str(path)
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise RecipeError(file, [f"cannot read the recipe: {e.strerror}"]) from None
+        raise RecipeError(file, [f"cannot read the file: {e.strerror}"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(file, [f"not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
-        raise RecipeError(file, ["the recipe must be a mapping with sources, stages and output"])
+        raise RecipeError(file, [f"expected {what}"])
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
     raw = _interpolate(raw, raw.get("vars") or {}, "", problems)
     if problems:
         raise RecipeError(file, problems)
+    return raw
+
+
+def check_paths_exist(paths: list[str], where: str, problems: list[str]) -> None:
+    """One problem per path (local glob or ``s3://`` URI) that matches no file."""
+    from curation.io.fs import expand
+
+    for j, p in enumerate(paths):
+        try:
+            if not expand(p):
+                problems.append(f"{where}.{j}: no file matches '{p}' (check the path, "
+                                f"or pass --set vars.<name>=... if it comes from a variable)")
+        except OSError as e:
+            problems.append(f"{where}.{j}: cannot list '{p}': {e}")
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
+    """Load, override, interpolate and validate a pipeline recipe; raise :class:`RecipeError`."""
+    file = str(path)
+    raw = load_yaml(path, overrides, "a mapping with sources, stages and output")
+    problems: list[str] = []
     recipe = _validate(raw, file, problems, check_paths)
     if problems:
         raise RecipeError(file, problems)
@@ -212,7 +236,7 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         raw_sources = []
     seen_names: set[str] = set()
     for i, s in enumerate(raw_sources):
-        spec = _build(SourceSpec, s, f"sources.{i}", problems)
+        spec = build(SourceSpec, s, f"sources.{i}", problems)
         if spec is None:
             continue
         if spec.name in seen_names:
@@ -225,26 +249,18 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         if spec.on_bad_text not in ("reject", "replace"):
             problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
         if check_paths:
-            from curation.io.fs import expand
-
-            for j, p in enumerate(spec.paths):
-                try:
-                    if not expand(p):
-                        problems.append(f"sources.{i}.paths.{j}: no file matches '{p}' (check the path, "
-                                        f"or pass --set vars.<name>=... if it comes from a variable)")
-                except OSError as e:
-                    problems.append(f"sources.{i}.paths.{j}: cannot list '{p}': {e}")
+            check_paths_exist(spec.paths, f"sources.{i}.paths", problems)
         sources.append(spec)
 
     stages = _build_stages(raw.get("stages"), problems)
-    output = _build(OutputSpec, raw.get("output"), "output", problems)
+    output = build(OutputSpec, raw.get("output"), "output", problems)
     if output is not None:
         for fmt in output.formats:
             if fmt not in OUTPUT_FORMATS:
                 problems.append(f"output.formats: '{fmt}' (expected a list of {', '.join(OUTPUT_FORMATS)})")
         if output.shard_rows < 1:
             problems.append("output.shard_rows: expected a positive integer")
-    execution = _build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
+    execution = build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
     resolved = json.loads(json.dumps(raw, default=str))
     return PipelineRecipe(
         name=str(raw.get("name") or Path(file).stem),
@@ -275,7 +291,7 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
             problems.append(f"stages.{i}: unknown stage '{name}' (known: {', '.join(sorted(registry))}; "
                             f"`curation stages` lists them with their parameters)")
             continue
-        stage = _build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
+        stage = build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
         if stage is None:
             continue
         if stage.resources.num_gpus or stage.resources.concurrency is not None:
@@ -288,8 +304,8 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
     return stages
 
 
-def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking keys and types; None on error."""
+def build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types; None (and a problem) on error."""
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping, got {_kind(raw)}")
         return None
@@ -303,7 +319,7 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             continue
         hint = hints[key]
         if hint is Resources:
-            res = _build(Resources, value, f"{where}.{key}", problems)
+            res = build(Resources, value, f"{where}.{key}", problems)
             ok &= res is not None
             kwargs[key] = res
             continue

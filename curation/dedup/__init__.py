@@ -1,0 +1,1 @@
+"""Deduplication and benchmark decontamination: text and image matching, benchmark registries."""

@@ -1,0 +1,76 @@
+"""Benchmark registries: validation like recipes, items from Parquet and JSONL, broken rows skipped and named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from curation.dedup.registry import load_benchmarks, read_items
+from curation.recipe import RecipeError
+from curation.sample import write_sample_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "corpus"
+    write_sample_corpus(out, rows=200, seed=1, progress=False)
+    return out
+
+
+def test_shipped_registry_covers_the_sample_benchmark(corpus):
+    (spec,) = load_benchmarks(ROOT / "pipelines" / "benchmarks.yaml", [f"vars.corpus={corpus}"])
+    items = list(read_items(spec))
+    expected = json.loads((corpus / "corpus.json").read_text())["benchmark"]
+    count = expected["items"] if isinstance(expected, dict) and "items" in expected else len(items)
+    assert len(items) == count >= 20
+    first = items[0]
+    assert first.benchmark == "sample_vqa" and first.item_id.startswith("vqa-")
+    assert first.images and first.images[0][:4] == b"\x89PNG"
+    assert first.question in first.text and first.answer in first.text and len(first.options) >= 2
+
+
+def test_jsonl_with_image_paths_gives_the_same_items(corpus, tmp_path):
+    reg = tmp_path / "r.yaml"
+    reg.write_text(f"""benchmarks:
+  - {{name: pq, paths: ["{corpus}/benchmark/vqa.parquet"], fields: {{id: item_id, question: question, options: options, answer: answer, image: image}}}}
+  - {{name: js, paths: ["{corpus}/benchmark/vqa.jsonl"], fields: {{id: item_id, question: question, options: options, answer: answer, image: image}}}}
+""")
+    a, b = (list(read_items(s)) for s in load_benchmarks(reg))
+    assert [(x.item_id, x.text, x.images) for x in a] == [(x.item_id, x.text, x.images) for x in b]
+
+
+def test_registry_errors_name_file_and_key(tmp_path):
+    reg = tmp_path / "bad.yaml"
+    reg.write_text("""benchmarks:
+  - {name: a, paths: ["/nowhere/*.parquet"], fields: {id: id, question: q, imagez: img}}
+  - {name: a, paths: [], fields: {question: q}, format: csv}
+extra: 1
+""")
+    with pytest.raises(RecipeError) as info:
+        load_benchmarks(reg)
+    text = str(info.value)
+    assert str(reg) in text
+    for expected in ("benchmarks.0.paths.0: no file matches '/nowhere/*.parquet'",
+                     "benchmarks.0.fields.imagez: unknown role", "benchmarks.1.name: 'a' is used twice",
+                     "benchmarks.1.fields.id: required", "benchmarks.1.format: 'csv'", "extra: unknown key"):
+        assert expected in text, expected
+
+
+def test_broken_rows_are_skipped_and_reported(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"id": "1", "question": "What is shown?"}\n'
+                                      '{"id": "2"}\n'
+                                      'not json\n'
+                                      '{"id": "4", "question": "Which colour?", "image": "missing.png"}\n')
+    reg = tmp_path / "r.yaml"
+    reg.write_text(f'benchmarks: [{{name: b, paths: ["{tmp_path}/b.jsonl"], fields: {{id: id, question: question, image: image}}}}]\n')
+    problems: list[str] = []
+    items = list(read_items(load_benchmarks(reg)[0], problems))
+    assert [i.item_id for i in items] == ["1"]
+    assert len(problems) == 3
+    assert any("b.jsonl#1" in p and "no question" in p for p in problems)
+    assert any("b.jsonl#2" in p and "not JSON" in p for p in problems)
+    assert any("b.jsonl#3" in p for p in problems)
