@@ -321,6 +321,8 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
         return []
     fs, path = cfs.filesystem(root)
     columns = tuple(dict.fromkeys(c for s in indexed for c in s.index_columns))
+    if not columns:  # every index comes from elsewhere (a benchmark registry): no corpus pre-pass
+        return [ray.put(stage.build_index(None)) for stage in indexed]
     cached = {int(i.base_name.split(".")[0]) for i in fs.get_file_info(
         pafs.FileSelector(f"{path}/_work/index", allow_not_found=True))
         if i.base_name.endswith(".parquet")}
@@ -337,7 +339,7 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
         with fs.open_input_file(f"{path}/_work/index/{u.index:05d}.parquet") as f:
             tables.append(pq.read_table(f))
     rows = pa.concat_tables(tables)
-    return [ray.put(stage.build_index(rows)) for stage in indexed]
+    return [ray.put(stage.build_index(rows if stage.index_columns else None)) for stage in indexed]
 
 
 def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,

@@ -153,12 +153,13 @@ class IndexedFilter(ScoreFilter):
     The runner reads :attr:`index_columns` of every row in a parallel pre-pass (cheap: no decoding),
     hands the concatenated table to :meth:`build_index` once on the driver, ships the result to every
     worker through the object store, and calls :meth:`use_index` there before the first batch. So a
-    match anywhere in the corpus is found, and the index is never rebuilt per worker.
+    match anywhere in the corpus is found, and the index is never rebuilt per worker. A filter whose
+    index comes from elsewhere (benchmarks) declares no index columns and gets ``None``.
     """
 
     index_columns: ClassVar[tuple[str, ...]] = ("id", "source_uri", "source_offset")
 
-    def build_index(self, rows: pa.Table) -> Any:
+    def build_index(self, rows: pa.Table | None) -> Any:
         raise NotImplementedError
 
     def use_index(self, index: Any) -> None:

@@ -3,4 +3,4 @@
 Importing this package registers every stage with :func:`curation.stage.register`.
 """
 
-from curation.filters import dedup, image, text  # noqa: F401
+from curation.filters import decontam, dedup, image, text  # noqa: F401
