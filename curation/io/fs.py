@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import os
 import posixpath
 from urllib.parse import urlparse
@@ -21,7 +22,9 @@ def is_uri(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3(endpoint: str | None, region: str | None, credentials: str) -> pafs.S3FileSystem:
+    # ``credentials`` is only a hash of the AWS_* credentials in the environment: it keys the cache so that
+    # changing them in a long-lived process (a notebook) takes effect; pyarrow reads the values itself.
     kwargs = {}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -39,7 +42,9 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if path.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint, region), path[len("s3://"):]
+        creds = "\0".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                           "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+        return _s3(endpoint, region, hashlib.sha256(creds.encode()).hexdigest()), path[len("s3://"):]
     if is_uri(path) and not path.startswith("file://"):
         return pafs.FileSystem.from_uri(path)
     local = path[len("file://"):] if path.startswith("file://") else path
