@@ -109,3 +109,13 @@ def tiny_recipe(tmp_path: Path, tiny_corpus: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE.format(corpus=tiny_corpus, out=tmp_path / "pool"))
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory) -> Path:
+    """An 800-row generated corpus (every kind of dirt, a 20-item benchmark), shared by the session."""
+    from curation.sample import write_sample_corpus
+
+    out = tmp_path_factory.mktemp("sample") / "corpus"
+    write_sample_corpus(out, rows=800, seed=5, progress=False)
+    return out

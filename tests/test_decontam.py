@@ -10,18 +10,15 @@ import pytest
 
 from curation.recipe import RecipeError, load_pipeline
 from curation.runner import run_pipeline
-from curation.sample import write_sample_corpus
 from curation.schema import from_rows
 from curation.stage import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("decontam") / "corpus"
-    write_sample_corpus(out, rows=800, seed=5, progress=False)
-    return out
+@pytest.fixture
+def corpus(sample_corpus: Path) -> Path:
+    return sample_corpus
 
 
 def _stage(corpus: Path, **params):

@@ -9,16 +9,13 @@ import pytest
 
 from curation.dedup.registry import load_benchmarks, read_items
 from curation.recipe import RecipeError
-from curation.sample import write_sample_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "corpus"
-    write_sample_corpus(out, rows=200, seed=1, progress=False)
-    return out
+@pytest.fixture
+def corpus(sample_corpus: Path) -> Path:
+    return sample_corpus
 
 
 def test_shipped_registry_covers_the_sample_benchmark(corpus):
