@@ -400,8 +400,3 @@ def _hint_name(hint: Any) -> str:
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
             float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def dump_resolved(recipe: PipelineRecipe) -> str:
-    """The resolved recipe as YAML, written next to every output."""
-    return yaml.safe_dump(recipe.resolved, sort_keys=False)

@@ -35,7 +35,7 @@ from curation.io import fs as cfs
 from curation.io.pool import Pool, UnitSink, commit_done
 from curation.io.readers import INGEST, Unit, plan_units, read_unit
 from curation.recipe import PipelineRecipe
-from curation.schema import REJECT_COLUMNS, ROW_SCHEMA
+from curation.schema import REJECT_COLUMNS, ROW_SCHEMA, conform
 from curation.stage import IndexedFilter, ScoreFilter, Stage
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]
     A stage that raises on a batch does not stop the run: the batch's live rows are rejected with
     reason ``stage_error`` and the exception text, so the failure is counted and visible.
     """
+    alive = _alive(table)
     for stage in stages:
         c = counters[stage.label]
-        alive = pc.sum(pc.is_null(table["reject_reason"]).cast(pa.int64())).as_py() or 0
-        c["rows_in"] += alive
+        c["rows_in"] += alive  # what the previous stage let through
         t0 = time.perf_counter()
         try:
             table = stage(table)
@@ -102,8 +102,14 @@ def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]
                                   pa.array([f"{type(e).__name__}: {e}"[:500]] * len(live)))
         c["seconds"] += time.perf_counter() - t0
         _count_drops(c, table, stage.label)
-        c["rows_out"] += pc.sum(pc.is_null(table["reject_reason"]).cast(pa.int64())).as_py() or 0
+        alive = _alive(table)
+        c["rows_out"] += alive
     return table
+
+
+def _alive(table: pa.Table) -> int:
+    """Rows not rejected so far."""
+    return table["reject_reason"].null_count
 
 
 def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
@@ -127,13 +133,13 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
         ingest = counters[INGEST]
         ingest["rows_in"] += table.num_rows
         _count_drops(ingest, table, INGEST)
-        ingest["rows_out"] += table.num_rows - (pc.sum(pc.is_valid(table["reject_reason"]).cast(pa.int64())).as_py() or 0)
+        ingest["rows_out"] += _alive(table)
         errors += [d for d in table.filter(pc.equal(table["reject_reason"], "unreadable_file"))["reject_detail"].to_pylist()]
         if hash_col is None or len(hash_col) != table.num_rows:
             hash_col = pa.array([job.recipe_hash] * table.num_rows, pa.string())
         table = table.set_column(table.schema.get_field_index("recipe_hash"), "recipe_hash", hash_col)
         table = apply_stages(table, job.stages, counters)
-        table = _conform(table, schema)
+        table = conform(table, schema)
         rejected = pc.is_valid(table["reject_reason"])
         t0 = time.perf_counter()
         sink.reject(table.filter(rejected))
@@ -148,11 +154,6 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     }
     commit_done(job.root, record)
     return record
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    cols = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema]
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def index_unit(unit: Unit, columns: tuple[str, ...], batch_rows: int) -> pa.Table:

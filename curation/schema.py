@@ -52,7 +52,6 @@ ROW_SCHEMA = pa.schema(
 )
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
-BINARY_COLUMNS = frozenset(f.name for f in ROW_SCHEMA if pa.types.is_binary(f.type) or f.name in ("images", "frames"))
 
 
 def score_column(stage_name: str) -> str:
@@ -79,10 +78,6 @@ def row_id(modality: str, text: bytes | str | None = None, media: Iterable[bytes
     return h.hexdigest()
 
 
-def empty_table(schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
-    return schema.empty_table()
-
-
 def from_rows(rows: list[dict[str, Any]]) -> pa.Table:
     """Build a :data:`ROW_SCHEMA` table from dicts; missing keys become nulls.
 
@@ -97,25 +92,16 @@ def from_rows(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=ROW_SCHEMA)
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Return ``table`` with exactly the :data:`ROW_SCHEMA` columns first (added as nulls if missing,
-    cast if a reader produced a compatible type), followed by any extra columns (scores) in order."""
-    n = table.num_rows
-    cols, fields = [], []
-    for f in ROW_SCHEMA:
-        if f.name in table.column_names:
-            col = table.column(f.name)
-            if col.type != f.type:
-                col = col.cast(f.type)
+def conform(table: pa.Table, schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns in its order: missing ones added as nulls, others cast."""
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(table.num_rows, f.type))
         else:
-            col = pa.nulls(n, f.type)
-        cols.append(col)
-        fields.append(f)
-    for name in table.column_names:
-        if name not in ROW_SCHEMA.names:
-            cols.append(table.column(name))
-            fields.append(table.schema.field(name))
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+            col = table.column(f.name)
+            cols.append(col if col.type == f.type else col.cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def json_meta(obj: dict[str, Any] | None) -> str | None:

@@ -228,11 +228,6 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def stage_params(cls: type[Stage]) -> dict[str, dataclasses.Field]:
-    """The YAML parameters of a stage class, by name."""
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 def load_registry() -> dict[str, type[Stage]]:
     """Import the built-in stage modules so they register themselves."""
     from curation import filters  # noqa: F401  (imports every filter family)

@@ -123,13 +123,14 @@ def _parquet_rows(uri: str) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl_rows(uri: str, problems: list[str]) -> Iterator[tuple[int, dict]]:
-    for offset, line in enumerate(cfs.read_bytes(uri).decode("utf-8", "replace").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield offset, json.loads(line)
-        except ValueError as e:
-            problems.append(f"{uri}#{offset}: not JSON ({e}); skipped")
+    with cfs.open_input(uri) as stream:
+        for offset, line in enumerate(cfs.iter_lines(stream)):
+            if not line.strip():
+                continue
+            try:
+                yield offset, json.loads(line.decode("utf-8", "replace"))
+            except ValueError as e:
+                problems.append(f"{uri}#{offset}: not JSON ({e}); skipped")
 
 
 def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> BenchmarkItem:

@@ -115,3 +115,16 @@ def open_input(path: str):
 def open_random_access(path: str):
     fs, p = filesystem(path)
     return fs.open_input_file(p)
+
+
+def iter_lines(stream, chunk: int = 1 << 20):
+    """Lines (bytes, without the newline) of a binary stream, read in large chunks: pyarrow streams have
+    no readline, and JSONL files can be larger than memory."""
+    tail = b""
+    while block := stream.read(chunk):
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if tail.strip():
+        yield tail.rstrip(b"\r")

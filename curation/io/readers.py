@@ -300,7 +300,7 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
         yield make.broken(0, "unreadable_file", str(e))
         return
     with stream:
-        for offset, raw in enumerate(_lines(stream)):
+        for offset, raw in enumerate(cfs.iter_lines(stream)):
             if not raw.strip():
                 continue  # blank lines are not rows (offsets stay line numbers)
             text_of_line, bad = _decode_text(raw)
@@ -316,18 +316,6 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
             except (TypeError, ValueError, AttributeError) as e:  # fields of the wrong shape
                 row = make.broken(offset, "malformed_row", f"a field has the wrong type: {e}", raw)
             yield row
-
-
-def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream, read in large chunks (pyarrow streams have no readline)."""
-    tail = b""
-    while block := stream.read(chunk):
-        lines = (tail + block).split(b"\n")
-        tail = lines.pop()
-        for line in lines:
-            yield line.rstrip(b"\r")
-    if tail.strip():
-        yield tail.rstrip(b"\r")
 
 
 def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> dict:
