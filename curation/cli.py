@@ -17,7 +17,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from curation.sample import write_sample_corpus
 
     summary = write_sample_corpus(args.out, rows=args.rows, seed=args.seed, workers=args.workers,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, benchmark_rate=args.benchmark_rate)
     print(f"sample corpus: {args.out} ({summary.get('rows', args.rows):,} rows; see {args.out}/corpus.json)")
     return 0
 
@@ -42,6 +42,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{result.manifest['totals']['shards']} shards)")
     if result.report:
         print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from curation.dedup.audit import run_audit
+    from curation.io.detect import UndetectedSource
+    from curation.recipe import RecipeError
+
+    match = {}
+    for item in args.match or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --match {item!r}: expected KEY=VALUE, e.g. --match text_threshold=0.6", file=sys.stderr)
+            return 2
+        match[key.strip()] = yaml.safe_load(value)
+    try:
+        result = run_audit(args.benchmarks, args.corpus, args.out, registry_set=args.set or [], match=match,
+                           address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    except (RecipeError, UndetectedSource, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = result.data
+    print(f"{'benchmark':<24}{'items':>8}{'contaminated':>14}{'rate':>9}{'rows':>8}  not indexed")
+    for name, b in data["benchmarks"].items():
+        print(f"{name:<24}{b['items']:>8,}{b['contaminated_items']:>14,}{100 * b['contamination_rate']:>8.2f}%"
+              f"{b['matched_rows']:>8,}  {len(b['not_indexed']):,}")
+    print(f"rows scanned: {data['rows_scanned']:,}  contaminated: {data['rows_contaminated']:,}  "
+          f"unreadable: {data['rows_unreadable']:,}")
+    print(f"report: {result.report_html}\njson:   {result.report_json}")
     return 0
 
 
@@ -86,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=5000, help="total rows across sources (default 5000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--benchmark-rate", type=float, default=0.01,
+                   help="share of rows of each source planted with a benchmark copy (default 0.01)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
 
@@ -99,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing pool folder first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("audit", help="find benchmark items in a corpus: report.json and report.html",
+                       description="Scan a corpus (pool folders, source files, folders or globs, local or s3://) "
+                                   "for the items of every benchmark in a registry (text, images, video) and write "
+                                   "OUT/report.json and OUT/report.html. Rerunning into OUT resumes.")
+    p.add_argument("--benchmarks", required=True, metavar="REGISTRY.yaml", help="benchmark registry YAML")
+    p.add_argument("--corpus", required=True, nargs="+", metavar="PATH", help="pools, files, folders or globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a registry key, e.g. vars.corpus=/d")
+    p.add_argument("--match", action="append", metavar="KEY=VALUE",
+                   help="matching threshold, e.g. --match text_threshold=0.6 (see docs/decontamination.md)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier scan in OUT")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("stages", help="list the registered stages and their parameters")
     p.add_argument("--json", action="store_true")

@@ -34,7 +34,7 @@ import yaml
 from curation.schema import MODALITIES
 from curation.stage import Resources, Stage, load_registry
 
-FORMATS = ("webdataset", "parquet", "jsonl")
+FORMATS = ("webdataset", "parquet", "jsonl", "pool")
 OUTPUT_FORMATS = ("parquet", "webdataset")
 
 
@@ -146,7 +146,12 @@ def check_paths_exist(paths: list[str], where: str, problems: list[str]) -> None
 def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
     """Load, override, interpolate and validate a pipeline recipe; raise :class:`RecipeError`."""
     file = str(path)
-    raw = load_yaml(path, overrides, "a mapping with sources, stages and output")
+    return pipeline_from_dict(load_yaml(path, overrides, "a mapping with sources, stages and output"), file,
+                              check_paths)
+
+
+def pipeline_from_dict(raw: dict[str, Any], file: str = "<recipe>", check_paths: bool = True) -> PipelineRecipe:
+    """Validate a pipeline given as a mapping (commands such as ``curation audit`` compose one)."""
     problems: list[str] = []
     recipe = _validate(raw, file, problems, check_paths)
     if problems:
@@ -244,7 +249,7 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         seen_names.add(spec.name)
         if spec.format not in FORMATS:
             problems.append(f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})")
-        if spec.modality not in MODALITIES:
+        if spec.modality not in MODALITIES and not (spec.format == "pool" and spec.modality == "mixed"):
             problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
         if spec.on_bad_text not in ("reject", "replace"):
             problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
@@ -318,8 +323,8 @@ def build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             ok = False
             continue
         hint = hints[key]
-        if hint is Resources:
-            res = build(Resources, value, f"{where}.{key}", problems)
+        if dataclasses.is_dataclass(hint):  # nested parameters (resources, match thresholds), checked the same way
+            res = build(hint, value, f"{where}.{key}", problems)
             ok &= res is not None
             kwargs[key] = res
             continue

@@ -40,6 +40,7 @@ import shutil
 import struct
 import sys
 import tarfile
+import textwrap
 import time
 import zlib
 from collections import Counter
@@ -50,7 +51,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from tqdm import tqdm
 
 __all__ = [
@@ -73,24 +74,28 @@ FORMAT = "curation.sample/1"
 # Corpus layout and dirt rates
 # --------------------------------------------------------------------------------------------
 
-SOURCES = ("wds", "parquet", "jsonl", "interleaved", "text")
+SOURCES = ("wds", "parquet", "jsonl", "interleaved", "text", "video")
 IMAGE_TEXT_SOURCES = ("wds", "parquet", "jsonl")
-SOURCE_SHARE = {"wds": 0.60, "parquet": 0.15, "jsonl": 0.10, "interleaved": 0.08, "text": 0.07}
+SOURCE_SHARE = {"wds": 0.59, "parquet": 0.15, "jsonl": 0.10, "interleaved": 0.08, "text": 0.07, "video": 0.01}
+MAX_VIDEOS = 2000  # videos cost ~45 ms each to encode: past this, wds takes the rest of the rows
+BENCH_VIDEOS = (10, 100)  # benchmark videos: bench_items // 5, within these bounds
 SOURCE_DIR = {
     "wds": "image_text/wds",
     "parquet": "image_text/parquet",
     "jsonl": "image_text/jsonl",
     "interleaved": "interleaved",
     "text": "text",
+    "video": "video",
 }
 SOURCE_EXT = {"wds": ".tar", "parquet": ".parquet", "jsonl": ".jsonl", "interleaved": ".jsonl",
-              "text": ".jsonl"}
+              "text": ".jsonl", "video": ".jsonl"}
 SOURCE_URL = {
     "wds": "https://example.com/img/{key}.jpg",
     "parquet": "https://example.org/photos/{key}.jpg",
     "jsonl": "https://example.net/media/{key}.jpg",
     "interleaved": "https://example.com/blog/{key}.html",
     "text": "https://example.com/articles/{key}.html",
+    "video": "https://example.com/clips/{key}.mp4",
 }
 KEY_STRIDE = 10_000  # img2dataset keys: shard * 10000 + row, so a shard holds at most 10000 rows
 PARQUET_ROW_GROUP = 250
@@ -122,13 +127,17 @@ _TEXT_RATES = {
     "near_duplicate": 0.03,
     "non_english_caption": 0.03,  # kind names are shared with image-text; `source` tells them apart
     "boilerplate_caption": 0.03,
+    "benchmark_copy": 0.01,  # a text QA item embedded in the document (re-cased, re-wrapped, edited)
 }
+BENCHMARK_RATE = 0.01  # default share of rows planted with a benchmark copy, per source (--benchmark-rate)
 RATES: dict[str, dict[str, float]] = {
     "wds": {**_COMMON_IMAGE_TEXT_RATES, **_NON_UTF8},
     "parquet": dict(_COMMON_IMAGE_TEXT_RATES),
     "jsonl": {**_COMMON_IMAGE_TEXT_RATES, **_NON_UTF8, **_JSONL_ONLY},
-    "interleaved": {},
+    "interleaved": {"benchmark_copy": 0.01},  # a quiz post: a VQA image (transformed) next to its question
     "text": dict(_TEXT_RATES),
+    # a benchmark video re-encoded (codec, size, rate) and trimmed at both ends; a download cut short
+    "video": {"benchmark_copy": 0.01, "truncated_video": 0.03},
 }
 # Kinds placed deliberately (once each) in the first rows of a source so that small corpora
 # still contain every kind. The decompression bomb is *only* placed this way: exactly one.
@@ -136,6 +145,8 @@ FORCED: dict[str, tuple[str, ...]] = {
     "wds": (*_COMMON_IMAGE_TEXT_RATES, *_NON_UTF8, "decompression_bomb"),
     "jsonl": tuple(_JSONL_ONLY),
     "text": tuple(_TEXT_RATES),
+    "interleaved": ("benchmark_copy",),
+    "video": ("benchmark_copy", "truncated_video"),
 }
 DIRT_KINDS = (
     "clean",
@@ -145,6 +156,8 @@ DIRT_KINDS = (
     "malformed_json",
     "missing_image",
 )
+VIDEO_DIRT_KINDS = ("truncated_video",)
+ALL_DIRT_KINDS = DIRT_KINDS + VIDEO_DIRT_KINDS
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary for scenes and captions
@@ -798,6 +811,29 @@ def bench_item(seed: int, idx: int) -> dict:
     }
 
 
+def plant_image(data: bytes, rng: random.Random) -> tuple[bytes, str, int, int]:
+    """A benchmark image as it leaks into a crawl: cropped, brightened, resized and re-encoded.
+
+    Crop: up to 10% of the width and of the height removed in total, split at random between the two
+    sides (left 3% + right 7%, say); half of the copies are not cropped. Brightness x0.75-1.25 on
+    half of them; resized x0.75-1.3 on 70%; then JPEG at quality 60-95 (or PNG for 30% of the resized
+    ones): never the benchmark's own bytes. Returns (bytes, format, width, height).
+    """
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if rng.random() < 0.5:
+        cut_w, cut_h = rng.uniform(0, 0.10) * img.width, rng.uniform(0, 0.10) * img.height
+        left, top = rng.uniform(0, cut_w), rng.uniform(0, cut_h)
+        img = img.crop((round(left), round(top), round(img.width - (cut_w - left)),
+                        round(img.height - (cut_h - top))))
+    if rng.random() < 0.5:
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.25))
+    resized = rng.random() < 0.7
+    if resized:
+        img = _scaled(img, rng.uniform(0.75, 1.3))
+    fmt = "png" if resized and rng.random() < 0.3 else "jpeg"
+    return encode_image(img, fmt, rng.choice((60, 70, 80, 90, 95))), fmt, img.width, img.height
+
+
 def _bench_statement(item: dict, rng: random.Random) -> str:
     """The item's question and answer reworded as a caption (what leaks into web crawls)."""
     a, s = item["answer"], item["subject"]
@@ -808,6 +844,148 @@ def _bench_statement(item: dict, rng: random.Random) -> str:
         verb = "is" if a == "1" else "are"
         return rng.choice((f"There {verb} {a} {noun} in this picture.", f"This image shows {a} {noun}."))
     return rng.choice((f"The sign says '{a}'.", f"A sign with the text '{a}' on it."))
+
+
+_QA_SLOTS = {
+    "name": ["Amira Haddad", "Jonas Berg", "Lucia Moreno", "Kenji Sato", "Priya Nair", "Tomasz Kowalski",
+             "Grace Okafor", "Mateo Rossi", "Ingrid Larsen", "Farid Rahimi", "Chloe Dubois", "Ravi Menon",
+             "Sofia Petrova", "Daniel Mensah", "Hana Novak", "Oscar Lindqvist", "Leila Karimi", "Marcus Webb",
+             "Yuki Tanaka", "Elena Costa", "Samuel Adeyemi", "Nora Fischer", "Diego Alvarez", "Mei Lin"],
+    "city": ["Lisbon", "Kyoto", "Vienna", "Montreal", "Edinburgh", "Cape Town", "Valparaiso", "Tallinn", "Porto",
+             "Hanoi", "Oaxaca", "Bergen", "Nairobi", "Krakow", "Adelaide", "Quito", "Tbilisi", "Seville",
+             "Galway", "Da Nang", "Ljubljana", "Cusco", "Bremen", "Marrakesh"],
+    "item": ["notebooks", "lanterns", "ceramic bowls", "wool scarves", "bicycle bells", "glass jars",
+             "tin whistles", "leather wallets", "paper kites", "copper kettles", "oak chairs", "silk ribbons"],
+    "organism": ["pea seedlings", "fruit flies", "zebrafish larvae", "snails", "yeast cultures", "bean plants",
+                 "honey bees", "tadpoles", "earthworms", "moss samples"],
+    "factor": ["the amount of light", "the water temperature", "the salt concentration", "the soil acidity",
+               "the length of the day", "the humidity of the air", "the type of food", "the noise level"],
+    "result": ["grew taller", "moved less", "lived longer", "changed colour", "produced more offspring",
+               "lost weight", "became more active", "stopped feeding"],
+    "object": ["the bronze bell", "the stone fountain", "the clock tower", "the old printing press",
+               "the ship's anchor", "the marble statue", "the wooden carousel", "the city archive"],
+    "group": ["the harbour workers", "the town council", "the monks", "the railway company", "the students",
+              "the fishermen", "the merchants' guild", "the volunteer firefighters"],
+    "place": ["the market square", "the river bank", "the north gate", "the museum courtyard",
+              "the main station", "the hill above the town", "the old harbour", "the botanical garden"],
+    "reason": ["to protect it from floods", "to make room for a new road", "because the old building burned",
+               "after a dispute with the landowner", "to attract more visitors", "because of a storm"],
+    "thing": ["beetle", "orchid", "mineral", "lichen", "river fish", "mountain bird", "fern", "sea snail"],
+    "region": ["the Andes", "the Carpathians", "northern Borneo", "the Atacama desert", "Lapland",
+               "the Zagros mountains", "Tasmania", "the Okavango delta"],
+    "unit": ["kilometres", "miles"],
+    "currency": ["euros", "dollars", "pounds", "francs"],
+}
+# [a|b|c] picks one alternative: items from one template then share only short fixed spans, so an item's
+# 5-grams are mostly its own and a copy of one item does not look like a copy of its template siblings.
+_QA_TEMPLATES = (
+    ("[A train|An express|A night train|A freight train] [leaves|departs from|sets off from] {city} at {h1}:{m1} "
+     "and [travels|covers|runs] {n1} {unit} to {city2} [at an average speed of|averaging|at a steady] {n2} {unit} "
+     "[per hour|an hour]. [At what time does it reach|When does it arrive in|What time is it when it gets to] "
+     "{city2}?", "time"),
+    ("{name} [bought|ordered|purchased] {n1} {item} [for|at] {n2} {currency} each [at a market in|from a "
+     "workshop in|online from a shop in] {city} and [later sold|resold|sold] [all of them|the whole lot|every one "
+     "of them] in {city2} for {n3} {currency} each. [How much profit did {name} make|What was the total profit "
+     "of {name}|How much did {name} earn after costs]?", "money"),
+    ("[In an experiment run by|In a study led by|During a trial designed by] {name}, {n1} {organism} [were split "
+     "into two groups|were divided into two sets|went into two tanks] and [kept|observed|grown] for {n2} days; "
+     "only {factor} [differed|was different|changed] between [the groups|them]. The [first|second] group "
+     "{result}. [Which variable was manipulated|What did {name} vary|Which condition was changed]?", "factor"),
+    ("[According to the local chronicle of|The town records of|An old guidebook to] {city} [say that|state "
+     "that|report that] {group} moved {object} to {place} in {year}. [Which reason does the chronicle give for "
+     "moving|Why did they move|What was the reason for relocating] {object}?", "reason"),
+    ("[Which|What] {thing} was [first described|first recorded|named] by {name} after [an expedition|a long "
+     "journey|a field trip] to {region} in {year}[, and later named after the village where the first specimen "
+     "was kept| together with {name2}| with help from local guides]?", "person"),
+    ("A [water tank|rain barrel|cistern|reservoir] in {city} holds {n1} litres and [is filled at|receives] {n2} "
+     "litres per minute [while|but] a leak [removes|loses|drains] {n3} litres per minute. [How many minutes does "
+     "it take to fill the empty tank|How long until it is full|After how many minutes is it full]?", "number"),
+    ("{name} and {name2} [share a workshop|run a small business|work together] in {city} [that makes|making|"
+     "producing] {item}. {name} [makes|finishes|produces] {n1} [per day|a day|daily] and {name2} {n2}. [How many "
+     "{item} do they make together in|What is their joint output of {item} over|How many {item} are ready "
+     "after] {n3} days?", "number"),
+    ("[During|At] the [festival|harvest fair|spring parade] in {city} in {year}, {group} [carried|pulled|moved] "
+     "{object} from {place} to {place2}. [How long had it stood at|For how many years had it been kept at|How "
+     "many years had it spent at] {place} [before the festival|before that day|until then]?", "years"),
+)
+_QA_EDITS = {"which": "what", "does": "did", "how": "so how", "the": "this", "many": "much", "later": "afterwards"}
+
+
+@functools.lru_cache(maxsize=256)
+def bench_qa_item(seed: int, idx: int) -> dict:
+    """One text-only multiple-choice item (MMLU-style export: id, question, choices, answer letter).
+
+    Questions are 25-45 words built from many slots, so two items share few 5-grams even when they
+    come from the same template. Pure function of (seed, idx), like :func:`bench_item`.
+    """
+    rng = _rng(seed, "benchmark-qa", idx)
+    template, kind = _QA_TEMPLATES[idx % len(_QA_TEMPLATES)]
+    values: dict[str, str] = {}
+
+    def pick(name: str) -> str:
+        base = name.rstrip("0123456789")
+        used = {v for k, v in values.items() if k.rstrip("0123456789") == base}
+        return rng.choice([v for v in _QA_SLOTS[base] if v not in used])
+
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in values:
+            if name in ("h1",):
+                values[name] = str(rng.randint(5, 20))
+            elif name in ("m1",):
+                values[name] = f"{rng.randrange(0, 60, 5):02d}"
+            elif name == "year":
+                values[name] = str(rng.randint(1650, 1990))
+            elif name[0] == "n" and name[1:].isdigit():
+                values[name] = str(rng.randint(3, 480))
+            else:
+                values[name] = pick(name)
+        return values[name]
+
+    template = re.sub(r"\[([^\]]*)\]", lambda m: rng.choice(m.group(1).split("|")), template)
+    question = re.sub(r"\{(\w+)\}", repl, template)
+    question = question[0].upper() + question[1:]
+    if kind == "time":
+        pool = [f"{rng.randint(6, 23)}:{rng.randrange(0, 60, 5):02d}" for _ in range(12)]
+    elif kind == "money":
+        pool = [f"{rng.randint(10, 9000)} {values['currency']}" for _ in range(12)]
+    elif kind in ("number", "years"):
+        pool = [f"{rng.randint(2, 900)}{' years' if kind == 'years' else ''}" for _ in range(12)]
+    elif kind == "factor":
+        pool = list(_QA_SLOTS["factor"])
+    elif kind == "reason":
+        pool = list(_QA_SLOTS["reason"])
+    else:
+        pool = list(_QA_SLOTS["name"])
+    choices = rng.sample(sorted(set(pool)), 4)
+    answer = rng.randrange(4)
+    return {"id": f"qa-{idx + 1:04d}", "question": question, "choices": choices, "answer": "ABCD"[answer]}
+
+
+def _render_qa(item: dict, rng: random.Random) -> str:
+    """A benchmark item as it shows up on the web: labelled, maybe re-cased, re-wrapped or lightly edited."""
+    question = item["question"]
+    if rng.random() < 0.3:  # one or two words changed: a paraphrased leak
+        words = question.split(" ")
+        spots = [k for k, w in enumerate(words) if w.lower() in _QA_EDITS]
+        for k in rng.sample(spots, min(len(spots), rng.randint(1, 2))):
+            words[k] = _QA_EDITS[words[k].lower()]
+        question = " ".join(words)
+    style = rng.randrange(3)
+    letters = "ABCD"
+    if style == 0:
+        opts = "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(item["choices"]))
+        text = f"Question: {question}\n{opts}\nAnswer: {item['answer']}"
+    elif style == 1:
+        opts = "  ".join(f"({letters[k].lower()}) {c}" for k, c in enumerate(item["choices"]))
+        text = f"Q{rng.randint(1, 40)}. {question} {opts}"
+    else:
+        text = f"{question}\nThe correct answer is {item['choices'][letters.index(item['answer'])]}."
+    if rng.random() < 0.3:
+        text = text.upper() if rng.random() < 0.5 else text.lower()
+    if rng.random() < 0.4:  # re-wrapped at another width, as a PDF or forum quote does
+        text = "\n".join(textwrap.wrap(text, width=rng.randint(24, 70)))
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,13 +1002,26 @@ class CorpusSpec:
     shard_rows: int
     source_rows: tuple[tuple[str, int], ...]
     bench_items: int
+    bench_rate: float = BENCHMARK_RATE
 
     @classmethod
-    def make(cls, rows: int, seed: int, shard_rows: int) -> CorpusSpec:
+    def make(cls, rows: int, seed: int, shard_rows: int, bench_rate: float = BENCHMARK_RATE) -> CorpusSpec:
         others = {s: round(rows * SOURCE_SHARE[s]) for s in SOURCES if s != "wds"}
+        others["video"] = min(others["video"], MAX_VIDEOS)
         counts = {"wds": rows - sum(others.values()), **others}
         bench = max(20, min(500, rows // 100))
-        return cls(seed, rows, shard_rows, tuple((s, counts[s]) for s in SOURCES), bench)
+        return cls(seed, rows, shard_rows, tuple((s, counts[s]) for s in SOURCES), bench, bench_rate)
+
+    @property
+    def bench_videos(self) -> int:
+        return max(BENCH_VIDEOS[0], min(BENCH_VIDEOS[1], self.bench_items // 5))
+
+    def rates(self, source: str) -> dict[str, float]:
+        """Dirt rates of a source, with this corpus's benchmark-copy rate."""
+        rates = dict(RATES[source])
+        if "benchmark_copy" in rates:
+            rates["benchmark_copy"] = self.bench_rate
+        return rates
 
     def n(self, source: str) -> int:
         return dict(self.source_rows)[source]
@@ -871,7 +1062,7 @@ def _forced_kinds(spec: CorpusSpec, source: str) -> dict[int, str]:
 @functools.lru_cache(maxsize=64)
 def shard_plan(spec: CorpusSpec, source: str, shard: int) -> tuple[str, ...]:
     """The dirt kind of every row of one shard; cheap, so other shards can recompute it."""
-    rates = RATES[source]
+    rates = spec.rates(source)
     kinds = list(rates)
     cum = list(itertools.accumulate(rates.values()))
     rng = _rng(spec.seed, source, shard)
@@ -1034,12 +1225,7 @@ def apply_dirt(s: Sample, rng: random.Random, spec: CorpusSpec, source: str, sha
         s.caption = caption_foreign(s.scene, rng.choice(LANGS), rng)
     elif kind == "benchmark_copy":
         item = bench_item(spec.seed, rng.randrange(spec.bench_items))
-        img = Image.open(io.BytesIO(item["image"])).convert("RGB")
-        resized = rng.random() < 0.7
-        if resized:
-            img = _scaled(img, rng.uniform(0.75, 1.3))
-        s.fmt = "png" if resized and rng.random() < 0.3 else "jpeg"  # never the benchmark's own bytes
-        s.image, s.width, s.height = encode_image(img, s.fmt), img.width, img.height
+        s.image, s.fmt, s.width, s.height = plant_image(item["image"], rng)
         s.caption, s.bench_item = _bench_statement(item, rng), item["item_id"]
     else:
         raise ValueError(f"unknown dirt kind {kind!r}")
@@ -1294,9 +1480,10 @@ def _text_body(spec: CorpusSpec, shard: int, i: int) -> tuple[str, random.Random
     return _text_doc(rng), rng
 
 
-def text_document(spec: CorpusSpec, shard: int, i: int, kind: str) -> tuple[dict, str | None]:
+def text_document(spec: CorpusSpec, shard: int, i: int, kind: str) -> tuple[dict, str | None, str | None]:
+    """A pure-text row, its duplicate-of reference and the benchmark item planted in it (if any)."""
     text, rng = _text_body(spec, shard, i)
-    dup_of = None
+    dup_of = bench = None
     if kind in ("exact_duplicate", "near_duplicate"):
         _, sh, j = _pick_original(spec, "text", shard, i, rng)
         original, _ = _text_body(spec, sh, j)
@@ -1306,8 +1493,16 @@ def text_document(spec: CorpusSpec, shard: int, i: int, kind: str) -> tuple[dict
         text = _text_doc(rng, rng.choice(("de", "fr", "zh")))
     elif kind == "boilerplate_caption":
         text = _boilerplate_doc(rng)
+    elif kind == "benchmark_copy":  # a quiz item pasted into an article, or a page holding only the item
+        item = bench_qa_item(spec.seed, rng.randrange(spec.bench_items))
+        quiz, bench = _render_qa(item, rng), item["id"]
+        paragraphs = text.split("\n\n")
+        if rng.random() < 0.2:
+            paragraphs = []
+        paragraphs.insert(rng.randint(0, len(paragraphs)), quiz)
+        text = "\n\n".join(paragraphs)
     doc_id = f"txt-{spec.key(shard, i)}"
-    return {"id": doc_id, "text": text, "url": SOURCE_URL["text"].format(key=doc_id)}, dup_of
+    return {"id": doc_id, "text": text, "url": SOURCE_URL["text"].format(key=doc_id)}, dup_of, bench
 
 
 _INTROS = (
@@ -1355,8 +1550,14 @@ def _describe_paragraph(scene: dict, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def interleaved_document(spec: CorpusSpec, shard: int, i: int) -> tuple[dict, list[tuple[str, bytes]]]:
-    """An OBELICS-style document: aligned texts/images lists, each image described next to it."""
+def interleaved_document(spec: CorpusSpec, shard: int, i: int,
+                         kind: str = "clean") -> tuple[dict, list[tuple[str, bytes]], str | None]:
+    """An OBELICS-style document: aligned texts/images lists, each image described next to it.
+
+    ``benchmark_copy``: one image is a transformed benchmark image (:func:`plant_image`) and its
+    paragraph is the item's question, a quiz post: the (image, question) pair of a VQA item.
+    Returns the document, its image files and the planted item's id.
+    """
     rng = _rng(spec.seed, "interleaved", shard, i)
     doc_id = f"doc-{spec.key(shard, i)}"
     n_img = rng.randint(1, 3)
@@ -1383,9 +1584,23 @@ def interleaved_document(spec: CorpusSpec, shard: int, i: int) -> tuple[dict, li
     if extra:
         texts.append(rng.choice(_OUTROS))
         images.append(None)
+    bench = None
+    if kind == "benchmark_copy":
+        item = bench_item(spec.seed, rng.randrange(spec.bench_items))
+        k = rng.randrange(n_img)
+        data, fmt, _, _ = plant_image(item["image"], rng)
+        rel = files[k][0].rsplit(".", 1)[0] + (".png" if fmt == "png" else ".jpg")
+        files[k] = (rel, data)
+        pos = [j for j, im in enumerate(images) if im is not None][k]
+        images[pos] = rel
+        quiz = f"Quiz time! {item['question']}"
+        if rng.random() < 0.6:
+            quiz += " Options: " + ", ".join(item["options"]) + "."
+        texts[pos - 1] = quiz  # the paragraph before each image describes it
+        bench = item["item_id"]
     url = SOURCE_URL["interleaved"].format(key=doc_id)
     doc = {"id": doc_id, "texts": texts, "images": images, "url": url}
-    return doc, files
+    return doc, files, bench
 
 
 # --------------------------------------------------------------------------------------------
@@ -1505,13 +1720,13 @@ def write_interleaved_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardRes
     res = ShardResult("interleaved", shard, spec.shard_len("interleaved", shard), files=[rel])
     folder = (out / rel).parent
     with open(out / rel, "w", encoding="utf-8") as f:
-        for i in range(res.rows):
-            doc, files = interleaved_document(spec, shard, i)
+        for i, kind in enumerate(shard_plan(spec, "interleaved", shard)):
+            doc, files, bench = interleaved_document(spec, shard, i, kind)
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
             for image_rel, data in files:
                 (folder / image_rel).write_bytes(data)
             res.images += len(files)
-            res.truth.append(_truth(rel, i, doc["id"], "interleaved", "clean"))
+            res.truth.append(_truth(rel, i, doc["id"], "interleaved", kind, None, bench))
     return res
 
 
@@ -1520,15 +1735,20 @@ def write_text_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
     res = ShardResult("text", shard, spec.shard_len("text", shard), files=[rel])
     with open(out / rel, "w", encoding="utf-8") as f:
         for i, kind in enumerate(shard_plan(spec, "text", shard)):
-            doc, dup_of = text_document(spec, shard, i, kind)
+            doc, dup_of, bench = text_document(spec, shard, i, kind)
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            res.truth.append(_truth(rel, i, doc["id"], "text", kind, dup_of))
+            res.truth.append(_truth(rel, i, doc["id"], "text", kind, dup_of, bench))
     return res
 
 
 def write_benchmark(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
-    """The VQA benchmark as Parquet (PNG bytes inline) and as a JSONL twin with PNG files."""
-    res = ShardResult("benchmark", 0, 0, files=["benchmark/vqa.parquet", "benchmark/vqa.jsonl"])
+    """The VQA benchmark as Parquet (PNG bytes inline) and as a JSONL twin with PNG files; the text QA
+    benchmark as JSONL (MMLU-style: id, question, choices, answer letter)."""
+    res = ShardResult("benchmark", 0, 0, files=["benchmark/vqa.parquet", "benchmark/vqa.jsonl",
+                                                   "benchmark/qa.jsonl"])
+    with open(out / "benchmark/qa.jsonl", "w", encoding="utf-8") as f:
+        for k in range(spec.bench_items):
+            f.write(json.dumps(bench_qa_item(spec.seed, k), ensure_ascii=False) + "\n")
     parquet = pq.ParquetWriter(out / "benchmark/vqa.parquet", BENCH_SCHEMA, write_statistics=["item_id"])
     with parquet as writer, open(out / "benchmark/vqa.jsonl", "w", encoding="utf-8") as f:
         for start in range(0, spec.bench_items, 100):
@@ -1544,6 +1764,70 @@ def write_benchmark(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
     return res
 
 
+_VIDEO_QUESTIONS = (
+    ("Which best describes the camera movement in this clip?",
+     ["it pans across a drawing", "it stays still", "it zooms into a face", "it follows a car"]),
+    ("What kind of scene does the video show?",
+     ["simple drawn shapes and signs", "a football match", "a city street at night", "a cooking show"]),
+    ("How many seconds does the clip last, roughly?", ["about 5", "about 30", "about 60", "about 120"]),
+)
+_VIDEO_CAPTIONS = ("A short animation panning across simple shapes.", "Clip: coloured shapes drift past a sign.",
+                   "Animated drawing, camera moving slowly to the side.", "Shapes moving across a flat background.")
+
+
+def bench_video(seed: int, k: int) -> bytes:
+    """Benchmark video ``k`` (its own index range, so corpus videos never equal it by construction)."""
+    from curation.sample_video import make_video
+
+    return make_video(seed, 1_000_000 + k)
+
+
+def write_benchmark_videos(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
+    """A video QA benchmark: JSONL (id, question, options, answer, video path) with mp4 files beside it."""
+    res = ShardResult("benchmark_video", 0, 0, files=["benchmark/video_qa.jsonl"])
+    with open(out / "benchmark/video_qa.jsonl", "w", encoding="utf-8") as f:
+        for k in range(spec.bench_videos):
+            rng = _rng(spec.seed, "benchmark-video", k)
+            question, options = _VIDEO_QUESTIONS[k % len(_VIDEO_QUESTIONS)]
+            rel = f"videos/vid-{k + 1:04d}.mp4"
+            (out / "benchmark" / rel).write_bytes(bench_video(spec.seed, k))
+            f.write(json.dumps({"id": f"vid-{k + 1:04d}", "question": question,
+                                "options": rng.sample(options, len(options)), "answer": options[0],
+                                "video": rel}) + "\n")
+    return res
+
+
+def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
+    """Video rows as JSONL (key, caption, video path, url) with the mp4 files in ``clips/``."""
+    from curation.io.video import probe
+    from curation.sample_video import make_video, reencode, truncate
+
+    rel = spec.path("video", shard)
+    res = ShardResult("video", shard, spec.shard_len("video", shard), files=[rel])
+    folder = (out / rel).parent
+    with open(out / rel, "w", encoding="utf-8") as f:
+        for i, kind in enumerate(shard_plan(spec, "video", shard)):
+            rng = _rng(spec.seed, "video-row", shard, i)
+            key = spec.key(shard, i)
+            bench = None
+            if kind == "benchmark_copy":
+                k = rng.randrange(spec.bench_videos)
+                data = bench_video(spec.seed, k)
+                duration = probe(data).duration or 3.0
+                start, end = rng.uniform(0, 0.3) * duration, duration * (1 - rng.uniform(0, 0.3))
+                data, bench = reencode(data, rng, start_s=start, end_s=end), f"vid-{k + 1:04d}"
+            else:
+                data = make_video(spec.seed, shard * KEY_STRIDE + i)
+                if kind == "truncated_video":
+                    data = truncate(data, rng)
+            clip = f"clips/{key}.mp4"
+            (folder / clip).write_bytes(data)
+            f.write(json.dumps({"key": key, "caption": rng.choice(_VIDEO_CAPTIONS), "video": clip,
+                                "url": SOURCE_URL["video"].format(key=key)}) + "\n")
+            res.truth.append(_truth(rel, i, key, "video", kind, None, bench))
+    return res
+
+
 WRITERS = {
     "wds": write_wds_shard,
     "parquet": write_parquet_shard,
@@ -1551,6 +1835,8 @@ WRITERS = {
     "interleaved": write_interleaved_shard,
     "text": write_text_shard,
     "benchmark": write_benchmark,
+    "benchmark_video": write_benchmark_videos,
+    "video": write_video_shard,
 }
 
 
@@ -1564,10 +1850,10 @@ def _run_task(task: tuple[str, CorpusSpec, str, int]) -> ShardResult:
 # --------------------------------------------------------------------------------------------
 
 _LAYOUT_DIRS = ("image_text/wds", "image_text/parquet", "image_text/jsonl/images", "interleaved/images",
-                "text", "benchmark/images")
+                "text", "video/clips", "benchmark/images", "benchmark/videos")
 
 
-_LAYOUT_TOP = ("image_text", "interleaved", "text", "benchmark", "truth.parquet", "corpus.json")
+_LAYOUT_TOP = ("image_text", "interleaved", "text", "video", "benchmark", "truth.parquet", "corpus.json")
 
 
 def _prepare_out(out: Path) -> None:
@@ -1600,6 +1886,7 @@ def write_sample_corpus(
     shard_rows: int = 1000,
     workers: int | None = None,
     progress: bool = True,
+    benchmark_rate: float = BENCHMARK_RATE,
 ) -> dict:
     """Write a deterministic, deliberately dirty multimodal corpus to ``out``.
 
@@ -1612,10 +1899,13 @@ def write_sample_corpus(
         raise ValueError("rows must be >= 1")
     if not 1 <= shard_rows <= KEY_STRIDE:
         raise ValueError(f"shard_rows must be in 1..{KEY_STRIDE} (keys are shard*{KEY_STRIDE}+row)")
+    if not 0 <= benchmark_rate <= 0.5:
+        raise ValueError("benchmark_rate must be in 0..0.5 (share of rows per source holding a benchmark copy)")
     out = Path(out)
     _prepare_out(out)
-    spec = CorpusSpec.make(rows, seed, shard_rows)
-    canonical = [("benchmark", 0)] + [(src, sh) for src in SOURCES for sh in range(spec.n_shards(src))]
+    spec = CorpusSpec.make(rows, seed, shard_rows, benchmark_rate)
+    canonical = [("benchmark", 0), ("benchmark_video", 0)] + [(src, sh) for src in SOURCES
+                                                              for sh in range(spec.n_shards(src))]
     tasks = [(str(out), spec, src, sh) for src, sh in canonical]
     position = {key: k for k, key in enumerate(canonical)}
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
@@ -1669,10 +1959,12 @@ def write_sample_corpus(
         "shard_rows": shard_rows,
         "sources": {src: spec.n(src) for src in SOURCES},
         "shards": {src: spec.n_shards(src) for src in SOURCES},
-        "dirt": {kind: totals[kind] for kind in DIRT_KINDS},
-        "dirt_by_source": {src: {k: c[k] for k in DIRT_KINDS if c[k]} for src, c in dirt_by_source.items()},
+        "dirt": {kind: totals[kind] for kind in ALL_DIRT_KINDS},
+        "dirt_by_source": {src: {k: c[k] for k in ALL_DIRT_KINDS if c[k]} for src, c in dirt_by_source.items()},
         "benchmark": {"items": spec.bench_items, "parquet": "benchmark/vqa.parquet",
-                      "jsonl": "benchmark/vqa.jsonl"},
+                      "jsonl": "benchmark/vqa.jsonl", "qa_jsonl": "benchmark/qa.jsonl",
+                      "video_jsonl": "benchmark/video_qa.jsonl", "videos": spec.bench_videos,
+                      "rate": benchmark_rate},
         "truth": "truth.parquet",
         "files": sorted(files + ["truth.parquet"]),
         "image_files": {image_dirs[d]: images[d] for d in sorted(image_dirs)},

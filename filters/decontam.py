@@ -1,101 +1,115 @@
 """Benchmark decontamination as a pipeline stage: drop rows that contain evaluation items.
 
-The index is built once, on the driver, from a benchmark registry (``pipelines/benchmarks.yaml``):
-n-gram containment over each item's text (question, options, answer) and perceptual hashes of its
-images. The runner puts it in the object store and every worker queries the same index, so a match
-anywhere in the corpus is found. Only the driver reads the registry's files.
+The index (:class:`curation.dedup.index.BenchmarkIndex`) is built once, on the driver, from a benchmark
+registry (``pipelines/benchmarks.yaml``); the runner puts it in the object store and every worker
+queries the same copy, so a match anywhere in the corpus is found. Only the driver reads the
+registry's files. ``curation audit`` runs this stage over a corpus and turns its rejects into a report.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import field
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
+from curation.dedup.index import MatchConfig
 from curation.stage import IndexedFilter, register
+
+log = logging.getLogger(__name__)
+
+MAX_MATCHES_PER_ROW = 20  # kept in the row's detail; the score column always holds the best
+
+
+def row_text(text: str | None, texts: list | None, messages: str | None) -> str:
+    """Everything a row says, for text matching: its text, interleaved texts and SFT message text."""
+    parts = [text] if text else []
+    parts += [t for t in (texts or []) if t]
+    if messages:
+        try:
+            for m in json.loads(messages):
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, str):
+                    parts.append(content)
+                elif isinstance(content, list):
+                    parts += [c.get("text") for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
+        except (ValueError, AttributeError):
+            parts.append(messages)
+    return "\n\n".join(parts)
+
+
+def _keyframes(uri: str) -> tuple[list[bytes], list[float]]:
+    """Frames of a video the row only points to, as the readers sample them; none if it cannot be read."""
+    from curation.io import fs as cfs
+    from curation.io.readers import VIDEO_FPS, VIDEO_MAX_FRAMES
+    from curation.io.video import VideoError, sample_frames
+
+    try:
+        vf = sample_frames(cfs.read_bytes(uri), fps=VIDEO_FPS, max_frames=VIDEO_MAX_FRAMES, name=uri)
+    except (OSError, VideoError) as e:
+        log.warning("decontaminate: cannot sample %s, its video is not matched: %s", uri, e)
+        return [], []
+    return vf.frames, vf.ts
 
 
 @register
 class Decontaminate(IndexedFilter):
-    """Reject rows containing benchmark items: text n-gram containment or a perceptual-hash image match.
+    """Reject rows that contain a benchmark item: text, image, video or (image, question) pair.
 
-    Score: the largest containment of any benchmark item's text in the row (1.0 = the whole item is
-    there). ``score_decontaminate_image`` holds the pHash distance of the closest matching benchmark
-    image (null when none is within the radius). Details name the benchmark and item.
+    Reason ``contaminated:<benchmark>`` (the benchmark of the strongest match). The detail is JSON: the
+    row's matches, strongest first, each ``{benchmark, benchmark_item, modality, method, score}``.
+    ``score_decontaminate`` holds the strongest match's score (0 = none); ``decontaminate_matches`` the
+    same JSON on kept rows too, so ``annotate_only: true`` audits without dropping anything.
     """
 
     name: ClassVar[str] = "decontaminate"
-    reads: ClassVar[tuple[str, ...]] = ("text", "texts", "image", "images")
+    reads: ClassVar[tuple[str, ...]] = ("text", "texts", "messages", "image", "images", "frames", "frame_ts", "video")
     index_columns: ClassVar[tuple[str, ...]] = ()  # the index comes from the registry: no corpus pre-pass
 
     benchmarks: str = ""  # registry YAML
     registry_set: list[str] = field(default_factory=list)  # --set style overrides for the registry
-    text_threshold: float = 0.5  # containment relative to the item; see curation.dedup.text
-    ngram: int = 5
-    min_tokens: int = 4
-    image_radius: int = 10  # pHash Hamming radius; with dhash_radius, measured FPR 0.65% (BENCHMARKS.md)
-    dhash_radius: int = 8
+    match: MatchConfig = field(default_factory=MatchConfig)  # thresholds; see docs/decontamination.md
 
     def __post_init__(self):
         if not self.benchmarks:
             raise ValueError("benchmarks: required (a registry YAML, e.g. pipelines/benchmarks.yaml)")
 
+    @property
+    def matches_name(self) -> str:
+        return f"{self.label}_matches"
+
     def output_fields(self) -> list[pa.Field]:
-        return [pa.field(self.score_name, pa.float64()), pa.field(f"{self.score_name}_image", pa.float64())]
+        return [pa.field(self.score_name, pa.float64()), pa.field(self.matches_name, pa.string())]
 
-    def build_index(self, rows: pa.Table | None) -> dict[str, Any]:
-        from curation.dedup.image import ImageHashIndex
-        from curation.dedup.registry import load_benchmarks, read_items
-        from curation.dedup.text import ContainmentIndex
+    def build_index(self, rows: pa.Table | None):
+        from curation.dedup.index import BenchmarkIndex
 
-        texts, images, problems = [], [], []
-        for spec in load_benchmarks(self.benchmarks, self.registry_set):
-            for item in read_items(spec, problems):
-                key = f"{item.benchmark}:{item.item_id}"
-                texts.append((key, item.text))
-                images += [(key, im) for im in item.images]
-        text_index = ContainmentIndex(texts, n=self.ngram, threshold=self.text_threshold, min_tokens=self.min_tokens)
-        image_index = ImageHashIndex.build(images, radius=self.image_radius, dhash_radius=self.dhash_radius)
-        return {"text": text_index, "image": image_index, "items": len(texts), "problems": problems}
+        self.index = BenchmarkIndex.build(self.benchmarks, self.registry_set, self.match)  # the driver keeps it
+        return self.index
 
-    def use_index(self, index: dict[str, Any]) -> None:
-        self._text, self._image = index["text"], index["image"]
+    def use_index(self, index: Any) -> None:
+        self._index = index
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
-        from curation.dedup.image import hash_batch
-
+        cols = {c: batch[c].to_pylist() for c in self.reads}
         n = batch.num_rows
-        text_score = np.zeros(n)
-        self._hits: list[str | None] = [None] * n
-        reasons: list[str | None] = [None] * n
-        singles, multi_t, multi_i = (batch[c].to_pylist() for c in ("text", "texts", "images"))
-        for i in range(n):
-            doc = " ".join(t for t in ([singles[i]] + (multi_t[i] or [])) if t)
-            if doc:
-                found = self._text.query(doc)
-                if found:
-                    key, text_score[i] = found[0]
-                    reasons[i], self._hits[i] = "benchmark_text", f"{key} (text containment {text_score[i]:.2f})"
-        # every image of every row, hashed in one batch
-        owners, blobs = [], []
-        for i, img in enumerate(batch["image"].to_pylist()):
-            for b in ([img] if img is not None else []) + [x for x in (multi_i[i] or []) if x is not None]:
-                owners.append(i)
-                blobs.append(b)
-        image_dist = np.full(n, np.nan)
-        if blobs:
-            ph, dh, ok = hash_batch(blobs)
-            for j, key, dist in self._image.query(ph, dh, ok):
-                i = owners[j]
-                if np.isnan(image_dist[i]) or dist < image_dist[i]:
-                    image_dist[i] = dist
-                    if reasons[i] is None or reasons[i] == "benchmark_image":
-                        reasons[i], self._hits[i] = "benchmark_image", f"{key} (image pHash distance {dist})"
-        self._reasons = reasons
-        return {self.score_name: pa.array(text_score),
-                f"{self.score_name}_image": pa.array(image_dist, mask=np.isnan(image_dist))}
+        texts = [row_text(cols["text"][i], cols["texts"][i], cols["messages"][i]) for i in range(n)]
+        images = [([cols["image"][i]] if cols["image"][i] is not None else [])
+                  + [x for x in (cols["images"][i] or []) if x is not None] for i in range(n)]
+        frames = [cols["frames"][i] or [] for i in range(n)]
+        ts = [cols["frame_ts"][i] or [] for i in range(n)]
+        for i in range(n):  # a row with only a path to its video: sample its keyframes now
+            if not frames[i] and cols["video"][i]:
+                frames[i], ts[i] = _keyframes(cols["video"][i])
+        found = self._index.match_rows(texts, images, frames, ts)
+        best = np.array([m[0].score if m else 0.0 for m in found])
+        details = [json.dumps([x.to_dict() for x in m[:MAX_MATCHES_PER_ROW]]) if m else None for m in found]
+        self._reasons = [f"contaminated:{m[0].benchmark}" if m else None for m in found]
+        self._details = details
+        return {self.score_name: pa.array(best), self.matches_name: pa.array(details, pa.string())}
 
     def decide(self, batch, scores):
-        return pa.array(self._reasons, pa.string()), pa.array(self._hits, pa.string())
+        return pa.array(self._reasons, pa.string()), pa.array(self._details, pa.string())

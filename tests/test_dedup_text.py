@@ -5,10 +5,22 @@ from __future__ import annotations
 import itertools
 import pickle
 import random
+import textwrap
 
+import numpy as np
 import pytest
 
-from curation.dedup.text import ContainmentIndex, NearDupIndex, ngrams, normalize, tokens
+from curation.dedup.text import (
+    _ASCII_FORM,
+    ContainmentIndex,
+    NearDupIndex,
+    _split,
+    _token_hashes,
+    _token_stream,
+    ngrams,
+    normalize,
+    tokens,
+)
 
 # A made-up vocabulary: random text over it shares no meaningful phrases with the items.
 _RNG = random.Random(0)
@@ -144,3 +156,114 @@ def test_containment_index_for_10k_items_is_compact():
     blob = pickle.dumps(idx)
     assert len(blob) < 24 * n_grams + 40 * len(idx), (len(blob), n_grams)
     assert pickle.loads(blob).query(words(rng, 100) + " " + many[1234][1]) == [("item-1234", 1.0)]
+
+
+# ---------------------------------------------------------------- batch scan (ContainmentIndex.scan)
+
+
+
+def test_batch_tokenizer_equals_tokens_on_random_unicode():
+    """The vectorised tokenizer (ASCII fast path, ASCII forms, normalize) hashes exactly `tokens(text)`."""
+    rng = random.Random(7)
+    tricky = list("aZ09 -\n\t\r\x0b\x0c\x1c\x1f\x00\x01_.,'–—’“”…é\u0301ßﬁＡ１"
+                  "\u00ad\u200b\u2010\u2011\u00a0東京タワーا안녕²™½Ǆ")
+    texts = []
+    for _ in range(3000):
+        k = rng.randint(0, 40)
+        if rng.random() < 0.4:
+            texts.append("".join(rng.choice(tricky[:14]) for _ in range(k)))  # ASCII only
+        elif rng.random() < 0.9:
+            texts.append("".join(rng.choice(tricky) if rng.random() < 0.85
+                                 else chr(rng.randint(0x80, 0x2FFFF)) for _ in range(k)))
+        else:
+            texts.append(None)
+    for text, got in zip(texts, _split(*_token_stream(texts)), strict=True):
+        assert got.tolist() == _token_hashes(tokens(text or "")).tolist(), repr(text)
+
+
+def test_every_ascii_form_tokenises_like_normalize():
+    """Each BMP character that the fast path replaces by ASCII, in contexts that exercise the hyphen join."""
+    chars = [chr(c) for c in range(0x80, 0x10000) if _ASCII_FORM[chr(c)] is not None]
+    assert {"é", "’", "—", "\u00a0", "ﬁ", "\u2010"} <= set(chars) and "\u200b" not in chars  # ZWSP is deleted
+    texts = [f"ab{c}cd ab-{c}cd xy{c}-cd a-{c} {c}-b x-\n{c}y 1{c}2 {c}{c} é{c} {c}É A{c}B p{c}-{d}q"
+             for c, d in zip(chars, chars[1:] + chars[:1])]
+    got = _split(*_token_stream(texts))
+    assert [t for t, g in zip(texts, got) if g.tolist() != _token_hashes(tokens(t)).tolist()] == []
+
+
+def _quiz(q: str, options: list[str], answer: str) -> str:
+    labelled = [f"{'ABCD'[k]}) {o}" for k, o in enumerate(options)]
+    return "\n".join([f"Question: {q}", *labelled, f"Answer: {answer}"])
+
+
+def test_scan_equals_per_document_query(cindex, items):
+    rng = random.Random(8)
+    docs = []
+    for i in range(300):
+        body = words(rng, rng.randint(0, 300))
+        if i % 3 == 0:  # an item inside, sometimes reworded
+            _, text = items[rng.randrange(len(items))]
+            body = f"{body}\n{reword(text, rng.randint(0, 3), rng)}\n{words(rng, 50)}"
+        docs.append(body if i % 17 else None)
+    for thr in (None, 0.0, 0.3):
+        doc, item, score = cindex.scan(docs, threshold=thr)
+        if thr is None:
+            assert len(set(doc.tolist())) >= 60  # most of the 94 planted items are found
+        assert (np.diff(doc) >= 0).all()
+        got = [[] for _ in docs]
+        for d, i, s in zip(doc.tolist(), item.tolist(), score.tolist()):
+            got[d].append((cindex.ids[i], s))
+        assert got == [cindex.query(d or "", threshold=thr) for d in docs]
+        tiny = cindex.scan(docs, threshold=thr, batch_bytes=100)  # one or two documents a batch
+        assert all((a == b).all() for a, b in zip(tiny, (doc, item, score)))
+
+
+def test_segments_make_a_labelled_copy_score_one():
+    q = "Which of the four regions showed the largest relative increase in average rainfall over the decade"
+    options = ["the northern coastal plain region", "the southern highlands",
+               "the eastern river delta and its islands", "the west"]
+    rng = random.Random(9)
+    leaked = words(rng, 300) + "\n" + _quiz(q, options, options[2]) + "\n" + words(rng, 300)
+    joined = ContainmentIndex([("x", " ".join([q, *options, options[2]]))])
+    segmented = ContainmentIndex([("x", [q, *options, options[2]])])
+    assert joined.query(leaked, threshold=0.0)[0][1] < 0.85
+    assert segmented.query(leaked) == [("x", 1.0)]
+    # 12 + 1 + 0 + 3 + 0 n-grams: none spans two segments, segments shorter than n (5) add none, and the
+    # answer (a repeat of an option) adds nothing new
+    assert segmented._sizes.tolist() == [16]
+    assert segmented.query(" ".join(options), threshold=0.0) == [("x", 4 / 16)]
+
+
+def test_short_segments_min_tokens_and_skipping():
+    idx = ContainmentIndex([
+        ("q", ["What colour is the bus?", "red", "blue"]),  # 5 tokens: n-grams of 5 from the question only
+        ("short", ["Name the bus", "a red one"]),  # longest 3 < min(n, min_tokens): skipped
+        ("few", ["bus", "red"]),  # 2 tokens in all < min_tokens
+        ("four", ["what is the bus", "red"]),  # longest 4 = min_tokens: one 4-gram
+    ])
+    assert idx.ids == ["q", "four"] and idx.skipped == ["short", "few"]
+    assert idx.query("Q: what colour is the bus? A) red B) blue") == [("q", 1.0)]
+    assert idx.query("so, What is the BUS?") == [("four", 1.0)]
+    assert idx.query("what colour is the car, red or blue") == []
+
+
+def test_recased_rewrapped_and_typographic_copies_are_found_unrelated_are_not(cindex):
+    rng = random.Random(11)
+    chart = cindex.ids.index("chart")
+    wrapped = "\n".join(textwrap.wrap(QUESTION, 23)).replace("increase", "in-\ncrease")
+    typographic = QUESTION.replace(" ", "\u00a0", 3).replace(",", " —").replace("?", "’?")
+    typographic = typographic.replace("e", "é", 5)
+    copies = [QUESTION.upper(), QUESTION.title(), wrapped, typographic, reword(QUESTION, 1, rng)]
+    docs = [f"{words(rng, 500)}\n\n{c}\n\n{words(rng, 500)}" for c in copies]
+    docs += [words(rng, rng.randint(200, 2000)) for _ in range(200)]
+    doc, item, score = cindex.scan(docs)
+    assert doc.tolist() == list(range(len(copies))) and (item == chart).all()
+    assert score.tolist()[:4] == [1.0] * 4 and score[4] >= 0.7
+
+
+def test_scan_after_pickling_and_on_empty_input(cindex):
+    doc = "intro " + QUESTION + " outro"
+    copy = pickle.loads(pickle.dumps(cindex))
+    assert copy._table is None and copy.query(doc) == cindex.query(doc) == [("chart", 1.0)]
+    assert all(len(a) == 0 for a in cindex.scan([]))
+    assert all(len(a) == 0 for a in ContainmentIndex([]).scan(["some text", None]))

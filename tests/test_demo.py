@@ -92,3 +92,13 @@ def test_clean_rows_survive(demo):
     clean = joined.filter(pl.col("dirt") == "clean")
     lost = clean.filter(pl.col("reject_reason").is_not_null())
     assert lost.height <= 0.02 * clean.height, lost.group_by("reject_reason").len().to_dicts()
+
+
+def test_videos_carry_keyframes_and_broken_ones_are_rejected(demo):
+    _, joined, _ = demo
+    videos = joined.filter(pl.col("source") == "video")
+    assert videos.height >= 6
+    broken = videos.filter(pl.col("dirt") == "truncated_video")
+    assert broken.height and (broken["reject_reason"] == "unreadable_video").all()
+    assert videos.filter(pl.col("dirt") != "truncated_video")["reject_reason"].null_count() == \
+        videos.filter(pl.col("dirt") != "truncated_video").height

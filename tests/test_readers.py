@@ -88,3 +88,27 @@ def test_rows_with_wrongly_typed_fields_are_rejected_one_by_one(tmp_path):
     assert [r["reject_reason"] for r in got] == [None, "malformed_row", "malformed_row", None]
     assert "wrong type" in got[1]["reject_detail"] and "d.jsonl#1" in got[1]["reject_detail"]
     assert [r["source_offset"] for r in got] == [0, 1, 2, 3]
+
+
+def test_video_rows_carry_keyframes_and_name_what_is_wrong(tmp_path):
+    import random
+
+    from curation.io.readers import plan_units, read_unit
+    from curation.recipe import SourceSpec
+    from curation.sample_video import make_video, truncate
+
+    (tmp_path / "clips").mkdir()
+    good = make_video(0, 1, seconds=3.0)
+    (tmp_path / "clips" / "a.mp4").write_bytes(good)
+    (tmp_path / "clips" / "b.mp4").write_bytes(truncate(good, random.Random(1)))
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"caption": "fine", "video": "clips/a.mp4"}, {"caption": "cut", "video": "clips/b.mp4"},
+        {"caption": "gone", "video": "clips/nowhere.mp4"}]) + "\n")
+    spec = SourceSpec(name="v", format="jsonl", modality="video", paths=[str(tmp_path / "v.jsonl")])
+    (unit,) = plan_units([spec])
+    rows = pa.concat_tables(read_unit(unit)).to_pylist()
+    a, b, c = rows
+    assert a["reject_reason"] is None and len(a["frames"]) >= 3 and a["frame_ts"][0] == 0.0
+    assert a["video"] == str(tmp_path / "clips" / "a.mp4") and json.loads(a["meta"])["duration"] > 2
+    assert b["reject_reason"] == "unreadable_video" and "b.mp4" in b["reject_detail"]
+    assert c["reject_reason"] == "missing_video_file" and "nowhere.mp4" in c["reject_detail"]

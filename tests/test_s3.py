@@ -174,3 +174,40 @@ def test_pool_written_to_s3_is_complete_and_resumable(ray_local, s3, s3_corpus, 
     again = curation_run(tiny_recipe, f"vars.corpus={s3_corpus}", f"vars.out={out}", env=s3.env(), ray_tmp=ray_tmp)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {k: client.head_object(Bucket=bucket, Key=k)["LastModified"] for k in done} == done
+
+
+def test_audit_reads_corpus_and_benchmarks_from_s3_like_local(ray_local, s3, sample_corpus, tmp_path, ray_tmp):
+    """The same matches whether the corpus and the benchmark files are local or on S3."""
+    from curation.dedup.audit import run_audit
+
+    bucket = f"a-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", **s3.boto3_kwargs())
+    client.create_bucket(Bucket=bucket)
+    for sub in ("text", "interleaved", "benchmark"):
+        for f in sorted((sample_corpus / sub).rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), bucket, f"c/{f.relative_to(sample_corpus).as_posix()}")
+    registry = str(Path(__file__).resolve().parent.parent / "pipelines" / "benchmarks.yaml")
+    local = run_audit(registry, [str(sample_corpus / "text"), str(sample_corpus / "interleaved")],
+                      str(tmp_path / "local"), registry_set=[f"vars.corpus={sample_corpus}"], progress=False)
+
+    remote = f"s3://{bucket}/c"
+    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    full.update(s3.env(), RAY_TMPDIR=ray_tmp)
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "audit", "--benchmarks", registry, "--set",
+                           f"vars.corpus={remote}", "--corpus", f"{remote}/text", f"{remote}/interleaved",
+                           "--out", str(tmp_path / "remote"), "-q"],
+                          check=False, env=full, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "remote" / "report.json").read_text())
+
+    def matches(d: dict) -> set:
+        return {(m["sample_id"], m["benchmark_item"], m["method"]) for b in d["benchmarks"].values() for m in b["matches"]}
+
+    assert matches(data) == matches(local.data) and matches(data)
+    assert {n: b["items"] for n, b in data["benchmarks"].items()} == {n: b["items"] for n, b in local.data["benchmarks"].items()}
+    uris = {m["source_uri"] for b in data["benchmarks"].values() for m in b["matches"]}
+    assert uris and all(u.startswith(remote) for u in uris)
+    for s in (s3.secret_key, s3.access_key):
+        assert s not in proc.stdout and s not in proc.stderr
+        assert s not in (tmp_path / "remote" / "report.json").read_text()

@@ -15,12 +15,14 @@ out. Images may be bytes, ``{"bytes": ...}`` structs (Hugging Face exports) or p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
@@ -48,17 +50,47 @@ class BenchmarkItem:
     item_id: str
     question: str
     options: list[str]
-    answer: str | None
+    answer: str | None  # the answer text: a letter or index into the options is resolved to the option
     context: str | None
     images: list[bytes]
-    video: str | None
+    video: str | None  # resolved URI of the item's video
     origin: str  # file#row, for reports
+    issues: list[str] = field(default_factory=list)  # parts that could not be read (an image, the video)
+
+    @property
+    def key(self) -> str:
+        """``benchmark:item_id``, unique across a registry."""
+        return f"{self.benchmark}:{self.item_id}"
+
+    @property
+    def segments(self) -> list[str]:
+        """What text matching looks for, one segment per field: context, question, each option, answer.
+
+        Kept apart because a leaked copy puts labels between them ("Options:", "A)", "Answer:"), so
+        n-grams spanning two fields of a concatenation would never match.
+        """
+        parts = [self.context or "", self.question, *self.options]
+        if self.answer and self.answer not in self.options:
+            parts.append(self.answer)
+        return [p for p in parts if p and p.strip()]
 
     @property
     def text(self) -> str:
-        """What text matching looks for: the question with its context, options and answer."""
-        parts = [self.context or "", self.question, " ".join(self.options), self.answer or ""]
-        return "\n".join(p for p in parts if p)
+        """The segments as one text (for display and near-duplicate matching)."""
+        return "\n".join(self.segments)
+
+
+@dataclass
+class NotIndexed:
+    """An item, or one part of it, that matching cannot use; listed in audit reports."""
+
+    benchmark: str
+    item: str  # item id, or file#row when the row has no id
+    part: str  # "item", "text", "image 0", "video", ...
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.benchmark}: {self.item}: {self.part} not indexed: {self.reason}"
 
 
 def load_benchmarks(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> list[BenchmarkSpec]:
@@ -97,40 +129,87 @@ def load_benchmarks(path: str | Path, overrides: list[str] = (), check_paths: bo
     return specs
 
 
-def read_items(spec: BenchmarkSpec, problems: list[str] | None = None) -> Iterator[BenchmarkItem]:
-    """Yield the items of one benchmark. A broken row is skipped and described in ``problems``
-    (file, row, what is wrong) instead of stopping the audit."""
+def read_items(spec: BenchmarkSpec, problems: list | None = None) -> Iterator[BenchmarkItem]:
+    """Yield the items of one benchmark; never raises for bad data.
+
+    Whatever cannot be used goes to ``problems`` as :class:`NotIndexed` (benchmark, item, part, reason):
+    a row without an id or question, a row that is not JSON, an image that cannot be read, a file in an
+    unknown format or without a column the registry names. Items whose image could not be read are
+    still yielded (their text is indexed) with the problem in ``item.issues``.
+    """
     problems = problems if problems is not None else []
     for pattern in spec.paths:
         for uri in cfs.expand(pattern):
-            fmt = spec.format if spec.format != "auto" else ("jsonl" if uri.endswith((".jsonl", ".json")) else "parquet")
-            rows = _parquet_rows(uri) if fmt == "parquet" else _jsonl_rows(uri, problems)
-            for offset, row in rows:
-                try:
-                    yield _item(spec, row, uri, offset)
-                except (KeyError, TypeError, ValueError, OSError) as e:
-                    problems.append(f"{spec.name}: {uri}#{offset}: skipped, {e}")
-                    log.warning("benchmark %s: %s#%d skipped: %s", spec.name, uri, offset, e)
+            fmt = spec.format
+            if fmt == "auto":
+                ext = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+                fmt = {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl"}.get(ext)
+                if fmt is None:
+                    problems.append(NotIndexed(spec.name, uri, "file", f"unknown format '.{ext}' (expected .parquet, "
+                                               ".jsonl or .json; or set format: parquet|jsonl in the registry)"))
+                    continue
+            try:
+                rows = _parquet_rows(uri, spec, problems) if fmt == "parquet" else _jsonl_rows(uri, spec, problems)
+                for offset, row in rows:
+                    where = f"{uri}#{offset}"
+                    try:
+                        item = _item(spec, row, uri, offset)
+                    except (KeyError, TypeError, ValueError) as e:
+                        problems.append(NotIndexed(spec.name, where, "item", str(e)))
+                        log.warning("benchmark %s: %s skipped: %s", spec.name, where, e)
+                        continue
+                    problems += [NotIndexed(spec.name, item.item_id, part, reason)
+                                 for part, reason in (i.split(": ", 1) for i in item.issues)]
+                    yield item
+            except (OSError, ValueError, pa.ArrowException) as e:  # unreadable file, bad Parquet footer
+                problems.append(NotIndexed(spec.name, uri, "file", f"cannot read: {e}"))
+                log.warning("benchmark %s: cannot read %s: %s", spec.name, uri, e)
 
 
-def _parquet_rows(uri: str) -> Iterator[tuple[int, dict]]:
+def _check_columns(spec: BenchmarkSpec, uri: str, columns: list[str], problems: list) -> bool:
+    """Every column the registry names must exist in the file; say which is missing and what there is."""
+    missing = [f"fields.{role} -> '{col}'" for role, col in spec.fields.items() if col not in columns]
+    if missing:
+        problems.append(NotIndexed(spec.name, uri, "file", f"no column for {', '.join(missing)} (the file has: "
+                                   f"{', '.join(columns[:20])}); fix `fields` in the registry"))
+        log.warning("benchmark %s: %s lacks %s", spec.name, uri, ", ".join(missing))
+    return not missing
+
+
+def _parquet_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple[int, dict]]:
     with cfs.open_random_access(uri) as f:
+        pf = pq.ParquetFile(f)
+        if not _check_columns(spec, uri, pf.schema_arrow.names, problems):
+            return
         offset = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+        for batch in pf.iter_batches(batch_size=256):
             for row in batch.to_pylist():
                 yield offset, row
                 offset += 1
 
 
-def _jsonl_rows(uri: str, problems: list[str]) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple[int, dict]]:
+    checked = False
     with cfs.open_input(uri) as stream:
         for offset, line in enumerate(cfs.iter_lines(stream)):
             if not line.strip():
                 continue
             try:
-                yield offset, json.loads(line.decode("utf-8", "replace"))
+                row = json.loads(line.decode("utf-8", "replace"))
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
             except ValueError as e:
-                problems.append(f"{uri}#{offset}: not JSON ({e}); skipped")
+                problems.append(NotIndexed(spec.name, f"{uri}#{offset}", "item", f"not a JSON object ({e})"))
+                continue
+            if not checked:  # JSONL rows may omit null fields: check the required roles on the first row only
+                checked = True
+                required = {r: c for r, c in spec.fields.items() if r in ("id", "question")}
+                if not _check_columns(BenchmarkSpec(spec.name, spec.paths, required), uri, list(row), problems):
+                    return
+            yield offset, row
+
+
+_LETTERS = "ABCDEFGHIJ"
 
 
 def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> BenchmarkItem:
@@ -141,17 +220,47 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
 
     item_id, question = get("id"), get("question")
     if item_id is None or question is None:
-        raise ValueError(f"no {'id' if item_id is None else 'question'} (column '{f['id' if item_id is None else 'question']}')")
+        role = "id" if item_id is None else "question"
+        raise ValueError(f"no {role} (column '{f[role]}' is empty)")
+    if not isinstance(question, str):
+        raise TypeError(f"question (column '{f['question']}') is a {type(question).__name__}, not text")
     options = get("options") or []
     if isinstance(options, str):
         options = [options]
-    images = [get("image")] if get("image") is not None else []
-    images += list(get("images") or [])
+    options = [str(o) for o in options]
+    answer = get("answer")
+    if answer is not None:
+        answer = str(answer).strip()
+        # MMLU-style exports give the answer as a letter or an index into the options: match on the option text
+        if answer in _LETTERS[: len(options)] and len(answer) == 1:
+            answer = options[_LETTERS.index(answer)]
+        elif answer.isdigit() and options and int(answer) < len(options) and get("answer") is not None \
+                and not isinstance(get("answer"), str):
+            answer = options[int(answer)]
+    context = get("context")
     base = cfs.dirname(uri)
+    issues: list[str] = []
+    raw = ([get("image")] if get("image") is not None else []) + list(get("images") or [])
+    images = []
+    for k, value in enumerate(raw):
+        try:
+            data = _image(value, base)
+            _check_image(data)
+            images.append(data)
+        except (OSError, TypeError, ValueError) as e:
+            issues.append(f"image {k}: {e}")
+    video = get("video")
+    if video is not None:
+        if isinstance(video, dict):
+            video = video.get("path")
+        video = cfs.join(base, str(video))
+        if not cfs.exists(video):
+            issues.append(f"video: file not found: {video}")
+            video = None
     return BenchmarkItem(
-        benchmark=spec.name, item_id=str(item_id), question=str(question), options=[str(o) for o in options],
-        answer=None if get("answer") is None else str(get("answer")), context=get("context"),
-        images=[_image(x, base) for x in images], video=get("video"), origin=f"{uri}#{offset}",
+        benchmark=spec.name, item_id=str(item_id), question=question, options=options, answer=answer,
+        context=None if context is None else str(context), images=images, video=video,
+        origin=f"{uri}#{offset}", issues=issues,
     )
 
 
@@ -161,5 +270,18 @@ def _image(value: Any, base: str) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return cfs.read_bytes(cfs.join(base, value))
-    raise TypeError(f"an image is neither bytes nor a path: {type(value).__name__}")
+        try:
+            return cfs.read_bytes(cfs.join(base, value))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"file not found: {cfs.join(base, value)}") from None
+    raise TypeError(f"neither bytes nor a path: {type(value).__name__}")
+
+
+def _check_image(data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.size  # header only; the hasher decodes it
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a readable image ({e})") from None

@@ -100,6 +100,11 @@ def _match(path: str, pattern: str) -> bool:
     return len(p_parts) == len(s_parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p_parts, s_parts))
 
 
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:

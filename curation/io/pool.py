@@ -152,6 +152,8 @@ class UnitSink:
         self._rejects_tmp = f"{self.path}/rejects/{self.unit:05d}.parquet.tmp-{uuid.uuid4().hex[:8]}"
 
     def write(self, table: pa.Table) -> None:
+        if not self.formats:  # formats: [] keeps no shards (an audit only wants the rejects)
+            return
         start = 0
         while start < table.num_rows:
             if self._part is None:

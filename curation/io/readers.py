@@ -18,7 +18,10 @@ webdataset  image_text  text: ``txt``, image: ``jpg;jpeg;png;webp``, meta: ``jso
 parquet     image_text  text: ``caption``, image: ``image`` (binary or ``{bytes, path}``)
 jsonl       image_text  text: ``caption``, image: ``image`` (path relative to the .jsonl)
 jsonl/pq    interleaved texts: ``texts``, images: ``images`` (aligned lists, OBELICS style)
+jsonl/pq    video       text: ``caption``, video: ``video`` (path relative to the file, or a URI);
+                        keyframes are sampled at ingest (1 fps, at most 32) into ``frames``/``frame_ts``
 any         text        text: ``text`` (webdataset: ``txt``)
+pool        (per row)   a pool's Parquet shards: rows keep their id, modality and lineage
 =========== =========== ===================================================================
 """
 
@@ -35,7 +38,7 @@ import pyarrow.parquet as pq
 from curation.io import fs as cfs
 from curation.io.tar import TarError, iter_tar
 from curation.recipe import SourceSpec
-from curation.schema import from_rows, json_meta, row_id
+from curation.schema import ROW_SCHEMA, from_rows, json_meta, row_id
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,11 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("jsonl", "image_text"): {"text": "caption", "image": "image"},
     ("jsonl", "interleaved"): {"texts": "texts", "images": "images"},
     ("jsonl", "text"): {"text": "text"},
+    ("jsonl", "video"): {"text": "caption", "video": "video"},
+    ("parquet", "video"): {"text": "caption", "video": "video"},
 }
+VIDEO_FPS = 1.0  # frames sampled per second of video at ingest (curation.io.video: why)
+VIDEO_MAX_FRAMES = 32
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]
         for uri in files:
             common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
                           fields_json=fields_json, on_bad_text=spec.on_bad_text)
-            if spec.format == "parquet":
+            if spec.format in ("parquet", "pool"):
                 for start, stop in _row_group_ranges(uri, unit_rows):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
             else:
@@ -131,14 +138,15 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
     reject, and an error the format reader did not expect ends the file with one ``unreadable_file``
     reject naming the offset where reading stopped.
     """
-    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl}[unit.format]
+    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl,
+              "pool": _read_pool}[unit.format]
     make = _RowMaker(unit)
     rows: list[dict[str, Any]] = []
     next_offset = 0
     try:
         for row in reader(unit):
             rows.append(row)
-            next_offset = row["source_offset"] + 1
+            next_offset = row.pop("_offset", row["source_offset"]) + 1  # pool rows: offset in the shard
             if len(rows) >= batch_rows:
                 yield _table(rows, make)
                 rows = []
@@ -172,12 +180,19 @@ class _RowMaker:
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
-            reason: str | None = None, detail: str | None = None) -> dict[str, Any]:
+            reason: str | None = None, detail: str | None = None, video: str | None = None) -> dict[str, Any]:
         m = self.unit.modality
-        if m == "interleaved":
+        frames = frame_ts = None
+        if video:  # stored resolved, so later stages and mixtures can find the file
+            video = cfs.join(cfs.dirname(self.unit.uri), video)
+        if m == "video" and reason is None:
+            frames, frame_ts, meta, reason, detail = self._video(offset, video, meta)
+        if m == "video":
+            rid = row_id(m, text, frames or [video.encode() if video else None])
+        elif m == "interleaved":
             joined = "\x1e".join("" if t is None else t for t in (texts or []))
             rid = row_id(m, joined, images or [])
-        else:
+        elif m != "video":
             rid = row_id(m, text, [image] if image is not None else [])
         if isinstance(text, bytes):
             text, bad = _decode_text(text)
@@ -186,9 +201,30 @@ class _RowMaker:
         return {
             "id": rid, "source": self.unit.source, "modality": m, "text": text, "image": image,
             "texts": texts, "images": images, "meta": json_meta(meta),
+            "video": video, "frames": frames, "frame_ts": frame_ts,
             "source_uri": self.unit.uri, "source_offset": offset,
             "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
         }
+
+    def _video(self, offset: int, ref: str | None, meta: dict | None):
+        """Keyframes of the row's video: (frames, ts, meta, reject reason, detail)."""
+        from curation.io.video import VideoError, sample_frames
+
+        where = f"{self.unit.uri}#{offset}"
+        if not ref:
+            return None, None, meta, "missing_video_file", f"{where}: no video reference"
+        uri = ref
+        try:
+            data = cfs.read_bytes(uri)
+        except (OSError, FileNotFoundError) as e:
+            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
+        try:
+            vf = sample_frames(data, fps=VIDEO_FPS, max_frames=VIDEO_MAX_FRAMES, name=uri)
+        except VideoError as e:
+            return None, None, meta, "unreadable_video", f"{where}: {e}"
+        meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,
+                    codec=vf.codec, fps=vf.fps)
+        return vf.frames, vf.ts, meta, None, None
 
     def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:
         """A row that could not be read at all: kept (as a reject) so it is counted and visible."""
@@ -248,20 +284,28 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
         yield emit()
 
 
-def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
-    make = _RowMaker(unit)
-    f = make.fields
+def _open_parquet(unit: Unit):
+    """``(handle, ParquetFile, row groups of the unit, offset of its first row)``, or an error message."""
     try:
         handle = cfs.open_random_access(unit.uri)
         pf = pq.ParquetFile(handle)
     except Exception as e:
-        yield make.broken(0, "unreadable_file", f"not a readable Parquet file: {e}")
+        return f"not a readable Parquet file: {e}"
+    stop = unit.rg_stop if unit.rg_stop is not None else pf.metadata.num_row_groups
+    offset = sum(pf.metadata.row_group(i).num_rows for i in range(unit.rg_start))
+    return handle, pf, list(range(unit.rg_start, stop)), offset
+
+
+def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
+    make = _RowMaker(unit)
+    f = make.fields
+    opened = _open_parquet(unit)
+    if isinstance(opened, str):
+        yield make.broken(0, "unreadable_file", opened)
         return
+    handle, pf, groups, offset = opened
     with handle:
-        stop = unit.rg_stop if unit.rg_stop is not None else pf.metadata.num_row_groups
-        groups = list(range(unit.rg_start, stop))
-        offset = sum(pf.metadata.row_group(i).num_rows for i in range(unit.rg_start))
-        mapped = {f.get(k) for k in ("text", "image", "texts", "images")} - {None}
+        mapped = {f.get(k) for k in ("text", "image", "texts", "images", "video")} - {None}
         meta_cols = [c for c in pf.schema_arrow.names if c not in mapped
                      and not pa.types.is_binary(pf.schema_arrow.field(c).type)]
         try:
@@ -273,9 +317,43 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
                     yield make.row(
                         offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
                         texts=_col(cols, f.get("texts"), i),
-                        images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta)
+                        images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
+                        video=_col(cols, f.get("video"), i))
                     offset += 1
         except Exception as e:  # a corrupt page: report where, keep what was read
+            yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+
+
+_POOL_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("reject_stage", "reject_reason", "reject_detail")]
+
+
+def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
+    """Shards of a pool (or any Parquet in the row schema): rows keep their id, modality and lineage."""
+    make = _RowMaker(unit)
+    opened = _open_parquet(unit)
+    if isinstance(opened, str):
+        yield make.broken(0, "unreadable_file", opened)
+        return
+    handle, pf, groups, offset = opened
+    with handle:
+        names = pf.schema_arrow.names
+        if "id" not in names or "modality" not in names:
+            yield make.broken(0, "unreadable_file", "not a pool shard (no 'id' and 'modality' columns); "
+                              "read it with format: parquet and a modality instead")
+            return
+        columns = [c for c in _POOL_COLUMNS if c in names]
+        try:
+            for batch in pf.iter_batches(row_groups=groups, batch_size=256, columns=columns):
+                for row in batch.to_pylist():
+                    row.setdefault("source_uri", unit.uri)
+                    row["source_uri"] = row["source_uri"] or unit.uri
+                    if row.get("source_offset") is None:
+                        row["source_offset"] = offset
+                    row.update(source=row.get("source") or unit.source, reject_stage=None, reject_reason=None,
+                               reject_detail=None, _offset=offset)
+                    yield row
+                    offset += 1
+        except Exception as e:
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
 
 
@@ -320,7 +398,7 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
 
 def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> dict:
     unit = make.unit
-    mapped = {f.get(k) for k in ("text", "image", "texts", "images")}
+    mapped = {f.get(k) for k in ("text", "image", "texts", "images", "video")}
     meta = {k: v for k, v in obj.items() if k not in mapped}
     reason = detail = None
     if bad_text and unit.on_bad_text == "reject":
@@ -348,5 +426,8 @@ def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_
         reason, detail = "missing_image_file", f"{unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
     if text is not None and not isinstance(text, str):
         text = json.dumps(text, ensure_ascii=False)
-    row = make.row(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason, detail=detail)
-    return row
+    video = obj.get(f["video"]) if "video" in f else None
+    if video is not None and not isinstance(video, str):
+        raise TypeError(f"'{f['video']}' must be a path or URI, got {type(video).__name__}")
+    return make.row(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason,
+                    detail=detail, video=video)

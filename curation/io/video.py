@@ -1,0 +1,407 @@
+"""Video frame sampling with PyAV: a few frames per video, decoded in order, as JPEG.
+
+A video row carries a reference to its file (``video``) plus sampled frames (``frames``, JPEG
+bytes) and their absolute timestamps in seconds from the start of the stream (``frame_ts``);
+filters, captioners and decontamination look at those frames and never at the file again.
+:func:`sample_frames` makes them::
+
+    >>> vf = sample_frames("clip.mp4")            # 1 frame per second, at most 64, <= 384 px
+    >>> vf.ts[:3], vf.duration, vf.codec
+    ([0.0, 1.0, 2.0], 12.5, 'h264')
+
+:class:`VideoReader` is the same machinery one level down (header facts, then PIL images one at a
+time), for consumers that need no JPEG, such as the benchmark-video index; :func:`probe` reads the
+header only.
+
+How frames are picked: sampling times are ``0, 1/fps, 2/fps, ...``; the frame kept for a time is
+the first decoded frame whose timestamp is at or after it. The file is decoded in order, never
+seeked: seeking in H.264 lands on a keyframe and decodes forward from there for every sample,
+which costs more than one in-order pass at these rates. Only kept frames are converted to RGB,
+scaled (libswscale, area averaging) and JPEG-encoded, and only those are held in memory.
+
+Defaults and why:
+
+* ``fps=1.0``: one frame per second is what frame-level filters and decontamination need (a
+  benchmark copy of a few seconds still gives several frames) at a fraction of the decode's cost.
+* ``max_frames=64``: bounds the row; a longer video is sampled evenly over its whole duration
+  (``duration / 64`` apart) rather than only in its first minute, so a copied clip in the middle
+  of a long video is still seen.
+* ``min_frames=4``: a video shorter than 4 s is sampled more densely (``duration / 4`` apart) so
+  that short clips still carry several frames: matching on one frame is matching an image, and the
+  temporal check of :mod:`curation.dedup.video` needs at least two.
+* ``max_side=384`` and ``quality=90``: large enough for CLIP-style models (224-384 px inputs) and
+  OCR of large text; 5-40 KB per frame, depending on the content.
+
+Frames come out upright: a display-matrix rotation (phone videos) is applied, as players do.
+Streams without timestamps (raw H.264/HEVC elementary streams) are timed by counting frames at
+the stream's nominal rate.
+
+Bad input never takes a worker down: anything wrong raises :class:`VideoError` (a ``ValueError``)
+naming the source and the problem, which the reader turns into a rejected row with that reason.
+Problems told apart: not a media file, a still image, no video stream, an MP4 whose index is
+missing or cut (``moov``/``mdat`` box past the end of the file), decoding that fails part-way or
+stops before the duration the header announces (truncation: the message says how many frames and
+seconds were decoded), no decodable frame at all, absurd frame sizes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+import av
+import av.error
+from av.video.reformatter import VideoReformatter
+from PIL import Image
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["VideoError", "VideoFrames", "VideoInfo", "VideoReader", "VideoSource", "probe", "sample_frames"]
+
+#: A local path, the file's bytes, or a binary file object (an open S3 object, say).
+VideoSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
+
+MAX_SIDE_LIMIT = 16_384  # a frame side above this is rejected before decoding (memory bombs)
+_EPS = 1e-3  # seconds: timestamps are rationals, sampling times floats
+# still-image demuxers: FFmpeg opens a JPEG as a one-frame "video"; here that is not a video
+_IMAGE_FORMATS = ("image2", "_pipe", "apng")
+
+
+class VideoError(ValueError):
+    """A video that cannot be sampled; ``str(e)`` is ``"<source>: <problem>"``.
+
+    ``frames_decoded`` and ``seconds_decoded`` say how far decoding got before the failure
+    (0 when the file could not be opened).
+    """
+
+    def __init__(self, source: str, problem: str, *, frames_decoded: int = 0,
+                 seconds_decoded: float = 0.0) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+        self.frames_decoded = frames_decoded
+        self.seconds_decoded = seconds_decoded
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container header says; nothing is decoded."""
+
+    duration: float | None  # seconds; None when the header does not say
+    width: int  # display size: coded size corrected by the sample aspect ratio
+    height: int
+    codec: str  # FFmpeg decoder name: h264, hevc, vp9, av1, mpeg4, ...
+    fps: float | None  # average frame rate
+    frames: int | None  # frame count from the header (None: not stored, as in Matroska)
+    container: str  # FFmpeg demuxer name
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """Sampled frames of one video: JPEG bytes and their timestamps, plus the header facts."""
+
+    frames: list[bytes]
+    ts: list[float]  # seconds from the start of the stream, increasing
+    duration: float | None
+    width: int  # of the video (before rotation), not of the frames (scaled to ``max_side``)
+    height: int
+    codec: str
+    fps: float | None
+
+
+def _name(src: Any, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src):,} bytes>"
+    return str(getattr(src, "name", None) or "<stream>")
+
+
+def _ffmpeg_message(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _mp4_problem(fh: IO[bytes]) -> str | None:
+    """Why an MP4/MOV file did not open, from its top-level boxes; None if it is not one.
+
+    FFmpeg only says "Invalid data found"; the common real cause is a download cut short, which
+    shows as a box running past the end of the file or no ``moov`` (index) box at all.
+    """
+    try:
+        fh.seek(0, io.SEEK_END)
+        size = fh.tell()
+        fh.seek(0)
+        head = fh.read(12)
+        if len(head) < 12 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+            return None
+        pos, boxes = 0, []
+        while pos + 8 <= size:
+            fh.seek(pos)
+            hdr = fh.read(16)
+            box_size, kind = struct.unpack(">I4s", hdr[:8])
+            if box_size == 1 and len(hdr) == 16:
+                box_size = struct.unpack(">Q", hdr[8:16])[0]
+            elif box_size == 0:
+                box_size = size - pos
+            kind_s = kind.decode("latin-1")
+            boxes.append(kind_s)
+            if box_size < 8:
+                return f"MP4 box {kind_s!r} at offset {pos:,} has an invalid size {box_size}"
+            if pos + box_size > size:
+                missing = "" if "moov" in boxes else ", and there is no 'moov' box (the index) before it"
+                return (f"truncated MP4: box {kind_s!r} at offset {pos:,} declares {box_size:,} bytes "
+                        f"but the file ends at {size:,}{missing}")
+            pos += box_size
+        if "moov" not in boxes:
+            return f"MP4 without a 'moov' box (the index); top-level boxes: {', '.join(boxes)}"
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+class VideoReader:
+    """An open video: header facts in :attr:`info` (read on opening), frames from :meth:`frames`.
+
+    Opening raises :class:`VideoError` for anything that is not a readable video; use it as a
+    context manager so that the container is closed::
+
+        with VideoReader(data, name="s3://bucket/v.mp4") as v:
+            duration = v.info.duration
+            for t, img in v.frames(fps=4):
+                ...
+    """
+
+    def __init__(self, src: VideoSource, *, name: str | None = None) -> None:
+        self.name = _name(src, name)
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            if len(src) == 0:
+                raise VideoError(self.name, "empty input (0 bytes)")
+            fh: Any = io.BytesIO(src)
+        elif isinstance(src, (str, os.PathLike)):
+            path = os.fspath(src)
+            if not os.path.exists(path):
+                raise VideoError(self.name, "no such file")
+            if os.path.getsize(path) == 0:
+                raise VideoError(self.name, "empty file (0 bytes)")
+            fh = path
+        else:
+            fh = src
+        self._fh = fh
+        try:
+            self.container = av.open(fh, "r")
+        except av.error.FFmpegError as e:
+            raise VideoError(self.name, self._open_problem(e)) from None
+        try:
+            self.stream, self.info = self._header()
+        except BaseException:
+            self.container.close()
+            raise
+
+    def _open_problem(self, e: BaseException) -> str:
+        problem = self.mp4_problem()
+        return problem or f"not a video or audio file FFmpeg can read ({_ffmpeg_message(e)})"
+
+    def mp4_problem(self) -> str | None:
+        """:func:`_mp4_problem` of the source, when it can be re-read (path, bytes, seekable file)."""
+        fh = self._fh
+        try:
+            if isinstance(fh, str):
+                with open(fh, "rb") as f:
+                    return _mp4_problem(f)
+            if hasattr(fh, "seek") and fh.seekable():
+                return _mp4_problem(fh)
+        except OSError:
+            return None
+        return None
+
+    def _header(self) -> tuple[Any, VideoInfo]:
+        c = self.container
+        fmt = c.format.name
+        videos = [s for s in c.streams.video
+                  if not (s.disposition & (av.stream.Disposition.attached_pic | av.stream.Disposition.still_image))]
+        if any(k in fmt for k in _IMAGE_FORMATS):
+            raise VideoError(self.name, f"a still image ({fmt}), not a video")
+        if not videos:
+            kinds = sorted({s.type for s in c.streams}) or ["none"]
+            raise VideoError(self.name, f"no video stream (container {fmt}; streams: {', '.join(kinds)})")
+        s = videos[0]
+        cc = s.codec_context
+        w, h = cc.width, cc.height
+        if w <= 0 or h <= 0:
+            raise VideoError(self.name, f"video stream without a frame size ({cc.name})")
+        if max(w, h) > MAX_SIDE_LIMIT:
+            raise VideoError(self.name, f"frame size {w}x{h} is larger than {MAX_SIDE_LIMIT} px per side")
+        sar = s.sample_aspect_ratio
+        if sar and sar > 0 and sar != 1:
+            w = max(1, round(w * float(sar)))
+        duration = self._duration(s)
+        rate = s.average_rate or s.guessed_rate
+        return s, VideoInfo(duration=duration, width=w, height=h, codec=cc.name,
+                            fps=float(rate) if rate else None, frames=s.frames or None, container=fmt)
+
+    def _duration(self, s: Any) -> float | None:
+        """The video stream's duration; the container's only when nothing else could set it."""
+        if s.duration and s.time_base:
+            return float(s.duration * s.time_base)
+        tag = (s.metadata or {}).get("DURATION")  # Matroska: written by FFmpeg and mkvmerge
+        if tag:
+            try:
+                hh, mm, ss = tag.split(":")
+                return int(hh) * 3600 + int(mm) * 60 + float(ss)
+            except ValueError:
+                pass
+        if self.container.duration and len(self.container.streams) == 1:
+            return self.container.duration / 1e6
+        return None
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def frames(self, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
+               max_side: int = 384) -> Iterator[tuple[float, Image.Image]]:
+        """``(timestamp, RGB PIL image)`` of the sampled frames, one at a time, decoded in order.
+
+        Parameters as in :func:`sample_frames`. Errors are raised as they are met, so frames may
+        have been yielded before a :class:`VideoError` (a truncated file).
+        """
+        return _frames(self, fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side)
+
+
+def probe(src: VideoSource, *, name: str | None = None) -> VideoInfo:
+    """Header facts (duration, display size, codec, fps, frame count) without decoding.
+
+    Raises :class:`VideoError` for anything that is not a readable video container.
+    """
+    with VideoReader(src, name=name) as v:
+        return v.info
+
+
+def _interval(info: VideoInfo, fps: float, max_frames: int, min_frames: int) -> float:
+    """Seconds between sampling times (see the module docstring for the rules)."""
+    step = 1.0 / fps
+    d = info.duration
+    if d and d > 0:
+        if d / step >= max_frames:
+            step = d / max_frames
+        elif min_frames > 0 and d / step < min_frames:
+            step = d / min_frames
+    return step
+
+
+def _scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    f = min(1.0, max_side / max(w, h))
+    return max(1, round(w * f)), max(1, round(h * f))
+
+
+def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
+            max_side: int) -> Iterator[tuple[float, Image.Image]]:
+    if fps <= 0 or max_frames <= 0 or max_side <= 0:
+        raise ValueError("fps, max_frames and max_side must be positive")
+    info, s = o.info, o.stream
+    step = _interval(info, fps, max_frames, min_frames)
+    size = _scaled_size(info.width, info.height, max_side)
+    frame_dt = 1.0 / info.fps if info.fps else 0.0
+    tb = float(s.time_base)
+    origin = s.start_time
+    scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
+    target, kept, decoded, reached = 0.0, 0, 0, 0.0
+    packets = o.container.demux(s)
+    try:
+        for packet in packets:
+            for frame in packet.decode():
+                if frame.pts is not None:
+                    if origin is None:
+                        origin = frame.pts
+                    t = max(0.0, (frame.pts - origin) * tb)
+                else:  # raw H.264/HEVC elementary streams carry no timestamps: count frames
+                    t = decoded * (frame_dt or 1 / 25)
+                decoded += 1
+                reached = max(reached, t + frame_dt)
+                if t < target - _EPS or kept >= max_frames:
+                    continue
+                rgb = scaler.reformat(frame, width=size[0], height=size[1], format="rgb24",
+                                      interpolation="AREA")
+                yield t, _upright(rgb.to_image(), frame.rotation)
+                kept += 1
+                target = (int((t + _EPS) / step) + 1) * step
+            if kept >= max_frames:
+                break
+        # All samples taken: read the remaining packets without decoding them (cheap) so that a
+        # file cut after the last sample is still reported as truncated.
+        for packet in packets:
+            if packet.pts is not None and origin is not None:
+                reached = max(reached, (packet.pts - origin + (packet.duration or 0)) * tb)
+    except av.error.FFmpegError as e:
+        where = (f"after {_n(decoded, 'frame')} ({reached:.2f} s{_of(info)})" if decoded
+                 else "before the first frame")
+        raise VideoError(o.name, f"truncated or corrupt: decoding failed {where}: {_ffmpeg_message(e)}"
+                                 f"{_also(o.mp4_problem())}",
+                         frames_decoded=decoded, seconds_decoded=reached) from None
+    if decoded == 0:
+        raise VideoError(o.name, f"no decodable frame in the {info.codec} stream{_declared(info)}")
+    d = info.duration
+    if d and reached < d - max(0.5, 2 * frame_dt):
+        raise VideoError(o.name, f"truncated: the stream ends at {reached:.2f} s of the {d:.2f} s the "
+                                 f"header announces ({_n(decoded, 'frame')} decoded){_also(o.mp4_problem())}",
+                         frames_decoded=decoded, seconds_decoded=reached)
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {noun}s"
+
+
+def _also(problem: str | None) -> str:
+    return f"; {problem}" if problem else ""
+
+
+def _upright(img: Image.Image, rotation: float | None) -> Image.Image:
+    """Apply the display matrix's rotation (phone videos), counter-clockwise like FFmpeg's player."""
+    rot = round(rotation or 0) % 360
+    if not rot:
+        return img
+    quarter = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    return img.transpose(quarter[rot]) if rot in quarter else img.rotate(rot, expand=True)
+
+
+def _of(info: VideoInfo) -> str:
+    return f" of {info.duration:.2f} s" if info.duration else ""
+
+
+def _declared(info: VideoInfo) -> str:
+    parts = [f"{info.frames} frames" if info.frames else "", f"{info.duration:.2f} s" if info.duration else ""]
+    parts = [p for p in parts if p]
+    return f" (header: {', '.join(parts)})" if parts else ""
+
+
+def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
+                  max_side: int = 384, quality: int = 90, name: str | None = None) -> VideoFrames:
+    """Sample frames of a video as JPEG bytes with absolute timestamps.
+
+    ``src`` is a local path, the file's bytes or a binary file object; ``name`` labels it in error
+    messages (pass the URI when passing bytes). Frames are taken every ``1/fps`` seconds, at most
+    ``max_frames`` spread over the whole video and at least ``min_frames`` when the video is short,
+    and scaled so that the longer side is at most ``max_side``. Raises :class:`VideoError`.
+    """
+    with VideoReader(src, name=name) as v:
+        frames, ts = [], []
+        for t, img in v.frames(fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side):
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=quality)
+            frames.append(buf.getvalue())
+            ts.append(t)
+        info = v.info
+        return VideoFrames(frames=frames, ts=ts, duration=info.duration, width=info.width,
+                           height=info.height, codec=info.codec, fps=info.fps)
