@@ -66,10 +66,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data = result.data
-    print(f"{'benchmark':<24}{'items':>8}{'contaminated':>14}{'rate':>9}{'rows':>8}  not indexed")
+    print(f"{'benchmark':<24}{'items':>8}{'contaminated':>14}{'rate':>9}{'rows':>8}  not indexed / partly")
     for name, b in data["benchmarks"].items():
         print(f"{name:<24}{b['items']:>8,}{b['contaminated_items']:>14,}{100 * b['contamination_rate']:>8.2f}%"
-              f"{b['matched_rows']:>8,}  {len(b['not_indexed']):,}")
+              f"{b['matched_rows']:>8,}  {len({x['item'] for x in b['not_indexed']}):,} / "
+              f"{len({x['item'] for x in b['partially_indexed']}):,}")
     print(f"rows scanned: {data['rows_scanned']:,}  contaminated: {data['rows_contaminated']:,}  "
           f"unreadable: {data['rows_unreadable']:,}")
     print(f"report: {result.report_html}\njson:   {result.report_json}")

@@ -94,3 +94,13 @@ def test_a_video_row_is_matched_from_its_frames_or_its_path(corpus, tmp_path):
     for detail in out["reject_detail"].to_pylist()[:2]:
         best = json.loads(detail)[0]
         assert (best["benchmark_item"], best["method"], best["modality"]) == ("vid-0002", "video_keyframes", "video")
+
+
+def test_a_near_copy_of_a_whole_item_is_also_a_minhash_match(corpus):
+    item = json.loads((corpus / "benchmark" / "qa.jsonl").read_text().splitlines()[5])
+    words = item["question"].split()
+    words[len(words) // 2] = "indeed"  # one word changed, the options run together
+    text = " ".join(words) + " " + " / ".join(item["choices"])
+    out = _stage(corpus)(from_rows([{"id": "q", "modality": "text", "text": text}]))
+    methods = {(m["benchmark_item"], m["method"]) for m in json.loads(out["reject_detail"][0].as_py())}
+    assert {(item["id"], "text_containment"), (item["id"], "text_minhash")} <= methods

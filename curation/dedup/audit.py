@@ -9,7 +9,9 @@ see :mod:`curation.io.detect`; nothing but the matched rows is written) and turn
     benchmarks.<name>.contaminated_items     items with at least one match in the corpus
     benchmarks.<name>.matches[]              every match, strongest first:
         benchmark_item, sample_id, modality, method, score, source_uri, source_offset
-    benchmarks.<name>.not_indexed[]          items (or parts) that could not be matched, and why
+    benchmarks.<name>.not_indexed[]          items (and files, rows) that cannot be matched at all, and why
+    benchmarks.<name>.partially_indexed[]    parts of items that are not matched (a short question, an
+                                             unreadable image) while another part of the item is
 
 - ``report.html``, for people: contamination rate per benchmark, then each match side by side
   (benchmark question and image next to the corpus row's text and image), strongest first.
@@ -104,11 +106,19 @@ def build_report(index: BenchmarkIndex, scan: str, stats: dict[str, Any], **head
         benchmarks[name] = {"items": info["items"], "items_with_images": info["with_images"],
                             "items_with_video": info["with_video"], "contaminated_items": 0,
                             "contamination_rate": 0.0, "matched_rows": 0, "by_method": {}, "matches": [],
-                            "not_indexed": []}
+                            "not_indexed": [], "partially_indexed": []}
+    whole = {(x["benchmark"], x["item"]) for x in summary["not_indexed"] if x["part"] in ("item", "file")}
     for x in summary["not_indexed"]:
-        benchmarks.setdefault(x["benchmark"], {"items": 0, "contaminated_items": 0, "contamination_rate": 0.0,
-                                               "matched_rows": 0, "by_method": {}, "matches": [], "not_indexed": []})
-        benchmarks[x["benchmark"]]["not_indexed"].append({k: x[k] for k in ("item", "part", "reason")})
+        b = benchmarks.setdefault(x["benchmark"], {"items": 0, "contaminated_items": 0, "contamination_rate": 0.0,
+                                                   "matched_rows": 0, "by_method": {}, "matches": [],
+                                                   "not_indexed": [], "partially_indexed": []})
+        entry = {k: x[k] for k in ("item", "part", "reason")}
+        if x["part"] in ("item", "file"):
+            b["not_indexed"].append(entry)
+        elif (x["benchmark"], x["item"]) not in whole:
+            b["partially_indexed"].append(entry)
+        else:  # the reasons why a whole item is not indexed, next to it
+            b["not_indexed"].append(entry)
     rows_by_benchmark: dict[str, set] = defaultdict(set)
     contaminated_rows = 0
     unreadable = Counter()
@@ -126,7 +136,8 @@ def build_report(index: BenchmarkIndex, scan: str, stats: dict[str, Any], **head
                 continue
             for m in matches:
                 b = benchmarks.setdefault(m["benchmark"], {"items": 0, "contaminated_items": 0, "matched_rows": 0,
-                                                           "by_method": {}, "matches": [], "not_indexed": []})
+                                                           "by_method": {}, "matches": [], "not_indexed": [],
+                                                           "partially_indexed": []})
                 b["matches"].append({"benchmark_item": m["benchmark_item"], "sample_id": row["id"],
                                      "modality": m["modality"], "method": m["method"], "score": m["score"],
                                      "source_uri": row["source_uri"], "source_offset": row["source_offset"],
@@ -231,7 +242,8 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
                       f'<td class="r">{_n(b["contaminated_items"])}</td><td class="r">{rate * 100:.2f}%</td>'
                       f'<td><div class="bar"><i style="width:{min(100.0, rate * 100):.1f}%"></i></div></td>'
                       f'<td class="r">{_n(b.get("matched_rows", 0))}</td><td>{methods}</td>'
-                      f'<td class="r">{_n(len(b.get("not_indexed", [])))}</td></tr>')
+                      f'<td class="r">{_n(len({x["item"] for x in b.get("not_indexed", [])}))}</td>'
+                      f'<td class="r">{_n(len({x["item"] for x in b.get("partially_indexed", [])}))}</td></tr>')
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Contamination audit</title>",
         f"<style>{_CSS}{_CSS_EXTRA}</style></head><body>",
@@ -246,6 +258,7 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
         f'<div class="tot"><b>{_n(round(data.get("seconds", 0), 1))} s</b>wall time</div></div>',
         "<h2>Benchmarks</h2><table><thead><tr><th>benchmark</th><th class=r>items</th><th class=r>contaminated</th>"
         "<th class=r>rate</th><th></th><th class=r>rows</th><th>matches by method</th><th class=r>not indexed</th>"
+        "<th class=r>partly indexed</th>"
         "</tr></thead><tbody>" + "".join(b_rows) + "</tbody></table>",
         '<p class="meta">Scores are 0-1 per method: share of the item\'s word n-grams found in the row '
         "(text_containment), estimated Jaccard (text_minhash), hash similarity (image_phash), share of the row's "
@@ -259,10 +272,13 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
             edges = [i / 20 for i in range(21)]
             counts = [sum(1 for s in scores if edges[i] <= s < edges[i + 1] or (i == 19 and s == 1.0)) for i in range(20)]
             parts.append(f'<div class="hists">{svg_histogram(edges, counts, "match scores")}</div>')
-        if b.get("not_indexed"):
-            lis = "".join(f"<li><code>{_esc(x['item'])}</code> {_esc(x['part'])}: {_esc(x['reason'])}</li>"
-                          for x in b["not_indexed"][:500])
-            parts.append(f"<details><summary>{_n(len(b['not_indexed']))} not indexed</summary><ul>{lis}</ul></details>")
+        for key, label in (("not_indexed", "not indexed (cannot be matched)"),
+                           ("partially_indexed", "partly indexed (matched through their other parts)")):
+            if b.get(key):
+                lis = "".join(f"<li><code>{_esc(x['item'])}</code> {_esc(x['part'])}: {_esc(x['reason'])}</li>"
+                              for x in b[key][:500])
+                n_items = len({x["item"] for x in b[key]})
+                parts.append(f"<details><summary>{_n(n_items)} {label}</summary><ul>{lis}</ul></details>")
         pairs: dict[tuple[str, str], dict] = {}  # one card per (item, row), listing every method that matched
         for m in b["matches"]:
             card = pairs.setdefault((m["benchmark_item"], m["sample_id"]), {**m, "methods": []})

@@ -117,9 +117,18 @@ class BenchmarkIndex:
         # its image or video (the pair), and listed as not text-indexed.
         longest = {it.key: max((len(tokens(seg)) for seg in it.segments), default=0) for it in items}
         short = {k for k, n_tok in longest.items() if n_tok - c.ngram + 1 < c.min_ngrams}
-        self.text = ContainmentIndex([(it.key, it.segments) for it in items if it.key not in short], n=c.ngram,
-                                     threshold=c.text_threshold, min_tokens=c.min_tokens)
-        self.neardup = NearDupIndex([(it.key, it.text) for it in items if it.key not in short
+        # Items whose matchable text is the same as another item's of their benchmark ("What word is written
+        # on the sign?" over different images) cannot be told apart by text: they match through their media.
+        text_of: dict[tuple[str, str], list[str]] = {}
+        for it in items:
+            if it.key not in short:
+                key = " | ".join(" ".join(t) for seg in it.segments if len(t := tokens(seg)) >= c.ngram)
+                text_of.setdefault((it.benchmark, key), []).append(it.key)
+        shared = {k: len(keys) for keys in text_of.values() if len(keys) > 1 for k in keys}
+        media_only = short | set(shared)
+        self.text = ContainmentIndex([(it.key, it.segments) for it in items if it.key not in media_only],
+                                     n=c.ngram, threshold=c.text_threshold, min_tokens=c.min_tokens)
+        self.neardup = NearDupIndex([(it.key, it.text) for it in items if it.key not in media_only
                                      and len(tokens(it.text)) >= c.min_tokens], threshold=c.minhash_threshold)
         self.image = ImageHashIndex.build([(it.key, im) for it in items for im in it.images],
                                           max_distance=c.image_max_distance)
@@ -134,6 +143,11 @@ class BenchmarkIndex:
             self.not_indexed.append(NotIndexed(
                 b, item, "text", f"no text part has {c.ngram + c.min_ngrams - 1} words (too short to identify the "
                                  "item alone; its image or video, with the question, still matches)"))
+        for key, count in sorted(shared.items()):
+            b, item = _split(key)
+            self.not_indexed.append(NotIndexed(
+                b, item, "text", f"the same text as {count - 1} other item(s) of {b}: text alone cannot tell them "
+                                 "apart (its image or video, with the question, still matches)"))
         text_keys = set(self.text.ids)
         for it in items:
             if it.key not in text_keys and not it.images and not it.video:
