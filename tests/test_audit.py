@@ -170,3 +170,20 @@ def test_audit_refuses_what_it_cannot_read(tmp_path, planted, capsys):
                  str(tmp_path / "weird.jsonl"), "--out", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "weird.jsonl" in err and "foo" in err
+
+
+@pytest.mark.slow
+def test_at_scale_with_a_500_item_benchmark(ray_local, tmp_path):
+    """50,000 rows, 500 VQA + 500 QA items + 100 videos, the default 1% plant rate: false positives grow with
+    the benchmark's size (more look-alike drawings), so the small default test alone would flatter them."""
+    from curation.sample import write_sample_corpus
+
+    corpus = tmp_path / "corpus"
+    write_sample_corpus(corpus, rows=50_000, seed=2, progress=False)
+    result = run_audit(REGISTRY, _corpus_paths(corpus), str(tmp_path / "out"), registry_set=[f"vars.corpus={corpus}"],
+                       progress=False)
+    df = _joined({"corpus": corpus, "data": result.data})
+    plants = df.filter(pl.col("dirt") == "benchmark_copy")
+    assert plants.height >= 400 and (plants["found"].list.len() > 0).mean() >= 0.99
+    clean = df.filter(pl.col("dirt") != "benchmark_copy")
+    assert clean.filter(pl.col("found").list.len() > 0).height <= 0.001 * clean.height
