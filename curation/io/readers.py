@@ -58,11 +58,13 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
 }
 VIDEO_FPS = 1.0  # frames sampled per second of video at ingest (curation.io.video: why)
 VIDEO_MAX_FRAMES = 32
+VIDEO_UNIT_ROWS = 64  # videos per unit: decoding makes a video row ~1000x a text row, so units stay small
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One piece of input work: a file, or row groups ``[rg_start, rg_stop)`` of a Parquet file."""
+    """One piece of input work: a file, row groups ``[rg_start, rg_stop)`` of a Parquet file, or lines
+    ``[rg_start, rg_stop)`` of a video JSONL manifest (each line costs a video decode)."""
 
     index: int
     source: str
@@ -83,7 +85,8 @@ class Unit:
 
     @property
     def label(self) -> str:
-        rng = f" row groups {self.rg_start}-{self.rg_stop}" if self.rg_stop is not None else ""
+        part = "lines" if self.format == "jsonl" else "row groups"
+        rng = f" {part} {self.rg_start}-{self.rg_stop}" if self.rg_stop is not None else ""
         return f"{self.uri}{rng}"
 
 
@@ -105,9 +108,23 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]
             if spec.format in ("parquet", "pool"):
                 for start, stop in _row_group_ranges(uri, unit_rows):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
+            elif spec.format == "jsonl" and spec.modality == "video":
+                for start, stop in _line_ranges(uri, VIDEO_UNIT_ROWS):
+                    units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
             else:
                 units.append(Unit(index=len(units), **common))
     return units
+
+
+def _line_ranges(uri: str, per_unit: int) -> list[tuple[int, int | None]]:
+    """Line ranges of a JSONL file, ``per_unit`` lines each (a manifest of videos is small to count)."""
+    try:
+        with cfs.open_input(uri) as stream:
+            n = sum(1 for _ in cfs.iter_lines(stream))
+    except OSError as e:  # the reader reports it as an unreadable file
+        log.warning("cannot count the lines of %s (%s); it will be reported as unreadable", uri, e)
+        return [(0, None)]
+    return [(start, min(n, start + per_unit)) for start in range(0, n, per_unit)] or [(0, None)]
 
 
 def _row_group_ranges(uri: str, unit_rows: int) -> list[tuple[int, int | None]]:
@@ -379,6 +396,10 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
         return
     with stream:
         for offset, raw in enumerate(cfs.iter_lines(stream)):
+            if offset < unit.rg_start:
+                continue
+            if unit.rg_stop is not None and offset >= unit.rg_stop:
+                break
             if not raw.strip():
                 continue  # blank lines are not rows (offsets stay line numbers)
             text_of_line, bad = _decode_text(raw)
