@@ -63,7 +63,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         result = run_audit(args.benchmarks, args.corpus, args.out, registry_set=args.set or [], match=match,
                            address=args.address, overwrite=args.overwrite, progress=not args.quiet)
     except (RecipeError, UndetectedSource, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # the audit composes a pipeline: name its parameters as the command line does
+        print(f"error: {e}".replace("invalid recipe curation audit", "invalid audit options")
+              .replace("stages.0.decontaminate.match.", "--match "), file=sys.stderr)
         return 2
     data = result.data
     print(f"{'benchmark':<24}{'items':>8}{'contaminated':>14}{'rate':>9}{'rows':>8}  not indexed / partly")

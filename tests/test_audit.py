@@ -92,7 +92,7 @@ def test_report_json_has_the_documented_names(audit):
     assert not vqa["not_indexed"] and vqa["partially_indexed"]
     assert all(x["part"] == "text" for x in vqa["partially_indexed"])
     methods = {m["method"] for b in data["benchmarks"].values() for m in b["matches"]}
-    assert {"text_containment", "image_phash", "image_question", "video_keyframes"} <= methods
+    assert {"text_containment", "image_hash", "image_question", "video_keyframes"} <= methods
     assert data["rows_scanned"] == 3000
 
 
@@ -187,3 +187,11 @@ def test_at_scale_with_a_500_item_benchmark(ray_local, tmp_path):
     assert plants.height >= 400 and (plants["found"].list.len() > 0).mean() >= 0.99
     clean = df.filter(pl.col("dirt") != "benchmark_copy")
     assert clean.filter(pl.col("found").list.len() > 0).height <= 0.001 * clean.height
+
+
+def test_bad_match_options_are_named_as_on_the_command_line(planted, tmp_path, capsys):
+    code = main(["audit", "--benchmarks", REGISTRY, "--set", f"vars.corpus={planted}", "--corpus", str(planted / "text"),
+                 "--out", str(tmp_path / "o"), "--match", "bogus=1", "--match", "text_threshold=high", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--match bogus: unknown key" in err and "--match text_threshold: expected a number" in err
+    assert not (tmp_path / "o").exists()

@@ -261,7 +261,7 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
         "<th class=r>partly indexed</th>"
         "</tr></thead><tbody>" + "".join(b_rows) + "</tbody></table>",
         '<p class="meta">Scores are 0-1 per method: share of the item\'s word n-grams found in the row '
-        "(text_containment), estimated Jaccard (text_minhash), hash similarity (image_phash), share of the row's "
+        "(text_containment), estimated Jaccard (text_minhash), 1 - verified distance/255 (image_hash), share of the row's "
         "frames matching in order (video_keyframes); *_question also requires the item's question in the row.</p>",
     ]
     for name, b in data["benchmarks"].items():

@@ -33,7 +33,7 @@ from curation.dedup.registry import BenchmarkItem, NotIndexed, load_benchmarks, 
 log = logging.getLogger(__name__)
 
 #: Method names as they appear in reports (``matches[].method``); stable.
-METHODS = ("text_containment", "text_minhash", "image_phash", "image_question", "video_keyframes", "video_question")
+METHODS = ("text_containment", "text_minhash", "image_hash", "image_question", "video_keyframes", "video_question")
 
 
 @dataclass
@@ -208,7 +208,7 @@ class BenchmarkIndex:
             for j, key, dist in self.image.query(describe(blobs)):
                 i = owners[j]
                 score = round(1.0 - dist / 255.0, 4)
-                add(i, Match(*_split(key), "image", "image_phash", score, {"image_distance": round(float(dist), 2)}))
+                add(i, Match(*_split(key), "image", "image_hash", score, {"image_distance": round(float(dist), 2)}))
                 self._pair(i, key, score, texts[i], add, "image")
 
         if frames is not None and self.video is not None:
