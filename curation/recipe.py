@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from curation.schema import MODALITIES
-from curation.stage import Resources, Stage, load_registry
+from curation.stage import Stage, load_registry
 
 FORMATS = ("webdataset", "parquet", "jsonl", "pool")
 OUTPUT_FORMATS = ("parquet", "webdataset")

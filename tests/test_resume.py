@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-
 from conftest import jpeg, write_tar
 
 RECIPE = """
