@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.dedup.index import METHODS, BenchmarkIndex
-from curation.dedup.registry import BenchmarkItem, load_benchmarks, read_items
+from curation.dedup.registry import load_benchmarks
 from curation.report import _write_atomic
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: S
     index = getattr(stage, "index", None) or BenchmarkIndex.build(registry, registry_set, stage.match)
     data = build_report(index, scan, result.stats, registry=registry, corpus=list(corpus),
                         sources=[asdict(s) for s in sources], seconds=time.perf_counter() - t0)
-    catalog = _catalog(registry, registry_set, {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)})
+    wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
+    catalog = {(it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
@@ -173,18 +174,6 @@ def _all_matches(data: dict[str, Any]):
                 continue
             rows.add(m["sample_id"])
             yield {"benchmark": name, **m}
-
-
-def _catalog(registry: str, overrides: Sequence[str], wanted: set[tuple[str, str]]) -> dict[tuple[str, str], BenchmarkItem]:
-    """The matched items (for the HTML's benchmark side), read again from the registry."""
-    out: dict[tuple[str, str], BenchmarkItem] = {}
-    names = {b for b, _ in wanted}
-    for spec in load_benchmarks(registry, list(overrides)):
-        if spec.name in names:
-            for item in read_items(spec, []):
-                if (item.benchmark, item.item_id) in wanted:
-                    out[(item.benchmark, item.item_id)] = item
-    return out
 
 
 def _corpus_rows(scan: str, data: dict[str, Any]) -> dict[str, dict]:

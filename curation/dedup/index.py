@@ -135,6 +135,7 @@ class BenchmarkIndex:
         self.video = self._video_index([(it.key, it.video) for it in items if it.video])
         # The question alone, per item with an image or a video: the pair check runs on image/video matches.
         self.questions = {it.key: it.question for it in items if it.images or it.video}
+        self.items = items  # on the driver only (reports show them); never shipped to workers, see __getstate__
         for key in self.text.skipped:
             b, item = _split(key)
             self.not_indexed.append(NotIndexed(b, item, "text", f"fewer than {c.min_tokens} words"))
@@ -228,6 +229,11 @@ class BenchmarkIndex:
         if q >= self.config.question_threshold:
             add(i, Match(*_split(key), f"{modality}+text", "image_question" if modality == "image" else "video_question",
                          round(min(media_score, q), 4), {"question_containment": round(q, 4)}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["items"] = []  # the item texts and images are for the driver's report, not for matching
+        return state
 
     def summary(self) -> dict[str, Any]:
         """Per benchmark: items and how many carry images/video; what could not be indexed."""
