@@ -109,3 +109,30 @@ def json_meta(obj: dict[str, Any] | None) -> str | None:
     if not obj:
         return None
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def message_texts(messages: str) -> list[str]:
+    """Text parts of an SFT ``messages`` JSON list (string contents and ``{"type": "text"}`` parts).
+
+    Image and video parts are not text: they refer to the row's own media columns. Raises ValueError for
+    JSON that is not a list of messages.
+
+    >>> message_texts('[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Why?"}]}]')
+    ['Why?']
+    """
+    try:
+        msgs = json.loads(messages)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"messages is not JSON: {e}") from e
+    if not isinstance(msgs, list):
+        raise ValueError(f"messages must be a JSON list, got {type(msgs).__name__}")  # noqa: TRY004 (bad data)
+    out = []
+    for m in msgs:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(p["text"] for p in content
+                       if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and p["text"])
+    return out
+

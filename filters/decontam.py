@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.index import MatchConfig
+from curation.schema import message_texts
 from curation.stage import IndexedFilter, register
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,8 @@ def row_text(text: str | None, texts: list | None, messages: str | None) -> str:
     parts += [t for t in (texts or []) if t]
     if messages:
         try:
-            for m in json.loads(messages):
-                content = m.get("content") if isinstance(m, dict) else None
-                if isinstance(content, str):
-                    parts.append(content)
-                elif isinstance(content, list):
-                    parts += [c.get("text") for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
-        except (ValueError, AttributeError):
+            parts += message_texts(messages)
+        except ValueError:  # not a message list: match what is there
             parts.append(messages)
     return "\n\n".join(parts)
 

@@ -14,7 +14,6 @@ frames merged in temporal pairs; text goes through the Qwen3 tokenizer. Budgets 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.schema import conform
+from curation.schema import conform, message_texts
 
 log = logging.getLogger(__name__)
 
@@ -312,28 +311,6 @@ class Tokenizer:
         return out
 
 
-def _message_texts(messages: str, row: str) -> list[str]:
-    """Text parts of an SFT ``messages`` JSON list; image and video parts are counted from the row's media."""
-    try:
-        msgs = json.loads(messages)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"row {row}: messages is not JSON: {e}") from e
-    if not isinstance(msgs, list):
-        raise ValueError(f"row {row}: messages must be a JSON list, got {type(msgs).__name__}")  # noqa: TRY004 (bad data)
-    out = []
-    for m in msgs:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out.extend(
-                p["text"]
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text" and p.get("text")
-            )
-    return out
-
-
 def _header_size(blob: bytes, row: str) -> tuple[int, int]:
     """(width, height) from an encoded image's header; PIL decodes no pixels until asked."""
     from PIL import Image
@@ -382,7 +359,10 @@ def row_tokens(
     pieces.extend(pc.list_flatten(texts).to_pylist())
     for i, m in enumerate(table.column("messages").to_pylist()):
         if m:
-            found = _message_texts(m, ids[i])
+            try:
+                found = message_texts(m)
+            except ValueError as e:
+                raise ValueError(f"row {ids[i]}: {e}") from e
             rows.extend([i] * len(found))
             pieces.extend(found)
     text_tokens = _per_row(n, rows, tokenizer.count(pieces))
