@@ -194,11 +194,11 @@ class BenchmarkIndex:
         doc, item, score = self.text.scan(texts)  # the whole batch at once, vectorised
         for i, j, sc in zip(doc.tolist(), item.tolist(), score.tolist()):
             add(i, Match(*_split(self.text.ids[j]), "text", "text_containment", round(sc, 4)))
-        for i, text in enumerate(texts):
-            if not text or len(text) > 12 * c.minhash_max_tokens:  # long rows: containment covers them
-                continue
-            if len(self.neardup) and len(text.split()) <= c.minhash_max_tokens:  # word count, at C speed
-                for key, score in self.neardup.query(text):
+        if len(self.neardup):  # whole-item near-copies; long rows skip it (containment covers them)
+            short = [i for i, text in enumerate(texts) if text and len(text) <= 12 * c.minhash_max_tokens
+                     and len(text.split()) <= c.minhash_max_tokens]  # a word count at C speed
+            for i, found in zip(short, self.neardup.query_batch([texts[i] for i in short])):
+                for key, score in found:
                     add(i, Match(*_split(key), "text", "text_minhash", round(score, 4)))
 
         owners = [i for i, ims in enumerate(images) for _ in ims]

@@ -593,22 +593,33 @@ class NearDupIndex:
 
     def query(self, text: str, threshold: float | None = None) -> list[tuple[str, float]]:
         """Items whose estimated Jaccard with `text` is >= `threshold` (default: the index's), best first."""
+        return self.query_batch([text], threshold)[0]
+
+    def query_batch(self, texts: Sequence[str | None], threshold: float | None = None) -> list[list[tuple[str, float]]]:
+        """`query` for each of `texts`, with one tokenising pass and one signature call for the batch."""
         thr = self.threshold if threshold is None else threshold
-        th = _split(*_token_stream([text]))[0]
-        if not self.ids or not len(th):
-            return []
-        sig = self._signatures([th])
-        qkeys = self._band_keys(sig)[:, 0]
-        cands = set()
-        for band, key in enumerate(qkeys):
-            lo = np.searchsorted(self._keys[band], key, side="left")
-            hi = np.searchsorted(self._keys[band], key, side="right")
-            cands.update(self._order[band, lo:hi].tolist())
-        if not cands:
-            return []
-        c = np.fromiter(cands, dtype=np.int64, count=len(cands))
-        est = (self._sigs[c] == sig[0]).mean(axis=1)
+        out: list[list[tuple[str, float]]] = [[] for _ in texts]
+        if not self.ids or not len(texts):
+            return out
+        ths = _split(*_token_stream(texts))
+        live = np.array([i for i, th in enumerate(ths) if len(th)], dtype=np.int64)
+        if not len(live):
+            return out
+        sigs = self._signatures([ths[i] for i in live])
+        qkeys = self._band_keys(sigs)  # (bands, live texts)
+        n_items, pairs = len(self.ids), []
+        for band in range(self.bands):  # candidates: any band key equal to the item's
+            lo = np.searchsorted(self._keys[band], qkeys[band], side="left")
+            hi = np.searchsorted(self._keys[band], qkeys[band], side="right")
+            if (hi > lo).any():
+                q = np.repeat(np.arange(len(live)), hi - lo)
+                pairs.append(q * n_items + self._order[band, _ranges(lo, hi)])
+        if not pairs:
+            return out
+        q, c = np.divmod(np.unique(np.concatenate(pairs)), n_items)
+        est = (self._sigs[c] == sigs[q]).mean(axis=1)
         keep = est >= thr
-        c, est = c[keep], est[keep]
-        order = np.argsort(-est, kind="stable")
-        return [(self.ids[i], float(e)) for i, e in zip(c[order], est[order])]
+        q, c, est = q[keep], c[keep], est[keep]
+        for j in np.lexsort((c, -est, q)):  # per text, best first (ties in ids order)
+            out[int(live[q[j]])].append((self.ids[int(c[j])], float(est[j])))
+        return out
