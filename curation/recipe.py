@@ -31,10 +31,12 @@ from typing import Any
 
 import yaml
 
+from curation.mix.coldstart import FIELD_OPTIONS, MODES, SOURCE_FIELDS
 from curation.schema import MODALITIES
 from curation.stage import Stage, load_registry
 
-FORMATS = ("webdataset", "parquet", "jsonl", "pool")
+SFT_FORMATS = tuple(SOURCE_FIELDS)  # conversation converters (curation.mix.coldstart): modality sft
+FORMATS = ("webdataset", "parquet", "jsonl", "pool", *SFT_FORMATS)
 OUTPUT_FORMATS = ("parquet", "webdataset")
 
 
@@ -55,6 +57,7 @@ class SourceSpec:
     paths: list[str]
     fields: dict[str, str] = field(default_factory=dict)
     on_bad_text: str = "reject"  # reject | replace
+    mode: str | None = None  # sft: the cold-start mode of records that carry none (default: inferred)
 
 
 @dataclass
@@ -251,6 +254,7 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
             problems.append(f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})")
         if spec.modality not in MODALITIES and not (spec.format == "pool" and spec.modality == "mixed"):
             problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
+        _check_sft_source(spec, f"sources.{i}", problems)
         if spec.on_bad_text not in ("reject", "replace"):
             problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
         if check_paths:
@@ -276,6 +280,23 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         file=file,
         resolved=resolved,
     )
+
+
+def _check_sft_source(spec: SourceSpec, where: str, problems: list[str]) -> None:
+    """Conversations come from the sft formats (or a pool); those formats make nothing but sft rows."""
+    if spec.format in SFT_FORMATS and spec.modality != "sft":
+        problems.append(f"{where}.modality: format {spec.format} makes conversations: use modality: sft")
+    if spec.modality == "sft" and spec.format not in (*SFT_FORMATS, "pool"):
+        problems.append(f"{where}.format: modality sft is read with format {' or '.join(SFT_FORMATS)} "
+                        f"(or pool, for rows already in the pool schema), not {spec.format}")
+    if spec.mode is not None and (spec.modality != "sft" or spec.mode not in MODES):
+        problems.append(f"{where}.mode: '{spec.mode}' (expected one of {', '.join(MODES)}, on an sft source)")
+    if spec.format in SFT_FORMATS:
+        known = (*SOURCE_FIELDS[spec.format], *FIELD_OPTIONS)
+        for key in spec.fields:
+            if key not in known:
+                problems.append(f"{where}.fields.{key}: unknown field for format {spec.format} "
+                                f"(expected one of {', '.join(known)})")
 
 
 def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:

@@ -1828,6 +1828,531 @@ def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
     return res
 
 
+# --------------------------------------------------------------------------------------------
+# Cold-start SFT sources (curation.mix.coldstart, docs/sft-format.md)
+# --------------------------------------------------------------------------------------------
+# Sized after the Keye-VL cold-start mix (330k non-reasoning : 230k reasoning : 20k auto-think :
+# 100k agentic, plus video) at a fifth of ``rows`` (60..1500 rows), so a default corpus holds about a
+# thousand conversations. Written after every other source (the video QA rows point at the video
+# source's clips); each row draws from its own _rng(seed, "sft", source, row), so the other sources'
+# bytes never change. Labels go to sft/truth.parquet: the intended mode, the dirt, and the stage and
+# reason that must reject the row (null: kept).
+
+SFT_SHARE = 0.2
+SFT_ROWS = (60, 1500)
+SFT_MODE_MIX = {"non_thinking": 330, "thinking": 230, "auto_think": 20, "think_with_image": 100, "video": 50}
+SFT_SOURCES = ("llava", "sharegpt", "qa", "think_with_image", "video_qa")
+SFT_FILES = {"llava": "sft/llava/00000.json", "sharegpt": "sft/sharegpt/00000.jsonl", "qa": "sft/qa/00000.parquet",
+             "think_with_image": "sft/think_with_image/00000.jsonl", "video_qa": "sft/video_qa/00000.jsonl"}
+# Share of each mode's clean rows that each source holds (every mode's shares add up to 1).
+SFT_SPLIT = {
+    "llava": {"non_thinking": 0.6, "thinking": 0.2},
+    "sharegpt": {"non_thinking": 0.15, "thinking": 0.1},
+    "qa": {"non_thinking": 0.25, "thinking": 0.7, "auto_think": 1.0},
+    "think_with_image": {"think_with_image": 1.0},
+    "video_qa": {"video": 1.0},
+}
+_TWI = "think_with_image"
+# Dirt per source: kind -> (intended mode, stage that must reject it, reason). The code kinds are for
+# the think_with_image stage (curation.synth.think_with_image), which runs the code in the sandbox.
+SFT_DIRT: dict[str, dict[str, tuple[str, str, str]]] = {
+    "llava": {
+        "unbalanced_think": ("thinking", "sft_validate", "unbalanced_think_tags"),
+        "empty_answer": ("non_thinking", "sft_validate", "empty_answer"),
+        "degenerate_repetition": ("non_thinking", "sft_validate", "degenerate_repetition"),
+        "placeholder_mismatch": ("non_thinking", "ingest", "placeholder_mismatch"),
+        "missing_image": ("non_thinking", "ingest", "missing_image_file"),
+        "bad_role_order": ("non_thinking", "ingest", "bad_role_order"),
+        "unknown_mode": ("non_thinking", "ingest", "unknown_mode"),
+        "suffix_mismatch": ("thinking", "ingest", "mode_suffix_mismatch"),
+        "exact_duplicate": ("non_thinking", "exact_dedup", "duplicate"),
+    },
+    "sharegpt": {
+        "image_ref_out_of_range": ("non_thinking", "sft_validate", "image_ref_out_of_range"),
+        "malformed_json": ("non_thinking", "ingest", "malformed_row"),
+        "unknown_role": ("non_thinking", "ingest", "unknown_role"),
+        "empty_conversation": ("non_thinking", "ingest", "empty_conversation"),
+    },
+    "qa": {
+        "empty_answer": ("thinking", "sft_validate", "empty_answer"),
+        "unexpected_think": ("non_thinking", "sft_validate", "unexpected_think"),
+        "missing_analysis": ("auto_think", "sft_validate", "missing_analysis"),
+        "missing_think": ("thinking", "sft_validate", "missing_think"),
+        "unknown_mode": ("thinking", "ingest", "unknown_mode"),
+        "degenerate_repetition": ("thinking", "sft_validate", "degenerate_repetition"),
+        "unbalanced_think": ("thinking", "sft_validate", "unbalanced_think_tags"),
+    },
+    _TWI: {
+        "syntax_error": (_TWI, _TWI, "code_does_not_parse"),
+        "raises": (_TWI, _TWI, "sandbox_error"),
+        "reads_file": (_TWI, _TWI, "sandbox_blocked"),
+        "opens_socket": (_TWI, _TWI, "sandbox_blocked"),
+        "no_result": (_TWI, _TWI, "no_output_image"),
+        "infinite_loop": (_TWI, _TWI, "sandbox_timeout"),  # exactly one: it costs the sandbox's whole timeout
+        "missing_image": (_TWI, "ingest", "missing_image_file"),
+        "malformed_json": (_TWI, "ingest", "malformed_row"),
+    },
+    "video_qa": {
+        "missing_video": ("video", "ingest", "missing_video_file"),
+        "truncated_video": ("video", "ingest", "unreadable_video"),  # only when the corpus has a truncated clip
+    },
+}
+SFT_DIRT_RATE = 0.03  # rows of each dirt kind per clean row of the source (at least one)
+SFT_TRUTH_SCHEMA = pa.schema([
+    ("file", pa.string()), ("offset", pa.int64()), ("key", pa.string()), ("source", pa.string()),
+    ("mode", pa.string()), ("dirt", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+])
+SFT_QA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("reasoning", pa.string()),
+    ("analysis", pa.string()), ("image", pa.binary()), ("mode", pa.string()),
+])
+
+_LOOPS = ("Let me look at the picture again to be sure about the answer.",
+          "Wait, I should check the colours once more before I answer.",
+          "The answer is the same as before, so let me verify it one more time.")
+_EASY = ("This is a simple question that I can answer directly.",
+         "The answer can be read straight from the picture, so no step-by-step reasoning is needed.",
+         "A direct lookup: there is nothing to work out.")
+_HARD = ("This needs a few steps of calculation, so I will work through it first.",
+         "Several numbers have to be combined; I should reason step by step.",
+         "It is easy to slip on arithmetic like this, so I will think before answering.")
+_SYSTEM = "You are a helpful assistant."
+
+
+def _clips(spec: CorpusSpec, kind: str) -> list[str]:
+    """Paths (relative to the corpus) of the video source's clips of one dirt kind, in order."""
+    return [f"{SOURCE_DIR['video']}/clips/{spec.key(sh, i)}.mp4" for sh in range(spec.n_shards("video"))
+            for i, k in enumerate(shard_plan(spec, "video", sh)) if k == kind]
+
+
+@functools.lru_cache(maxsize=8)
+def sft_plan(spec: CorpusSpec) -> dict[str, tuple[tuple[str, str], ...]]:
+    """``(intended mode, dirt kind)`` of every row of every cold-start source; row 0 is always clean."""
+    total = min(SFT_ROWS[1], max(SFT_ROWS[0], round(spec.rows * SFT_SHARE)))
+    weight = sum(SFT_MODE_MIX.values())
+    per_mode = {m: round(total * w / weight) for m, w in SFT_MODE_MIX.items()}
+    per_mode["auto_think"] = max(3, per_mode["auto_think"])
+    per_mode["video"] = min(per_mode["video"], len(_VIDEO_QA) * len(_clips(spec, "clean")))
+    plan = {}
+    for source in SFT_SOURCES:
+        rows = [(mode, "clean") for mode, share in SFT_SPLIT[source].items() for _ in range(round(per_mode[mode] * share))]
+        n_clean = len(rows)
+        for kind, (mode, _, _) in SFT_DIRT[source].items():
+            if kind == "truncated_video" and not _clips(spec, "truncated_video"):
+                continue
+            rows += [(mode, kind)] * (1 if kind == "infinite_loop" else max(1, round(n_clean * SFT_DIRT_RATE)))
+        head = rows[:1] if rows and rows[0][1] == "clean" else []
+        rest = rows[len(head):]
+        _rng(spec.seed, "sft", source, "plan").shuffle(rest)
+        plan[source] = tuple(head + rest)
+    return plan
+
+
+def _scene_qa(scene: dict, rng: random.Random) -> tuple[str, str, str]:
+    """A question about a drawn scene, its answer and the reasoning that gets there from the picture."""
+    kind = scene["kind"]
+    if kind == "shapes":
+        groups = scene["groups"]
+        if scene["label"] and rng.random() < 0.3:
+            phrase, ink, where = scene["label"]
+            return ("What is written in the picture?", f"It says '{phrase}'.",
+                    f"There is text at the {where} of the image, in {ink} letters. It spells '{phrase}'.")
+        shape = rng.choice([s for s, _, _, _ in groups])
+        same = [g for g in groups if g[0] == shape]
+        n = sum(g[2] for g in same)
+        if n == 1 and rng.random() < 0.5:
+            colour = same[0][1]
+            return (f"What colour is the {shape}?", f"The {shape} is {colour}.",
+                    f"There is only one {shape} in the image, and it is filled with {colour}.")
+        if rng.random() < 0.5:
+            total = sum(g[2] for g in groups)
+            counts = " + ".join(str(g[2]) for g in groups)
+            answer = f"There {'is' if total == 1 else 'are'} {NUMBERS_EN[total]} in total."
+            return ("How many shapes are there in total?", answer,
+                    f"The picture shows {_items_en(groups)}. Adding the groups up: {counts} = {total}.")
+        noun = shape if n == 1 else _plural(shape)
+        return (f"How many {_plural(shape)} are there in the picture?",
+                f"There {'is' if n == 1 else 'are'} {NUMBERS_EN[n]} {noun}.",
+                f"I look for every {shape} in the picture and find {_items_en(same)}. That makes {NUMBERS_EN[n]}.")
+    if kind == "sign":
+        if rng.random() < 0.6:
+            return ("What does the sign say?", f"The sign says '{scene['phrase']}'.",
+                    f"The {scene['board']} sign has {scene['ink']} letters on it that spell '{scene['phrase']}'.")
+        return ("What colour is the sign?", f"The sign is {scene['board']}.",
+                f"The board in the middle of the picture is painted {scene['board']}, with {scene['ink']} text.")
+    names = [o["obj"] for o in scene["objects"]]
+    car = next((o for o in scene["objects"] if o["obj"] == "car"), None)
+    if car and rng.random() < 0.5:
+        return ("What colour is the car?", f"The car is {car['colour']}.",
+                f"The car is the object with two black wheels; its body is {car['colour']}.")
+    listed = _join_en([_a(n) for n in names])
+    grass = " on green grass" if scene["ground"] else ""
+    return ("Which objects can you see in this picture?", f"I can see {listed}.",
+            f"From left to right the drawing shows {listed}{grass}.")
+
+
+def _text_qa(rng: random.Random, reasoned: bool) -> tuple[str, str, str]:
+    """A question without an image: arithmetic, prices, time units, comparisons and number sequences.
+
+    Every kind draws from thousands of parameter combinations, so generated rows are not accidental
+    exact duplicates of each other (exact duplicates are planted on purpose, and labelled).
+    """
+    kind = rng.choice(("add", "mul", "price", "units") if reasoned else ("add", "units", "compare", "sequence"))
+    if kind == "add":
+        a, b = rng.randint(12, 989), rng.randint(12, 989)
+        tens = b // 10 * 10
+        return (f"What is {a} + {b}?", f"{a + b}.",
+                (f"First add the hundreds and tens: {a} + {tens} = {a + tens}. Then add the remaining {b % 10} "
+                 f"to get {a + b}."))
+    if kind == "mul":
+        a, b = rng.randint(3, 29), rng.randint(12, 999)
+        tens = b // 10 * 10
+        return (f"What is {a} x {b}?", f"{a * b}.",
+                (f"Split {b} into {tens} and {b % 10}: {a} x {tens} = {a * tens} and {a} x {b % 10} = "
+                 f"{a * (b % 10)}. Together that is {a * b}."))
+    if kind == "price":
+        p, n = rng.randint(15, 195), rng.randint(3, 19)
+        item = rng.choice(("pencil", "apple", "stamp", "ticket", "notebook", "candle"))
+        return (f"One {item} costs {p} cents. How much do {n} of them cost?", f"{n * p} cents.",
+                f"Each {item} costs {p} cents, so {n} of them cost {n} x {p} = {n * p} cents.")
+    if kind == "units":
+        big, small, per = rng.choice((("hours", "minutes", 60), ("minutes", "seconds", 60)))
+        a, b = rng.randint(1, 99), rng.randint(1, 59)
+        return (f"How many {small} are there in {a} {big} and {b} {small}?", f"{a * per + b} {small}.",
+                f"Each of the {a} {big} has {per} {small}, which gives {a * per}; adding {b} more makes {a * per + b}.")
+    if kind == "compare":
+        a, b = rng.sample(range(100, 10_000), 2)
+        return (f"Which number is larger, {a} or {b}?", f"{max(a, b)}.",
+                f"{max(a, b)} is larger than {min(a, b)}.")
+    a, d = rng.randint(1, 99), rng.randint(2, 15)
+    seq = ", ".join(str(a + k * d) for k in range(4))
+    return (f"What number comes next: {seq}?", f"{a + 4 * d}.",
+            f"Each number is {d} more than the one before, so the next is {a + 3 * d} + {d} = {a + 4 * d}.")
+
+
+def _sft_image(rng: random.Random, shapes_only: bool = False) -> tuple[dict, bytes, int, int]:
+    scene = make_shape_scene(rng) if shapes_only else make_scene(rng)
+    w, h = _pick_size(rng)
+    w, h = max(w, 160), max(h, 160)
+    return scene, encode_image(draw_scene(scene, w, h), "jpeg"), w, h
+
+
+def _loop(rng: random.Random) -> str:
+    return " ".join([rng.choice(_LOOPS)] * rng.randint(15, 25))
+
+
+def _reply(answer: str, reasoning: str | None) -> str:
+    return f"<think>{reasoning}</think>\n\n{answer}" if reasoning is not None else answer
+
+
+def _llava_record(spec: CorpusSpec, i: int, mode: str, dirt: str) -> tuple[dict, list[tuple[str, bytes]]]:
+    """A LLaVA-Instruct-style record (``image``, ``conversations`` of ``{from, value}``) and its image files."""
+    rng = _rng(spec.seed, "sft", "llava", i)
+    key = f"llava-{i:05d}"
+    think = mode == "thinking"
+    layout = rng.choices(("before", "after", "none", "two", "multi"), (55, 10, 15, 10, 10))[0]
+    files: list[tuple[str, bytes]] = []
+    if layout == "two":
+        (s1, img1, _, _), (s2, img2, _, _) = _sft_image(rng, True), _sft_image(rng, True)
+        n1, n2 = (sum(g[2] for g in s["groups"]) for s in (s1, s2))
+        answer = ("The first picture." if n1 > n2 else "The second picture." if n2 > n1
+                  else "Neither: they show the same number.")
+        turns = [("<image>\n<image>\nWhich of the two pictures shows more shapes?", answer,
+                  f"The first picture has {NUMBERS_EN[n1]} and the second has {NUMBERS_EN[n2]}.")]
+        files = [(f"images/{key}-0.jpg", img1), (f"images/{key}-1.jpg", img2)]
+    else:
+        scene, img, _, _ = _sft_image(rng)
+        files = [(f"images/{key}.jpg", img)]
+        q, a, r = _scene_qa(scene, rng)
+        prompt = {"before": f"<image>\n{q}", "after": f"{q}\n<image>", "none": q, "multi": f"<image>\n{q}"}[layout]
+        turns = [(prompt, a, r)]
+        if layout == "multi":
+            q2, a2, r2 = _scene_qa(scene, rng)
+            turns.append((q2, a2, r2))
+    conversations = []
+    for q, a, r in turns:
+        conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": _reply(a, r if think else None)}]
+    images = [rel for rel, _ in files]
+    record: dict[str, Any] = {"id": key, "image": images[0] if len(images) == 1 else images,
+                              "conversations": conversations}
+    last = conversations[-1]
+    if dirt == "unbalanced_think":
+        last["value"] = last["value"].replace("</think>", "")
+    elif dirt == "empty_answer":
+        last["value"] = ""
+    elif dirt == "degenerate_repetition":
+        last["value"] = _loop(rng)
+    elif dirt == "placeholder_mismatch":  # two placeholders, one image
+        question = conversations[0]["value"].replace("<image>", "").strip()
+        conversations[0]["value"] = f"<image>\n<image>\n{question}"
+        record["image"], files = images[0], files[:1]
+    elif dirt == "missing_image":  # as many images as placeholders, none of them on disk
+        missing = [f"images/missing-{key}-{k}.jpg" for k in range(len(images))]
+        record["image"], files = missing[0] if len(missing) == 1 else missing, []
+    elif dirt == "bad_role_order":
+        record["conversations"] = [conversations[1], conversations[0]]
+    elif dirt == "unknown_mode":
+        record["mode"] = "deep_think"
+    elif dirt == "suffix_mismatch":
+        conversations[-2]["value"] += " /no_think"
+        if "<think>" not in last["value"]:
+            last["value"] = _reply(last["value"], turns[-1][2])
+    return record, files
+
+
+def _new_text_qa(rng: random.Random, reasoned: bool, seen: set[str]) -> tuple[str, str, str]:
+    """:func:`_text_qa`, drawn again until its question is new to the source: generated rows must not be
+    accidental exact duplicates (rows are written in order, so this stays deterministic)."""
+    q, a, r = _text_qa(rng, reasoned)
+    while q in seen:
+        q, a, r = _text_qa(rng, reasoned)
+    seen.add(q)
+    return q, a, r
+
+
+def _sharegpt_record(spec: CorpusSpec, i: int, mode: str, dirt: str,
+                     seen: set[str]) -> tuple[dict, list[tuple[str, bytes]]]:
+    """An OpenAI-style record (``messages`` of ``{role, content}`` with image parts, ``images``)."""
+    rng = _rng(spec.seed, "sft", "sharegpt", i)
+    key = f"sharegpt-{i:05d}"
+    think = mode == "thinking"
+    system = rng.random() < 0.3
+    files: list[tuple[str, bytes]] = []
+    if rng.random() < 0.7:
+        scene, img, _, _ = _sft_image(rng)
+        q, a, r = _scene_qa(scene, rng)
+        files = [(f"images/{key}.jpg", img)]
+        user: Any = ([{"type": "image", "index": 0}, {"type": "text", "text": q}] if rng.random() < 0.7
+                     else f"<image>{q}")  # llama-factory writes the placeholder into the text
+    else:  # with a system turn, which the qa table never has: no accidental duplicate across the two
+        q, a, r = _new_text_qa(rng, think, seen)
+        user, system = q, True
+    messages: list[dict] = [{"role": "system", "content": _SYSTEM}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _reply(a, r if think else None)}]
+    record: dict[str, Any] = {"id": key, "messages": messages, "images": [rel for rel, _ in files]}
+    if dirt == "image_ref_out_of_range":
+        messages[-2]["content"] = [{"type": "image", "index": 1}, {"type": "text", "text": q}]
+        if not files:
+            _, img, _, _ = _sft_image(rng)
+            files = [(f"images/{key}.jpg", img)]
+            record["images"] = [files[0][0]]
+    elif dirt == "unknown_role":
+        messages[-1]["role"] = "bot"
+    elif dirt == "empty_conversation":
+        record["messages"] = []
+    return record, files
+
+
+def _qa_record(spec: CorpusSpec, i: int, mode: str, dirt: str, seen: set[str]) -> dict:
+    """A row of the question/answer/reasoning/analysis table (some with an image)."""
+    rng = _rng(spec.seed, "sft", "qa", i)
+    reasoned = mode == "thinking" or (mode == "auto_think" and rng.random() < 0.5)
+    image = None
+    if rng.random() < 0.4:
+        scene, image, _, _ = _sft_image(rng)
+        q, a, r = _scene_qa(scene, rng)
+    else:
+        q, a, r = _new_text_qa(rng, reasoned, seen)
+    row = {"id": f"qa-{i:05d}", "question": q, "answer": a, "reasoning": r if reasoned else None,
+           "analysis": None, "image": image, "mode": mode if rng.random() < 0.5 else None}
+    if mode == "auto_think":
+        row["analysis"] = rng.choice(_HARD if reasoned else _EASY)
+    if dirt == "empty_answer":
+        row["answer"] = ""
+    elif dirt == "unexpected_think":
+        row.update(mode="non_thinking", answer=_reply(a, r))
+    elif dirt == "missing_analysis":
+        row.update(mode="auto_think", analysis=None, reasoning=r)
+    elif dirt == "missing_think":
+        row.update(mode="thinking", reasoning=None)
+    elif dirt == "unknown_mode":
+        row["mode"] = "fast_think"
+    elif dirt == "degenerate_repetition":
+        row["reasoning"] = _loop(rng)
+    elif dirt == "unbalanced_think":
+        row["reasoning"] = r.replace(". ", ".</think> ", 1) if ". " in r else r + "</think> Done."
+    return row
+
+
+_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+_CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def _corner_xy(corner: str, w: int, h: int, bw: int, bh: int, rng: random.Random) -> tuple[int, int]:
+    mx, my = rng.randint(6, 24), rng.randint(6, 24)
+    return (mx if "left" in corner else w - bw - mx), (my if "top" in corner else h - bh - my)
+
+
+def _twi_task(rng: random.Random) -> tuple[Image.Image, str, str, str, str, tuple[int, int, int, int]]:
+    """An image with a detail too small, turned or faint to see at a glance, and code that brings it out:
+    ``(image, question, answer, reasoning, code, crop box)``."""
+    scene = make_shape_scene(rng) if rng.random() < 0.6 else make_objects_scene(rng)
+    w, h = rng.randint(360, 480), rng.randint(270, 360)
+    img = draw_scene(scene, w, h)
+    draw = ImageDraw.Draw(img)
+    task = rng.choice(("zoom", "zoom", "rotate", "enhance", "mark"))
+    corner = rng.choice(_CORNERS)
+    word = "".join(rng.choice(_CODE_CHARS) for _ in range(rng.randint(3, 4)))
+    if task == "rotate":
+        font = _font(14)
+        tw, th = int(font.getlength(word)) + 8, 20
+        strip = Image.new("RGB", (tw, th), COLOURS["white"])
+        ImageDraw.Draw(strip).text((4, 2), word, font=font, fill=COLOURS["black"])
+        strip = strip.rotate(90, expand=True)  # reads bottom to top
+        side = rng.choice(("left", "right"))
+        x = 6 if side == "left" else w - strip.width - 6
+        y = (h - strip.height) // 2
+        img.paste(strip, (x, y))
+        box = (max(0, x - 6), max(0, y - 6), min(w, x + strip.width + 6), min(h, y + strip.height + 6))
+        code = (f"region = image.crop({box})\n"
+                "result = region.rotate(-90, expand=True).resize((region.height * 3, region.width * 3))")
+        reasoning = (f"The text along the {side} edge is turned on its side, so it is hard to read. I will crop "
+                     "that strip and rotate it upright.")
+        return (img, f"Some text runs sideways along the {side} edge. What does it say?", f"It says '{word}'.",
+                reasoning, code, box)
+    if task == "mark":
+        colour = rng.choice(("red", "blue", "green", "purple", "orange", "black"))  # on a white patch of its own
+        bw = bh = 14
+        x, y = _corner_xy(corner, w, h, bw, bh, rng)
+        draw.rectangle([x, y, x + bw, y + bh], fill=COLOURS["white"])
+        draw.ellipse([x + 4, y + 4, x + bw - 4, y + bh - 4], fill=COLOURS[colour])
+        question, answer = f"What colour is the tiny dot near the {corner} corner?", f"The dot is {colour}."
+        reasoning = (f"There is a tiny dot near the {corner} corner, only a few pixels wide. I will crop around it "
+                     "and enlarge it to see its colour.")
+    else:
+        size = 9 if task == "zoom" else 14
+        font = _font(size)
+        bw, bh = int(font.getlength(word)) + 6, size + 6
+        x, y = _corner_xy(corner, w, h, bw, bh, rng)
+        paper, ink = ((245, 245, 245), COLOURS["black"]) if task == "zoom" else ((200, 200, 200), (186, 186, 186))
+        draw.rectangle([x, y, x + bw, y + bh], fill=paper)
+        draw.text((x + 3, y + 3), word, font=font, fill=ink)
+        if task == "zoom":
+            question, answer = f"What is written on the small label in the {corner} corner?", f"The label reads '{word}'."
+            reasoning = (f"The label in the {corner} corner is only a few pixels tall, too small to read at this "
+                         "size. I will crop the region around it and enlarge it four times.")
+        else:
+            question, answer = f"There is faint writing in the {corner} corner. What does it say?", f"It says '{word}'."
+            reasoning = (f"The writing in the {corner} corner is barely darker than its background. Raising the "
+                         "contrast of that region should make it readable.")
+    pad = 10
+    box = (max(0, x - pad), max(0, y - pad), min(w, x + bw + pad), min(h, y + bh + pad))
+    if task == "enhance":
+        code = ("from PIL import ImageEnhance\n"
+                f"region = image.crop({box})\n"
+                "result = ImageEnhance.Contrast(region).enhance(6.0).resize((region.width * 3, region.height * 3))")
+    else:
+        code = f"x0, y0, x1, y1 = {box}\nresult = image.crop((x0, y0, x1, y1)).resize(((x1 - x0) * 4, (y1 - y0) * 4))"
+    return img, question, answer, reasoning, code, box
+
+
+# What the sandbox must refuse or fail on: code for the zoom box, keyed by dirt kind.
+_BAD_CODE = {
+    "syntax_error": "result = image.crop(({x0}, {y0}, {x1}, {y1}).resize(({dw}, {dh}))",
+    "raises": "result = image.crop(({x0}, {y0}, {x1}, {y1})).resize((0, -{dh}))",
+    "reads_file": "secret = open('/etc/passwd').read()\nresult = image.crop(({x0}, {y0}, {x1}, {y1}))",
+    "opens_socket": ("import socket\nconn = socket.create_connection(('example.com', 80), timeout=2)\n"
+                     "conn.sendall(image.tobytes()[:64])\nresult = image.crop(({x0}, {y0}, {x1}, {y1}))"),
+    "no_result": "zoomed = image.crop(({x0}, {y0}, {x1}, {y1})).resize(({dw}, {dh}))",
+    "infinite_loop": "while True:\n    pass\nresult = image",
+}
+
+
+def _twi_record(spec: CorpusSpec, i: int, mode: str, dirt: str) -> tuple[dict, list[tuple[str, bytes]]]:
+    rng = _rng(spec.seed, "sft", _TWI, i)
+    key = f"twi-{i:05d}"
+    img, question, answer, reasoning, code, (x0, y0, x1, y1) = _twi_task(rng)
+    if dirt in _BAD_CODE:
+        code = _BAD_CODE[dirt].format(x0=x0, y0=y0, x1=x1, y1=y1, dw=(x1 - x0) * 4, dh=(y1 - y0) * 4)
+    image = f"images/{key}.png"
+    files = [(image, encode_image(img, "png"))]
+    if dirt == "missing_image":
+        image, files = f"images/missing-{key}.png", []
+    return {"id": key, "question": question, "answer": answer, "reasoning": reasoning, "code": code,
+            "image": image}, files
+
+
+_VIDEO_QA = (
+    ("About how long is this clip?", "About {s} seconds.",
+     "The sampled frames run from the start to about {d:.1f} seconds, so the clip lasts roughly {s} seconds."),
+    ("What does the camera do in this video?", "It pans slowly across a drawing of simple shapes, objects and signs.",
+     "From frame to frame the whole drawing shifts a little in the same direction: the camera is panning."),
+    ("What moves in front of the background?",
+     "One or more coloured shapes drift across the view and bounce off its edges.",
+     "Besides the panning background, some small shapes change position between frames and turn back at the edges."),
+)
+
+
+def _video_qa_record(spec: CorpusSpec, i: int, mode: str, dirt: str, out: Path) -> dict:
+    from curation.io.video import probe
+
+    rng = _rng(spec.seed, "sft", "video_qa", i)
+    clips = _clips(spec, "clean")
+    key = f"vqa-{i:05d}"
+    if dirt == "missing_video":
+        return {"id": key, "question": _VIDEO_QA[0][0], "answer": "About 5 seconds.",
+                "video": f"../../{SOURCE_DIR['video']}/clips/missing-{key}.mp4"}
+    if dirt == "truncated_video":
+        clip = _clips(spec, "truncated_video")[0]
+        return {"id": key, "question": _VIDEO_QA[1][0], "answer": _VIDEO_QA[1][1], "video": f"../../{clip}"}
+    k = sum(1 for _, d in sft_plan(spec)["video_qa"][:i] if d == "clean")  # clean rows before: one question
+    clip = clips[k % len(clips)]                                           # per (clip, question), never twice
+    q, a, r = _VIDEO_QA[(k // len(clips)) % len(_VIDEO_QA)]
+    d = probe(str(out / clip)).duration or 0.0
+    record = {"id": key, "question": q, "answer": a.format(s=round(d)), "video": f"../../{clip}"}
+    if rng.random() < 0.4:
+        record["reasoning"] = r.format(s=round(d), d=d)
+    return record
+
+
+def write_sft_source(out: Path, spec: CorpusSpec, source: str) -> ShardResult:
+    """One cold-start source file (plus its images) and its truth rows."""
+    rel = SFT_FILES[source]
+    plan = sft_plan(spec)[source]
+    res = ShardResult(f"sft_{source}", 0, len(plan), files=[rel])
+    folder = (out / rel).parent
+    records: list[dict] = []
+    seen: set[str] = set()  # text-only questions so far
+    for i, (mode, dirt) in enumerate(plan):
+        files: list[tuple[str, bytes]] = []
+        if source == "llava" and dirt == "exact_duplicate":  # an earlier clean record, re-derived: same bytes
+            j = _rng(spec.seed, "sft", "llava", i, "dup").choice([k for k in range(i) if plan[k][1] == "clean"])
+            record = dict(_llava_record(spec, j, *plan[j])[0], id=f"llava-{i:05d}")
+            mode = plan[j][0]
+        elif source == "llava":
+            record, files = _llava_record(spec, i, mode, dirt)
+        elif source == "sharegpt":
+            record, files = _sharegpt_record(spec, i, mode, dirt, seen)
+        elif source == "qa":
+            record = _qa_record(spec, i, mode, dirt, seen)
+        elif source == _TWI:
+            record, files = _twi_record(spec, i, mode, dirt)
+        else:
+            record = _video_qa_record(spec, i, mode, dirt, out)
+        for name, data in files:
+            (folder / name).write_bytes(data)
+        res.images += len(files)
+        records.append(record)
+        stage, reason = (None, None) if dirt == "clean" else SFT_DIRT[source][dirt][1:]
+        res.truth.append((rel, i, record["id"], source, mode, dirt, stage, reason))
+    if rel.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(records, schema=SFT_QA_SCHEMA), out / rel, row_group_size=64)
+    elif rel.endswith(".json"):
+        (out / rel).write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    else:
+        with open(out / rel, "wb") as f:
+            for (_, dirt), record in zip(plan, records):
+                line = json.dumps(record, ensure_ascii=False).encode()
+                f.write((line[: len(line) * 2 // 3] if dirt == "malformed_json" else line) + b"\n")
+    return res
+
+
+def _sft_writer(source: str):
+    def write(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
+        return write_sft_source(out, spec, source)
+    return write
+
+
 WRITERS = {
     "wds": write_wds_shard,
     "parquet": write_parquet_shard,
@@ -1837,6 +2362,7 @@ WRITERS = {
     "benchmark": write_benchmark,
     "benchmark_video": write_benchmark_videos,
     "video": write_video_shard,
+    **{f"sft_{source}": _sft_writer(source) for source in SFT_SOURCES},
 }
 
 
@@ -1850,10 +2376,11 @@ def _run_task(task: tuple[str, CorpusSpec, str, int]) -> ShardResult:
 # --------------------------------------------------------------------------------------------
 
 _LAYOUT_DIRS = ("image_text/wds", "image_text/parquet", "image_text/jsonl/images", "interleaved/images",
-                "text", "video/clips", "benchmark/images", "benchmark/videos")
+                "text", "video/clips", "benchmark/images", "benchmark/videos", "sft/llava/images",
+                "sft/sharegpt/images", "sft/qa", "sft/think_with_image/images", "sft/video_qa")
 
 
-_LAYOUT_TOP = ("image_text", "interleaved", "text", "video", "benchmark", "truth.parquet", "corpus.json")
+_LAYOUT_TOP = ("image_text", "interleaved", "text", "video", "benchmark", "sft", "truth.parquet", "corpus.json")
 
 
 def _prepare_out(out: Path) -> None:
@@ -1891,7 +2418,8 @@ def write_sample_corpus(
     """Write a deterministic, deliberately dirty multimodal corpus to ``out``.
 
     ``rows`` is split 60/15/10/8/7 % over WebDataset, Parquet and JSONL image-text,
-    interleaved documents and pure text. The output (every byte of it) depends only on
+    interleaved documents and pure text. On top of those, ``sft/`` holds cold-start conversations
+    (a fifth of ``rows``, 60..1500, in the five modes; labels in ``sft/truth.parquet``). The output (every byte of it) depends only on
     ``rows``, ``seed`` and ``shard_rows``, not on ``workers``. Returns the summary that is also
     written to ``out/corpus.json``.
     """
@@ -1937,6 +2465,9 @@ def write_sample_corpus(
                         buffer = []
             if buffer:
                 truth_writer.write_table(_truth_table(buffer))
+        # Cold-start sources last: the video QA rows point at the clips written above.
+        sft_tasks = [(str(out), spec, f"sft_{source}", 0) for source in SFT_SOURCES]
+        sft_results = list(pool.imap(_run_task, sft_tasks) if pool else map(_run_task, sft_tasks))
     except BaseException:
         if pool:
             pool.terminate()
@@ -1946,6 +2477,10 @@ def write_sample_corpus(
             pool.close()
             pool.join()
     elapsed = time.perf_counter() - started
+    sft_truth = [row for res in sft_results for row in res.truth]
+    pq.write_table(pa.Table.from_pylist([dict(zip(SFT_TRUTH_SCHEMA.names, row)) for row in sft_truth],
+                                        schema=SFT_TRUTH_SCHEMA), out / "sft/truth.parquet")
+    files += [f for res in sft_results for f in res.files] + ["sft/truth.parquet"]
 
     totals = Counter()
     for counter in dirt_by_source.values():
@@ -1968,6 +2503,15 @@ def write_sample_corpus(
         "truth": "truth.parquet",
         "files": sorted(files + ["truth.parquet"]),
         "image_files": {image_dirs[d]: images[d] for d in sorted(image_dirs)},
+        "sft": {
+            "rows": len(sft_truth),
+            "truth": "sft/truth.parquet",
+            "sources": {source: SFT_FILES[source] for source in SFT_SOURCES},
+            "rows_by_source": {res.source.removeprefix("sft_"): res.rows for res in sft_results},
+            "clean_by_mode": dict(sorted(Counter(r[4] for r in sft_truth if r[5] == "clean").items())),
+            "dirt": dict(sorted(Counter(f"{r[3]}/{r[5]}" for r in sft_truth if r[5] != "clean").items())),
+            "image_files": sum(res.images for res in sft_results),
+        },
     }
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     logger.info("sample corpus: %d rows, %d files in %.1fs (%.0f rows/s) -> %s",

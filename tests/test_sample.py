@@ -340,6 +340,74 @@ def test_benchmark(corpus: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# cold-start SFT sources
+
+
+def test_sft_sources_match_their_truth(corpus: Path) -> None:
+    from curation.sample import SFT_DIRT, SFT_FILES
+
+    summary = json.loads((corpus / "corpus.json").read_text())["sft"]
+    t = pl.read_parquet(corpus / summary["truth"])
+    assert t.height == summary["rows"] and 60 <= t.height <= 1500
+    assert dict(Counter(t["source"].to_list())) == summary["rows_by_source"]
+    assert dict(Counter(t.filter(pl.col("dirt") == "clean")["mode"].to_list())) == summary["clean_by_mode"]
+    for source, kinds in SFT_DIRT.items():
+        present = set(t.filter(pl.col("source") == source)["dirt"].to_list())
+        assert set(kinds) - {"truncated_video"} <= present, source
+    assert t.filter(pl.col("dirt") == "infinite_loop").height == 1  # each costs the sandbox's timeout
+    assert t.filter(pl.col("dirt") == "clean")["stage"].null_count() == t.filter(pl.col("dirt") == "clean").height
+    llava = json.loads((corpus / SFT_FILES["llava"]).read_text())
+    assert [r["id"] for r in llava] == t.filter(pl.col("source") == "llava")["key"].to_list()
+    qa = pl.read_parquet(corpus / SFT_FILES["qa"])
+    assert qa.columns == ["id", "question", "answer", "reasoning", "analysis", "image", "mode"]
+    assert qa["image"].null_count() < qa.height  # some rows show an image
+
+
+def test_think_with_image_code_brings_out_the_detail(corpus: Path) -> None:
+    """The clean tasks' code runs on their image (here in-process: it is the generator's own template code)
+    and returns an enlarged, turned or sharpened crop; the dirty code is what the sandbox must stop."""
+    from curation.sample import SFT_FILES
+
+    t = pl.read_parquet(corpus / "sft/truth.parquet").filter(pl.col("source") == "think_with_image")
+    kinds = dict(zip(t["key"].to_list(), t["dirt"].to_list()))
+    path = corpus / SFT_FILES["think_with_image"]
+    ran = 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kinds[rec["id"]] != "clean":
+            if kinds[rec["id"]] in ("reads_file", "opens_socket"):
+                assert "/etc/passwd" in rec["code"] or "socket" in rec["code"]
+            continue
+        image = Image.open(path.parent / rec["image"]).convert("RGB")
+        scope = {"image": image}
+        exec(compile(rec["code"], rec["id"], "exec"), scope)  # noqa: S102 - the generator's template code
+        assert isinstance(scope["result"], Image.Image)
+        assert scope["result"].width * scope["result"].height > 2 * 24 * 24  # enlarged, not a bare crop
+        ran += 1
+    assert ran == t.filter(pl.col("dirt") == "clean").height > 0
+
+
+def test_video_qa_rows_point_at_clean_clips(corpus: Path, truth: pl.DataFrame) -> None:
+    from curation.sample import SFT_FILES
+
+    clean = {f"video/clips/{k}.mp4" for k in truth.filter((pl.col("source") == "video") & (pl.col("dirt") == "clean"))["key"]}
+    path = corpus / SFT_FILES["video_qa"]
+    t = pl.read_parquet(corpus / "sft/truth.parquet").filter(pl.col("source") == "video_qa")
+    kinds = dict(zip(t["key"].to_list(), t["dirt"].to_list()))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    pairs = set()
+    for rec in rows:
+        clip = str((path.parent / rec["video"]).resolve().relative_to(corpus.resolve()))
+        if kinds[rec["id"]] == "clean":
+            assert clip in clean
+            pairs.add((clip, rec["question"]))
+    assert len(pairs) == sum(1 for k in kinds.values() if k == "clean")  # no accidental duplicate
+
+
+# ------------------------------------------------------------------------------------------
 # memory
 
 

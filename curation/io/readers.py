@@ -22,13 +22,26 @@ jsonl/pq    video       text: ``caption``, video: ``video`` (path relative to th
                         keyframes are sampled at ingest (1 fps, at most 32) into ``frames``/``frame_ts``
 any         text        text: ``text`` (webdataset: ``txt``)
 pool        (per row)   a pool's Parquet shards: rows keep their id, modality and lineage
+sharegpt    sft         LLaVA / ShareGPT / OpenAI conversations: ``conversations`` (``{from, value}``
+                        turns) or ``messages`` (``{role, content}``), images: ``images;image``, video:
+                        ``video;videos``, ``mode``, ``system``; ``<image>`` placeholders become image parts
+qa          sft         question/answer tables: ``question``, ``answer``, ``reasoning``, ``analysis``,
+                        image: ``image;images``, ``video``, ``code`` (think_with_image), ``mode``, ``system``
 =========== =========== ===================================================================
+
+``sharegpt`` and ``qa`` read ``.json`` (one list of records), ``.jsonl`` and ``.parquet`` files and build
+the conversation of each record with :mod:`curation.mix.coldstart` (modes, suffixes, placeholders:
+``docs/sft-format.md``). Image and video paths are relative to the file, or to ``fields: {image_root: DIR}``
+(itself relative to the file); a video is sampled at ingest like a video row's. ``mode:`` in the source
+gives the mode of records that carry none (else it is inferred).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -37,7 +50,8 @@ import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
 from curation.io.tar import TarError, iter_tar
-from curation.recipe import SourceSpec
+from curation.mix import coldstart
+from curation.recipe import SFT_FORMATS, SourceSpec
 from curation.schema import ROW_SCHEMA, from_rows, json_meta, row_id
 
 log = logging.getLogger(__name__)
@@ -55,10 +69,12 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("jsonl", "text"): {"text": "text"},
     ("jsonl", "video"): {"text": "caption", "video": "video"},
     ("parquet", "video"): {"text": "caption", "video": "video"},
+    **{(fmt, "sft"): fields for fmt, fields in coldstart.SOURCE_FIELDS.items()},
 }
 VIDEO_FPS = 1.0  # frames sampled per second of video at ingest (curation.io.video: why)
 VIDEO_MAX_FRAMES = 32
 VIDEO_UNIT_ROWS = 64  # videos per unit: decoding makes a video row ~1000x a text row, so units stay small
+SFT_UNIT_ROWS = 128  # conversation lines per unit: rows may decode a video, or run code in a later stage
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class Unit:
     rg_stop: int | None = None
     fields_json: str = "{}"
     on_bad_text: str = "reject"
+    mode: str | None = None  # sft: the mode of records that carry none
 
     @property
     def fields(self) -> dict[str, str]:
@@ -85,7 +102,7 @@ class Unit:
 
     @property
     def label(self) -> str:
-        part = "lines" if self.format == "jsonl" else "row groups"
+        part = "row groups" if self.format in ("parquet", "pool") or self.uri.endswith(".parquet") else "lines"
         rng = f" {part} {self.rg_start}-{self.rg_stop}" if self.rg_stop is not None else ""
         return f"{self.uri}{rng}"
 
@@ -104,12 +121,14 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]
                     files.append(f)
         for uri in files:
             common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
-                          fields_json=fields_json, on_bad_text=spec.on_bad_text)
-            if spec.format in ("parquet", "pool"):
+                          fields_json=fields_json, on_bad_text=spec.on_bad_text, mode=spec.mode)
+            sft = spec.format in SFT_FORMATS
+            if spec.format in ("parquet", "pool") or (sft and uri.endswith(".parquet")):
                 for start, stop in _row_group_ranges(uri, unit_rows):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
-            elif spec.format == "jsonl" and spec.modality == "video":
-                for start, stop in _line_ranges(uri, VIDEO_UNIT_ROWS):
+            elif (spec.format == "jsonl" and spec.modality == "video") or (sft and uri.endswith(".jsonl")):
+                per_unit = VIDEO_UNIT_ROWS if spec.modality == "video" else SFT_UNIT_ROWS
+                for start, stop in _line_ranges(uri, per_unit):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
             else:
                 units.append(Unit(index=len(units), **common))
@@ -156,7 +175,7 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
     reject naming the offset where reading stopped.
     """
     reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl,
-              "pool": _read_pool}[unit.format]
+              "pool": _read_pool, "sharegpt": _read_sft, "qa": _read_sft}[unit.format]
     make = _RowMaker(unit)
     rows: list[dict[str, Any]] = []
     next_offset = 0
@@ -197,19 +216,22 @@ class _RowMaker:
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
-            reason: str | None = None, detail: str | None = None, video: str | None = None) -> dict[str, Any]:
+            reason: str | None = None, detail: str | None = None, video: str | None = None,
+            messages: str | None = None, mode: str | None = None) -> dict[str, Any]:
         m = self.unit.modality
         frames = frame_ts = None
         if video:  # stored resolved, so later stages and mixtures can find the file
             video = cfs.join(cfs.dirname(self.unit.uri), video)
-        if m == "video" and reason is None:
+        if reason is None and (m == "video" or (m == "sft" and video)):
             frames, frame_ts, meta, reason, detail = self._video(offset, video, meta)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
         elif m == "interleaved":
             joined = "\x1e".join("" if t is None else t for t in (texts or []))
             rid = row_id(m, joined, images or [])
-        elif m != "video":
+        elif m == "sft":  # docs/sft-format.md: messages and images (then the video's frames, if any)
+            rid = row_id(m, messages, [*(images or []), *(frames or ([video.encode()] if video else []))])
+        else:
             rid = row_id(m, text, [image] if image is not None else [])
         if isinstance(text, bytes):
             text, bad = _decode_text(text)
@@ -218,7 +240,7 @@ class _RowMaker:
         return {
             "id": rid, "source": self.unit.source, "modality": m, "text": text, "image": image,
             "texts": texts, "images": images, "meta": json_meta(meta),
-            "video": video, "frames": frames, "frame_ts": frame_ts,
+            "video": video, "frames": frames, "frame_ts": frame_ts, "messages": messages, "mode": mode,
             "source_uri": self.unit.uri, "source_offset": offset,
             "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
         }
@@ -385,6 +407,26 @@ def _image_bytes(value: Any) -> bytes | None:
     return value
 
 
+def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | ValueError, str | None, bytes]]:
+    """``(offset, object, UTF-8 problem, raw line)`` for the non-blank lines of the unit's line range;
+    a line that is not a JSON object comes with the ``ValueError`` in place of the object."""
+    for offset, raw in enumerate(cfs.iter_lines(stream)):
+        if offset < unit.rg_start:
+            continue
+        if unit.rg_stop is not None and offset >= unit.rg_stop:
+            break
+        if not raw.strip():
+            continue  # blank lines are not rows (offsets stay line numbers)
+        text_of_line, bad = _decode_text(raw)
+        try:
+            obj = json.loads(text_of_line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        except ValueError as e:
+            obj = e
+        yield offset, obj, bad, raw
+
+
 def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
     make = _RowMaker(unit)
     f = make.fields
@@ -395,20 +437,9 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
         yield make.broken(0, "unreadable_file", str(e))
         return
     with stream:
-        for offset, raw in enumerate(cfs.iter_lines(stream)):
-            if offset < unit.rg_start:
-                continue
-            if unit.rg_stop is not None and offset >= unit.rg_stop:
-                break
-            if not raw.strip():
-                continue  # blank lines are not rows (offsets stay line numbers)
-            text_of_line, bad = _decode_text(raw)
-            try:
-                obj = json.loads(text_of_line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-            except ValueError as e:
-                yield make.broken(offset, "malformed_row", f"not a JSON object: {e}", raw)
+        for offset, obj, bad, raw in _json_lines(unit, stream):
+            if isinstance(obj, ValueError):
+                yield make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
                 continue
             try:
                 row = _jsonl_row(make, f, base, offset, obj, bad)
@@ -452,3 +483,119 @@ def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_
         raise TypeError(f"'{f['video']}' must be a path or URI, got {type(video).__name__}")
     return make.row(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason,
                     detail=detail, video=video)
+
+
+# ---------------------------------------------------------------- SFT conversations (sharegpt, qa)
+
+
+def _read_sft(unit: Unit) -> Iterator[dict[str, Any]]:
+    """Records of a ``sharegpt`` or ``qa`` source as SFT rows (:mod:`curation.mix.coldstart` converts).
+
+    A record that cannot become a conversation (no turns, an unknown role or mode, roles out of order,
+    placeholders that do not match the images, a suffix that contradicts the mode) is an ingest reject
+    with the converter's reason; a missing image file is ``missing_image_file`` and keeps the messages.
+    """
+    make = _RowMaker(unit)
+    f = make.fields
+    convert = coldstart.from_conversation if unit.format == "sharegpt" else coldstart.from_qa
+    base = cfs.dirname(unit.uri)
+    if f.get("image_root"):
+        base = _resolve(base, f["image_root"])
+    for offset, record, broken in _sft_records(unit, make):
+        if broken is not None:
+            yield broken
+            continue
+        try:
+            conv = convert(record, f, unit.mode)
+            images, missing = _load_images(conv.images, base)
+        except coldstart.ConversionError as e:
+            yield make.broken(offset, e.reason, e.detail, _raw_record(record))
+            continue
+        reason = detail = None
+        if missing:
+            reason, detail = "missing_image_file", f"{unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
+        meta = {k: v for k, v in record.items()
+                if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))}
+        yield make.row(offset, messages=coldstart.dump_messages(conv.messages), mode=conv.mode, images=images or None,
+                       meta=meta, video=_resolve(base, conv.video) if conv.video else None, reason=reason,
+                       detail=detail)
+
+
+def _resolve(base: str, ref: str) -> str:
+    path = cfs.join(base, ref)
+    return path if cfs.is_uri(path) else os.path.normpath(path)
+
+
+def _load_images(refs: list[Any], base: str) -> tuple[list[bytes | None], list[str]]:
+    """Bytes of every image reference (inline bytes, structs, data URIs, or paths read from storage),
+    and the references that could not be read."""
+    images: list[bytes | None] = []
+    missing: list[str] = []
+    for ref in refs:
+        data = coldstart.image_bytes(ref)
+        path = coldstart.image_path(ref) if data is None else None
+        if data is None and path is None:
+            raise coldstart.ConversionError("malformed_row", f"an image reference must be bytes, a path or "
+                                                             f"a data URI, got {type(ref).__name__}")
+        if path is not None:
+            try:
+                data = cfs.read_bytes(_resolve(base, path))
+            except (OSError, FileNotFoundError):
+                missing.append(path)
+        images.append(data)
+    return images, missing
+
+
+def _raw_record(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False, default=lambda v: f"<{type(v).__name__}>")[:2000]
+
+
+def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None, dict | None]]:
+    """``(offset, record, None)`` for each record of the unit, or ``(offset, None, reject row)`` where a
+    record cannot be read. ``.parquet``: rows; ``.json``: a list of records (or JSON lines, if the file
+    does not start with ``[``); anything else: JSON lines."""
+    if unit.uri.endswith(".parquet"):
+        opened = _open_parquet(unit)
+        if isinstance(opened, str):
+            yield 0, None, make.broken(0, "unreadable_file", opened)
+            return
+        handle, pf, groups, offset = opened
+        with handle:
+            try:
+                for batch in pf.iter_batches(row_groups=groups, batch_size=256):
+                    for record in batch.to_pylist():
+                        yield offset, record, None
+                        offset += 1
+            except Exception as e:  # a corrupt page: report where, keep what was read
+                yield offset, None, make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+        return
+    try:
+        if unit.uri.endswith(".json"):
+            data = cfs.read_bytes(unit.uri)
+            stream = io.BytesIO(data)
+        else:
+            data, stream = b"", cfs.open_input(unit.uri)
+    except (OSError, FileNotFoundError) as e:
+        yield 0, None, make.broken(0, "unreadable_file", str(e))
+        return
+    if data.lstrip()[:1] == b"[":
+        try:
+            records = json.loads(data)
+        except ValueError as e:
+            yield 0, None, make.broken(0, "unreadable_file", f"not a valid JSON list of records: {e}")
+            return
+        for offset, record in enumerate(records):
+            if isinstance(record, dict):
+                yield offset, record, None
+            else:
+                yield offset, None, make.broken(offset, "malformed_row", f"expected a JSON object, got "
+                                                f"{type(record).__name__}", _raw_record(record))
+        return
+    with stream:
+        for offset, obj, bad, raw in _json_lines(unit, stream):
+            if isinstance(obj, ValueError):
+                yield offset, None, make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
+            elif bad and unit.on_bad_text == "reject":
+                yield offset, None, make.broken(offset, "text_not_utf8", bad, raw)
+            else:
+                yield offset, obj, None
