@@ -79,6 +79,32 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from curation.mix.builder import build_mixtures, iter_plan
+    from curation.mix.recipe import load_mix_recipe
+    from curation.recipe import RecipeError
+
+    try:
+        recipe = load_mix_recipe(args.recipe, args.set or [])
+        results = build_mixtures(recipe, only=args.only, address=args.address, overwrite=args.overwrite,
+                                 progress=not args.quiet, dry_run=args.dry_run)
+    except (RecipeError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ImportError) as e:  # the tokenizer
+        print(f"error: tokenizer: {e}", file=sys.stderr)
+        return 2
+    for line in iter_plan(results):
+        print(line)
+    for r in results:
+        if args.dry_run:
+            print(f"{r.name}: dry run, nothing written (would write {r.path})")
+        else:
+            print(f"{r.name}: {r.path}  ({r.manifest['totals']['shards']} shards)"
+                  + (f"\n  report: {r.report}" if r.report else ""))
+    return 0
+
+
 def _cmd_stages(args: argparse.Namespace) -> int:
     from curation.stage import describe, load_registry
 
@@ -150,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier scan in OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("mix", help="build training mixtures from pools to exact token budgets",
+                       description="Build the mixtures of a mixture recipe (mixtures/*.yaml) from pools: tokens counted "
+                                   "as the model counts them, deterministic sampling, sharded Parquet/WebDataset "
+                                   "with manifest.json and report.html per mixture. Rerunning resumes.")
+    p.add_argument("recipe", help="mixture YAML")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set vars.pools=/data/pools --set mixtures.stage2.budget=50M")
+    p.add_argument("--only", action="append", metavar="NAME", help="build only this mixture (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="count and plan, print the plan, write nothing")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="delete existing mixture folders first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_mix)
 
     p = sub.add_parser("stages", help="list the registered stages and their parameters")
     p.add_argument("--json", action="store_true")

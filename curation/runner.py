@@ -207,11 +207,11 @@ def _index_batch(batch: dict[str, np.ndarray], root: str, columns: tuple[str, ..
         with fs.open_output_stream(tmp) as f:
             pq.write_table(table, f)
         fs.move(tmp, out)
-    return {"done": np.array([len(batch["unit"])])}
+    return {"done": np.array([len(batch["item"])])}
 
 
 def _units(batch: dict[str, np.ndarray]) -> Iterator[Unit]:
-    for item in batch["unit"]:
+    for item in batch["item"]:
         yield Unit(**json.loads(item))
 
 
@@ -262,15 +262,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
 
         t0 = time.perf_counter()  # pipeline time excludes starting Ray (a cluster is already up)
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours counts units and rows, across both passes
-        ctx.print_on_execution_start = False
-        # Each plan is one fused operator whose outputs are small done records: holding CPUs in reserve for
-        # downstream operators (the default) only idles workers; measured on 2 CPUs, 8 x 1 s tasks took
-        # 6.5 s with the reservation and 4.6 s without.
-        ctx.op_resource_reservation_enabled = False
-        if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines drown the summary
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
+        configure_data_context()
         cpus_per_task = max([s.resources.num_cpus for s in recipe.stages] or [1.0])
         workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
         done = pool.done_records()
@@ -282,7 +274,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                       recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
                       token=uuid.uuid4().hex)
         if pending:
-            bar = _progress(len(pending), "units", progress)
+            bar = progress_bar(len(pending), "units", progress)
             rows = 0
             # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
             # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
@@ -329,7 +321,7 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
         if i.base_name.endswith(".parquet")}
     todo = [u for u in units if u.index not in cached]
     if todo:
-        bar = _progress(len(todo), "indexed", progress)
+        bar = progress_bar(len(todo), "indexed", progress)
         # Indexing a unit is cheap (read and hash): a few tasks per worker, many units each.
         kwargs = {"root": root, "columns": columns, "batch_rows": recipe.execution.batch_rows}
         for batch in _map_units(todo, _index_batch, kwargs, workers, min(len(todo), workers * 8)):
@@ -345,22 +337,46 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
 
 def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
                num_cpus: float = 1.0) -> Iterator[dict]:
-    """The Ray Data plan of both passes: units split into ``tasks`` blocks, ``fn`` over each block on at
-    most ``workers`` concurrent tasks; yields ``fn``'s outputs as they complete."""
-    import ray
-
+    """Both passes of a pipeline: ``fn`` over blocks of units (``batch["item"]`` holds them as JSON)."""
     # Blocks are cut from consecutive items, and consecutive units come from the same source (heavy
     # tars, then light text files): deal units out by stride so every task gets a mix and none is the tail.
     dealt = [units[i] for b in range(tasks) for i in range(b, len(units), tasks)]
-    # One JSON string per unit: a block mixing units with and without Parquet row-group bounds would
-    # otherwise become a float column with NaNs.
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in dealt], override_num_blocks=tasks)
+    yield from map_items([u.to_dict() for u in dealt], fn, fn_kwargs, workers, tasks, num_cpus)
+
+
+def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, tasks: int,
+              num_cpus: float = 1.0) -> Iterator[dict]:
+    """The Ray Data plan of every workflow here: ``items`` split into ``tasks`` blocks of consecutive
+    items, ``fn(batch, **fn_kwargs)`` over each block on at most ``workers`` concurrent tasks; yields
+    ``fn``'s outputs (numpy batches) as they complete. ``batch["item"]`` holds the items as JSON strings.
+    """
+    import ray
+
+    # One JSON string per item: a block mixing items with and without some key (Parquet row-group bounds)
+    # would otherwise become a float column with NaNs.
+    ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=tasks)
     ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 
 
-def _progress(total: int, unit: str, enabled: bool):
+def configure_data_context() -> None:
+    """Ray Data settings for our plans (call inside :func:`ray_session`)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours count units and rows, across passes
+    ctx.print_on_execution_start = False
+    # Each plan is one fused operator whose outputs are small done records: holding CPUs in reserve for
+    # downstream operators (the default) only idles workers; measured on 2 CPUs, 8 x 1 s tasks took
+    # 6.5 s with the reservation and 4.6 s without.
+    ctx.op_resource_reservation_enabled = False
+    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-dataset INFO lines drown the summary
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def progress_bar(total: int, unit: str, enabled: bool):
+    """tqdm on stderr: redrawn twice a second in a terminal, a line every 30 s in a log."""
     from tqdm import tqdm
 
     # In a terminal, redraw twice a second; in a log (ray job logs, CI) a line every 30 s is enough.

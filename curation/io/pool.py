@@ -68,8 +68,10 @@ def _commit_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 class _Part:
     """One shard being written: a Parquet file and a tar with the same rows, under temp names."""
 
-    def __init__(self, fs, root: str, name: str, schema: pa.Schema, formats: list[str]):
-        self.fs, self.root, self.name, self.schema, self.formats = fs, root, name, schema, formats
+    def __init__(self, fs, root: str, name: str, schema: pa.Schema, formats: list[str], key: str = "id"):
+        # key: the column naming each sample in the tar (mixtures repeat a row across epochs, so they key
+        # by a column that adds the epoch)
+        self.fs, self.root, self.name, self.schema, self.formats, self.key = fs, root, name, schema, formats, key
         self.tmp_tag = uuid.uuid4().hex[:8]
         self.rows = 0
         self.bytes = 0
@@ -93,7 +95,7 @@ class _Part:
         if self._tar is not None:
             for row in table.to_pylist():
                 for member, data in _wds_members(row):
-                    info = tarfile.TarInfo(f"{row['id']}.{member}")
+                    info = tarfile.TarInfo(f"{row[self.key]}.{member}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     self._tar.addfile(info, io.BytesIO(data))
         self.rows += table.num_rows
@@ -124,6 +126,9 @@ def _wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     for i, img in enumerate(row.get("images") or []):
         if img is not None:
             members.append((f"img{i}.{image_ext(img)}", img))
+    for i, frame in enumerate(row.get("frames") or []):  # timestamps are in the .json (frame_ts)
+        if frame is not None:
+            members.append((f"frame{i:03d}.{image_ext(frame)}", frame))
     members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
     if row.get("text") is not None:
         members.append(("txt", row["text"].encode("utf-8", "replace")))
