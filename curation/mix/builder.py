@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -516,6 +517,7 @@ class MixResult:
     path: str
     manifest: dict[str, Any]
     report: str | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per pass (also in stats.json)
 
 
 def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address: str | None = None,
@@ -540,12 +542,15 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
     pool_index = {n: i for i, n in enumerate(pool_names)}
     selectors = _selectors(recipe, pool_index)
     sel_index = {s.key: i for i, s in enumerate(selectors)}
+    t0 = time.perf_counter()
     with ray_session(address, recipe.execution.num_cpus):
         import ray
 
         configure_data_context()
         workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        t1 = time.perf_counter()
         counts = _count(recipe, pools, pool_names, selectors, tokenizer_path, workers, progress)
+        t2 = time.perf_counter()
         plans_by_mix, problems = {}, []
         for mix in recipe.mixtures:
             plans, probs = plan_mixture(mix, counts, sel_index, recipe.seed, pools)
@@ -553,10 +558,12 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
             problems += probs
         if problems:
             raise RecipeError(recipe.file, problems)
+        timings = {"ray_start_s": t1 - t0, "count_s": t2 - t1, "plan_s": time.perf_counter() - t2,
+                   "rows_counted": counts.height, "count_rows_per_s": counts.height / max(t2 - t1, 1e-9)}
         results = []
         for mix in recipe.mixtures:
             results.append(_write_mixture(recipe, mix, plans_by_mix[mix.name], counts, pools, pool_names,
-                                          tokenizer, workers, overwrite, progress, dry_run))
+                                          tokenizer, workers, overwrite, progress, dry_run, dict(timings)))
     return results
 
 
@@ -587,7 +594,8 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
 
 def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], counts: pl.DataFrame,
                    pools: dict[str, PoolInfo], pool_names: list[str], tokenizer: Tokenizer, workers: int,
-                   overwrite: bool, progress: bool, dry_run: bool) -> MixResult:
+                   overwrite: bool, progress: bool, dry_run: bool, timings: dict[str, float]) -> MixResult:
+    """Write one mixture; ``timings`` (seconds of the shared passes) goes to its stats.json with its own."""
     from curation.runner import map_items, progress_bar
 
     out_root = recipe.output.path.rstrip("/")
@@ -598,7 +606,8 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
         s.pool == n for s in mix.sources.values())])
     manifest = _manifest(recipe, mix, plans, sel, pools, tokenizer)
     if dry_run:
-        return MixResult(mix.name, root, manifest, None)
+        return MixResult(mix.name, root, manifest, None, timings)
+    t_write = time.perf_counter()
 
     fs, path = cfs.filesystem(root)
     mix_hash = _mixture_hash(recipe, mix)
@@ -659,12 +668,16 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
     manifest["totals"]["bytes"] = sum(s[k]["bytes"] for s in manifest["shards"] for k in ("parquet", "tar") if k in s)
     _commit_bytes(fs, f"{path}/manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode())
     fs.delete_dir_contents(f"{path}/_work/buckets", missing_dir_ok=True)
+    timings["write_s"] = time.perf_counter() - t_write
+    timings["shards_written"] = len(pending)
+    _commit_bytes(fs, f"{path}/stats.json", json.dumps(
+        {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}, indent=2).encode())
     report = None
     if recipe.output.report:
         from curation.mix.report import write_mix_report
 
         report = write_mix_report(root, manifest, sel)
-    return MixResult(mix.name, root, manifest, report)
+    return MixResult(mix.name, root, manifest, report, timings)
 
 
 def output_schema(schemas: list[pa.Schema]) -> pa.Schema:
