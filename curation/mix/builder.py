@@ -26,6 +26,7 @@ each budget was missed), ``report.html`` and ``report.json``. See ``docs/mixture
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -49,7 +50,7 @@ import xxhash
 from curation.io import fs as cfs
 from curation.io.pool import _Part, _commit_bytes
 from curation.mix.recipe import MixRecipe, MixSource, Mixture, resolved_source
-from curation.mix.tokens import Tokenizer, VisionConfig, row_tokens
+from curation.mix.tokens import Markup, Tokenizer, VisionConfig, row_tokens
 from curation.recipe import RecipeError
 from curation.schema import ROW_SCHEMA, conform
 
@@ -174,7 +175,7 @@ def _selectors(recipe: MixRecipe, pool_index: dict[str, int]) -> list[Selector]:
 
 
 def count_shard(path: str, pool_index: int, shard_index: int, selectors: list[Selector], tokenizer: Tokenizer,
-                vision: VisionConfig, batch_rows: int) -> pa.Table:
+                vision: VisionConfig, batch_rows: int, markup: Markup | None = None) -> pa.Table:
     """Per-row token counts and selector flags of one pool shard (what the plan needs, nothing more).
 
     Columns: pool, shard, row, id, source, modality, mode, text_tokens, visual_tokens, tokens, error,
@@ -190,25 +191,25 @@ def count_shard(path: str, pool_index: int, shard_index: int, selectors: list[Se
         out, start = [], 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             table = pa.Table.from_batches([batch])
-            out.append(_count_table(table, start, pool_index, shard_index, selectors, tokenizer, vision))
+            out.append(_count_table(table, start, pool_index, shard_index, selectors, tokenizer, vision, markup))
             start += table.num_rows
     if not out:
         return _count_table(pa.table({c: pa.array([], ROW_SCHEMA.field(c).type) for c in _ALWAYS}), 0,
-                            pool_index, shard_index, selectors, tokenizer, vision)
+                            pool_index, shard_index, selectors, tokenizer, vision, markup)
     return pa.concat_tables(out)
 
 
 def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int, selectors: list[Selector],
-                 tokenizer: Tokenizer, vision: VisionConfig) -> pa.Table:
+                 tokenizer: Tokenizer, vision: VisionConfig, markup: Markup | None) -> pa.Table:
     n = table.num_rows
     errors: list[str | None] = [None] * n
     try:
-        counts = row_tokens(table, tokenizer, vision)
+        counts = row_tokens(table, tokenizer, vision, markup)
     except ValueError:  # one bad row spoils the batch: count row by row to find it
         counts = {k: np.zeros(n, np.int64) for k in ("text_tokens", "visual_tokens", "total")}
         for i in range(n):
             try:
-                one = row_tokens(table.slice(i, 1), tokenizer, vision)
+                one = row_tokens(table.slice(i, 1), tokenizer, vision, markup)
             except ValueError as e:
                 errors[i] = str(e)
                 counts["total"][i] = -1
@@ -245,12 +246,13 @@ def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int,
 
 
 def _count_batch(batch: dict[str, np.ndarray], selectors: list[Selector], tokenizer_path: str,
-                 allow_download: bool, vision: VisionConfig, batch_rows: int) -> dict[str, np.ndarray]:
+                 allow_download: bool, vision: VisionConfig, markup: Markup, batch_rows: int) -> dict[str, np.ndarray]:
     tokenizer = Tokenizer.load(tokenizer_path, allow_download=allow_download)
     tables = []
     for item in batch["item"]:
         it = json.loads(item)
-        tables.append(count_shard(it["path"], it["pool"], it["shard"], selectors, tokenizer, vision, batch_rows))
+        tables.append(count_shard(it["path"], it["pool"], it["shard"], selectors, tokenizer, vision, batch_rows,
+                                  markup))
     sink = pa.BufferOutputStream()
     table = pa.concat_tables(tables)
     with pa.ipc.new_stream(sink, table.schema) as w:
@@ -582,7 +584,7 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
     bar = progress_bar(len(items), "shards counted", progress)
     tables = []
     kwargs = {"selectors": selectors, "tokenizer_path": tokenizer_path, "allow_download": False,
-              "vision": recipe.vision, "batch_rows": recipe.execution.batch_rows}
+              "vision": recipe.vision, "markup": recipe.markup, "batch_rows": recipe.execution.batch_rows}
     for batch in map_items(dealt, _count_batch, kwargs, workers, tasks):
         for blob, k in zip(batch["ipc"], batch["shards"]):
             tables.append(pa.ipc.open_stream(io.BytesIO(blob)).read_all())
@@ -740,7 +742,8 @@ def _manifest(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], sel: pl.
         "unit": unit,
         "tokenizer": {"source": os.path.basename(tokenizer.source) if not cfs.is_uri(tokenizer.source)
                       else tokenizer.source, "sha256": _file_sha256(tokenizer.source)},
-        "vision": {k: getattr(recipe.vision, k) for k in recipe.vision.__dataclass_fields__},
+        "vision": dataclasses.asdict(recipe.vision),
+        "markup": dataclasses.asdict(recipe.markup),
         "pools": {n: {"path": pools[n].root, "recipe_hash": pools[n].recipe_hash, "rows": pools[n].rows}
                   for n in sorted({s.pool for s in mix.sources.values()})},
         "budget": {"requested": mix.budget if mix.budget is not None else "auto", "target": target,

@@ -11,6 +11,7 @@ Example::
     vars: {pools: ./pools, out: ./mixtures-out, tokenizer: /models/Keye-VL-8B}
     pools: {demo: "${pools}/demo"}
     tokenizer: ${tokenizer}
+    markup: {per_row: 1, per_message: 5, per_image: 2, per_video: 2}   # template tokens no column holds
     seed: 0
     output: {path: "${out}", formats: [parquet, webdataset]}
     mixtures:
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.mix.tokens import VisionConfig
+from curation.mix.tokens import Markup, VisionConfig
 from curation.recipe import OUTPUT_FORMATS, RecipeError, build, load_yaml
 from curation.schema import MODALITIES
 
@@ -91,6 +92,7 @@ class MixRecipe:
     tokenizer: str
     allow_download: bool
     vision: VisionConfig
+    markup: Markup
     seed: int
     mixtures: list[Mixture]
     output: MixOutput
@@ -122,8 +124,8 @@ def parse_amount(value: Any) -> int | None:
     return None
 
 
-_TOP_KEYS = {"name", "vars", "pools", "tokenizer", "allow_download", "vision", "seed", "mixtures", "output",
-             "execution"}
+_TOP_KEYS = {"name", "vars", "pools", "tokenizer", "allow_download", "vision", "markup", "seed", "mixtures",
+             "output", "execution"}
 _MIXTURE_KEYS = {"budget", "unit", "sources"}
 
 
@@ -155,6 +157,7 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
     if not isinstance(allow_download, bool):
         problems.append(f"allow_download: expected true or false, got {allow_download!r}")
     vision = build(VisionConfig, raw.get("vision") or {}, "vision", problems)
+    markup = build(Markup, raw.get("markup") or {}, "markup", problems)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         problems.append(f"seed: expected an integer, got {seed!r}")
@@ -183,7 +186,7 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
         raise RecipeError(file, problems)
     return MixRecipe(
         name=str(raw.get("name") or Path(file).stem), pools=dict(pools), tokenizer=tokenizer,
-        allow_download=allow_download, vision=vision, seed=seed, mixtures=mixtures, output=output,
+        allow_download=allow_download, vision=vision, markup=markup, seed=seed, mixtures=mixtures, output=output,
         execution=execution, file=file, resolved=json.loads(json.dumps(raw, default=str)))
 
 

@@ -14,6 +14,7 @@ frames merged in temporal pairs; text goes through the Qwen3 tokenizer. Budgets 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -329,14 +330,30 @@ def _per_row(n: int, rows: Sequence[int] | np.ndarray, values: np.ndarray) -> np
     return np.bincount(np.asarray(rows, np.int64), weights=values, minlength=n).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class Markup:
+    """Tokens the training template adds around content, which no column holds.
+
+    Keye-VL (Qwen3's ChatML) wraps each message as ``<|im_start|>ROLE\n ... <|im_end|>\n`` (5 tokens) and
+    each image or video as ``<|vision_start|> ... <|vision_end|>`` (2 tokens); a pre-training document
+    ends with one end-of-text token. The defaults count none of it (content only); the shipped recipes
+    set Keye-VL's values.
+    """
+
+    per_row: int = 0  # e.g. 1: the end-of-text token after each document
+    per_message: int = 0  # e.g. 5: ChatML role header and end of turn
+    per_image: int = 0  # e.g. 2: vision start and end tokens around each image's patches
+    per_video: int = 0  # e.g. 2: the same around a video's frames
+
+
 def row_tokens(
-    table: pa.Table, tokenizer: Tokenizer, vision: VisionConfig | None = None
+    table: pa.Table, tokenizer: Tokenizer, vision: VisionConfig | None = None, markup: Markup | None = None
 ) -> dict[str, np.ndarray]:
     """Per-row ``text_tokens``, ``visual_tokens`` and ``total`` (int64 arrays) of a :data:`ROW_SCHEMA` table.
 
     Text: ``text``, every string of ``texts`` (interleaved documents), and the text parts of ``messages``
-    (SFT; content a string or a list of ``{"type": "text", "text": ...}`` parts). Chat-template markup
-    (role headers, ``<think>`` tags the template adds) is not counted here.
+    (SFT; content a string or a list of ``{"type": "text", "text": ...}`` parts), plus the template's
+    ``markup`` tokens (per row, per message, per image and per video; none by default).
     Visual: ``image`` at its ``width``/``height`` when both are set, else at its header size; every
     entry of ``images`` at its header size; ``frames`` as one video of ``len(frames)`` frames at the
     first frame's header size. Image and video parts in ``messages`` refer to these columns, so they
@@ -357,6 +374,7 @@ def row_tokens(
     texts = table.column("texts").combine_chunks()
     rows.extend(pc.list_parent_indices(texts).to_numpy().tolist())
     pieces.extend(pc.list_flatten(texts).to_pylist())
+    n_messages = np.zeros(n, np.int64)
     for i, m in enumerate(table.column("messages").to_pylist()):
         if m:
             try:
@@ -365,6 +383,8 @@ def row_tokens(
                 raise ValueError(f"row {ids[i]}: {e}") from e
             rows.extend([i] * len(found))
             pieces.extend(found)
+            if markup is not None and markup.per_message:
+                n_messages[i] = len(json.loads(m))
     text_tokens = _per_row(n, rows, tokenizer.count(pieces))
 
     # Images: the single image (declared size first), then every entry of `images`.
@@ -406,4 +426,10 @@ def row_tokens(
         per_video = vision.frame_tokens(widths, heights) * np.asarray(groups, np.int64)
         visual = visual + _per_row(n, vid_rows, per_video.astype(np.float64))
 
+    if markup is not None:
+        n_images = np.bincount(np.asarray(img_rows, np.int64), minlength=n)  # a row may hold several
+        n_videos = np.zeros(n, np.int64)
+        n_videos[vid_rows] = 1
+        text_tokens = (text_tokens + markup.per_row + markup.per_message * n_messages
+                       + markup.per_image * n_images + markup.per_video * n_videos)
     return {"text_tokens": text_tokens, "visual_tokens": visual, "total": text_tokens + visual}
