@@ -375,13 +375,14 @@ def configure_data_context() -> None:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
-def progress_bar(total: int, unit: str, enabled: bool):
+def progress_bar(total: int, unit: str, enabled: bool, desc: str | None = None):
     """tqdm on stderr: redrawn twice a second in a terminal, a line every 30 s in a log."""
     from tqdm import tqdm
 
     # In a terminal, redraw twice a second; in a log (ray job logs, CI) a line every 30 s is enough.
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=interval)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=interval)
 
 
 def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float) -> dict[str, Any]:

@@ -225,7 +225,10 @@ def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int,
         cols[c] = table.column(c) if c in table.column_names else pa.nulls(n, pa.string())
     cols.update(text_tokens=pa.array(counts["text_tokens"]), visual_tokens=pa.array(counts["visual_tokens"]),
                 tokens=pa.array(counts["total"]), error=pa.array(errors, pa.string()))
-    df = pl.from_arrow(table.drop_columns([c for c in ("image", "images", "frames") if c in table.column_names]))
+    # media stay out of polars unless a predicate reads them ("images IS NOT NULL")
+    wanted = {c for s in selectors if s.pool_index == pool_index for c in _where_columns(s)}
+    df = pl.from_arrow(table.drop_columns([c for c in ("image", "images", "frames")
+                                           if c in table.column_names and c not in wanted]))
     for i, s in enumerate(selectors):
         if s.pool_index != pool_index:
             cols[f"sel{i}"] = pa.array(np.zeros(n, bool))
@@ -581,7 +584,7 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
     items.sort(key=lambda it: -it["rows"])
     tasks = min(len(items), workers * 4)
     dealt = [items[i] for b in range(tasks) for i in range(b, len(items), tasks)]
-    bar = progress_bar(len(items), "shards counted", progress)
+    bar = progress_bar(len(items), "shards", progress, "count tokens")
     tables = []
     kwargs = {"selectors": selectors, "tokenizer_path": tokenizer_path, "allow_download": False,
               "vision": recipe.vision, "markup": recipe.markup, "batch_rows": recipe.execution.batch_rows}
@@ -647,7 +650,7 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
         items = [{"pool": int(p), "shard": int(s), "path": pools[pool_names[p]].shards[s]["path"]}
                  for p, s in zip(feeds["pool"], feeds["shard"])]
         tasks = min(len(items), workers * 4)
-        bar = progress_bar(len(items), f"{mix.name}: input shards scattered", progress)
+        bar = progress_bar(len(items), "shards", progress, f"{mix.name}: scatter")
         for batch in map_items(items, _scatter_batch, {"job": job, "pending": pending}, workers, tasks):
             bar.update(int(batch["done"].sum()))
         bar.close()
@@ -658,7 +661,7 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
             b = buckets.filter(pl.col("out_shard") == out)
             gather.append({"out_shard": out, "rows": int(b["len"].sum()),
                            "buckets": [f"{p:03d}_{s:05d}.parquet" for p, s in zip(b["pool"], b["shard"])]})
-        bar = progress_bar(len(gather), f"{mix.name}: shards written", progress)
+        bar = progress_bar(len(gather), "shards", progress, f"{mix.name}: write")
         for batch in map_items(gather, _gather_batch, {"job": job}, workers, min(len(gather), workers * 4)):
             for rec in batch["record"]:
                 rec = json.loads(rec)
