@@ -25,7 +25,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from curation.recipe import RecipeError, load_pipeline
     from curation.runner import run_pipeline, summary_table
-    from curation.stage import MissingDependency
+    from curation.stage import NotReady
 
     try:
         recipe = load_pipeline(args.recipe, args.set or [])
@@ -34,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_pipeline(recipe, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
-    except (FileExistsError, MissingDependency) as e:
+    except (FileExistsError, NotReady) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_table(result.stats))

@@ -320,9 +320,16 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
         stage = build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
         if stage is None:
             continue
-        if stage.resources.num_gpus or stage.resources.concurrency is not None:
-            problems.append(f"stages.{i}.{name}.resources: num_gpus and concurrency are for model-backed actor "
-                            f"stages, which this version does not run; remove them (num_cpus is honoured)")
+        kf = getattr(stage, "keep_fraction", None)
+        if kf is not None and not getattr(stage, "ranks", False):
+            problems.append(f"stages.{i}.{name}.keep_fraction: '{name}' scores are not a quality ranking; keep_fraction "
+                            f"applies to stages whose higher score is better (e.g. clip_score, caption_language)")
+        elif kf is not None and not 0 < kf <= 1:
+            problems.append(f"stages.{i}.{name}.keep_fraction: expected a fraction in (0, 1], got {kf:g}")
+        if stage.resources.num_cpus <= 0 or stage.resources.num_gpus < 0:
+            problems.append(f"stages.{i}.{name}.resources: num_cpus must be positive and num_gpus not negative")
+        if stage.resources.concurrency is not None and stage.resources.concurrency < 1:
+            problems.append(f"stages.{i}.{name}.resources.concurrency: expected a positive integer")
         if stage.label in labels:
             problems.append(f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>")
         labels.add(stage.label)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ from curation.io.pool import Pool, UnitSink, commit_done
 from curation.io.readers import INGEST, Unit, plan_units, read_unit
 from curation.recipe import PipelineRecipe
 from curation.schema import REJECT_COLUMNS, ROW_SCHEMA, conform
-from curation.stage import IndexedFilter, ScoreFilter, Stage
+from curation.stage import IndexedFilter, NotReady, ScoreFilter, Stage
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +251,17 @@ class RunResult:
 def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> RunResult:
     """Run a validated pipeline recipe as a Ray Data job and write its pool."""
-    for stage in recipe.stages:
+    for stage in recipe.stages:  # before any data is read: packages, weights, endpoints, GPUs
         stage.check_requirements()
+        try:
+            stage.preflight()
+        except NotReady:
+            raise
+        except (ValueError, OSError) as e:
+            raise NotReady(f"stage '{stage.label}': {e}") from e
     units = plan_units(recipe.sources, recipe.execution.unit_rows)
     root = recipe.output.path if cfs.is_uri(recipe.output.path) else os.path.abspath(recipe.output.path)
     pool = Pool(root, recipe.hash)
-    pool.prepare(recipe.resolved, overwrite=overwrite)
     t_start = time.perf_counter()
     with ray_session(address, recipe.execution.num_cpus):
         import ray
@@ -263,8 +269,10 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         t0 = time.perf_counter()  # pipeline time excludes starting Ray (a cluster is already up)
 
         configure_data_context()
-        cpus_per_task = max([s.resources.num_cpus for s in recipe.stages] or [1.0])
-        workers = recipe.execution.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+        cpus_per_task, gpus_per_task = task_resources(recipe.stages)
+        check_gpus(recipe.stages, ray.cluster_resources().get("GPU", 0))
+        pool.prepare(recipe.resolved, overwrite=overwrite)
+        workers = _workers(recipe, cpus_per_task, gpus_per_task)
         done = pool.done_records()
         pending = [u for u in units if u.index not in done]
         if done:
@@ -280,7 +288,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
             tasks = min(len(pending), max(workers * 8, len(pending) // 4))
             for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers, tasks,
-                                    cpus_per_task):
+                                    cpus_per_task, gpus_per_task):
                 for rec in batch["record"]:
                     rec = json.loads(rec)
                     done[rec["unit"]] = rec
@@ -289,10 +297,16 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                     bar.update(1)
             bar.close()
         records = [done[u.index] for u in units]
+        replaced, extra_rejects, global_stats = _keep_fractions(recipe, records, root, workers, progress)
         t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
-    manifest = pool.write_manifest(recipe.resolved, records)
+    lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}
+    manifest = pool.write_manifest(recipe.resolved, records, replaced, extra_rejects, lineage)
     stats = _stats(records, recipe.stages, root, t_end - t0)
+    for g in global_stats:
+        stats["stages"].append(g)
+        stats["rows_out"] -= g["rows_in"] - g["rows_out"]
+        stats["rows_rejected"] += g["rows_in"] - g["rows_out"]
     stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
     pool.write_json("stats.json", stats)
     report = None
@@ -303,6 +317,93 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
 
         report = str(write_report(root)[0])
     return RunResult(root, manifest, stats, report)
+
+
+def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, workers: int, progress: bool
+                    ) -> tuple[dict[str, dict], list[dict], list[dict]]:
+    """Global thresholds: for each score filter with ``keep_fraction``, keep the top fraction of all rows it
+    scored, pool-wide (DataComp's "top 30%"), not per batch.
+
+    The unit pass only scored; here the threshold is the score of the ``k = ceil(keep_fraction * n)``-th
+    best of the ``n`` scored rows (shards and rejects alike: every row that reached the stage; rows tied at
+    it are kept in id order until exactly ``k`` are), recorded under
+    ``_work/global`` before any shard changes, so a rerun applies the same one; then each shard's rows
+    below it move to a rejects file (:func:`curation.io.pool.threshold_shard`). Returns the rewritten
+    shard entries by name, their rejects files, and one stats entry per stage.
+    """
+    import pyarrow.dataset as pads
+
+    from curation.io.pool import _commit_bytes
+
+    stages = [s for s in recipe.stages if isinstance(s, ScoreFilter) and s.keep_fraction is not None]
+    replaced: dict[str, dict] = {}
+    extra_rejects: list[dict] = []
+    out_stats: list[dict] = []
+    if not stages:
+        return replaced, extra_rejects, out_stats
+    fs, path = cfs.filesystem(root)
+    schema = pipeline_schema(recipe.stages)
+    shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
+    for stage in stages:
+        col = stage.score_name
+        rec_path = f"{path}/_work/global/{stage.label}.json"
+        if fs.get_file_info(rec_path).type == pafs.FileType.File:
+            with fs.open_input_stream(rec_path) as f:
+                rec = json.loads(f.read())
+        else:
+            files = [f"{path}/{s['parquet']['path']}" for r in records for s in r["shards"]]
+            files += [f"{path}/{r['rejects']['path']}" for r in records if r.get("rejects")]
+            files += [f"{path}/{r['path']}" for r in extra_rejects]
+            table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+                columns=["source_uri", "source_offset", col])
+            table = table.filter(pc.is_valid(table[col]))
+            values = np.sort(table[col].to_numpy())[::-1]
+            k = math.ceil(stage.keep_fraction * len(values))
+            threshold = float(values[k - 1]) if k else math.inf
+            # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
+            # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
+            above = int((values > threshold).sum())
+            tied = sorted(_lineage_keys(table.filter(pc.equal(table[col], threshold))))
+            rec = {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
+                   "keep": k, "tied_kept": tied[: k - above]}
+            fs.create_dir(f"{path}/_work/global", recursive=True)
+            _commit_bytes(fs, rec_path, json.dumps(rec).encode())
+        log.info("%s: keeping the top %.1f%% of %d scored rows: %s >= %.4f", stage.label, 100 * rec["keep_fraction"],
+                 rec["scored"], col, rec["threshold"])
+        detail = (f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
+                  f"{rec['scored']:,} scored rows")
+        entries = [replaced.get(s["name"], s) for r in records for s in r["shards"]]
+        kwargs = {"root": root, "column": col, "threshold": rec["threshold"], "tied_kept": rec["tied_kept"],
+                  "stage": stage.label, "detail": detail,
+                  "schema": shard_schema, "reject_schema": schema, "formats": recipe.output.formats}
+        moved = 0
+        bar = progress_bar(len(entries), "shards", progress, f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%")
+        for batch in map_items(entries, _threshold_batch, kwargs, workers, min(len(entries), workers * 4) or 1):
+            for r in batch["record"]:
+                r = json.loads(r)
+                replaced[r["name"]] = r["shard"]
+                if r["rejects"]:
+                    extra_rejects.append(r["rejects"])
+                moved += r["moved"]
+                bar.update(1)
+        bar.close()
+        extra_rejects.sort(key=lambda r: r["path"])  # tasks finish in any order; the manifest does not
+        kept_before = sum(e["rows"] for e in entries)
+        out_stats.append({"name": f"{stage.label} (keep_fraction)", "rows_in": kept_before,
+                          "rows_out": kept_before - moved, "drops": {"below_keep_fraction": moved} if moved else {},
+                          "seconds": 0.0, "histograms": {}, "threshold": rec["threshold"], "scored": rec["scored"]})
+    return replaced, extra_rejects, out_stats
+
+
+def _lineage_keys(table: pa.Table) -> list[str]:
+    return [f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())]
+
+
+def _threshold_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    from curation.io.pool import threshold_shard
+
+    out = [json.dumps(threshold_shard(entry=json.loads(item), **kwargs)) for item in batch["item"]]
+    return {"record": np.array(out, dtype=object)}
 
 
 def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers: int, progress: bool) -> list:
@@ -336,16 +437,47 @@ def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers
 
 
 def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
-               num_cpus: float = 1.0) -> Iterator[dict]:
+               num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
     """Both passes of a pipeline: ``fn`` over blocks of units (``batch["item"]`` holds them as JSON)."""
     # Blocks are cut from consecutive items, and consecutive units come from the same source (heavy
     # tars, then light text files): deal units out by stride so every task gets a mix and none is the tail.
     dealt = [units[i] for b in range(tasks) for i in range(b, len(units), tasks)]
-    yield from map_items([u.to_dict() for u in dealt], fn, fn_kwargs, workers, tasks, num_cpus)
+    yield from map_items([u.to_dict() for u in dealt], fn, fn_kwargs, workers, tasks, num_cpus, num_gpus)
+
+
+def task_resources(stages: list[Stage]) -> tuple[float, float]:
+    """(CPUs, GPUs) one unit task asks for: the most any of its fused stages needs."""
+    return (max([s.resources.num_cpus for s in stages] or [1.0]),
+            max([s.resources.num_gpus for s in stages] or [0.0]))
+
+
+def check_gpus(stages: list[Stage], cluster_gpus: float) -> None:
+    """Refuse, before anything is read or written, stages that ask for more GPUs than the cluster has."""
+    for s in stages:
+        if s.resources.num_gpus > cluster_gpus:
+            raise NotReady(
+                f"stage '{s.label}' asks for {s.resources.num_gpus:g} GPU(s) per worker but the Ray cluster has "
+                f"{cluster_gpus:g}; run on a GPU cluster (--address), or set stages.<i>.{s.name}.resources.num_gpus: 0 "
+                f"to run it on CPU")
+
+
+def _workers(recipe: PipelineRecipe, cpus_per_task: float, gpus_per_task: float) -> int:
+    """Concurrent unit tasks: the cluster's CPUs (and GPUs) over what a task needs, capped by any stage's
+    ``concurrency`` (a model-backed stage may allow fewer copies than there are CPUs: memory, rate limits)."""
+    import ray
+
+    if recipe.execution.num_workers:
+        return recipe.execution.num_workers
+    res = ray.cluster_resources()
+    workers = max(1, int(res.get("CPU", 1) // cpus_per_task))
+    if gpus_per_task:
+        workers = min(workers, max(1, int(res.get("GPU", 0) // gpus_per_task)))
+    caps = [s.resources.concurrency for s in recipe.stages if s.resources.concurrency]
+    return min([workers, *caps])
 
 
 def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, tasks: int,
-              num_cpus: float = 1.0) -> Iterator[dict]:
+              num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
     """The Ray Data plan of every workflow here: ``items`` split into ``tasks`` blocks of consecutive
     items, ``fn(batch, **fn_kwargs)`` over each block on at most ``workers`` concurrent tasks; yields
     ``fn``'s outputs (numpy batches) as they complete. ``batch["item"]`` holds the items as JSON strings.
@@ -355,7 +487,7 @@ def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, ta
     # One JSON string per item: a block mixing items with and without some key (Parquet row-group bounds)
     # would otherwise become a float column with NaNs.
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=tasks)
-    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus,
+    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus, num_gpus=num_gpus or None,
                         compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 

@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 class Resources:
     """What one worker of a stage needs (Ray resources).
 
-    CPU stages run fused in one task per unit, which asks for the largest ``num_cpus`` of its stages.
-    ``num_gpus`` and ``concurrency`` describe actor stages (a model loaded once per actor, fed by the
-    CPU tasks); the runner refuses them until such stages exist rather than ignoring them.
+    Stages run fused in one task per unit, which asks for the largest ``num_cpus`` and ``num_gpus`` of
+    its stages; ``concurrency`` caps how many such tasks run at once (a model-backed stage that may not
+    have more copies than that: memory, an endpoint's rate limit). A model is loaded once per worker
+    process (``setup``) and reused by every task that process runs.
     """
 
     num_cpus: float = 1.0
@@ -55,7 +56,12 @@ class Resources:
     concurrency: int | None = None
 
 
-class MissingDependency(RuntimeError):
+class NotReady(RuntimeError):
+    """A stage cannot run here (a package, weights, an endpoint or a GPU is missing); found before any
+    data is read, and the message says what to do."""
+
+
+class MissingDependency(NotReady):
     """An optional package a stage needs is not installed; the message has the install command."""
 
 
@@ -88,6 +94,18 @@ class Stage:
                     f"stage '{self.name}' needs the '{module}' package: pip install 'keye-curation[{extra}]'"
                 ) from e
 
+    def preflight(self) -> None:
+        """Checks on the driver before any data is read: weights exist, an endpoint answers, a GPU is there.
+
+        Raise ``MissingDependency`` or ``ValueError`` with a message that says what to do. Cheap: no model
+        is loaded here.
+        """
+
+    def lineage(self) -> dict[str, Any]:
+        """What a reader of the pool must know to reproduce this stage's scores: model name, checkpoint
+        sha256, prompt hash. Written to the pool's manifest under ``stages``."""
+        return {}
+
     def setup(self) -> None:
         """Load models and heavy imports; called once per worker before the first batch."""
 
@@ -107,7 +125,13 @@ class Stage:
 class ScoreFilter(Stage):
     """Compute score columns, then turn them into reject reasons (``None`` = keep)."""
 
+    # Score filters whose score ranks quality (higher is better) may keep a fraction of the whole dataset
+    # instead of applying their per-row rule: the runner cuts at the global quantile after every row is scored.
+    ranks: ClassVar[bool] = False
+
     annotate_only: bool = field(default=False, metadata={"help": "write scores but reject nothing"})
+    keep_fraction: float | None = field(default=None, metadata={
+        "help": "keep this top fraction of all rows scored, pool-wide, instead of the per-row rule"})
 
     @property
     def score_name(self) -> str:
@@ -140,8 +164,8 @@ class ScoreFilter(Stage):
         for f in self.output_fields():
             if f.name not in batch.column_names:
                 batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
-        if not active.num_rows or self.annotate_only:
-            return batch
+        if not active.num_rows or self.annotate_only or self.keep_fraction is not None:
+            return batch  # keep_fraction: decided later, over the whole pool (runner._keep_fractions)
         reasons, detail = decided if isinstance(decided, tuple) else (decided, None)
         return mark_rejected(batch, active_idx, self.label, reasons, detail)
 

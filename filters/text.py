@@ -140,6 +140,7 @@ class CaptionLanguage(ScoreFilter):
     """
 
     name: ClassVar[str] = "caption_language"
+    ranks: ClassVar[bool] = True  # the confidence ranks: keep_fraction keeps the surest captions
     reads: ClassVar[tuple[str, ...]] = ("text",)
     writes: ClassVar[tuple[str, ...]] = ("lang",)
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)

@@ -97,9 +97,16 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, tiny_corpus, capsys):
     assert not (tmp_path / "pool").exists()
 
 
-def test_gpu_requests_are_refused_not_ignored(tmp_path, tiny_corpus):
-    path = _write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_gpus: 1}}")
-    (p,) = _problems(path)
-    assert p.startswith("stages.0.image_decode.resources: num_gpus and concurrency")
-    ok = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_cpus: 2}}"))
-    assert ok.stages[0].resources.num_cpus == 2.0
+def test_gpu_stage_on_a_cluster_without_gpus_fails_before_writing(ray_local, tmp_path, tiny_corpus):
+    from curation.runner import run_pipeline
+    from curation.stage import NotReady
+
+    recipe = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_gpus: 1}}"))
+    with pytest.raises(NotReady, match=r"stage 'image_decode' asks for 1 GPU\(s\) per worker but the Ray "
+                                                r"cluster has 0"):
+        run_pipeline(recipe, progress=False)
+    assert not (tmp_path / "pool").exists()
+    (p,) = _problems(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {concurrency: 0}}"))
+    assert p.startswith("stages.0.image_decode.resources.concurrency: expected a positive integer")
+    ok = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_cpus: 2, concurrency: 1}}"))
+    assert ok.stages[0].resources.num_cpus == 2.0 and ok.stages[0].resources.concurrency == 1

@@ -240,9 +240,14 @@ class Pool:
                 out[rec["unit"]] = rec
         return out
 
-    def write_manifest(self, resolved: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-        shards = [dict(s, unit=r["unit"]) for r in records for s in r["shards"]]
-        rejects = [r["rejects"] for r in records if r.get("rejects")]
+    def write_manifest(self, resolved: dict[str, Any], records: list[dict[str, Any]],
+                       replaced: dict[str, dict[str, Any]] | None = None, extra_rejects: list[dict] = (),
+                       lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``replaced``: shard entries rewritten after the unit pass (by name); ``extra_rejects``: their
+        rejects files; ``lineage``: per stage, what reproduces its scores (models, prompts)."""
+        replaced = replaced or {}
+        shards = [dict(replaced.get(s["name"], s), unit=r["unit"]) for r in records for s in r["shards"]]
+        rejects = [r["rejects"] for r in records if r.get("rejects")] + list(extra_rejects)
         total_bytes = sum(s[k]["bytes"] for s in shards for k in ("parquet", "tar") if k in s)
         manifest = {
             "format": FORMAT,
@@ -252,7 +257,9 @@ class Pool:
             "rejects": rejects,
             "units": [{"unit": r["unit"], "uri": r["uri"], "source": r["source"], "errors": r.get("errors", [])}
                       for r in records],
-            "totals": {"rows": sum(s["rows"] for s in shards), "rejected": sum(r["rejected"] for r in records),
+            "stages": lineage or {},
+            "totals": {"rows": sum(s["rows"] for s in shards),
+                       "rejected": sum(r["rejected"] for r in records) + sum(r["rows"] for r in extra_rejects),
                        "shards": len(shards), "bytes": total_bytes},
         }
         self.write_json("manifest.json", manifest)
@@ -266,3 +273,66 @@ def commit_done(root: str, record: dict[str, Any]) -> None:
     """Write a unit's done record: the commit point of that unit."""
     fs, path = cfs.filesystem(root)
     _commit_bytes(fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode())
+
+
+def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: float, tied_kept: list[str],
+                    stage: str, detail: str, schema: pa.Schema, reject_schema: pa.Schema, formats: list[str]
+                    ) -> dict[str, Any]:
+    """Move a shard's rows scoring below ``threshold`` in ``column`` (or at it, unless their lineage key
+    ``source_uri#source_offset`` is in ``tied_kept``) to a rejects file; return the record.
+
+    Never in place: the moved rows go to ``rejects/g_<stage>_<shard>.parquet``, the kept ones to a new
+    shard ``<shard>-<stage>``, then ``_work/global/<stage>/<shard>.json`` commits both, and only then is
+    the old shard deleted. A rerun finds the record (and finishes the deletion) or, without one, the old
+    shard still whole and redoes it identically: a crash at any point never loses or duplicates a row.
+    Null scores (rows the stage does not apply to) are kept.
+    """
+    import pyarrow.compute as pc
+
+    fs, path = cfs.filesystem(root)
+    done = f"{path}/_work/global/{stage}/{entry['name']}.json"
+    if fs.get_file_info(done).type == pafs.FileType.File:
+        with fs.open_input_stream(done) as f:
+            record = json.loads(f.read())
+    else:
+        record = _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema,
+                                       reject_schema, formats)
+        fs.create_dir(f"{path}/_work/global/{stage}", recursive=True)
+        _commit_bytes(fs, done, json.dumps(record, sort_keys=True).encode())
+    if record["moved"]:
+        for kind in ("parquet", "tar"):
+            old = f"{path}/{entry[kind]['path']}" if kind in entry else None
+            if old and fs.get_file_info(old).type == pafs.FileType.File:
+                fs.delete_file(old)
+    return record
+
+
+def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema, reject_schema,
+                          formats) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    with fs.open_input_file(f"{path}/{entry['parquet']['path']}") as f:
+        table = pq.read_table(f)
+    keys = pa.array([f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())],
+                    pa.string())
+    tie_out = pc.and_(pc.equal(table[column], threshold), pc.invert(pc.is_in(keys, pa.array(tied_kept, pa.string()))))
+    low = pc.fill_null(pc.or_(pc.less(table[column], threshold), tie_out), False)
+    record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0}
+    moved = table.filter(low)
+    if not moved.num_rows:
+        return record
+    scores = moved[column].to_pylist()
+    moved = moved.append_column("reject_stage", pa.array([stage] * moved.num_rows, pa.string()))
+    moved = moved.append_column("reject_reason", pa.array(["below_keep_fraction"] * moved.num_rows, pa.string()))
+    moved = moved.append_column("reject_detail", pa.array([f"{detail}; this row {x:.4f}" for x in scores], pa.string()))
+    rel = f"rejects/g_{stage}_{entry['name']}.parquet"
+    buf = pa.BufferOutputStream()
+    pq.write_table(moved.select(reject_schema.names).cast(reject_schema), buf, compression="zstd")
+    _commit_bytes(fs, f"{path}/{rel}", buf.getvalue().to_pybytes())
+    record["rejects"] = {"path": rel, "rows": moved.num_rows, "bytes": fs.get_file_info(f"{path}/{rel}").size,
+                         "sha256": sha256_file(fs, f"{path}/{rel}")}
+    record["moved"] = moved.num_rows
+    part = _Part(fs, path, f"{entry['name']}-{stage}", schema, formats)
+    part.write(table.filter(pc.invert(low)))
+    record["shard"] = dict(part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")})
+    return record

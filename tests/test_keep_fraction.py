@@ -1,0 +1,127 @@
+"""Global thresholds: keep_fraction keeps the top fraction of every row a stage scored, pool-wide."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curation.recipe import RecipeError, load_pipeline
+from curation.runner import run_pipeline
+
+RECIPE = """
+name: keep
+sources:
+  - {{name: pairs, format: webdataset, modality: image_text, paths: ["{corpus}/image_text/wds/*.tar"]}}
+stages:
+  - image_decode: {{}}
+  - caption_language: {{keep_fraction: {fraction}}}
+output: {{path: "{out}", shard_rows: 150}}
+"""
+
+
+def _recipe(tmp_path: Path, corpus: Path, fraction, name="keep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(RECIPE.format(corpus=corpus, out=tmp_path / "pool", fraction=fraction))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_keep_fraction_cuts_at_the_global_quantile_and_resumes(ray_local, sample_corpus, tmp_path):
+    result = run_pipeline(load_pipeline(_recipe(tmp_path, sample_corpus, 0.3)), progress=False)
+    pool = Path(result.pool)
+    kept = pl.read_parquet(pool / "shards" / "*.parquet")
+    rejects = pl.read_parquet(pool / "rejects" / "*.parquet")
+    moved = rejects.filter(pl.col("reject_reason") == "below_keep_fraction")
+    scored = pl.concat([kept.select("score_caption_language"), rejects.select("score_caption_language")])
+    n = scored["score_caption_language"].drop_nulls().len()
+    assert n > 100 and len(list((pool / "shards").glob("*.parquet"))) > 2  # several shards: the cut is global
+    # exactly the top 30% of every scored row (ties at the cut broken by id), nothing below the cut survives
+    assert kept.height == math.ceil(0.3 * n)
+    assert kept["score_caption_language"].min() >= moved["score_caption_language"].max()
+    assert set(moved["reject_stage"]) == {"caption_language"}
+    assert "the cut for the top 30% of" in moved["reject_detail"][0]
+    # no row lost or duplicated: every row (by lineage: exact duplicates share an id) is in exactly one place
+    rows = [(u, o) for t in (kept, rejects) for u, o in zip(t["source_uri"], t["source_offset"])]
+    assert len(rows) == len(set(rows)) == result.stats["rows_in"]
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["totals"]["rows"] == kept.height
+    for s in manifest["shards"]:
+        assert _sha(pool / s["parquet"]["path"]) == s["parquet"]["sha256"]
+        assert _sha(pool / s["tar"]["path"]) == s["tar"]["sha256"]
+    assert sum(r["rows"] for r in manifest["rejects"]) == rejects.height
+    stage = next(s for s in result.stats["stages"] if s["name"] == "caption_language (keep_fraction)")
+    assert stage["drops"]["below_keep_fraction"] == moved.height and stage["scored"] == n
+    assert result.stats["rows_out"] == kept.height
+
+    # the rerun of a finished pool changes nothing
+    before = {p.name: _sha(p) for p in sorted((pool / "shards").iterdir())}
+    again = run_pipeline(load_pipeline(_recipe(tmp_path, sample_corpus, 0.3)), progress=False)
+    assert {p.name: _sha(p) for p in sorted((pool / "shards").iterdir())} == before
+    assert again.manifest == manifest
+
+
+def test_cutting_a_shard_survives_a_crash_before_its_record(ray_local, sample_corpus, tmp_path, monkeypatch):
+    """The crash window of the cut: new shard and rejects written, record not yet: the rerun ends the same."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import curation.io.pool as pool_mod
+
+    path = tmp_path / "annotated.yaml"
+    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "base", fraction=0.3)
+                    .replace("caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"))
+    base = Path(run_pipeline(load_pipeline(path), progress=False).pool)
+    entry = json.loads((base / "manifest.json").read_text())["shards"][0]
+    table = pq.read_table(base / entry["parquet"]["path"])
+    schema = table.schema
+    reject_schema = pa.schema(list(schema) + [pa.field(c, pa.string()) for c in
+                                              ("reject_stage", "reject_reason", "reject_detail")])
+    threshold = float(pl.from_arrow(table)["score_caption_language"].median())
+
+    def cut(root: Path) -> dict:
+        return pool_mod.threshold_shard(str(root), entry, "score_caption_language", threshold, [], "caption_language",
+                                        "test", schema, reject_schema, ["parquet", "webdataset"])
+
+    shutil.copytree(base, tmp_path / "clean")
+    clean = cut(tmp_path / "clean")
+    shutil.copytree(base, tmp_path / "crash")
+    real = pool_mod._commit_bytes
+
+    def crash_at_record(fs, p, data):
+        if "/_work/global/" in p:
+            raise OSError("disk full (simulated)")
+        real(fs, p, data)
+
+    monkeypatch.setattr(pool_mod, "_commit_bytes", crash_at_record)
+    with pytest.raises(OSError, match="simulated"):
+        cut(tmp_path / "crash")
+    assert (tmp_path / "crash" / entry["parquet"]["path"]).exists()  # the old shard is whole until the record
+    monkeypatch.setattr(pool_mod, "_commit_bytes", real)
+    again = cut(tmp_path / "crash")
+    assert again == clean and 0 < clean["moved"] < table.num_rows
+    for root in (tmp_path / "clean", tmp_path / "crash"):
+        assert not (root / entry["parquet"]["path"]).exists() and not (root / entry["tar"]["path"]).exists()
+    for rel in (clean["shard"]["parquet"]["path"], clean["shard"]["tar"]["path"], clean["rejects"]["path"]):
+        assert _sha(tmp_path / "clean" / rel) == _sha(tmp_path / "crash" / rel)
+    assert clean["shard"]["rows"] + clean["rejects"]["rows"] == table.num_rows
+    assert cut(tmp_path / "crash") == clean  # and once recorded, a rerun does nothing
+
+
+def test_keep_fraction_only_for_ranking_scores(tmp_path, sample_corpus):
+    path = tmp_path / "bad.yaml"
+    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3)
+                    .replace("caption_language: {keep_fraction: 0.3}", "image_size: {keep_fraction: 0.3}"))
+    with pytest.raises(RecipeError, match="stages.1.image_size.keep_fraction: 'image_size' scores are not a quality"):
+        load_pipeline(path)
+    with pytest.raises(RecipeError, match=r"keep_fraction: expected a fraction in \(0, 1\], got 1.5"):
+        load_pipeline(_recipe(tmp_path, sample_corpus, 1.5, "bad2.yaml"))
