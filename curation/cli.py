@@ -105,6 +105,23 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from curation.calibrate import calibrate
+
+    try:
+        html, js = calibrate(args.pool, args.score, thresholds=args.thresholds or (), keep=args.keep or (),
+                             examples=args.examples)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = json.loads(js.read_text())
+    print(f"{'threshold':>12}  {'kept':>10}  {'share':>7}")
+    for c in data["cuts"]:
+        print(f"{c['threshold']:>12.4g}  {c['kept']:>10,}  {100 * c['kept_fraction']:>6.1f}%")
+    print(f"report: {html}\njson:   {js}")
+    return 0
+
+
 def _cmd_stages(args: argparse.Namespace) -> int:
     from curation.stage import describe, load_registry
 
@@ -190,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete existing mixture folders first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_mix)
+
+    p = sub.add_parser("calibrate", help="kept fraction and borderline rows at several thresholds of a score (HTML)",
+                       description="For a score column of a pool (shards and rejects), show how much each threshold "
+                                   "keeps and the rows just above and below it, to pick a threshold by eye.")
+    p.add_argument("pool", help="pool folder (local)")
+    p.add_argument("--score", required=True, help="score column, e.g. score_clip_score")
+    p.add_argument("--thresholds", type=float, nargs="+", help="thresholds to show")
+    p.add_argument("--keep", type=float, nargs="+", help="kept fractions to show (their thresholds are computed)")
+    p.add_argument("--examples", type=int, default=6, help="rows shown on each side of each threshold")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("stages", help="list the registered stages and their parameters")
     p.add_argument("--json", action="store_true")

@@ -125,3 +125,28 @@ def test_keep_fraction_only_for_ranking_scores(tmp_path, sample_corpus):
         load_pipeline(path)
     with pytest.raises(RecipeError, match=r"keep_fraction: expected a fraction in \(0, 1\], got 1.5"):
         load_pipeline(_recipe(tmp_path, sample_corpus, 1.5, "bad2.yaml"))
+
+
+def test_calibrate_shows_kept_fractions_and_borderline_rows(ray_local, sample_corpus, tmp_path):
+    from curation.calibrate import calibrate
+    from curation.cli import main
+
+    path = tmp_path / "annotated.yaml"
+    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3)
+                    .replace("caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"))
+    pool = Path(run_pipeline(load_pipeline(path), progress=False).pool)
+    html, js = calibrate(pool, "score_caption_language", thresholds=[0.5], keep=[0.8, 0.3])
+    data = json.loads(js.read_text())
+    scores = pl.concat([pl.read_parquet(pool / d / "*.parquet").select("score_caption_language")
+                        for d in ("shards", "rejects")])["score_caption_language"].drop_nulls()
+    assert data["rows_scored"] == scores.len()
+    cuts = data["cuts"]
+    assert [c["threshold"] for c in cuts] == sorted(c["threshold"] for c in cuts)
+    for c in cuts:
+        assert c["kept"] == (scores >= c["threshold"]).sum()
+    by_ask = {c["asked"]: c for c in cuts}
+    assert by_ask["keep 30%"]["kept"] >= math.ceil(0.3 * scores.len())
+    assert by_ask["keep 80%"]["kept_fraction"] >= 0.8
+    page = html.read_text()
+    assert "just below: dropped" in page and page.count("<img") >= 6 and "keeps" in page
+    assert main(["calibrate", str(pool), "--score", "score_nope"]) == 2
