@@ -156,7 +156,7 @@ def tree_cpu() -> dict[int, float]:
     return out
 
 
-def pipeline(corpus: Path, out: Path, cores: int) -> dict:
+def pipeline(corpus: Path, out: Path, cores: int, retry_below: float) -> dict:
     """One pipeline run on a local Ray started here, so the CPU of its processes can be read before it stops."""
     import ray
 
@@ -167,7 +167,7 @@ def pipeline(corpus: Path, out: Path, cores: int) -> dict:
         "name": "bench-ocr",
         "sources": [{"name": "wds", "format": "webdataset", "modality": "image_text",
                      "paths": [f"{corpus}/*.tar"]}],
-        "stages": [{"ocr": {}}],
+        "stages": [{"ocr": {"retry_below": retry_below}}],
         "output": {"path": str(out), "report": False},
     })
     t0 = time.perf_counter()
@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=1, help="rounds (each: direct, parallel direct, pipeline); best kept")
     ap.add_argument("--work", default="/tmp/bench-ocr")
+    ap.add_argument("--retry-below", type=float, default=0.9,
+                    help="the stage's re-read of doubtful lines turned over (0: off, the direct loop's work exactly)")
     args = ap.parse_args()
     work = Path(args.work)
     images = write_corpus(work / "corpus", args.images)
@@ -198,7 +200,7 @@ def main() -> None:
     for _ in range(args.runs):
         direct_s, direct_cpu_s, lines = direct_loop(images)
         par_s, par_cpu_s = direct_parallel(images, args.cores)
-        pipe = pipeline(work / "corpus", work / "pool", args.cores)
+        pipe = pipeline(work / "corpus", work / "pool", args.cores, args.retry_below)
         assert pipe["rows"] == n, pipe
         for k, v in (("direct_s", direct_s), ("direct_cpu_s", direct_cpu_s), ("direct_parallel_s", par_s),
                      ("direct_parallel_cpu_s", par_cpu_s),
