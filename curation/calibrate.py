@@ -62,10 +62,12 @@ def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (),
         cuts.append({"threshold": float(desc[math.ceil(f * len(desc)) - 1]), "asked": f"keep {100 * f:g}%"})
     cuts.sort(key=lambda c: c["threshold"])
     n = len(values)
+    asc = desc[::-1]
     for c in cuts:
         kept = int((values >= c["threshold"]).sum())
-        c.update(kept=kept, kept_fraction=kept / n, below=_borderline(ds, score, c["threshold"], examples, below=True),
-                 above=_borderline(ds, score, c["threshold"], examples, below=False))
+        c.update(kept=kept, kept_fraction=kept / n,
+                 below=_borderline(ds, score, asc, c["threshold"], examples, below=True),
+                 above=_borderline(ds, score, asc, c["threshold"], examples, below=False))
     counts, edges = np.histogram(values, bins=bins)
     data = {"pool": str(pool), "score": score, "rows_scored": n,
             "quantiles": {f"p{q}": float(np.quantile(values, q / 100)) for q in (1, 5, 10, 25, 50, 75, 90, 95, 99)},
@@ -78,16 +80,18 @@ def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (),
     return html_path, json_path
 
 
-def _borderline(ds: pads.Dataset, score: str, threshold: float, k: int, below: bool) -> list[dict]:
-    """The ``k`` rows closest to the threshold on one side: what the cut decides about."""
+def _borderline(ds: pads.Dataset, score: str, asc: np.ndarray, threshold: float, k: int, below: bool) -> list[dict]:
+    """The ``k`` rows closest to the threshold on one side: what the cut decides about.
+
+    ``asc`` (every score, sorted) gives the score range of those rows, so only they are read with their media.
+    """
+    cut = int(np.searchsorted(asc, threshold, side="left"))
+    wanted = asc[max(0, cut - k):cut] if below else asc[cut:cut + k]
+    if not len(wanted):
+        return []
     cond = pc.field(score) < threshold if below else pc.field(score) >= threshold
     cols = [c for c in _CARD_COLUMNS if c in ds.schema.names] + [score]
-    near = ds.to_table(columns=[score], filter=cond)
-    if not near.num_rows:
-        return []
-    order = pc.sort_indices(near, sort_keys=[(score, "descending" if below else "ascending")])
-    wanted = near[score].take(order[:k]).to_pylist()
-    lo, hi = (min(wanted), max(wanted))
+    lo, hi = float(wanted.min()), float(wanted.max())
     rows = ds.to_table(columns=cols, filter=cond & (pc.field(score) >= lo) & (pc.field(score) <= hi)).to_pylist()
     rows.sort(key=lambda r: r[score], reverse=below)
     return rows[:k]

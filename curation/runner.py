@@ -333,7 +333,7 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
     """
     import pyarrow.dataset as pads
 
-    from curation.io.pool import _commit_bytes
+    from curation.io.pool import _commit_bytes, lineage_keys
 
     stages = [s for s in recipe.stages if isinstance(s, ScoreFilter) and s.keep_fraction is not None]
     replaced: dict[str, dict] = {}
@@ -363,7 +363,7 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
             # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
             # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
             above = int((values > threshold).sum())
-            tied = sorted(_lineage_keys(table.filter(pc.equal(table[col], threshold))))
+            tied = sorted(lineage_keys(table.filter(pc.equal(table[col], threshold))))
             rec = {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
                    "keep": k, "tied_kept": tied[: k - above]}
             fs.create_dir(f"{path}/_work/global", recursive=True)
@@ -393,10 +393,6 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
                           "rows_out": kept_before - moved, "drops": {"below_keep_fraction": moved} if moved else {},
                           "seconds": 0.0, "histograms": {}, "threshold": rec["threshold"], "scored": rec["scored"]})
     return replaced, extra_rejects, out_stats
-
-
-def _lineage_keys(table: pa.Table) -> list[str]:
-    return [f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())]
 
 
 def _threshold_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:

@@ -46,10 +46,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from curation.filters.judge import VLMJudge
 
 from curation.mix.coldstart import repetition
-from curation.models.vlm import BackendConfig, Request, Response, make_backend
+from curation.models.vlm import BackendConfig, Request, Response, image_part, make_backend
 from curation.stage import ScoreFilter, register
 
 log = logging.getLogger(__name__)
@@ -182,8 +181,7 @@ class DenseCaption(ScoreFilter):
                 continue
             prompts[i] = fill(self.prompt, {"caption": (cols["text"][i] or "").strip() or NONE,
                                             "ocr_text": (cols["ocr_text"][i] or "").strip() or NONE})
-            # the judge's downscaling, reused as it is (it reads only max_image_side)
-            part = VLMJudge._image(self, image)
+            part = image_part(image, self.max_image_side)
             requests[i] = Request([{"role": "user", "content": [part, {"type": "text", "text": prompts[i]}]}])
         pending = list(requests)
         for attempt in range(1, self.max_attempts + 1):

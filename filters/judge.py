@@ -26,7 +26,6 @@ written. Media parts come first in the message, then the prompt.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -37,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.models.vlm import BackendConfig, Request, Response, make_backend
+from curation.models.vlm import BackendConfig, Request, Response, image_part, make_backend
 from curation.stage import ScoreFilter, mark_rejected, register
 
 log = logging.getLogger(__name__)
@@ -296,7 +295,7 @@ class VLMJudge(ScoreFilter):
             shown, omitted = 0, 0
             for text, image in zip(row["texts"] or [], row["images"] or []):
                 if image is not None and shown < self.images_per_request:
-                    parts.append(self._image(image))
+                    parts.append(image_part(image, self.max_image_side))
                     shown += 1
                 elif image is not None:
                     omitted += 1
@@ -310,34 +309,17 @@ class VLMJudge(ScoreFilter):
             if not frames:
                 return "missing_frames"
             pick = np.unique(np.linspace(0, len(frames) - 1, min(self.images_per_request, len(frames))).round().astype(int))
-            parts = [self._image(frames[k]) for k in pick]
+            parts = [image_part(frames[k], self.max_image_side) for k in pick]
             fill.update(num_images=str(len(pick)),
                         timestamps=", ".join(f"{ts[k]:.1f}" for k in pick) if len(ts) == len(frames) else "unknown")
         else:
             images = [row["image"]] if row["image"] is not None else [x for x in row["images"] or [] if x is not None]
             if not images:
                 return "missing_image"
-            parts = [self._image(x) for x in images[: self.images_per_request]]
+            parts = [image_part(x, self.max_image_side) for x in images[: self.images_per_request]]
             fill["num_images"] = str(len(parts))
         prompt = _PLACEHOLDER.sub(lambda m: fill[m.group(1)], self._template(modality))
         return Request([{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}])
-
-    def _image(self, data: bytes) -> dict[str, Any]:
-        """An image part, downscaled (as JPEG) when a side exceeds ``max_image_side``: what the model
-        reads is bounded by its own pixel budget anyway, and a smaller request is faster to send."""
-        if self.max_image_side:
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    if max(img.size) > self.max_image_side:
-                        img.thumbnail((self.max_image_side, self.max_image_side))
-                        buf = io.BytesIO()
-                        img.convert("RGB").save(buf, "JPEG", quality=90)
-                        data = buf.getvalue()
-            except Exception as e:  # noqa: BLE001 - undecodable: sent as it is; the backend reports it for this row
-                log.debug("cannot downscale an image: %s", e)
-        return {"type": "image", "image": data}
 
 
 def _repaired(request: Request, answer: Response, error: str, lo: float, hi: float) -> Request:

@@ -275,6 +275,11 @@ def commit_done(root: str, record: dict[str, Any]) -> None:
     _commit_bytes(fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode())
 
 
+def lineage_keys(table: pa.Table) -> list[str]:
+    """``source_uri#source_offset`` per row: unique per input row, unlike ids, which exact duplicates share."""
+    return [f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())]
+
+
 def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: float, tied_kept: list[str],
                     stage: str, detail: str, schema: pa.Schema, reject_schema: pa.Schema, formats: list[str]
                     ) -> dict[str, Any]:
@@ -287,8 +292,6 @@ def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: fl
     shard still whole and redoes it identically: a crash at any point never loses or duplicates a row.
     Null scores (rows the stage does not apply to) are kept.
     """
-    import pyarrow.compute as pc
-
     fs, path = cfs.filesystem(root)
     done = f"{path}/_work/global/{stage}/{entry['name']}.json"
     if fs.get_file_info(done).type == pafs.FileType.File:
@@ -313,8 +316,7 @@ def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, 
 
     with fs.open_input_file(f"{path}/{entry['parquet']['path']}") as f:
         table = pq.read_table(f)
-    keys = pa.array([f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())],
-                    pa.string())
+    keys = pa.array(lineage_keys(table), pa.string())
     tie_out = pc.and_(pc.equal(table[column], threshold), pc.invert(pc.is_in(keys, pa.array(tied_kept, pa.string()))))
     low = pc.fill_null(pc.or_(pc.less(table[column], threshold), tie_out), False)
     record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0}

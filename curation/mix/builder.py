@@ -70,10 +70,6 @@ MIX_FIELDS = [
 ]
 
 
-class MixError(RuntimeError):
-    """The mixture cannot be built as asked (the recipe is valid, the pools do not fit it)."""
-
-
 # ---------------------------------------------------------------- pools
 
 
@@ -167,10 +163,12 @@ class Selector:
     where: str | None
     prefer: str | None
     pool_index: int  # position of the pool in the sorted pool names
+    columns: tuple[str, ...]  # what ``where`` reads (parsed once here, not per batch)
 
 
 def _selectors(recipe: MixRecipe, pool_index: dict[str, int]) -> list[Selector]:
-    return [Selector(f"{m.name}/{s}", src.pool, src.modality, src.mode, src.where, src.prefer, pool_index[src.pool])
+    return [Selector(f"{m.name}/{s}", src.pool, src.modality, src.mode, src.where, src.prefer, pool_index[src.pool],
+                     tuple(_where_columns(src)))
             for m in recipe.mixtures for s, src in m.sources.items()]
 
 
@@ -186,7 +184,7 @@ def count_shard(path: str, pool_index: int, shard_index: int, selectors: list[Se
     with fs.open_input_file(fpath) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        extra = {c for s in selectors for c in (*_where_columns(s), *([s.prefer] if s.prefer else []))}
+        extra = {c for s in selectors for c in (*s.columns, *([s.prefer] if s.prefer else []))}
         columns = [c for c in dict.fromkeys((*_ALWAYS, *_TOKEN_COLUMNS, *sorted(extra))) if c in names]
         out, start = [], 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
@@ -226,7 +224,7 @@ def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int,
     cols.update(text_tokens=pa.array(counts["text_tokens"]), visual_tokens=pa.array(counts["visual_tokens"]),
                 tokens=pa.array(counts["total"]), error=pa.array(errors, pa.string()))
     # media stay out of polars unless a predicate reads them ("images IS NOT NULL")
-    wanted = {c for s in selectors if s.pool_index == pool_index for c in _where_columns(s)}
+    wanted = {c for s in selectors if s.pool_index == pool_index for c in s.columns}
     df = pl.from_arrow(table.drop_columns([c for c in ("image", "images", "frames")
                                            if c in table.column_names and c not in wanted]))
     for i, s in enumerate(selectors):
@@ -314,8 +312,8 @@ def take_to_target(cost: np.ndarray, order: np.ndarray, target: int) -> tuple[np
     return np.concatenate(picked), target - left
 
 
-def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], seed: int,
-                 pools: dict[str, PoolInfo]) -> tuple[list[SourcePlan], list[str]]:
+def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], seed: int
+                 ) -> tuple[list[SourcePlan], list[str]]:
     """Targets and selected rows per source; returns (plans, problems). No problem means it fits."""
     problems: list[str] = []
     plans: list[SourcePlan] = []
@@ -448,7 +446,6 @@ class WriteJob:
     root: str  # the mixture folder
     schema: pa.Schema  # output rows
     formats: list[str]
-    pools: list[str]  # pool index -> shard paths are in the items
 
 
 def _bucket_dir(path: str, out_shard: int) -> str:
@@ -457,13 +454,11 @@ def _bucket_dir(path: str, out_shard: int) -> str:
 
 def _scatter_batch(batch: dict[str, np.ndarray], job: WriteJob, pending: list[int]) -> dict[str, np.ndarray]:
     fs, path = cfs.filesystem(job.root)
-    wanted = set(pending)
     plan = pq.read_table(f"{path}/_work/plan.parquet", filesystem=fs)
-    n = 0
+    plan = plan.filter(pc.is_in(plan["out_shard"], pa.array(sorted(set(pending)), pa.int32())))
     for item in batch["item"]:
         it = json.loads(item)
         mine = plan.filter((pc.field("pool") == it["pool"]) & (pc.field("shard") == it["shard"]))
-        mine = mine.filter(pc.is_in(mine["out_shard"], pa.array(sorted(wanted), pa.int32())))
         if not mine.num_rows:
             continue
         sfs, spath = cfs.filesystem(it["path"])
@@ -483,7 +478,6 @@ def _scatter_batch(batch: dict[str, np.ndarray], job: WriteJob, pending: list[in
             with fs.open_output_stream(tmp) as f:
                 pq.write_table(part, f)
             fs.move(tmp, target)
-        n += 1
     return {"done": np.array([len(batch["item"])])}
 
 
@@ -558,7 +552,7 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
         t2 = time.perf_counter()
         plans_by_mix, problems = {}, []
         for mix in recipe.mixtures:
-            plans, probs = plan_mixture(mix, counts, sel_index, recipe.seed, pools)
+            plans, probs = plan_mixture(mix, counts, sel_index, recipe.seed)
             plans_by_mix[mix.name] = plans
             problems += probs
         if problems:
@@ -643,7 +637,7 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
     pending = [k for k in range(n_out) if k not in done]
     if done:
         log.info("%s: resuming, %d of %d shards already written", mix.name, len(done), n_out)
-    job = WriteJob(root, schema, recipe.output.formats, pool_names)
+    job = WriteJob(root, schema, recipe.output.formats)
     if pending:
         feeds = (sel.filter(pl.col("out_shard").is_in(pending)).group_by("pool", "shard").agg(pl.len())
                  .sort("len", descending=True))

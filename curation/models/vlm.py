@@ -194,6 +194,24 @@ class Backend:
 # ---------------------------------------------------------------- shared helpers
 
 
+def image_part(data: bytes, max_side: int = 0) -> dict[str, Any]:
+    """A request's image part, downscaled (as JPEG) when a side exceeds ``max_side`` (0: as it is): what the
+    model reads is bounded by its own pixel budget anyway, and a smaller request is faster to send."""
+    if max_side:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if max(img.size) > max_side:
+                    img.thumbnail((max_side, max_side))
+                    buf = io.BytesIO()
+                    img.convert("RGB").save(buf, "JPEG", quality=90)
+                    data = buf.getvalue()
+        except Exception as e:  # noqa: BLE001 - undecodable: sent as it is; the backend reports it for this row
+            log.debug("cannot downscale an image: %s", e)
+    return {"type": "image", "image": data}
+
+
 def image_mime(data: bytes) -> str | None:
     """The MIME type of encoded image bytes from their magic number, None if not one servers read."""
     if data[:3] == b"\xff\xd8\xff":
