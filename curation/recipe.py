@@ -262,6 +262,13 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         sources.append(spec)
 
     stages = _build_stages(raw.get("stages"), problems)
+    if stages:
+        from curation.runner import split_at_cuts
+
+        try:
+            split_at_cuts(stages)
+        except ValueError as e:
+            problems.append(f"stages: {e}")
     output = build(OutputSpec, raw.get("output"), "output", problems)
     if output is not None:
         for fmt in output.formats:

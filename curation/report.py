@@ -293,7 +293,8 @@ def _report_data(pool: Path, manifest: dict, stats: dict, examples: list[dict], 
         ri, ro = s.get("rows_in"), s.get("rows_out")
         stages.append({"name": s.get("name"), "rows_in": ri, "rows_out": ro,
                        "kept_pct": round(100.0 * ro / ri, 1) if ri and ro is not None else None,
-                       "drops": dict(s.get("drops") or {}), "seconds": s.get("seconds"),
+                       "drops": dict(s.get("drops") or {}), "outcomes": dict(s.get("outcomes") or {}),
+                       "seconds": s.get("seconds"),
                        "histograms": s.get("histograms") or {}})
     return {
         "format": "curation.report/1",
@@ -322,6 +323,7 @@ th{background:#eef0f5}tbody tr:nth-child(even){background:#f5f6fa}td.r,th.r{text
 .bar{background:#dfe6f3;height:8px;border-radius:4px;min-width:80px}.bar i{display:block;height:8px;
 border-radius:4px;background:#4a78c2}
 .pill{display:inline-block;background:#fde8e8;border-radius:10px;padding:0 8px;margin:1px;font-size:12px}
+.pill.kept{background:#e6f4ea}
 .hists{display:flex;flex-wrap:wrap;gap:12px}svg.hist{background:#fff;border:1px solid #dde;border-radius:6px}
 svg.hist rect{fill:#4a78c2}svg.hist rect:hover{fill:#e0803a}svg.hist text{font-size:10px;fill:#445}
 svg.hist text.t{font-size:12px;font-weight:600}svg.hist line{stroke:#889}
@@ -364,6 +366,8 @@ def _html(data: dict, examples: list[dict], kept: list[dict], px: int) -> str:
     for s in data["stages"]:
         drops = "".join(f'<a class="pill" href="#{anchors.get((s["name"], r), "")}">{_esc(r)}: {_n(c)}</a>'
                         for r, c in sorted(s["drops"].items(), key=lambda kv: -kv[1]))
+        if s["outcomes"]:  # what happened to the rows it kept
+            drops += "".join(f'<span class="pill kept">{_esc(v)}: {_n(c)}</span>' for v, c in s["outcomes"].items())
         width = 100.0 * (s["rows_out"] or 0) / first_in if first_in else 0
         dropped = s["rows_in"] - s["rows_out"] if s["rows_in"] is not None and s["rows_out"] is not None else None
         rows.append(f'<tr><td>{_esc(s["name"])}</td><td class="r">{_n(s["rows_in"])}</td>'
@@ -381,7 +385,7 @@ def _html(data: dict, examples: list[dict], kept: list[dict], px: int) -> str:
         "</div></header>",
         ('<section id="stages"><h2>Stages</h2><table><thead><tr><th>stage</th><th class="r">rows in</th>'
          '<th class="r">rows out</th><th class="r">kept</th><th>funnel</th><th class="r">dropped</th>'
-         '<th>drops by reason</th><th class="r">seconds</th></tr></thead><tbody>'),
+         '<th>drops by reason (green: outcomes of kept rows)</th><th class="r">seconds</th></tr></thead><tbody>'),
         *rows, "</tbody></table></section>",
         '<section id="histograms"><h2>Histograms</h2><div class="hists">',
         *(hists or ['<p class="meta">No histograms in stats.json.</p>']), "</div></section>",

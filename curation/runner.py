@@ -67,10 +67,24 @@ class UnitJob:
     write_rejects: bool
     batch_rows: int
     token: str = ""  # identifies this job's set-up stages in a worker process (see _ready)
+    schema_stages: list[Stage] | None = None  # the whole pipeline, when ``stages`` is only its first part
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pipeline_schema(self.schema_stages or self.stages)
 
 
 def _new_counter() -> dict[str, Any]:
-    return {"rows_in": 0, "rows_out": 0, "drops": {}, "seconds": 0.0}
+    return {"rows_in": 0, "rows_out": 0, "drops": {}, "outcomes": {}, "seconds": 0.0}
+
+
+def _count_outcomes(counter: dict, before: pa.Table, after: pa.Table, column: str) -> None:
+    """Values ``column`` took on this batch (rows that had none before the stage ran)."""
+    values = after[column]
+    if column in before.column_names:
+        values = values.filter(pc.is_null(before[column]))
+    for item in pc.value_counts(values.drop_null()).to_pylist():
+        counter["outcomes"][item["values"]] = counter["outcomes"].get(item["values"], 0) + item["counts"]
 
 
 def _count_drops(counter: dict, table: pa.Table, stage: str) -> None:
@@ -92,8 +106,11 @@ def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]
         c = counters[stage.label]
         c["rows_in"] += alive  # what the previous stage let through
         t0 = time.perf_counter()
+        before = table
         try:
             table = stage(table)
+            if stage.outcome_column and stage.outcome_column in table.column_names:
+                _count_outcomes(c, before, table, stage.outcome_column)
         except Exception as e:  # noqa: BLE001 - isolate the batch, never the run
             log.exception("stage %s failed on a batch of %d rows", stage.label, table.num_rows)
             from curation.stage import mark_rejected
@@ -116,7 +133,7 @@ def _alive(table: pa.Table) -> int:
 def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     """Read one unit, run the stages, write and commit its shards; return its done record."""
     t_start, started_at = time.perf_counter(), time.time()
-    schema = pipeline_schema(job.stages)
+    schema = job.schema
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
     sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
                     job.write_rejects)
@@ -155,6 +172,41 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     }
     commit_done(job.root, record)
     return record
+
+
+def split_at_cuts(stages: list[Stage]) -> tuple[list[Stage], dict[str, list[Stage]]]:
+    """The stages of the unit pass, and the stages after each ``keep_fraction`` cut (up to the next cut).
+
+    A global cut is known only once every row has been scored, so the unit pass stops at the first stage with
+    ``keep_fraction``; the stages after it run on the rows the cut keeps, shard by shard (an expensive VLM
+    judge after DataComp's "top 30%" CLIP cut sees 30% of the rows, not all of them).
+    """
+    cuts = [i for i, s in enumerate(stages) if isinstance(s, ScoreFilter) and s.keep_fraction is not None]
+    if not cuts:
+        return list(stages), {}
+    for s in stages[cuts[0] + 1:]:
+        if isinstance(s, IndexedFilter) and s.index_columns:
+            raise ValueError(f"stage '{s.label}' indexes the whole corpus before filtering it, so it must come before "
+                             f"'{stages[cuts[0]].label}', whose keep_fraction cut runs after every row is scored: "
+                             f"move it up the stages list")
+    bounds = cuts + [len(stages) - 1]
+    return (list(stages[:cuts[0] + 1]),
+            {stages[c].label: list(stages[c + 1:nxt + 1]) for c, nxt in zip(cuts, bounds[1:])})
+
+
+def _tail(job: UnitJob, index_refs: list):
+    """In a worker: the stages after a cut as a function of the kept rows of one shard (see threshold_shard)."""
+    job = _ready(job, index_refs)
+    schema = job.schema
+
+    def run(table: pa.Table) -> tuple[pa.Table, dict]:
+        counters = {s.label: _new_counter() for s in job.stages}
+        parts = [apply_stages(pa.Table.from_batches([b], table.schema), job.stages, counters)
+                 for b in table.to_batches(max_chunksize=job.batch_rows)]
+        out = pa.concat_tables([conform(p, schema) for p in parts]) if parts else schema.empty_table()
+        return out, counters
+
+    return run
 
 
 def index_unit(unit: Unit, columns: tuple[str, ...], batch_rows: int) -> pa.Table:
@@ -269,18 +321,19 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         t0 = time.perf_counter()  # pipeline time excludes starting Ray (a cluster is already up)
 
         configure_data_context()
-        cpus_per_task, gpus_per_task = task_resources(recipe.stages)
+        head, tails = split_at_cuts(recipe.stages)
+        cpus_per_task, gpus_per_task = task_resources(head)
         check_gpus(recipe.stages, ray.cluster_resources().get("GPU", 0))
         pool.prepare(recipe.resolved, overwrite=overwrite)
-        workers = _workers(recipe, cpus_per_task, gpus_per_task)
+        workers = _workers(recipe, head, cpus_per_task, gpus_per_task)
         done = pool.done_records()
         pending = [u for u in units if u.index not in done]
         if done:
             log.info("resuming: %d of %d units already done", len(done), len(units))
-        index_refs = _build_indexes(recipe, units, root, workers, progress) if pending else []
-        job = UnitJob(recipe.stages, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
+        index_refs = _build_indexes(recipe, head, units, root, workers, progress) if pending else []
+        job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
                       recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
-                      token=uuid.uuid4().hex)
+                      token=uuid.uuid4().hex, schema_stages=recipe.stages)
         if pending:
             bar = progress_bar(len(pending), "units", progress)
             rows = 0
@@ -297,16 +350,14 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                     bar.update(1)
             bar.close()
         records = [done[u.index] for u in units]
-        replaced, extra_rejects, global_stats = _keep_fractions(recipe, records, root, workers, progress)
+        replaced, extra_rejects, global_stats, tail_counters = _keep_fractions(recipe, records, root, tails, units,
+                                                                               progress)
         t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
     lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}
     manifest = pool.write_manifest(recipe.resolved, records, replaced, extra_rejects, lineage)
-    stats = _stats(records, recipe.stages, root, t_end - t0)
-    for g in global_stats:
-        stats["stages"].append(g)
-        stats["rows_out"] -= g["rows_in"] - g["rows_out"]
-        stats["rows_rejected"] += g["rows_in"] - g["rows_out"]
+    stats = _stats(records, recipe.stages, root, t_end - t0, tail_counters, global_stats,
+                   rows_out=manifest["totals"]["rows"])
     stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
     pool.write_json("stats.json", stats)
     report = None
@@ -319,8 +370,8 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
     return RunResult(root, manifest, stats, report)
 
 
-def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, workers: int, progress: bool
-                    ) -> tuple[dict[str, dict], list[dict], list[dict]]:
+def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, tails: dict[str, list[Stage]],
+                    units: list[Unit], progress: bool) -> tuple[dict[str, dict], list[dict], list[dict], list[dict]]:
     """Global thresholds: for each score filter with ``keep_fraction``, keep the top fraction of all rows it
     scored, pool-wide (DataComp's "top 30%"), not per batch.
 
@@ -328,8 +379,9 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
     best of the ``n`` scored rows (shards and rejects alike: every row that reached the stage; rows tied at
     it are kept in id order until exactly ``k`` are), recorded under
     ``_work/global`` before any shard changes, so a rerun applies the same one; then each shard's rows
-    below it move to a rejects file (:func:`curation.io.pool.threshold_shard`). Returns the rewritten
-    shard entries by name, their rejects files, and one stats entry per stage.
+    below it move to a rejects file (:func:`curation.io.pool.threshold_shard`) and the stages after the cut
+    (``tails``, up to the next cut) run on the rows kept. Returns the rewritten shard entries by name, their
+    rejects files, one stats entry per cut, and the counters of the stages after the cuts (one dict per shard).
     """
     import pyarrow.dataset as pads
 
@@ -339,8 +391,9 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
     replaced: dict[str, dict] = {}
     extra_rejects: list[dict] = []
     out_stats: list[dict] = []
+    tail_counters: list[dict] = []
     if not stages:
-        return replaced, extra_rejects, out_stats
+        return replaced, extra_rejects, out_stats, tail_counters
     fs, path = cfs.filesystem(root)
     schema = pipeline_schema(recipe.stages)
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
@@ -351,10 +404,11 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
             with fs.open_input_stream(rec_path) as f:
                 rec = json.loads(f.read())
         else:
-            files = [f"{path}/{s['parquet']['path']}" for r in records for s in r["shards"]]
+            files = [f"{path}/{replaced.get(s['name'], s)['parquet']['path']}" for r in records for s in r["shards"]]
             files += [f"{path}/{r['rejects']['path']}" for r in records if r.get("rejects")]
             files += [f"{path}/{r['path']}" for r in extra_rejects]
-            table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+            # Shards and rejects of an earlier cut's tail (or an older pool) may lack columns: read by the schema.
+            table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
                 columns=["source_uri", "source_offset", col])
             table = table.filter(pc.is_valid(table[col]))
             values = np.sort(table[col].to_numpy())[::-1]
@@ -373,18 +427,34 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
         detail = (f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
                   f"{rec['scored']:,} scored rows")
         entries = [replaced.get(s["name"], s) for r in records for s in r["shards"]]
+        original = {e["name"]: s["name"] for e, s in zip(entries, (s for r in records for s in r["shards"]))}
         kwargs = {"root": root, "column": col, "threshold": rec["threshold"], "tied_kept": rec["tied_kept"],
                   "stage": stage.label, "detail": detail,
                   "schema": shard_schema, "reject_schema": schema, "formats": recipe.output.formats}
+        tail = tails.get(stage.label) or []
+        cpus, gpus = task_resources(tail) if tail else (1.0, 0.0)
+        workers = _workers(recipe, tail, cpus, gpus)
+        tail_job = None
+        if tail:
+            tail_job = UnitJob(tail, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
+                               recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
+                               token=uuid.uuid4().hex, schema_stages=recipe.stages)
+            kwargs["tail_job"] = tail_job
+            kwargs["index_refs"] = _build_indexes(recipe, tail, units, root, workers, progress)
         moved = 0
-        bar = progress_bar(len(entries), "shards", progress, f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%")
-        for batch in map_items(entries, _threshold_batch, kwargs, workers, min(len(entries), workers * 4) or 1):
+        what = f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%" + (
+            f", then {', '.join(s.label for s in tail)}" if tail else "")
+        bar = progress_bar(len(entries), "shards", progress, what)
+        tasks = min(len(entries), workers * 4) or 1
+        for batch in map_items(entries, _threshold_batch, kwargs, workers, tasks, cpus, gpus):
             for r in batch["record"]:
                 r = json.loads(r)
-                replaced[r["name"]] = r["shard"]
+                replaced[original[r["name"]]] = r["shard"]  # by the unit pass's name: the manifest's key
                 if r["rejects"]:
                     extra_rejects.append(r["rejects"])
                 moved += r["moved"]
+                if r.get("counters"):
+                    tail_counters.append(r["counters"])
                 bar.update(1)
         bar.close()
         extra_rejects.sort(key=lambda r: r["path"])  # tasks finish in any order; the manifest does not
@@ -392,21 +462,24 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, work
         out_stats.append({"name": f"{stage.label} (keep_fraction)", "rows_in": kept_before,
                           "rows_out": kept_before - moved, "drops": {"below_keep_fraction": moved} if moved else {},
                           "seconds": 0.0, "histograms": {}, "threshold": rec["threshold"], "scored": rec["scored"]})
-    return replaced, extra_rejects, out_stats
+    return replaced, extra_rejects, out_stats, tail_counters
 
 
-def _threshold_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+def _threshold_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, index_refs: list = (),
+                     **kwargs) -> dict[str, np.ndarray]:
     from curation.io.pool import threshold_shard
 
-    out = [json.dumps(threshold_shard(entry=json.loads(item), **kwargs)) for item in batch["item"]]
+    tail = _tail(tail_job, list(index_refs)) if tail_job is not None else None
+    out = [json.dumps(threshold_shard(entry=json.loads(item), tail=tail, **kwargs)) for item in batch["item"]]
     return {"record": np.array(out, dtype=object)}
 
 
-def _build_indexes(recipe: PipelineRecipe, units: list[Unit], root: str, workers: int, progress: bool) -> list:
-    """Pre-pass for index-then-query stages: index columns of every unit (cached), one index per stage."""
+def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit], root: str, workers: int,
+                   progress: bool) -> list:
+    """Pre-pass for the index-then-query ``stages``: index columns of every unit (cached), one index per stage."""
     import ray
 
-    indexed = [s for s in recipe.stages if isinstance(s, IndexedFilter)]
+    indexed = [s for s in stages if isinstance(s, IndexedFilter)]
     if not indexed:
         return []
     fs, path = cfs.filesystem(root)
@@ -457,7 +530,7 @@ def check_gpus(stages: list[Stage], cluster_gpus: float) -> None:
                 f"to run it on CPU")
 
 
-def _workers(recipe: PipelineRecipe, cpus_per_task: float, gpus_per_task: float) -> int:
+def _workers(recipe: PipelineRecipe, stages: list[Stage], cpus_per_task: float, gpus_per_task: float) -> int:
     """Concurrent unit tasks: the cluster's CPUs (and GPUs) over what a task needs, capped by any stage's
     ``concurrency`` (a model-backed stage may allow fewer copies than there are CPUs: memory, rate limits)."""
     import ray
@@ -468,7 +541,7 @@ def _workers(recipe: PipelineRecipe, cpus_per_task: float, gpus_per_task: float)
     workers = max(1, int(res.get("CPU", 1) // cpus_per_task))
     if gpus_per_task:
         workers = min(workers, max(1, int(res.get("GPU", 0) // gpus_per_task)))
-    caps = [s.resources.concurrency for s in recipe.stages if s.resources.concurrency]
+    caps = [s.resources.concurrency for s in stages if s.resources.concurrency]
     return min([workers, *caps])
 
 
@@ -513,33 +586,42 @@ def progress_bar(total: int, unit: str, enabled: bool, desc: str | None = None):
                 mininterval=interval)
 
 
-def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float) -> dict[str, Any]:
-    """Merge the units' counters; add score histograms read from the shards and rejects."""
+def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, tail_counters: list[dict] = (),
+           cuts: list[dict] = (), rows_out: int | None = None) -> dict[str, Any]:
+    """Merge the counters of the units and of the stages after global cuts (``tail_counters``); the cuts'
+    own entries (``cuts``) follow their stage; add score histograms read from the shards and rejects."""
     names = [INGEST] + [s.label for s in stages]
     merged = {n: _new_counter() for n in names}
     write_s = 0.0
-    for rec in records:
+    for counters in [r["counters"] for r in records] + list(tail_counters):
         for n in names:
-            c = rec["counters"].get(n)
+            c = counters.get(n)
             if not c:
                 continue
             m = merged[n]
             m["rows_in"] += c["rows_in"]
             m["rows_out"] += c["rows_out"]
             m["seconds"] += c["seconds"]
-            for reason, k in c["drops"].items():
-                m["drops"][reason] = m["drops"].get(reason, 0) + k
-        write_s += rec.get("write_seconds", 0.0)
+            for key in ("drops", "outcomes"):
+                for value, k in (c.get(key) or {}).items():
+                    m[key][value] = m[key].get(value, 0) + k
+    write_s = sum(rec.get("write_seconds", 0.0) for rec in records)
     hist = _histograms(stages, root)
     rows_in = merged[INGEST]["rows_in"]
-    rows_out = merged[names[-1]]["rows_out"]
+    if rows_out is None:
+        rows_out = merged[names[-1]]["rows_out"]
+    entries = [{"name": n, **merged[n], "seconds": round(merged[n]["seconds"], 3),
+                "drops": dict(sorted(merged[n]["drops"].items(), key=lambda kv: -kv[1])),
+                "outcomes": dict(sorted(merged[n]["outcomes"].items(), key=lambda kv: -kv[1])),
+                "histograms": hist.get(n, {})} for n in names]
+    for cut in cuts:  # right after the stage whose score it cuts
+        at = next(i for i, e in enumerate(entries) if e["name"] == cut["name"].removesuffix(" (keep_fraction)"))
+        entries.insert(at + 1, cut)
     return {
         "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_in - rows_out,
         "elapsed_s": round(elapsed, 3), "rows_per_s": round(rows_in / elapsed, 1) if elapsed else None,
         "write_seconds": round(write_s, 3),
-        "stages": [{"name": n, **merged[n], "seconds": round(merged[n]["seconds"], 3),
-                    "drops": dict(sorted(merged[n]["drops"].items(), key=lambda kv: -kv[1])),
-                    "histograms": hist.get(n, {})} for n in names],
+        "stages": entries,
     }
 
 
@@ -581,6 +663,8 @@ def summary_table(stats: dict[str, Any]) -> str:
     for s in stats["stages"]:
         dropped = s["rows_in"] - s["rows_out"]
         reasons = ", ".join(f"{r}={k:,}" for r, k in s["drops"].items()) or "-"
+        if s.get("outcomes"):
+            reasons += "; kept: " + ", ".join(f"{v}={k:,}" for v, k in s["outcomes"].items())
         lines.append(f"{s['name']:<22}{s['rows_in']:>10,}{s['rows_out']:>10,}{dropped:>9,}{s['seconds']:>8.1f}  {reasons}")
     lines.append(f"{'total':<22}{stats['rows_in']:>10,}{stats['rows_out']:>10,}{stats['rows_rejected']:>9,}"
                  f"{stats['elapsed_s']:>8.1f}  {stats['rows_per_s']:,} rows/s (wall clock, Ray start-up excluded)")

@@ -109,6 +109,12 @@ class Stage:
     def setup(self) -> None:
         """Load models and heavy imports; called once per worker before the first batch."""
 
+    @property
+    def outcome_column(self) -> str | None:
+        """A column whose values this stage sets on the rows it processed, counted by value in the stats
+        (``outcomes``) beside the drops: what happened to rows it kept (OCR: text, no_text, too_small)."""
+        return None
+
     def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
 

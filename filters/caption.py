@@ -2,7 +2,7 @@
 
 The Keye-VL recipe synthesizes detailed captions for pre-training. The model sees the image and a prompt
 that carries the row's original caption and its OCR text (``ocr`` stage) as hints; it uses the backends
-of the VLM judge (``curation.models.vlm``: an OpenAI-compatible server, vLLM through ``ray.data.llm``, a
+of the VLM judge (``curation.models.vlm``: an OpenAI-compatible server, a vLLM engine in each GPU worker, a
 local transformers model).
 
 Every answer is checked before it is kept, because a model that fails does so in a few typical ways:
@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.mix.coldstart import repetition
-from curation.models.vlm import BackendConfig, Request, Response, image_part, make_backend
+from curation.models.vlm import BackendConfig, Request, Response, engine_resources, image_part, make_backend
 from curation.stage import ScoreFilter, register
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class DenseCaption(ScoreFilter):
                              f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
         if self.modalities is not None and set(self.modalities) - {"image_text"}:
             raise ValueError(f"modalities: dense_caption handles image_text only, got {self.modalities}")
+        self.resources = engine_resources(self.backend, self.resources)
         self._backend = None
 
     # ------------------------------------------------------------ hooks

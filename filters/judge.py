@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.models.vlm import BackendConfig, Request, Response, image_part, make_backend
+from curation.models.vlm import BackendConfig, Request, Response, engine_resources, image_part, make_backend
 from curation.stage import ScoreFilter, mark_rejected, register
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class VLMJudge(ScoreFilter):
         if unknown:
             raise ValueError(f"prompt: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
                              f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
+        self.resources = engine_resources(self.backend, self.resources)
         self._backend = None
 
     @property

@@ -124,6 +124,10 @@ class Ocr(ScoreFilter):
     def status_name(self) -> str:
         return f"{self.label}_status"
 
+    @property
+    def outcome_column(self) -> str:
+        return self.status_name
+
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(self.score_name, pa.float64()), pa.field(self.lines_name, pa.string()),
                 pa.field(self.confidence_name, pa.float64()), pa.field(self.status_name, pa.string())]

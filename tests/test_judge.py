@@ -36,10 +36,11 @@ from PIL import Image
 from conftest import jpeg, write_tar
 from curation.filters.judge import DEFAULT_PROMPTS, ParseError, VLMJudge, parse_judgement
 from curation.models.vlm import (BackendConfig, OpenAIBackend, Request, TransformersBackend, VLLMBackend,
-                                 available_gpus, data_url, make_backend, resolve_model_path)
+                                 data_url, make_backend, resolve_model_path)
 from curation.recipe import RecipeError, pipeline_from_dict
 from curation.schema import from_rows
-from curation.stage import MissingDependency, load_registry
+from curation.runner import check_gpus
+from curation.stage import MissingDependency, NotReady, Resources, load_registry
 from openai_server import SMOLLM2_ID, SMOLLM2_PACKAGE, canned_server, smollm2_cache, transformers_serve
 
 REG = load_registry()
@@ -461,30 +462,39 @@ def test_transformers_preflight_says_what_is_missing(tmp_path):
         resolve_model_path("pkg://no_such_pkg/m.gguf")
 
 
-# ---------------------------------------------------------------- vLLM through ray.data.llm
+# ---------------------------------------------------------------- vLLM engines in GPU workers
 
 
-def test_vllm_backend_config_and_clear_failure_without_gpus(monkeypatch):
-    cfg = BackendConfig(kind="vllm", model="/models/keye", replicas=2, engine_kwargs={"tensor_parallel_size": 2},
-                        accelerator_type="H100")
+def test_vllm_backend_engines_are_the_stage_workers_and_fail_clearly_without_gpus(tmp_path):
+    model = tmp_path / "keye"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    cfg = BackendConfig(kind="vllm", model=str(model), replicas=2, engine_kwargs={"tensor_parallel_size": 2})
     backend = make_backend(cfg)
-    assert isinstance(backend, VLLMBackend) and backend.gpus_needed() == 4
-    kw = backend.processor_config_kwargs()
-    assert kw["model_source"] == "/models/keye" and kw["concurrency"] == 2 and kw["accelerator_type"] == "H100"
-    assert kw["engine_kwargs"]["tensor_parallel_size"] == 2 and kw["prepare_multimodal_stage"] == {"enabled": True}
-    assert kw["should_continue_on_error"] is True
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(MissingDependency, match=r"install 'ray\[llm\]==2.60.0'.*needs 4 GPU\(s\)"):
-            backend.preflight()
-    if available_gpus() < 4:
-        monkeypatch.setattr(VLLMBackend, "check_requirements", lambda self: None)
-        with pytest.raises(ValueError, match=f"needs 4 GPU\\(s\\).*has {available_gpus()}"):
-            backend.preflight()
+    assert isinstance(backend, VLLMBackend) and backend.parallel() == 2 and backend.gpus_needed() == 4
+    kw = backend.engine_kwargs()
+    assert kw["model"] == str(model) and kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 8192
+    # Each worker of the stage holds one engine: 2 GPUs per worker, at most 2 workers.
     stage = VLMJudge(backend=cfg)
-    assert stage.lineage()["backend"] == "vllm"
+    assert stage.resources.num_gpus == 2 and stage.resources.concurrency == 2
+    # Resources the recipe sets itself are kept.
+    pinned = VLMJudge(backend=cfg, resources=Resources(num_cpus=4, num_gpus=1, concurrency=1))
+    assert pinned.resources.num_gpus == 1 and pinned.resources.concurrency == 1
+    # ... and other backends ask for no GPU.
+    assert VLMJudge(backend=BackendConfig(base_url="http://127.0.0.1:1/v1", model="m")).resources.num_gpus == 0
+    assert stage.lineage()["backend"] == "vllm" and stage.lineage()["checkpoint_sha256"]
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(MissingDependency, match=r"pip install vllm.*needs 4 GPU\(s\)"):
+            stage.preflight()
+    # On a machine without GPUs the runner refuses the stage before reading anything.
+    with pytest.raises(NotReady, match=r"asks for 2 GPU\(s\) per worker but the Ray cluster has 0"):
+        check_gpus([stage], 0)
+
+
+def test_vllm_backend_names_a_missing_model_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(VLLMBackend, "check_requirements", lambda self: None)
+    with pytest.raises(ValueError, match="no such folder"):
+        make_backend(BackendConfig(kind="vllm", model=str(tmp_path / "nope"))).preflight()
 
 
 # ---------------------------------------------------------------- the model path (slow)

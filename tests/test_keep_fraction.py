@@ -150,3 +150,46 @@ def test_calibrate_shows_kept_fractions_and_borderline_rows(ray_local, sample_co
     page = html.read_text()
     assert "just below: dropped" in page and page.count("<img") >= 6 and "keeps" in page
     assert main(["calibrate", str(pool), "--score", "score_nope"]) == 2
+
+
+TWO_CUTS = """
+name: two_cuts
+sources:
+  - {{name: pairs, format: webdataset, modality: image_text, paths: ["{corpus}/image_text/wds/*.tar"]}}
+stages:
+  - image_decode: {{}}
+  - caption_language: {{keep_fraction: 0.6}}
+  - caption_length: {{unit: words, min: 7}}
+  - caption_language: {{instance: lang_again, keep_fraction: 0.5}}
+output: {{path: "{out}", shard_rows: 150}}
+"""
+
+
+def test_stages_after_a_cut_see_only_the_rows_it_kept(ray_local, sample_corpus, tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(TWO_CUTS.format(corpus=sample_corpus, out=tmp_path / "pool"))
+    result = run_pipeline(load_pipeline(path), progress=False)
+    stats = {s["name"]: s for s in result.stats["stages"]}
+    assert [s["name"] for s in result.stats["stages"]] == [
+        "ingest", "image_decode", "caption_language", "caption_language (keep_fraction)", "caption_length",
+        "lang_again", "lang_again (keep_fraction)"]
+    first = stats["caption_language (keep_fraction)"]
+    assert first["rows_out"] == math.ceil(0.6 * first["scored"])
+    # caption_length ran on the rows the first cut kept, not on every row
+    assert stats["caption_length"]["rows_in"] == first["rows_out"]
+    assert 0 < sum(stats["caption_length"]["drops"].values()) < first["rows_out"]
+    second = stats["lang_again (keep_fraction)"]
+    assert second["scored"] == stats["lang_again"]["rows_in"] == stats["caption_length"]["rows_out"]
+    kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
+    rejects = pl.read_parquet(Path(result.pool) / "rejects" / "*.parquet")
+    assert kept.height == math.ceil(0.5 * second["scored"]) == result.stats["rows_out"]
+    assert kept["score_lang_again"].null_count() == 0
+    rows = [(u, o) for t in (kept, rejects) for u, o in zip(t["source_uri"], t["source_offset"])]
+    assert len(rows) == len(set(rows)) == result.stats["rows_in"]
+    # rows cut by the first cut were never scored by the second stage
+    first_cut = rejects.filter(pl.col("reject_stage") == "caption_language")
+    assert first_cut.height == first["rows_in"] - first["rows_out"]
+    assert first_cut["score_lang_again"].null_count() == first_cut.height
+    # a rerun of the finished pool changes nothing
+    again = run_pipeline(load_pipeline(path), progress=False)
+    assert again.manifest == result.manifest

@@ -429,6 +429,9 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     assert rejected["blank"]["ocr_status"] == "no_text" and rejected["tiny"]["ocr_status"] == "too_small"
     stages = {s["name"]: s for s in result.stats["stages"]}
     assert stages["ocr"]["drops"] == {"undecodable": 1} and stages["ocr"]["rows_out"] == 5
+    # what happened to the rows OCR kept is counted too, not only in a column
+    assert stages["ocr"]["outcomes"] == {"text": 3, "no_text": 1, "too_small": 1}
+    assert stages["text_rich"]["outcomes"] == {}
     assert stages["text_rich"]["drops"] == {"text_area_below_min": 1, "no_text": 1, "too_small_for_ocr": 1}
     assert "score_ocr" in stages["ocr"]["histograms"]
     lineage = json.loads((pool / "manifest.json").read_text())["stages"]["ocr"]

@@ -20,6 +20,7 @@ import json
 import logging
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,13 +282,18 @@ def lineage_keys(table: pa.Table) -> list[str]:
 
 
 def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: float, tied_kept: list[str],
-                    stage: str, detail: str, schema: pa.Schema, reject_schema: pa.Schema, formats: list[str]
-                    ) -> dict[str, Any]:
+                    stage: str, detail: str, schema: pa.Schema, reject_schema: pa.Schema, formats: list[str],
+                    tail: Callable[[pa.Table], tuple[pa.Table, dict]] | None = None) -> dict[str, Any]:
     """Move a shard's rows scoring below ``threshold`` in ``column`` (or at it, unless their lineage key
-    ``source_uri#source_offset`` is in ``tied_kept``) to a rejects file; return the record.
+    ``source_uri#source_offset`` is in ``tied_kept``) to a rejects file, run ``tail`` on the rows kept;
+    return the record.
 
-    Never in place: the moved rows go to ``rejects/g_<stage>_<shard>.parquet``, the kept ones to a new
-    shard ``<shard>-<stage>``, then ``_work/global/<stage>/<shard>.json`` commits both, and only then is
+    ``tail``: the stages after this cut (up to the next one), so that an expensive stage placed after a
+    ``keep_fraction`` filter sees only the rows the cut kept. It gets the kept rows with the reject columns
+    (``reject_schema``), returns them with its own rejects marked, and its counters (``record["counters"]``).
+
+    Never in place: the rows rejected here go to ``rejects/g_<stage>_<shard>.parquet``, the kept ones to a
+    new shard ``<shard>-<stage>``, then ``_work/global/<stage>/<shard>.json`` commits both, and only then is
     the old shard deleted. A rerun finds the record (and finishes the deletion) or, without one, the old
     shard still whole and redoes it identically: a crash at any point never loses or duplicates a row.
     Null scores (rows the stage does not apply to) are kept.
@@ -299,10 +305,10 @@ def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: fl
             record = json.loads(f.read())
     else:
         record = _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema,
-                                       reject_schema, formats)
+                                       reject_schema, formats, tail)
         fs.create_dir(f"{path}/_work/global/{stage}", recursive=True)
         _commit_bytes(fs, done, json.dumps(record, sort_keys=True).encode())
-    if record["moved"]:
+    if record["shard"]["name"] != entry["name"]:
         for kind in ("parquet", "tar"):
             old = f"{path}/{entry[kind]['path']}" if kind in entry else None
             if old and fs.get_file_info(old).type == pafs.FileType.File:
@@ -311,7 +317,7 @@ def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: fl
 
 
 def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema, reject_schema,
-                          formats) -> dict[str, Any]:
+                          formats, tail) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     with fs.open_input_file(f"{path}/{entry['parquet']['path']}") as f:
@@ -319,22 +325,34 @@ def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, 
     keys = pa.array(lineage_keys(table), pa.string())
     tie_out = pc.and_(pc.equal(table[column], threshold), pc.invert(pc.is_in(keys, pa.array(tied_kept, pa.string()))))
     low = pc.fill_null(pc.or_(pc.less(table[column], threshold), tie_out), False)
-    record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0}
+    record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0, "counters": {}}
     moved = table.filter(low)
-    if not moved.num_rows:
+    if not moved.num_rows and tail is None:
         return record
     scores = moved[column].to_pylist()
     moved = moved.append_column("reject_stage", pa.array([stage] * moved.num_rows, pa.string()))
     moved = moved.append_column("reject_reason", pa.array(["below_keep_fraction"] * moved.num_rows, pa.string()))
     moved = moved.append_column("reject_detail", pa.array([f"{detail}; this row {x:.4f}" for x in scores], pa.string()))
-    rel = f"rejects/g_{stage}_{entry['name']}.parquet"
-    buf = pa.BufferOutputStream()
-    pq.write_table(moved.select(reject_schema.names).cast(reject_schema), buf, compression="zstd")
-    _commit_bytes(fs, f"{path}/{rel}", buf.getvalue().to_pybytes())
-    record["rejects"] = {"path": rel, "rows": moved.num_rows, "bytes": fs.get_file_info(f"{path}/{rel}").size,
-                         "sha256": sha256_file(fs, f"{path}/{rel}")}
+    rejects = [moved.select(reject_schema.names).cast(reject_schema)] if moved.num_rows else []
+    kept = table.filter(pc.invert(low))
+    if tail is not None:
+        for name in REJECT_COLUMNS:
+            kept = kept.append_column(name, pa.nulls(kept.num_rows, pa.string()))
+        kept, record["counters"] = tail(kept.select(reject_schema.names).cast(reject_schema))
+        later = pc.is_valid(kept["reject_reason"])
+        if pc.any(later).as_py():
+            rejects.append(kept.filter(later))
+        kept = kept.filter(pc.invert(later)).select(schema.names)
     record["moved"] = moved.num_rows
+    if rejects:
+        out = pa.concat_tables(rejects)
+        rel = f"rejects/g_{stage}_{entry['name']}.parquet"
+        buf = pa.BufferOutputStream()
+        pq.write_table(out, buf, compression="zstd")
+        _commit_bytes(fs, f"{path}/{rel}", buf.getvalue().to_pybytes())
+        record["rejects"] = {"path": rel, "rows": out.num_rows, "bytes": fs.get_file_info(f"{path}/{rel}").size,
+                             "sha256": sha256_file(fs, f"{path}/{rel}")}
     part = _Part(fs, path, f"{entry['name']}-{stage}", schema, formats)
-    part.write(table.filter(pc.invert(low)))
+    part.write(kept)
     record["shard"] = dict(part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")})
     return record

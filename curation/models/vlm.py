@@ -16,8 +16,8 @@ Three backends, chosen by :class:`BackendConfig` ``kind``:
 - ``transformers``: a local model for small runs: a VLM (``AutoModelForImageTextToText`` with its
   processor) sees the images; a text-only causal LM (SmolLM2 in tests) gets the text parts and a note
   that it cannot see images. GGUF checkpoints load through the ``gguf`` package.
-- ``vllm``: vLLM engine replicas on GPUs through ``ray.data.llm`` (``pip install 'ray[llm]==2.60.0'`` on a
-  GPU machine).
+- ``vllm``: a vLLM engine in each GPU worker of the stage (the workers are the replicas; ``pip install
+  vllm`` on a GPU machine).
 
 Example::
 
@@ -92,14 +92,13 @@ class BackendConfig:
     dtype: str | None = None  # auto (default), float32, bfloat16, float16
     # vllm
     replicas: int | None = None  # engine replicas (default 1), each with tensor*pipeline parallel GPUs
-    batch_size: int | None = None  # rows per engine batch (default 16)
+    batch_size: int | None = None  # chats per engine call (default 64)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments (max_model_len, ...)
-    accelerator_type: str | None = None  # e.g. H100: only schedule engines there
 
     _OWN: ClassVar[dict[str, tuple[str, ...]]] = {
         "openai": ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "extra_body"),
         "transformers": ("gguf_file", "device", "dtype"),
-        "vllm": ("replicas", "batch_size", "engine_kwargs", "accelerator_type"),
+        "vllm": ("replicas", "batch_size", "engine_kwargs"),
     }
 
     def __post_init__(self):
@@ -574,85 +573,80 @@ def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
-# ---------------------------------------------------------------- vLLM engines through ray.data.llm
+# ---------------------------------------------------------------- vLLM engines in the GPU workers
 
 
 class VLLMBackend(Backend):
-    """vLLM engine replicas on GPUs, driven by a ``ray.data.llm`` processor.
+    """A vLLM engine (``vllm.LLM``) in each GPU worker of the stage, loaded once per worker process.
 
-    ``generate`` runs one batch of requests through the processor: the engines start (and load the model)
-    for each call, so give it large batches; a pipeline stage wants the processor in the Ray Data plan
-    itself (:meth:`build_processor`), where the engines live for the whole run.
+    The stage's workers are the engine replicas: a stage with this backend asks Ray for
+    ``tensor_parallel_size * pipeline_parallel_size`` GPUs per worker and runs at most ``replicas`` workers
+    (:func:`engine_resources`), and Ray reuses each worker, so the engine lives for the whole run. Each call
+    to ``generate`` is one offline ``LLM.chat`` batch (``batch_size`` chats at a time; vLLM schedules them
+    continuously inside). Images go as ``image_url`` data URLs, which vLLM's chat front end decodes for the
+    model's processor, exactly as over its OpenAI server.
+
+    Why not a ``ray.data.llm`` processor: a processor maps one Dataset to another and its engines live for
+    one execution of that Dataset. The runner commits output per unit so a crash neither loses nor
+    duplicates a row; putting a processor inside that unit would start the engines again for every batch.
     """
 
-    requirements = (("vllm", "'ray[llm]==2.60.0' (it brings vllm) on a GPU machine"),
-                    ("aiohttp", "'ray[llm]==2.60.0'"))
+    requirements = (("vllm", "vllm (on a GPU machine; or 'ray[llm]==2.60.0', which brings it)"),)
+
+    def parallel(self) -> int:
+        """GPUs per engine."""
+        kw = self.config.engine_kwargs
+        return int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
 
     def gpus_needed(self) -> int:
-        kw = self.config.engine_kwargs
-        per_replica = int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
-        return (self.config.replicas or 1) * per_replica
+        return (self.config.replicas or 1) * self.parallel()
 
     def check_requirements(self) -> None:
         for module, install in self.requirements:
             if importlib.util.find_spec(module) is None:
-                raise MissingDependency(f"the vllm VLM backend needs the '{module}' package: install "
-                                        f"{install}; this backend needs {self.gpus_needed()} GPU(s)")
+                raise MissingDependency(f"the vllm VLM backend needs the '{module}' package: pip install {install}; "
+                                        f"this backend needs {self.gpus_needed()} GPU(s)")
 
     def preflight(self) -> None:
         self.check_requirements()
-        if not _ray_up() and os.environ.get("RAY_ADDRESS"):
-            log.info("vllm backend: GPUs are counted when the run connects to %s", os.environ["RAY_ADDRESS"])
-            return
-        have = available_gpus()
-        if have < self.gpus_needed():
-            raise ValueError(f"the vllm backend needs {self.gpus_needed()} GPU(s) ({self.config.replicas or 1} "
-                             f"replica(s) x tensor*pipeline parallel) and {'this Ray cluster' if _ray_up() else 'this machine'} "
-                             f"has {have}: run on a GPU machine, or use backend kind openai or transformers")
+        path = resolve_model_path(self.config.model)
+        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            raise ValueError(f"backend.model {self.config.model!r}: no such folder; give the local folder of the "
+                             f"checkpoint (vLLM reads its config.json and weights)")
+        # The GPUs themselves are checked by the runner against the stage's resources (engine_resources).
 
-    def processor_config_kwargs(self) -> dict[str, Any]:
-        """Arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` for this config."""
-        c = self.config
-        return {
-            "model_source": resolve_model_path(c.model),
-            "engine_kwargs": {"max_model_len": 8192, **c.engine_kwargs},
-            "concurrency": c.replicas or 1,
-            "batch_size": c.batch_size or 16,
-            "accelerator_type": c.accelerator_type,
-            "prepare_multimodal_stage": {"enabled": True},  # decodes image_url parts for the engine
-            "should_continue_on_error": True,  # a failed row gets __inference_error__, never stops the run
-        }
-
-    def build_processor(self):
-        """The ``ray.data.llm`` processor. In: rows with ``i`` and ``messages``, the JSON text of OpenAI-format
-        messages (:func:`openai_messages`: images as data URLs). Out: ``i``, ``text``, token counts, ``error``."""
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-        c = self.config
-        sampling = {"temperature": c.temperature, "max_tokens": c.max_new_tokens}
-        return build_processor(
-            vLLMEngineProcessorConfig(**self.processor_config_kwargs()),
-            preprocess=lambda row: {"messages": json.loads(row["messages"]), "sampling_params": sampling},
-            postprocess=lambda row: {"i": row["i"], "text": row.get("generated_text"),
-                                     "prompt_tokens": row.get("num_input_tokens") or 0,
-                                     "completion_tokens": row.get("num_generated_tokens") or 0,
-                                     "error": row.get("__inference_error__") or None},
-        )
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``vllm.LLM``."""
+        return {"model": resolve_model_path(self.config.model), "max_model_len": 8192,
+                "limit_mm_per_prompt": {"image": 8}, **self.config.engine_kwargs}
 
     def setup(self) -> None:
+        if getattr(self, "_llm", None) is not None:
+            return
         self.check_requirements()
-        self._processor = self.build_processor()
+        from vllm import LLM, SamplingParams
+
+        self._llm = LLM(**self.engine_kwargs())
+        self._sampling = SamplingParams(temperature=self.config.temperature, max_tokens=self.config.max_new_tokens)
 
     def generate(self, requests: list[Request]) -> list[Response]:
-        import ray
+        self.setup()
+        size = self.config.batch_size or 64
+        out: list[Response] = []
+        for lo in range(0, len(requests), size):
+            chunk = [openai_messages(r.messages) for r in requests[lo:lo + size]]
+            try:
+                results = self._llm.chat(chunk, self._sampling, use_tqdm=False)
+            except Exception:  # noqa: BLE001 - one bad chat fails the whole call: retry one by one to isolate it
+                results = [self._one(c) for c in chunk]
+            out += [r if isinstance(r, Response) else _vllm_response(r) for r in results]
+        return out
 
-        if getattr(self, "_processor", None) is None:
-            self.setup()
-        ds = ray.data.from_items([{"i": i, "messages": json.dumps(openai_messages(r.messages))}
-                                  for i, r in enumerate(requests)])
-        rows = sorted(self._processor(ds).take_all(), key=lambda r: r["i"])
-        return [Response(r["text"] if not r["error"] else None, int(r["prompt_tokens"]), int(r["completion_tokens"]),
-                         error=r["error"], error_kind="rejected" if r["error"] else None) for r in rows]
+    def _one(self, chat: list[dict[str, Any]]) -> Any:
+        try:
+            return self._llm.chat([chat], self._sampling, use_tqdm=False)[0]
+        except Exception as e:  # noqa: BLE001 - the request, not the run, fails
+            return Response(None, error=f"{type(e).__name__}: {e}"[:500], error_kind="rejected")
 
     def lineage(self) -> dict[str, Any]:
         path = Path(resolve_model_path(self.config.model))
@@ -660,20 +654,24 @@ class VLLMBackend(Backend):
         return {"backend": "vllm", "model": self.config.model,
                 "checkpoint_sha256": sha256_files(weights) if weights else None}
 
-
-def _ray_up() -> bool:
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
+    def close(self) -> None:
+        self._llm = None
 
 
-def available_gpus() -> int:
-    """GPUs of the Ray cluster this driver is connected to, else of this machine (NVIDIA device files:
-    no CUDA library is loaded to count them)."""
-    if _ray_up():
-        import ray
+def _vllm_response(result: Any) -> Response:
+    """A ``vllm.RequestOutput`` as a Response."""
+    completion = result.outputs[0]
+    return Response(completion.text, len(result.prompt_token_ids or []), len(completion.token_ids or []))
 
-        return int(ray.cluster_resources().get("GPU", 0))
-    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
+
+def engine_resources(config: BackendConfig, resources: Any) -> Any:
+    """A stage's resources with the vllm backend's engines in them: GPUs per worker = GPUs per engine, and at
+    most ``replicas`` workers. Other backends, or resources the recipe set itself, are left as they are."""
+    if config.kind != "vllm":
+        return resources
+    backend = VLLMBackend(config)
+    if not resources.num_gpus:
+        resources.num_gpus = float(backend.parallel())
+    if resources.concurrency is None:
+        resources.concurrency = config.replicas or 1
+    return resources
