@@ -58,6 +58,7 @@ class SourceSpec:
     fields: dict[str, str] = field(default_factory=dict)
     on_bad_text: str = "reject"  # reject | replace
     mode: str | None = None  # sft: the cold-start mode of records that carry none (default: inferred)
+    video: dict[str, Any] = field(default_factory=dict)  # frame sampling and shot splitting (VIDEO_OPTIONS)
 
 
 @dataclass
@@ -255,6 +256,7 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         if spec.modality not in MODALITIES and not (spec.format == "pool" and spec.modality == "mixed"):
             problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
         _check_sft_source(spec, f"sources.{i}", problems)
+        _check_video_options(spec, f"sources.{i}.video", problems)
         if spec.on_bad_text not in ("reject", "replace"):
             problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
         if check_paths:
@@ -287,6 +289,36 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         file=file,
         resolved=resolved,
     )
+
+
+#: ``sources.<i>.video`` keys: how ingest samples a source's videos (curation.io.video), with their defaults.
+VIDEO_OPTIONS: dict[str, Any] = {
+    "fps": 1.0,  # frames sampled per second
+    "max_frames": 32,  # per video (or per shot): a longer one is sampled evenly over its length
+    "max_side": 384,  # longer side of a sampled frame, pixels
+    "shots": False,  # split at hard cuts: one row per shot (clip_start/clip_end), frames sampled per shot
+    "shot_threshold": 0.12,  # mean absolute frame difference (0..1) that makes a cut
+    "min_shot_s": 1.0,  # shorter shots join their neighbour
+}
+
+
+def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> None:
+    if not isinstance(spec.video, dict):
+        problems.append(f"{where}: expected a mapping of {', '.join(VIDEO_OPTIONS)}")
+        return
+    if spec.video and spec.modality not in ("video", "sft"):
+        problems.append(f"{where}: applies to video sources (modality video or sft), not {spec.modality}")
+    for key, value in spec.video.items():
+        if key not in VIDEO_OPTIONS:
+            problems.append(f"{where}.{key}: unknown key (expected one of {', '.join(VIDEO_OPTIONS)})")
+        elif isinstance(VIDEO_OPTIONS[key], bool):
+            if not isinstance(value, bool):
+                problems.append(f"{where}.{key}: expected true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                value == 0 and key != "min_shot_s"):
+            problems.append(f"{where}.{key}: expected a positive number, got {value!r}")
+    if spec.video.get("shots") and spec.modality != "video":
+        problems.append(f"{where}.shots: shot splitting applies to modality video")
 
 
 def _check_sft_source(spec: SourceSpec, where: str, problems: list[str]) -> None:

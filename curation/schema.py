@@ -34,6 +34,10 @@ ROW_SCHEMA = pa.schema(
         pa.field("video", pa.string()),
         pa.field("frames", pa.list_(pa.binary())),
         pa.field("frame_ts", pa.list_(pa.float64())),
+        # A clip of ``video`` (a shot, with ``video: {shots: true}`` on the source): its span in seconds of the
+        # source video; frame_ts stay absolute (seconds of the source), so start at clip_start.
+        pa.field("clip_start", pa.float64()),
+        pa.field("clip_end", pa.float64()),
         pa.field("messages", pa.string()),
         pa.field("mode", pa.string()),
         pa.field("meta", pa.string()),

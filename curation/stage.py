@@ -219,7 +219,8 @@ def mark_rejected(
     stage_arr = pc.if_else(hit, pa.scalar(stage), pa.scalar(None, pa.string()))
     batch = _set_column(batch, "reject_stage", pc.coalesce(batch["reject_stage"], stage_arr))
     if detail is not None:
-        batch = _set_column(batch, "reject_detail", pc.coalesce(batch["reject_detail"], _scatter(detail, positions, n)))
+        mine = pc.if_else(hit, _scatter(detail, positions, n), pa.scalar(None, pa.string()))  # rejected rows only
+        batch = _set_column(batch, "reject_detail", pc.coalesce(batch["reject_detail"], mine))
     return batch
 
 

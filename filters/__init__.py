@@ -3,6 +3,6 @@
 Importing this package registers every stage with :func:`curation.stage.register`.
 """
 
-from curation.filters import caption, clip, decontam, dedup, image, judge, ocr, ocr_qa, sft, text  # noqa: F401
+from curation.filters import caption, clip, decontam, dedup, image, judge, ocr, ocr_qa, sft, text, video  # noqa: F401
 
 from curation.synth import think_with_image  # noqa: F401

@@ -40,11 +40,12 @@ def row_text(text: str | None, texts: list | None, messages: str | None) -> str:
 def _keyframes(uri: str) -> tuple[list[bytes], list[float]]:
     """Frames of a video the row only points to, as the readers sample them; none if it cannot be read."""
     from curation.io import fs as cfs
-    from curation.io.readers import VIDEO_FPS, VIDEO_MAX_FRAMES
     from curation.io.video import VideoError, sample_frames
+    from curation.recipe import VIDEO_OPTIONS as o
 
     try:
-        vf = sample_frames(cfs.read_bytes(uri), fps=VIDEO_FPS, max_frames=VIDEO_MAX_FRAMES, name=uri)
+        vf = sample_frames(cfs.read_bytes(uri), fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
+                           name=uri)
     except (OSError, VideoError) as e:
         log.warning("decontaminate: cannot sample %s, its video is not matched: %s", uri, e)
         return [], []

@@ -6,6 +6,7 @@ the judge's and the captioner's columns, and the lineage in the manifest."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import polars as pl
@@ -66,7 +67,7 @@ def test_quality_pipeline_end_to_end(inputs, tmp_path, ray_local):
     assert stats["clip_score"]["rows_in"] > 20
     cut = stats["clip_score (keep_fraction)"]
     scored = stats["clip_score"]["rows_out"]
-    assert cut["rows_in"] == scored and cut["rows_out"] == round(0.3 * scored)
+    assert cut["rows_in"] == scored and cut["rows_out"] == math.ceil(0.3 * scored)
     assert stats["vlm_judge"]["rows_in"] == cut["rows_out"] and stats["vlm_judge"]["drops"] == {}
 
     kept = pl.read_parquet(tmp_path / "pool" / "shards" / "*.parquet")

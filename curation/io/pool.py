@@ -277,8 +277,11 @@ def commit_done(root: str, record: dict[str, Any]) -> None:
 
 
 def lineage_keys(table: pa.Table) -> list[str]:
-    """``source_uri#source_offset`` per row: unique per input row, unlike ids, which exact duplicates share."""
-    return [f"{u}#{o}" for u, o in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist())]
+    """``source_uri#source_offset`` per row (``@clip_start`` added for a shot of a video): unique per input
+    row, unlike ids, which exact duplicates share."""
+    starts = (table["clip_start"].to_pylist() if "clip_start" in table.column_names else [None] * table.num_rows)
+    return [f"{u}#{o}" if c is None else f"{u}#{o}@{c:.3f}"
+            for u, o, c in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist(), starts)]
 
 
 def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: float, tied_kept: list[str],

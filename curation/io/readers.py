@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from curation.io import fs as cfs
 from curation.io.tar import TarError, iter_tar
 from curation.mix import coldstart
-from curation.recipe import SFT_FORMATS, SourceSpec
+from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, SourceSpec
 from curation.schema import ROW_SCHEMA, from_rows, json_meta, row_id
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,6 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("parquet", "video"): {"text": "caption", "video": "video"},
     **{(fmt, "sft"): fields for fmt, fields in coldstart.SOURCE_FIELDS.items()},
 }
-VIDEO_FPS = 1.0  # frames sampled per second of video at ingest (curation.io.video: why)
-VIDEO_MAX_FRAMES = 32
 VIDEO_UNIT_ROWS = 64  # videos per unit: decoding makes a video row ~1000x a text row, so units stay small
 SFT_UNIT_ROWS = 128  # conversation lines per unit: rows may decode a video, or run code in a later stage
 
@@ -92,10 +90,15 @@ class Unit:
     fields_json: str = "{}"
     on_bad_text: str = "reject"
     mode: str | None = None  # sft: the mode of records that carry none
+    video_json: str = "{}"  # how videos are sampled (recipe.VIDEO_OPTIONS, resolved)
 
     @property
     def fields(self) -> dict[str, str]:
         return json.loads(self.fields_json)
+
+    @property
+    def video(self) -> dict[str, Any]:
+        return {**VIDEO_OPTIONS, **json.loads(self.video_json)}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +124,8 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]
                     files.append(f)
         for uri in files:
             common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
-                          fields_json=fields_json, on_bad_text=spec.on_bad_text, mode=spec.mode)
+                          fields_json=fields_json, on_bad_text=spec.on_bad_text, mode=spec.mode,
+                          video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True))
             sft = spec.format in SFT_FORMATS
             if spec.format in ("parquet", "pool") or (sft and uri.endswith(".parquet")):
                 for start, stop in _row_group_ranges(uri, unit_rows):
@@ -214,15 +218,54 @@ class _RowMaker:
         self.unit = unit
         self.fields = unit.fields
 
+    def rows(self, offset: int, **kw: Any) -> list[dict[str, Any]]:
+        """The row, or with ``video: {shots: true}`` on a video source, one row per shot of its video."""
+        opts = self.unit.video
+        if not (self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")):
+            return [self.row(offset, **kw)]
+        video = cfs.join(cfs.dirname(self.unit.uri), kw.pop("video"))
+        kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
+        shots, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None))
+        if reason:
+            return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, **kw)]
+        out = []
+        for j, shot in enumerate(shots):
+            r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score),
+                         _frames=(shot.frames, shot.ts), **kw)
+            r["clip_start"], r["clip_end"] = round(shot.start, 6), round(shot.end, 6)
+            out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
+        return out
+
+    def _shots(self, offset: int, uri: str, meta: dict | None):
+        from curation.io.video import VideoError, sample_shots
+
+        where = f"{self.unit.uri}#{offset}"
+        try:
+            data = cfs.read_bytes(uri)
+        except (OSError, FileNotFoundError) as e:
+            return None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
+        o = self.unit.video
+        try:
+            info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
+                                       threshold=o["shot_threshold"], min_shot_s=o["min_shot_s"], name=uri)
+        except VideoError as e:
+            return None, meta, "unreadable_video", f"{where}: {e}"
+        meta = dict(meta or {}, duration=info.duration, video_width=info.width, video_height=info.height,
+                    codec=info.codec, fps=info.fps)
+        return shots, meta, None, None
+
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
             reason: str | None = None, detail: str | None = None, video: str | None = None,
-            messages: str | None = None, mode: str | None = None) -> dict[str, Any]:
+            messages: str | None = None, mode: str | None = None,
+            _frames: tuple[list[bytes], list[float]] | None = None) -> dict[str, Any]:
         m = self.unit.modality
         frames = frame_ts = None
-        if video:  # stored resolved, so later stages and mixtures can find the file
+        if video and not cfs.is_uri(video) and not os.path.isabs(video):  # stored resolved, for later stages
             video = cfs.join(cfs.dirname(self.unit.uri), video)
-        if reason is None and (m == "video" or (m == "sft" and video)):
+        if _frames is not None:  # a shot: sampled by rows()
+            frames, frame_ts = _frames
+        elif reason is None and (m == "video" or (m == "sft" and video)):
             frames, frame_ts, meta, reason, detail = self._video(offset, video, meta)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
@@ -257,8 +300,9 @@ class _RowMaker:
             data = cfs.read_bytes(uri)
         except (OSError, FileNotFoundError) as e:
             return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
+        o = self.unit.video
         try:
-            vf = sample_frames(data, fps=VIDEO_FPS, max_frames=VIDEO_MAX_FRAMES, name=uri)
+            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"], name=uri)
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,
@@ -353,7 +397,7 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
                 for i in range(batch.num_rows):
                     meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
                     images = _col(cols, f.get("images"), i)
-                    yield make.row(
+                    yield from make.rows(
                         offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
                         texts=_col(cols, f.get("texts"), i),
                         images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
@@ -442,13 +486,13 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
                 yield make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
                 continue
             try:
-                row = _jsonl_row(make, f, base, offset, obj, bad)
+                rows = _jsonl_rows(make, f, base, offset, obj, bad)
             except (TypeError, ValueError, AttributeError) as e:  # fields of the wrong shape
-                row = make.broken(offset, "malformed_row", f"a field has the wrong type: {e}", raw)
-            yield row
+                rows = [make.broken(offset, "malformed_row", f"a field has the wrong type: {e}", raw)]
+            yield from rows
 
 
-def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> dict:
+def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> list[dict]:
     unit = make.unit
     mapped = {f.get(k) for k in ("text", "image", "texts", "images", "video")}
     meta = {k: v for k, v in obj.items() if k not in mapped}
@@ -481,8 +525,8 @@ def _jsonl_row(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_
     video = obj.get(f["video"]) if "video" in f else None
     if video is not None and not isinstance(video, str):
         raise TypeError(f"'{f['video']}' must be a path or URI, got {type(video).__name__}")
-    return make.row(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason,
-                    detail=detail, video=video)
+    return make.rows(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason,
+                     detail=detail, video=video)
 
 
 # ---------------------------------------------------------------- SFT conversations (sharegpt, qa)

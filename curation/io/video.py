@@ -49,8 +49,8 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 import av
@@ -61,7 +61,8 @@ from PIL import Image
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["VideoError", "VideoFrames", "VideoInfo", "VideoReader", "VideoSource", "probe", "sample_frames"]
+__all__ = ["Shot", "VideoError", "VideoFrames", "VideoInfo", "VideoReader", "VideoSource", "probe", "sample_frames",
+           "sample_shots"]
 
 #: A local path, the file's bytes, or a binary file object (an open S3 object, say).
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
@@ -180,6 +181,7 @@ class VideoReader:
 
     def __init__(self, src: VideoSource, *, name: str | None = None) -> None:
         self.name = _name(src, name)
+        self.reached = 0.0  # seconds decoded, once a full in-order pass has ended
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
                 raise VideoError(self.name, "empty input (0 bytes)")
@@ -306,18 +308,18 @@ def _scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
-def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
-            max_side: int) -> Iterator[tuple[float, Image.Image]]:
-    if fps <= 0 or max_frames <= 0 or max_side <= 0:
-        raise ValueError("fps, max_frames and max_side must be positive")
+def _decode_in_order(o: VideoReader, want_more: Callable[[], bool]) -> Iterator[tuple[float, av.VideoFrame]]:
+    """Every frame of the video stream, decoded in order, with its time in seconds from the stream's start.
+
+    ``want_more()`` is asked after each packet: once it is false the remaining packets are read without
+    decoding (cheap), so that a file cut after the last frame wanted is still reported as truncated.
+    Raises :class:`VideoError` for a decode failure, no decodable frame, or a stream shorter than its header.
+    """
     info, s = o.info, o.stream
-    step = _interval(info, fps, max_frames, min_frames)
-    size = _scaled_size(info.width, info.height, max_side)
     frame_dt = 1.0 / info.fps if info.fps else 0.0
     tb = float(s.time_base)
     origin = s.start_time
-    scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
-    target, kept, decoded, reached = 0.0, 0, 0, 0.0
+    decoded, reached = 0, 0.0
     packets = o.container.demux(s)
     try:
         for packet in packets:
@@ -330,17 +332,9 @@ def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
                     t = decoded * (frame_dt or 1 / 25)
                 decoded += 1
                 reached = max(reached, t + frame_dt)
-                if t < target - _EPS or kept >= max_frames:
-                    continue
-                rgb = scaler.reformat(frame, width=size[0], height=size[1], format="rgb24",
-                                      interpolation="AREA")
-                yield t, _upright(rgb.to_image(), frame.rotation)
-                kept += 1
-                target = (int((t + _EPS) / step) + 1) * step
-            if kept >= max_frames:
+                yield t, frame
+            if not want_more():
                 break
-        # All samples taken: read the remaining packets without decoding them (cheap) so that a
-        # file cut after the last sample is still reported as truncated.
         for packet in packets:
             if packet.pts is not None and origin is not None:
                 reached = max(reached, (packet.pts - origin + (packet.duration or 0)) * tb)
@@ -357,6 +351,122 @@ def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
         raise VideoError(o.name, f"truncated: the stream ends at {reached:.2f} s of the {d:.2f} s the "
                                  f"header announces ({_n(decoded, 'frame')} decoded){_also(o.mp4_problem())}",
                          frames_decoded=decoded, seconds_decoded=reached)
+    o.reached = reached
+
+
+def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
+            max_side: int) -> Iterator[tuple[float, Image.Image]]:
+    if fps <= 0 or max_frames <= 0 or max_side <= 0:
+        raise ValueError("fps, max_frames and max_side must be positive")
+    info = o.info
+    step = _interval(info, fps, max_frames, min_frames)
+    size = _scaled_size(info.width, info.height, max_side)
+    scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
+    target, kept = 0.0, 0
+    for t, frame in _decode_in_order(o, lambda: kept < max_frames):
+        if t < target - _EPS or kept >= max_frames:
+            continue
+        yield t, _rgb(scaler, frame, size)
+        kept += 1
+        target = (int((t + _EPS) / step) + 1) * step
+
+
+def _rgb(scaler: VideoReformatter, frame: av.VideoFrame, size: tuple[int, int]) -> Image.Image:
+    rgb = scaler.reformat(frame, width=size[0], height=size[1], format="rgb24", interpolation="AREA")
+    return _upright(rgb.to_image(), frame.rotation)
+
+
+# ---------------------------------------------------------------- shots
+
+
+@dataclass
+class Shot:
+    """One shot of a video: ``[start, end)`` in seconds of the source, and its sampled frames (JPEG) with their
+    absolute timestamps (seconds from the start of the source video, not of the shot)."""
+
+    start: float
+    end: float
+    frames: list[bytes] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    cut_score: float | None = None  # the frame difference that opened it (None: the first shot)
+
+
+SHOT_SIDE = 48  # greyscale thumbnails compared between consecutive frames
+
+
+def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, max_side: int = 384,
+                 quality: int = 90, threshold: float = 0.12, min_shot_s: float = 1.0,
+                 name: str | None = None) -> tuple[VideoInfo, list[Shot]]:
+    """Split a video into shots at hard cuts and sample each shot's frames, in one in-order decode.
+
+    Cut detection is content-based: every decoded frame is reduced to a 48 px greyscale thumbnail and a cut
+    is placed where the mean absolute difference from the previous frame (0..1) exceeds ``threshold``
+    (camera motion and moving objects change a few percent of a small thumbnail between frames; a cut
+    to another scene changes most of it), unless the current shot is shorter than ``min_shot_s`` (flashes
+    and fast motion do not make one-frame shots). A last shot shorter than ``min_shot_s`` joins the one before.
+
+    Frames are sampled per shot: its first frame, then every ``1/fps`` seconds from the shot's start; a
+    shot with more than ``max_frames`` keeps that many, evenly spread. Raises :class:`VideoError`.
+    """
+    if fps <= 0 or max_frames <= 0 or max_side <= 0 or threshold <= 0 or min_shot_s < 0:
+        raise ValueError("fps, max_frames, max_side and threshold must be positive, min_shot_s not negative")
+    import numpy as np
+
+    step = 1.0 / fps
+    with VideoReader(src, name=name) as v:
+        info = v.info
+        size = _scaled_size(info.width, info.height, max_side)
+        small = _scaled_size(info.width, info.height, SHOT_SIDE)
+        scaler, thumb = VideoReformatter(), VideoReformatter()
+        shots = [Shot(0.0, 0.0)]
+        target = 0.0
+        window: list[tuple[float, Any, Any]] = []  # (t, frame, grey): the previous, the current, the next frame
+
+        def diff(x, y) -> float:
+            return float(np.abs(x - y).mean()) / 255.0
+
+        def take(i: int) -> None:
+            """Decide whether window[i] opens a shot (it differs from the frame before, and so does the frame
+            after it: a one-frame flash is not a cut), then sample it."""
+            nonlocal target
+            t, frame, grey = window[i]
+            if i > 0:
+                d = diff(grey, window[i - 1][2])
+                persists = i + 1 >= len(window) or diff(window[i + 1][2], window[i - 1][2]) > threshold
+                if d > threshold and persists and t - shots[-1].start >= min_shot_s:
+                    shots[-1].end = t
+                    shots.append(Shot(t, t, cut_score=round(d, 4)))
+                    target = t
+            if t >= target - _EPS:
+                buf = io.BytesIO()
+                _rgb(scaler, frame, size).save(buf, "JPEG", quality=quality)
+                shots[-1].frames.append(buf.getvalue())
+                shots[-1].ts.append(t)
+                target = shots[-1].start + (int((t - shots[-1].start + _EPS) / step) + 1) * step
+
+        for t, frame in _decode_in_order(v, lambda: True):
+            grey = thumb.reformat(frame, width=small[0], height=small[1], format="gray",
+                                  interpolation="AREA").to_ndarray()[:, :small[0]].astype(np.float32)
+            window.append((t, frame, grey))
+            if len(window) == 1:
+                take(0)  # the first frame: nothing before it, so no cut to decide
+            elif len(window) == 3:
+                take(1)
+                window.pop(0)
+        if len(window) == 2:  # the last frame: nothing after it
+            take(1)
+        shots[-1].end = max(v.reached, shots[-1].ts[-1] if shots[-1].ts else 0.0)
+    if len(shots) > 1 and shots[-1].end - shots[-1].start < min_shot_s:
+        last = shots.pop()
+        shots[-1].end = last.end
+        shots[-1].frames += last.frames
+        shots[-1].ts += last.ts
+    for shot in shots:
+        if len(shot.frames) > max_frames:
+            keep = [round(i * (len(shot.frames) - 1) / (max_frames - 1)) for i in range(max_frames)] \
+                if max_frames > 1 else [0]
+            shot.frames, shot.ts = [shot.frames[i] for i in keep], [shot.ts[i] for i in keep]
+    return info, shots
 
 
 def _n(k: int, noun: str) -> str:

@@ -1,0 +1,215 @@
+"""Video heuristics: bounds from the probed header facts, static clips, blank frames; on real encoded videos
+through ingest (frames sampled by PyAV) and on hand-made frame lists."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from curation.filters.video import VideoBlank, VideoBounds, VideoMotion
+from curation.sample_video import _X264, _encode, make_video, video_frames
+from curation.schema import from_rows
+
+
+def mp4(frames: list[Image.Image], fps: int = 10) -> bytes:
+    return _encode(frames, *frames[0].size, fps, "libx264", "mp4", dict(_X264, crf="23"))
+
+
+def solid(colour, size=(192, 144)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def moving(seconds: float, size=(192, 144), fps=10, seed=1) -> list[Image.Image]:
+    frames, _, _ = video_frames(7, seed, size=size, seconds=seconds, fps=fps)
+    return list(frames)
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def rows(*specs):
+    return from_rows([{"id": str(i), "modality": "video", "source_uri": "mem", "source_offset": i, **r}
+                      for i, r in enumerate(specs)])
+
+
+def test_bounds_read_the_header_facts():
+    meta = lambda **m: json.dumps(m)
+    out = VideoBounds(min_duration=2, max_duration=60, min_side=128, min_fps=8)(rows(
+        {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=25.0)},
+        {"meta": meta(duration=1.0, video_width=320, video_height=240, fps=25.0)},
+        {"meta": meta(duration=99.0, video_width=320, video_height=240, fps=25.0)},
+        {"meta": meta(duration=10.0, video_width=160, video_height=90, fps=25.0)},
+        {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=4.0)},
+        {"meta": None},
+    )).to_pylist()
+    assert [r["reject_reason"] for r in out] == [None, "duration_below_min", "duration_above_max", "side_below_min",
+                                                 "fps_below_min", "no_video_facts"]
+    assert out[0]["reject_detail"] is None and out[0]["score_video_bounds"] == 10.0
+    assert out[3]["reject_detail"] == "shorter side (px) 90 < 128"
+    # a bound set to null is not checked
+    assert VideoBounds(min_side=None)(rows(out[3] | {"reject_reason": None, "reject_stage": None,
+                                                     "reject_detail": None})).to_pylist()[0]["reject_reason"] is None
+    with pytest.raises(ValueError, match="min_duration"):
+        VideoBounds(min_duration=10, max_duration=5)
+
+
+def test_motion_and_blank_on_frame_lists():
+    pan = [jpeg(f) for f in moving(4, fps=1)]
+    still = [jpeg(solid((30, 120, 200)))] * 4
+    black = [jpeg(solid((0, 0, 0)))] * 4
+    intro = [jpeg(solid((0, 0, 0)))] + pan[1:]
+    out = VideoMotion()(rows({"frames": pan}, {"frames": still}, {"frames": pan[:1]}, {"frames": [b"junk", b"junk"]}))
+    r = out.to_pylist()
+    assert r[0]["reject_reason"] is None and r[0]["score_video_motion"] > 0.02
+    assert r[1]["reject_reason"] == "static" and r[1]["score_video_motion"] < 0.003
+    assert [x["reject_reason"] for x in r[2:]] == ["too_few_frames", "too_few_frames"]
+    ts = [0.0, 1.0, 2.0, 3.0]
+    b = VideoBlank()(rows({"frames": pan, "frame_ts": ts}, {"frames": black, "frame_ts": ts},
+                          {"frames": intro, "frame_ts": ts}, {"frames": [b"junk"] * 3 + pan[:1], "frame_ts": ts},
+                          {"frames": None})).to_pylist()
+    assert [x["reject_reason"] for x in b] == [None, "mostly_blank", None, "mostly_blank", "no_frames"]
+    assert b[0]["score_video_blank"] == 0 and b[1]["score_video_blank"] == 1.0
+    assert b[2]["score_video_blank"] == 0.25 and b[2]["video_blank_frames"] == [0.0]
+    assert b[1]["reject_detail"] == "100% of the sampled frames are blank"
+
+
+def test_video_filters_in_a_pipeline_on_encoded_videos(ray_local, tmp_path):
+    from curation.recipe import load_pipeline
+    from curation.runner import run_pipeline
+
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    videos = {
+        "pan": make_video(7, 1, size=(224, 168), seconds=5, fps=10),
+        "static": mp4(moving(0.1, seed=5)[:1] * 50),  # one drawn picture held for 5 s
+        "black": mp4([solid((0, 0, 0))] * 50),
+        "black_intro": mp4([solid((0, 0, 0))] * 10 + moving(4, size=(192, 144), seed=2)),
+        "tiny": mp4(moving(4, size=(96, 64), seed=3)),
+        "short": mp4(moving(0.5, seed=4)),
+    }
+    lines = []
+    for name, data in videos.items():
+        (corpus / f"{name}.mp4").write_bytes(data)
+        lines.append(json.dumps({"video": f"{name}.mp4", "caption": f"the {name} video"}))
+    (corpus / "videos.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = tmp_path / "video.yaml"
+    recipe.write_text(f"""
+name: video-filters
+sources:
+  - {{name: vids, format: jsonl, modality: video, paths: ["{corpus}/videos.jsonl"]}}
+stages:
+  - video_bounds: {{min_duration: 1.0, min_side: 128}}
+  - video_blank: {{}}
+  - video_motion: {{}}
+output: {{path: "{tmp_path / 'pool'}", report: false}}
+""")
+    result = run_pipeline(load_pipeline(recipe), progress=False)
+    kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
+    rejects = pl.read_parquet(Path(result.pool) / "rejects" / "*.parquet")
+    name = lambda v: Path(v).stem
+    got = {name(v): r for v, r in zip(rejects["video"], rejects["reject_reason"])}
+    got |= {name(v): None for v in kept["video"]}
+    assert got == {"pan": None, "black_intro": None, "static": "static", "black": "mostly_blank",
+                   "tiny": "side_below_min", "short": "duration_below_min"}
+    intro = kept.filter(pl.col("video").str.ends_with("black_intro.mp4")).row(0, named=True)
+    assert intro["video_blank_frames"] == [0.0] and 0 < intro["score_video_blank"] < 0.5
+    stages = {s["name"]: s for s in result.stats["stages"]}
+    assert stages["video_motion"]["drops"] == {"static": 1}
+    assert "score_video_motion" in stages["video_motion"]["histograms"]
+
+
+# ---------------------------------------------------------------- shots
+
+
+def three_shots(fps: int = 10) -> tuple[bytes, list[float]]:
+    """Three scenes with hard cuts at 3.0 s and 5.0 s (each scene pans: motion is not a cut)."""
+    a, b, c = moving(3, fps=fps, seed=11), moving(2, fps=fps, seed=12), moving(2.5, fps=fps, seed=13)
+    return mp4(a + b + c, fps), [0.0, 3.0, 5.0]
+
+
+def test_shots_are_found_at_hard_cuts_and_sampled_each():
+    from curation.io.video import sample_shots
+
+    data, starts = three_shots()
+    info, shots = sample_shots(data, fps=1.0)
+    assert [s.start for s in shots] == pytest.approx(starts, abs=0.11)
+    assert [s.end for s in shots] == pytest.approx([3.0, 5.0, 7.5], abs=0.11)
+    assert shots[0].cut_score is None and all(s.cut_score > 0.12 for s in shots[1:])
+    for shot in shots:  # each shot's first frame, then one a second, timestamps absolute and inside the shot
+        assert shot.ts[0] == pytest.approx(shot.start, abs=1e-6)
+        assert all(shot.start - 1e-6 <= t < shot.end for t in shot.ts)
+        assert len(shot.frames) == len(shot.ts) == math.ceil(shot.end - shot.start - 1e-6)
+    assert info.duration == pytest.approx(7.5, abs=0.11)
+    # a continuous video is one shot; a short flash does not make a shot of its own
+    one = mp4(moving(4, seed=14))
+    assert len(sample_shots(one)[1]) == 1
+    flash = moving(2, seed=15)
+    flashed = mp4(flash[:10] + [solid((255, 255, 255))] + flash[11:])
+    assert len(sample_shots(flashed, min_shot_s=1.0)[1]) == 1
+    # a shot longer than max_frames seconds keeps max_frames frames, evenly spread
+    _, [long_shot] = sample_shots(one, fps=10, max_frames=5)
+    assert len(long_shot.ts) == 5 and long_shot.ts[0] == 0.0 and long_shot.ts[-1] > 3.5
+
+
+def test_shot_rows_through_ingest(ray_local, tmp_path):
+    import tarfile
+
+    from curation.recipe import RecipeError, load_pipeline
+    from curation.runner import run_pipeline
+
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    cuts, _ = three_shots()
+    (corpus / "cuts.mp4").write_bytes(cuts)
+    (corpus / "one.mp4").write_bytes(mp4(moving(3, seed=21)))
+    (corpus / "broken.mp4").write_bytes(cuts[: len(cuts) // 2])
+    (corpus / "v.jsonl").write_text("\n".join(json.dumps({"video": f"{n}.mp4", "caption": f"video {n}"})
+                                              for n in ("cuts", "one", "broken")) + "\n")
+    recipe = tmp_path / "shots.yaml"
+    text = f"""
+name: shots
+sources:
+  - name: vids
+    format: jsonl
+    modality: video
+    paths: ["{corpus}/v.jsonl"]
+    video: {{shots: true, fps: 2, max_side: 128}}
+stages:
+  - video_motion: {{min_motion: 0.0}}
+output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdataset]}}
+"""
+    recipe.write_text(text)
+    result = run_pipeline(load_pipeline(recipe), progress=False)
+    kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet").sort("video", "clip_start")
+    rejects = pl.read_parquet(Path(result.pool) / "rejects" / "*.parquet")
+    assert kept.height == 4 and rejects.height == 1 and rejects["reject_reason"][0] == "unreadable_video"
+    cut_rows = kept.filter(pl.col("video").str.ends_with("cuts.mp4"))
+    assert cut_rows["clip_start"].to_list() == pytest.approx([0.0, 3.0, 5.0], abs=0.11)
+    assert cut_rows["clip_end"].to_list() == pytest.approx([3.0, 5.0, 7.5], abs=0.11)
+    for r in cut_rows.iter_rows(named=True):  # frames of the shot only, 2 a second, absolute timestamps
+        assert all(r["clip_start"] - 1e-6 <= t < r["clip_end"] for t in r["frame_ts"])
+        assert len(r["frame_ts"]) == math.ceil(2 * (r["clip_end"] - r["clip_start"]) - 1e-6)
+        meta = json.loads(r["meta"])
+        assert meta["shots"] == 3 and meta["duration"] == pytest.approx(7.5, abs=0.11)
+        assert max(Image.open(io.BytesIO(r["frames"][0])).size) == 128
+    assert len(set(kept["id"])) == 4  # each shot is a row of its own
+    one = kept.filter(pl.col("video").str.ends_with("one.mp4")).row(0, named=True)
+    assert one["clip_start"] == 0.0 and one["clip_end"] == pytest.approx(3.0, abs=0.11)
+    # WebDataset: the frames and the span in the sample's json
+    [tar] = list((Path(result.pool) / "shards").glob("*.tar"))
+    with tarfile.open(tar) as t:
+        metas = [json.loads(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".json")]
+    assert sorted(round(m["clip_start"]) for m in metas) == [0, 0, 3, 5]
+    # Options are checked with the recipe
+    recipe.write_text(text.replace("shots: true, fps: 2", "shots: yes please, fps: -1"))
+    with pytest.raises(RecipeError, match=r"video.shots: expected true or false.*\n.*video.fps: expected a positive"):
+        load_pipeline(recipe)
