@@ -299,6 +299,7 @@ VIDEO_OPTIONS: dict[str, Any] = {
     "shots": False,  # split at hard cuts: one row per shot (clip_start/clip_end), frames sampled per shot
     "shot_threshold": 0.12,  # mean absolute frame difference (0..1) that makes a cut
     "min_shot_s": 1.0,  # shorter shots join their neighbour
+    "timeout_s": 300.0,  # a video whose decoding takes longer is rejected (unreadable_video), not waited on
 }
 
 

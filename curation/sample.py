@@ -76,7 +76,7 @@ FORMAT = "curation.sample/1"
 
 SOURCES = ("wds", "parquet", "jsonl", "interleaved", "text", "video")
 IMAGE_TEXT_SOURCES = ("wds", "parquet", "jsonl")
-SOURCE_SHARE = {"wds": 0.59, "parquet": 0.15, "jsonl": 0.10, "interleaved": 0.08, "text": 0.07, "video": 0.01}
+SOURCE_SHARE = {"wds": 0.59, "parquet": 0.15, "jsonl": 0.10, "interleaved": 0.08, "text": 0.05, "video": 0.03}
 MAX_VIDEOS = 2000  # videos cost ~45 ms each to encode: past this, wds takes the rest of the rows
 BENCH_VIDEOS = (10, 100)  # benchmark videos: bench_items // 5, within these bounds
 SOURCE_DIR = {
@@ -136,8 +136,12 @@ RATES: dict[str, dict[str, float]] = {
     "jsonl": {**_COMMON_IMAGE_TEXT_RATES, **_NON_UTF8, **_JSONL_ONLY},
     "interleaved": {"benchmark_copy": 0.01},  # a quiz post: a VQA image (transformed) next to its question
     "text": dict(_TEXT_RATES),
-    # a benchmark video re-encoded (codec, size, rate) and trimmed at both ends; a download cut short
-    "video": {"benchmark_copy": 0.01, "truncated_video": 0.03},
+    # a benchmark video re-encoded (codec, size, rate) and trimmed at both ends; a download cut short; a
+    # held still picture; black; bytes that are no video; an empty file; audio only. Not dirt: several
+    # shots joined by hard cuts, and text burned into the picture.
+    "video": {"benchmark_copy": 0.01, "truncated_video": 0.03, "static_video": 0.04, "black_video": 0.03,
+              "corrupt_video": 0.02, "empty_video": 0.01, "audio_only": 0.02, "multi_shot": 0.15,
+              "burned_text": 0.08},
 }
 # Kinds placed deliberately (once each) in the first rows of a source so that small corpora
 # still contain every kind. The decompression bomb is *only* placed this way: exactly one.
@@ -146,7 +150,8 @@ FORCED: dict[str, tuple[str, ...]] = {
     "jsonl": tuple(_JSONL_ONLY),
     "text": tuple(_TEXT_RATES),
     "interleaved": ("benchmark_copy",),
-    "video": ("benchmark_copy", "truncated_video"),
+    "video": ("benchmark_copy", "truncated_video", "static_video", "black_video", "corrupt_video", "empty_video",
+              "audio_only", "multi_shot", "burned_text"),
 }
 DIRT_KINDS = (
     "clean",
@@ -156,7 +161,8 @@ DIRT_KINDS = (
     "malformed_json",
     "missing_image",
 )
-VIDEO_DIRT_KINDS = ("truncated_video",)
+VIDEO_DIRT_KINDS = ("truncated_video", "static_video", "black_video", "corrupt_video", "empty_video", "audio_only",
+                    "multi_shot", "burned_text")
 ALL_DIRT_KINDS = DIRT_KINDS + VIDEO_DIRT_KINDS
 
 # --------------------------------------------------------------------------------------------
@@ -1008,6 +1014,8 @@ class CorpusSpec:
     def make(cls, rows: int, seed: int, shard_rows: int, bench_rate: float = BENCHMARK_RATE) -> CorpusSpec:
         others = {s: round(rows * SOURCE_SHARE[s]) for s in SOURCES if s != "wds"}
         others["video"] = min(others["video"], MAX_VIDEOS)
+        if rows >= MIN_ROWS_ALL_KINDS:  # room for every guaranteed kind, plus a clean first row
+            others = {s: max(n, len(FORCED.get(s, ())) + 1) for s, n in others.items()}
         counts = {"wds": rows - sum(others.values()), **others}
         bench = max(20, min(500, rows // 100))
         return cls(seed, rows, shard_rows, tuple((s, counts[s]) for s in SOURCES), bench, bench_rate)
@@ -1771,6 +1779,7 @@ _VIDEO_QUESTIONS = (
      ["simple drawn shapes and signs", "a football match", "a city street at night", "a cooking show"]),
     ("How many seconds does the clip last, roughly?", ["about 5", "about 30", "about 60", "about 120"]),
 )
+_VIDEO_OVERLAYS = ("SALE", "NEWS", "LIVE", "Coffee", "Station", "Exit", "Market", "Report", "Daily", "Open")
 _VIDEO_CAPTIONS = ("A short animation panning across simple shapes.", "Clip: coloured shapes drift past a sign.",
                    "Animated drawing, camera moving slowly to the side.", "Shapes moving across a flat background.")
 
@@ -1800,7 +1809,8 @@ def write_benchmark_videos(out: Path, spec: CorpusSpec, shard: int = 0) -> Shard
 def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
     """Video rows as JSONL (key, caption, video path, url) with the mp4 files in ``clips/``."""
     from curation.io.video import probe
-    from curation.sample_video import make_video, reencode, truncate
+    from curation.sample_video import (make_audio_only, make_black, make_burned_text, make_multi_shot, make_static,
+                                       make_video, other_container, reencode, truncate)
 
     rel = spec.path("video", shard)
     res = ShardResult("video", shard, spec.shard_len("video", shard), files=[rel])
@@ -1816,13 +1826,34 @@ def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
                 duration = probe(data).duration or 3.0
                 start, end = rng.uniform(0, 0.3) * duration, duration * (1 - rng.uniform(0, 0.3))
                 data, bench = reencode(data, rng, start_s=start, end_s=end), f"vid-{k + 1:04d}"
+            idx, ext = shard * KEY_STRIDE + i, "mp4"
+            caption = rng.choice(_VIDEO_CAPTIONS)
+            if kind == "benchmark_copy":
+                pass
+            elif kind == "static_video":
+                data = make_static(spec.seed, idx)
+            elif kind == "black_video":
+                data = make_black(spec.seed, idx)
+            elif kind == "corrupt_video":
+                data = rng.randbytes(rng.randint(500, 4000))
+            elif kind == "empty_video":
+                data = b""
+            elif kind == "audio_only":
+                data = make_audio_only(spec.seed, idx)
+            elif kind == "multi_shot":
+                data = make_multi_shot(spec.seed, idx, rng.randint(2, 3))
+            elif kind == "burned_text":
+                words = rng.sample(_VIDEO_OVERLAYS, 2)
+                data, caption = make_burned_text(spec.seed, idx, " ".join(words)), f"{caption} Text on screen."
             else:
-                data = make_video(spec.seed, shard * KEY_STRIDE + i)
+                data = make_video(spec.seed, idx)
                 if kind == "truncated_video":
                     data = truncate(data, rng)
-            clip = f"clips/{key}.mp4"
+                elif video_container(spec, shard, i) != "mp4":  # web video comes in other containers too
+                    data, ext = other_container(data, video_container(spec, shard, i))
+            clip = f"clips/{key}.{ext}"
             (folder / clip).write_bytes(data)
-            f.write(json.dumps({"key": key, "caption": rng.choice(_VIDEO_CAPTIONS), "video": clip,
+            f.write(json.dumps({"key": key, "caption": caption, "video": clip,
                                 "url": SOURCE_URL["video"].format(key=key)}) + "\n")
             res.truth.append(_truth(rel, i, key, "video", kind, None, bench))
     return res
@@ -1919,9 +1950,16 @@ _HARD = ("This needs a few steps of calculation, so I will work through it first
 _SYSTEM = "You are a helpful assistant."
 
 
+def video_container(spec: CorpusSpec, shard: int, i: int) -> str:
+    """File extension of a clean video row: a fifth are webm (VP9) or mkv (h264 in Matroska), the rest mp4."""
+    r = _rng(spec.seed, "video-container", shard, i).random()
+    return "webm" if r < 0.1 else "mkv" if r < 0.2 else "mp4"
+
+
 def _clips(spec: CorpusSpec, kind: str) -> list[str]:
     """Paths (relative to the corpus) of the video source's clips of one dirt kind, in order."""
-    return [f"{SOURCE_DIR['video']}/clips/{spec.key(sh, i)}.mp4" for sh in range(spec.n_shards("video"))
+    return [f"{SOURCE_DIR['video']}/clips/{spec.key(sh, i)}."
+            f"{video_container(spec, sh, i) if kind == 'clean' else 'mp4'}" for sh in range(spec.n_shards("video"))
             for i, k in enumerate(shard_plan(spec, "video", sh)) if k == kind]
 
 

@@ -168,7 +168,8 @@ def _encode(frames: Iterable[Image.Image | av.VideoFrame], w: int, h: int, fps: 
         os.close(fd)
     out = path if faststart else io.BytesIO()
     try:
-        with av.open(out, "w", format=fmt, options={"movflags": "faststart"} if faststart else {}) as c:
+        # bitexact: no random segment UID or muxing date (Matroska), so the same frames give the same bytes
+        with av.open(out, "w", format=fmt, options={"movflags": "faststart"} if faststart else {"fflags": "+bitexact"}) as c:
             s = c.add_stream(codec, rate=_rate(fps))
             s.width, s.height, s.pix_fmt = w, h, "yuv420p"
             s.options = options
@@ -245,3 +246,94 @@ def truncate(data: bytes, rng: random.Random) -> bytes:
     """The first 20-90% of the file: a download cut short. For an mp4 with its index (moov) first
     the decoder fails part-way; with the index last the file cannot even be opened."""
     return data[: int(len(data) * rng.uniform(0.2, 0.9))]
+
+
+# ---------------------------------------------------------------- the kinds of video the sample corpus mixes in
+
+
+def _x264(frames: list[Image.Image], fps: int) -> bytes:
+    return _encode(frames, *frames[0].size, fps, "libx264", "mp4", dict(_X264, crf="23"))
+
+
+def make_multi_shot(seed: int, idx: int, shots: int) -> bytes:
+    """``shots`` unrelated scenes (each a panning video of its own) joined by hard cuts; same size and rate."""
+    rng = _rng(seed, "multi-shot", idx)
+    size, fps = rng.choice(SIZES), rng.choice(_FPS)
+    frames: list[Image.Image] = []
+    for j in range(shots):
+        part, _, _ = video_frames(seed, idx * 16 + j + 7_000_000, size=size, seconds=rng.uniform(1.5, 3.0), fps=fps)
+        frames += list(part)
+    return _x264(frames, fps)
+
+
+def make_static(seed: int, idx: int) -> bytes:
+    """One drawn picture held for 3-6 s: a slideshow frame, a title card."""
+    rng = _rng(seed, "static", idx)
+    frames, fps, _ = video_frames(seed, idx + 8_000_000, seconds=0.1)
+    still = next(frames)
+    return _x264([still] * round(rng.uniform(3, 6) * fps), fps)
+
+
+def make_black(seed: int, idx: int) -> bytes:
+    """3-6 s of black (a dead stream, a blank export), with faint noise as a camera would give."""
+    import numpy as np
+
+    rng = _rng(seed, "black", idx)
+    w, h = rng.choice(SIZES)
+    fps = rng.choice(_FPS)
+    noise = np.random.default_rng(rng.getrandbits(64))
+    frames = [Image.fromarray(noise.integers(0, 4, (h, w, 3), dtype=np.uint8))
+              for _ in range(round(rng.uniform(3, 6) * fps))]
+    return _x264(frames, fps)
+
+
+def make_burned_text(seed: int, idx: int, text: str) -> bytes:
+    """A panning video with ``text`` burned into the lower third, like subtitles."""
+    from PIL import ImageFont
+
+    frames, fps, _ = video_frames(seed, idx + 9_000_000)
+    frames = list(frames)
+    w, h = frames[0].size
+    font = ImageFont.load_default(size=max(10, h // 10))
+    out = []
+    for f in frames:
+        d = ImageDraw.Draw(f)
+        box = d.textbbox((0, 0), text, font=font)
+        x, y = max(2, (w - (box[2] - box[0])) // 2), h - (box[3] - box[1]) - h // 12
+        d.rectangle((x - 4, y - 2, x + box[2] - box[0] + 4, y + box[3] - box[1] + 4), fill=(0, 0, 0))
+        d.text((x, y - box[1]), text, fill=(255, 255, 255), font=font)
+        out.append(f)
+    return _x264(out, fps)
+
+
+def make_audio_only(seed: int, idx: int) -> bytes:
+    """An MP4 with an AAC tone and no video stream (a podcast in a video folder)."""
+    import numpy as np
+
+    rng = _rng(seed, "audio", idx)
+    rate, seconds, pitch = 16_000, rng.uniform(2, 4), rng.uniform(220, 880)
+    fd, path = tempfile.mkstemp(suffix=".mp4")
+    os.close(fd)
+    try:
+        with av.open(path, "w", format="mp4") as c:
+            s = c.add_stream("aac", rate=rate)
+            s.layout = "mono"
+            t = np.arange(int(rate * seconds)) / rate
+            pcm = (0.2 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
+            for k, lo in enumerate(range(0, len(pcm), 1024)):
+                frame = av.AudioFrame.from_ndarray(pcm[None, lo:lo + 1024], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, lo
+                c.mux(s.encode(frame))
+            c.mux(s.encode(None))
+        with open(path, "rb") as fh:
+            return fh.read()
+    finally:
+        os.unlink(path)
+
+
+def other_container(data: bytes, ext: str) -> tuple[bytes, str]:
+    """The same video as ``webm`` (VP9) or ``mkv`` (h264 in Matroska): containers and codecs web video comes in."""
+    if ext == "webm":
+        return transcode(data, codec="libvpx-vp9", fmt="webm", options={"crf": "40", "b": "0", "deadline": "realtime",
+                                                                          "cpu-used": "8", "threads": "1"}), "webm"
+    return transcode(data, codec="libx264", fmt="matroska", options=dict(_X264, crf="23")), "mkv"

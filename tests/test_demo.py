@@ -94,11 +94,17 @@ def test_clean_rows_survive(demo):
     assert lost.height <= 0.02 * clean.height, lost.group_by("reject_reason").len().to_dicts()
 
 
-def test_videos_carry_keyframes_and_broken_ones_are_rejected(demo):
+VIDEO_EXPECTED = {
+    "truncated_video": "unreadable_video", "corrupt_video": "unreadable_video", "empty_video": "unreadable_video",
+    "audio_only": "unreadable_video", "static_video": "static", "black_video": "mostly_blank",
+    "clean": None, "multi_shot": None, "burned_text": None, "benchmark_copy": None,
+}
+
+
+def test_every_kind_of_video_gets_its_reason(demo):
     _, joined, _ = demo
     videos = joined.filter(pl.col("source") == "video")
-    assert videos.height >= 6
-    broken = videos.filter(pl.col("dirt") == "truncated_video")
-    assert broken.height and (broken["reject_reason"] == "unreadable_video").all()
-    assert videos.filter(pl.col("dirt") != "truncated_video")["reject_reason"].null_count() == \
-        videos.filter(pl.col("dirt") != "truncated_video").height
+    assert videos.height >= 12
+    got = {(d, r) for d, r in zip(videos["dirt"], videos["reject_reason"])}
+    assert {d for d, _ in got} == set(VIDEO_EXPECTED) - {"clean"} | ({"clean"} & set(videos["dirt"]))
+    assert got == {(d, VIDEO_EXPECTED[d]) for d, _ in got}, sorted(got - {(d, VIDEO_EXPECTED[d]) for d, _ in got})

@@ -213,3 +213,14 @@ output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdata
     recipe.write_text(text.replace("shots: true, fps: 2", "shots: yes please, fps: -1"))
     with pytest.raises(RecipeError, match=r"video.shots: expected true or false.*\n.*video.fps: expected a positive"):
         load_pipeline(recipe)
+
+
+def test_a_decode_that_runs_too_long_is_given_up_with_a_reason():
+    from curation.io.video import VideoError, sample_frames, sample_shots
+
+    data = mp4(moving(3, seed=31))
+    with pytest.raises(VideoError, match=r"decoding took longer than 1e-06 s \(stopped after 1 frame"):
+        sample_frames(data, timeout_s=1e-6)
+    with pytest.raises(VideoError, match="decoding took longer than"):
+        sample_shots(data, timeout_s=1e-6)
+    assert len(sample_frames(data, timeout_s=60).frames) == 4  # min_frames: 4

@@ -247,7 +247,8 @@ class _RowMaker:
         o = self.unit.video
         try:
             info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
-                                       threshold=o["shot_threshold"], min_shot_s=o["min_shot_s"], name=uri)
+                                       threshold=o["shot_threshold"], min_shot_s=o["min_shot_s"], name=uri,
+                                       timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=info.duration, video_width=info.width, video_height=info.height,
@@ -302,7 +303,8 @@ class _RowMaker:
             return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
         try:
-            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"], name=uri)
+            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"], name=uri,
+                               timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,

@@ -273,13 +273,14 @@ class VideoReader:
         self.close()
 
     def frames(self, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
-               max_side: int = 384) -> Iterator[tuple[float, Image.Image]]:
+               max_side: int = 384, timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
         """``(timestamp, RGB PIL image)`` of the sampled frames, one at a time, decoded in order.
 
         Parameters as in :func:`sample_frames`. Errors are raised as they are met, so frames may
         have been yielded before a :class:`VideoError` (a truncated file).
         """
-        return _frames(self, fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side)
+        return _frames(self, fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
+                       timeout_s=timeout_s)
 
 
 def probe(src: VideoSource, *, name: str | None = None) -> VideoInfo:
@@ -308,13 +309,20 @@ def _scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
-def _decode_in_order(o: VideoReader, want_more: Callable[[], bool]) -> Iterator[tuple[float, av.VideoFrame]]:
+def _decode_in_order(o: VideoReader, want_more: Callable[[], bool],
+                     timeout_s: float | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
     """Every frame of the video stream, decoded in order, with its time in seconds from the stream's start.
 
     ``want_more()`` is asked after each packet: once it is false the remaining packets are read without
     decoding (cheap), so that a file cut after the last frame wanted is still reported as truncated.
-    Raises :class:`VideoError` for a decode failure, no decodable frame, or a stream shorter than its header.
+    ``timeout_s`` bounds the whole pass in wall-clock seconds, checked between packets (a stream crafted to
+    decode forever, or a huge one, is given up on); it cannot interrupt one call that never returns.
+    Raises :class:`VideoError` for a decode failure, no decodable frame, a stream shorter than its header,
+    or the time running out.
     """
+    import time
+
+    deadline = time.monotonic() + timeout_s if timeout_s else None
     info, s = o.info, o.stream
     frame_dt = 1.0 / info.fps if info.fps else 0.0
     tb = float(s.time_base)
@@ -333,6 +341,10 @@ def _decode_in_order(o: VideoReader, want_more: Callable[[], bool]) -> Iterator[
                 decoded += 1
                 reached = max(reached, t + frame_dt)
                 yield t, frame
+            if deadline is not None and time.monotonic() > deadline:
+                raise VideoError(o.name, f"decoding took longer than {timeout_s:g} s (stopped after "
+                                         f"{_n(decoded, 'frame')}, {reached:.2f} s{_of(info)})",
+                                 frames_decoded=decoded, seconds_decoded=reached)
             if not want_more():
                 break
         for packet in packets:
@@ -355,7 +367,7 @@ def _decode_in_order(o: VideoReader, want_more: Callable[[], bool]) -> Iterator[
 
 
 def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
-            max_side: int) -> Iterator[tuple[float, Image.Image]]:
+            max_side: int, timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
     if fps <= 0 or max_frames <= 0 or max_side <= 0:
         raise ValueError("fps, max_frames and max_side must be positive")
     info = o.info
@@ -363,7 +375,7 @@ def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
     size = _scaled_size(info.width, info.height, max_side)
     scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
     target, kept = 0.0, 0
-    for t, frame in _decode_in_order(o, lambda: kept < max_frames):
+    for t, frame in _decode_in_order(o, lambda: kept < max_frames, timeout_s):
         if t < target - _EPS or kept >= max_frames:
             continue
         yield t, _rgb(scaler, frame, size)
@@ -396,7 +408,7 @@ SHOT_SIDE = 48  # greyscale thumbnails compared between consecutive frames
 
 def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, max_side: int = 384,
                  quality: int = 90, threshold: float = 0.12, min_shot_s: float = 1.0,
-                 name: str | None = None) -> tuple[VideoInfo, list[Shot]]:
+                 name: str | None = None, timeout_s: float | None = None) -> tuple[VideoInfo, list[Shot]]:
     """Split a video into shots at hard cuts and sample each shot's frames, in one in-order decode.
 
     Cut detection is content-based: every decoded frame is reduced to a 48 px greyscale thumbnail and a cut
@@ -444,7 +456,7 @@ def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, ma
                 shots[-1].ts.append(t)
                 target = shots[-1].start + (int((t - shots[-1].start + _EPS) / step) + 1) * step
 
-        for t, frame in _decode_in_order(v, lambda: True):
+        for t, frame in _decode_in_order(v, lambda: True, timeout_s):
             grey = thumb.reformat(frame, width=small[0], height=small[1], format="gray",
                                   interpolation="AREA").to_ndarray()[:, :small[0]].astype(np.float32)
             window.append((t, frame, grey))
@@ -497,17 +509,20 @@ def _declared(info: VideoInfo) -> str:
 
 
 def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
-                  max_side: int = 384, quality: int = 90, name: str | None = None) -> VideoFrames:
+                  max_side: int = 384, quality: int = 90, name: str | None = None,
+                  timeout_s: float | None = None) -> VideoFrames:
     """Sample frames of a video as JPEG bytes with absolute timestamps.
 
     ``src`` is a local path, the file's bytes or a binary file object; ``name`` labels it in error
     messages (pass the URI when passing bytes). Frames are taken every ``1/fps`` seconds, at most
     ``max_frames`` spread over the whole video and at least ``min_frames`` when the video is short,
-    and scaled so that the longer side is at most ``max_side``. Raises :class:`VideoError`.
+    and scaled so that the longer side is at most ``max_side``; decoding gives up after ``timeout_s``
+    seconds. Raises :class:`VideoError`.
     """
     with VideoReader(src, name=name) as v:
         frames, ts = [], []
-        for t, img in v.frames(fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side):
+        for t, img in v.frames(fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
+                               timeout_s=timeout_s):
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=quality)
             frames.append(buf.getvalue())
