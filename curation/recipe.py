@@ -297,7 +297,8 @@ VIDEO_OPTIONS: dict[str, Any] = {
     "max_frames": 32,  # per video (or per shot): a longer one is sampled evenly over its length
     "max_side": 384,  # longer side of a sampled frame, pixels
     "shots": False,  # split at hard cuts: one row per shot (clip_start/clip_end), frames sampled per shot
-    "shot_threshold": 0.12,  # mean absolute frame difference (0..1) that makes a cut
+    "shot_threshold": 0.07,  # mean absolute frame difference (0..1) that can make a cut
+    "shot_contrast": 3.0,  # ... when it is this many times the shot's recent frame differences
     "min_shot_s": 1.0,  # shorter shots join their neighbour
     "timeout_s": 300.0,  # a video whose decoding takes longer is rejected (unreadable_video), not waited on
 }

@@ -45,11 +45,16 @@ def _run(recipe: Path, **kw) -> subprocess.Popen:
 
 
 def _files(pool: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) for shards and rejects."""
+    """relative path -> (sha256, mtime_ns) for shards and rejects. Right after the kill, a Ray worker of the
+    killed run may still be finishing a unit (it is not in the driver's process group): its temp file can be
+    renamed away between listing and reading, and is skipped."""
     out = {}
     for sub in ("shards", "rejects"):
         for f in sorted((pool / sub).iterdir()):
-            out[f"{sub}/{f.name}"] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            try:
+                out[f"{sub}/{f.name}"] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            except FileNotFoundError:
+                continue
     return out
 
 

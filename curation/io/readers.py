@@ -71,7 +71,9 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("parquet", "video"): {"text": "caption", "video": "video"},
     **{(fmt, "sft"): fields for fmt, fields in coldstart.SOURCE_FIELDS.items()},
 }
-VIDEO_UNIT_ROWS = 64  # videos per unit: decoding makes a video row ~1000x a text row, so units stay small
+VIDEO_UNIT_ROWS = 16  # videos per unit: a video costs ~1000x a text row to read, so units stay small enough
+# that a manifest of a few dozen videos still keeps every core busy (a unit is one task); 16 videos of
+# sampled frames make a 3-10 MB shard
 SFT_UNIT_ROWS = 128  # conversation lines per unit: rows may decode a video, or run code in a later stage
 
 
@@ -247,7 +249,8 @@ class _RowMaker:
         o = self.unit.video
         try:
             info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
-                                       threshold=o["shot_threshold"], min_shot_s=o["min_shot_s"], name=uri,
+                                       threshold=o["shot_threshold"], contrast=o["shot_contrast"],
+                                       min_shot_s=o["min_shot_s"], name=uri,
                                        timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, meta, "unreadable_video", f"{where}: {e}"
