@@ -224,3 +224,55 @@ def test_a_decode_that_runs_too_long_is_given_up_with_a_reason():
     with pytest.raises(VideoError, match="decoding took longer than"):
         sample_shots(data, timeout_s=1e-6)
     assert len(sample_frames(data, timeout_s=60).frames) == 4  # min_frames: 4
+
+
+def test_videos_from_webdataset_tars_and_parquet_bytes(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import write_tar
+    from curation.recipe import load_pipeline
+    from curation.runner import run_pipeline
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    a, b = mp4(moving(3, seed=41)), make_video(7, 42, size=(192, 144), seconds=3, fps=10)
+    cuts, _ = three_shots()
+    write_tar(corpus / "00000.tar", [  # video2dataset's layout
+        {"__key__": "a", "mp4": a, "txt": b"first clip", "json": json.dumps({"url": "https://x/a"}).encode()},
+        {"__key__": "cuts", "mp4": cuts, "txt": b"three scenes"},
+        {"__key__": "nomedia", "txt": b"a caption without its video"},
+        {"__key__": "broken", "mp4": b"\x00\x00\x00\x18ftypmp42 not really", "txt": b"broken"},
+    ])
+    pq.write_table(pa.table({"caption": ["from bytes", "from a struct"],
+                             "video": [b, None], "clip": [None, {"bytes": a, "path": "clips/a.mp4"}]}),
+                   corpus / "videos.parquet")
+    recipe = tmp_path / "v.yaml"
+    recipe.write_text(f"""
+name: video-sources
+sources:
+  - {{name: tars, format: webdataset, modality: video, paths: ["{corpus}/*.tar"], video: {{shots: true}}}}
+  - {{name: bytes, format: parquet, modality: video, paths: ["{corpus}/videos.parquet"]}}
+  - {{name: structs, format: parquet, modality: video, paths: ["{corpus}/videos.parquet"],
+      fields: {{text: caption, video: clip}}}}
+stages:
+  - video_motion: {{min_motion: 0.0}}
+output: {{path: "{tmp_path / 'pool'}", report: false}}
+""")
+    result = run_pipeline(load_pipeline(recipe), progress=False)
+    kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
+    rejects = pl.read_parquet(Path(result.pool) / "rejects" / "*.parquet")
+    tars = kept.filter(pl.col("source") == "tars").sort("video", "clip_start")
+    assert tars["video"].to_list() == [f"{corpus}/00000.tar#a.mp4"] + [f"{corpus}/00000.tar#cuts.mp4"] * 3
+    assert json.loads(tars["meta"][0])["url"] == "https://x/a" and tars["text"][0] == "first clip"
+    assert all(len(f) >= 2 for f in tars["frames"])  # 1 a second, at least 2 s a shot
+    tar_rejects = rejects.filter(pl.col("source") == "tars")
+    why = {json.loads(m)["__key__"]: (r, d) for m, r, d in zip(tar_rejects["meta"], tar_rejects["reject_reason"],
+                                                                tar_rejects["reject_detail"])}
+    assert why["nomedia"][0] == "missing_video_file" and "has no mp4/webm" in why["nomedia"][1]
+    assert why["broken"][0] == "unreadable_video"
+    from_bytes = kept.filter(pl.col("source") == "bytes")
+    assert from_bytes["video"].to_list() == [f"{corpus}/videos.parquet#row0"] and len(from_bytes["frames"][0]) >= 3
+    assert rejects.filter(pl.col("source") == "bytes")["reject_reason"].to_list() == ["missing_video_file"]
+    structs = kept.filter(pl.col("source") == "structs")
+    assert structs["video"].to_list() == [f"{corpus}/clips/a.mp4"] and structs["text"].to_list() == ["from a struct"]

@@ -68,6 +68,8 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("jsonl", "interleaved"): {"texts": "texts", "images": "images"},
     ("jsonl", "text"): {"text": "text"},
     ("jsonl", "video"): {"text": "caption", "video": "video"},
+    # video2dataset's layout: <key>.mp4 (or another container) with <key>.txt and <key>.json
+    ("webdataset", "video"): {"text": "txt", "video": "mp4;webm;mkv;mov;avi;m4v", "meta": "json"},
     ("parquet", "video"): {"text": "caption", "video": "video"},
     **{(fmt, "sft"): fields for fmt, fields in coldstart.SOURCE_FIELDS.items()},
 }
@@ -225,9 +227,11 @@ class _RowMaker:
         opts = self.unit.video
         if not (self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")):
             return [self.row(offset, **kw)]
-        video = cfs.join(cfs.dirname(self.unit.uri), kw.pop("video"))
+        video = kw.pop("video")
+        if not cfs.is_uri(video) and not os.path.isabs(video):
+            video = cfs.join(cfs.dirname(self.unit.uri), video)
         kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
-        shots, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None))
+        shots, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None), kw.pop("video_bytes", None))
         if reason:
             return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, **kw)]
         out = []
@@ -238,12 +242,12 @@ class _RowMaker:
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
 
-    def _shots(self, offset: int, uri: str, meta: dict | None):
+    def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes | None = None):
         from curation.io.video import VideoError, sample_shots
 
         where = f"{self.unit.uri}#{offset}"
         try:
-            data = cfs.read_bytes(uri)
+            data = cfs.read_bytes(uri) if data is None else data
         except (OSError, FileNotFoundError) as e:
             return None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
@@ -261,7 +265,7 @@ class _RowMaker:
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
             reason: str | None = None, detail: str | None = None, video: str | None = None,
-            messages: str | None = None, mode: str | None = None,
+            messages: str | None = None, mode: str | None = None, video_bytes: bytes | None = None,
             _frames: tuple[list[bytes], list[float]] | None = None) -> dict[str, Any]:
         m = self.unit.modality
         frames = frame_ts = None
@@ -270,7 +274,7 @@ class _RowMaker:
         if _frames is not None:  # a shot: sampled by rows()
             frames, frame_ts = _frames
         elif reason is None and (m == "video" or (m == "sft" and video)):
-            frames, frame_ts, meta, reason, detail = self._video(offset, video, meta)
+            frames, frame_ts, meta, reason, detail = self._video(offset, video, meta, video_bytes)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
         elif m == "interleaved":
@@ -292,7 +296,7 @@ class _RowMaker:
             "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
         }
 
-    def _video(self, offset: int, ref: str | None, meta: dict | None):
+    def _video(self, offset: int, ref: str | None, meta: dict | None, data: bytes | None = None):
         """Keyframes of the row's video: (frames, ts, meta, reject reason, detail)."""
         from curation.io.video import VideoError, sample_frames
 
@@ -301,7 +305,7 @@ class _RowMaker:
             return None, None, meta, "missing_video_file", f"{where}: no video reference"
         uri = ref
         try:
-            data = cfs.read_bytes(uri)
+            data = cfs.read_bytes(uri) if data is None else data
         except (OSError, FileNotFoundError) as e:
             return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
@@ -333,10 +337,11 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
     make = _RowMaker(unit)
     f = make.fields
     image_exts = f.get("image", "").split(";") if f.get("image") else []
+    video_exts = f.get("video", "").split(";") if f.get("video") else []
     offset = 0
     current_key, members = None, {}
 
-    def emit():
+    def emit() -> list[dict[str, Any]]:
         text = members.get(f["text"]) if "text" in f else None
         image = next((members[e] for e in image_exts if e in members), None)
         meta = {"__key__": current_key}
@@ -345,7 +350,16 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
                 meta.update(json.loads(members[f["meta"]]))
             except (ValueError, UnicodeDecodeError):
                 meta["meta_unparsed"] = True
-        return make.row(offset, text=text, image=image, meta=meta)
+        if unit.modality != "video":
+            return [make.row(offset, text=text, image=image, meta=meta)]
+        ext = next((e for e in video_exts if e in members), None)
+        if ext is None:
+            return [make.row(offset, text=text, meta=meta, reason="missing_video_file",
+                             detail=f"{unit.uri}#{offset}: sample '{current_key}' has no "
+                                    f"{'/'.join(video_exts)} member (it has: {', '.join(sorted(members))})")]
+        # The row points at the member; its frames are sampled from the bytes in hand.
+        return make.rows(offset, text=text, meta=meta, video=f"{unit.uri}#{current_key}.{ext}",
+                         video_bytes=members[ext])
 
     try:
         with cfs.open_input(unit.uri) as stream:
@@ -357,19 +371,19 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
                 key = name[: len(name) - len(base)] + key
                 if key != current_key:
                     if current_key is not None:
-                        yield emit()
+                        yield from emit()
                         offset += 1
                     current_key, members = key, {}
                 members[ext.lower()] = data
     except (TarError, OSError) as e:
         if current_key is not None:
-            yield emit()
+            yield from emit()
             offset += 1
             current_key = None
         yield make.broken(offset, "unreadable_file", f"tar unreadable after {offset} samples: {e}")
         return
     if current_key is not None:
-        yield emit()
+        yield from emit()
 
 
 def _open_parquet(unit: Unit):
@@ -402,11 +416,12 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
                 for i in range(batch.num_rows):
                     meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
                     images = _col(cols, f.get("images"), i)
+                    video, video_bytes = _video_value(_col(cols, f.get("video"), i), unit.uri, offset)
                     yield from make.rows(
                         offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
                         texts=_col(cols, f.get("texts"), i),
                         images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
-                        video=_col(cols, f.get("video"), i))
+                        video=video, video_bytes=video_bytes)
                     offset += 1
         except Exception as e:  # a corrupt page: report where, keep what was read
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
@@ -447,6 +462,17 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
 
 def _col(cols: dict, name: str | None, i: int) -> Any:
     return cols[name][i] if name and name in cols else None
+
+
+def _video_value(value: Any, uri: str, offset: int) -> tuple[str | None, bytes | None]:
+    """A Parquet ``video`` cell: a path or URI, the file's bytes, or a ``{"bytes", "path"}`` struct. Bytes
+    stored in the table get a reference to their row (``file.parquet#row<N>``)."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        return (path or f"{uri}#row{offset}", data) if data else (path, None)
+    if isinstance(value, (bytes, bytearray)):
+        return f"{uri}#row{offset}", bytes(value)
+    return value, None
 
 
 def _image_bytes(value: Any) -> bytes | None:
