@@ -1,4 +1,8 @@
-"""Dense captions: a vision-language model writes a detailed caption of each image (``dense_caption``).
+"""Dense captions: a vision-language model writes a detailed caption of each image or video (``dense_caption``).
+
+A video is shown as ``frames_per_request`` of its sampled frames, spread over the clip, each after a text part
+with its time ("t=3.0 s:"), and described with ``video_prompt``; its reject for nothing to look at is
+``missing_frames``.
 
 The Keye-VL recipe synthesizes detailed captions for pre-training. The model sees the image and a prompt
 that carries the row's original caption and its OCR text (``ocr`` stage) as hints; it uses the backends
@@ -59,6 +63,12 @@ Write fluent plain prose in one or more paragraphs. Describe only what you can s
 Hints, which may be wrong or incomplete (use them only where the image confirms them):
 Original caption: {caption}
 Text read from the image by OCR: {ocr_text}"""
+VIDEO_PROMPT = """These are frames of a video clip, in order, each after its time in seconds from the start of the video. Describe the clip in detail, for training a vision-language model: what happens and in what order (say when, using the times), the subjects and their attributes, how they move, the setting, any visible text, and how the camera moves.
+Write fluent plain prose. Describe only what you can see; do not guess.
+
+Hints, which may be wrong or incomplete (use them only where the frames confirm them):
+Original caption: {caption}
+Text read from the frames by OCR: {ocr_text}"""
 REPAIR = "Your description cannot be used: {problem}. Write a new, detailed description of the image in your own words."
 PLACEHOLDERS = ("caption", "ocr_text")
 NONE = "(none)"  # what an empty hint reads as in the prompt
@@ -98,13 +108,16 @@ class DenseCaption(ScoreFilter):
     """
 
     name: ClassVar[str] = "dense_caption"
-    reads: ClassVar[tuple[str, ...]] = ("text", "image", "images", "ocr_text", "dense_caption")
+    reads: ClassVar[tuple[str, ...]] = ("modality", "text", "image", "images", "frames", "frame_ts", "ocr_text",
+                                        "dense_caption")
     writes: ClassVar[tuple[str, ...]] = ("dense_caption",)
-    default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
+    default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "video")
 
     backend: BackendConfig = field(default_factory=lambda: BackendConfig(
         base_url="http://127.0.0.1:8000/v1", model="Kwai-Keye/Keye-VL-8B-Preview", max_new_tokens=512))
     prompt: str = DEFAULT_PROMPT  # placeholders: {caption} (the row's text), {ocr_text}; empty hints read "(none)"
+    video_prompt: str = VIDEO_PROMPT  # for video rows, after the frames (each preceded by "t=1.0 s:")
+    frames_per_request: int = 8  # video: frames sent, spread evenly over the clip
     min_words: int = 20  # fewer words: caption_too_short
     ngram: int = 8  # words per n-gram, for max_repeat and max_echo
     max_repeat: float = 0.2  # share of n-grams repeating an earlier one; above: caption_repetitive
@@ -116,14 +129,17 @@ class DenseCaption(ScoreFilter):
     def __post_init__(self):
         if self.max_attempts < 1 or self.min_words < 0 or self.ngram < 2 or self.max_image_side < 0:
             raise ValueError("max_attempts must be positive, ngram 2 or more, min_words and max_image_side not negative")
+        if self.frames_per_request < 1:
+            raise ValueError("frames_per_request: expected a positive number of frames")
         if not (0 <= self.max_repeat <= 1 and 0 <= self.max_echo <= 1):
             raise ValueError("max_repeat and max_echo: expected shares between 0 and 1")
-        unknown = set(re.findall(r"\{([A-Za-z_]\w*)\}", self.prompt)) - set(PLACEHOLDERS)
-        if unknown:
-            raise ValueError(f"prompt: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
-                             f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
-        if self.modalities is not None and set(self.modalities) - {"image_text"}:
-            raise ValueError(f"modalities: dense_caption handles image_text only, got {self.modalities}")
+        for key in ("prompt", "video_prompt"):
+            unknown = set(re.findall(r"\{([A-Za-z_]\w*)\}", getattr(self, key))) - set(PLACEHOLDERS)
+            if unknown:
+                raise ValueError(f"{key}: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
+                                 f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
+        if self.modalities is not None and set(self.modalities) - {"image_text", "video"}:
+            raise ValueError(f"modalities: dense_caption handles image_text and video, got {self.modalities}")
         self.resources = engine_resources(self.backend, self.resources)
         self._backend = None
 
@@ -136,7 +152,8 @@ class DenseCaption(ScoreFilter):
         make_backend(self.backend).preflight()
 
     def lineage(self) -> dict[str, Any]:
-        prompts = json.dumps({"template": self.prompt, "repair": REPAIR}, sort_keys=True)
+        prompts = json.dumps({"template": self.prompt, "video_template": self.video_prompt, "repair": REPAIR},
+                             sort_keys=True)
         return {**make_backend(self.backend).lineage(),
                 "prompt_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
                 "max_new_tokens": self.backend.max_new_tokens, "temperature": self.backend.temperature,
@@ -176,14 +193,22 @@ class DenseCaption(ScoreFilter):
         requests: dict[int, Request] = {}
         prompts: dict[int, str] = {}
         for i in range(n):
-            image = cols["image"][i] or next((x for x in cols["images"][i] or [] if x is not None), None)
-            if image is None:
-                self._reject[i] = "missing_image"
-                continue
-            prompts[i] = fill(self.prompt, {"caption": (cols["text"][i] or "").strip() or NONE,
-                                            "ocr_text": (cols["ocr_text"][i] or "").strip() or NONE})
-            part = image_part(image, self.max_image_side)
-            requests[i] = Request([{"role": "user", "content": [part, {"type": "text", "text": prompts[i]}]}])
+            hints = {"caption": (cols["text"][i] or "").strip() or NONE,
+                     "ocr_text": (cols["ocr_text"][i] or "").strip() or NONE}
+            if cols["modality"][i] == "video":
+                parts = self._frame_parts(cols["frames"][i] or [], cols["frame_ts"][i] or [])
+                if not parts:
+                    self._reject[i] = "missing_frames"
+                    continue
+                prompts[i] = fill(self.video_prompt, hints)
+            else:
+                image = cols["image"][i] or next((x for x in cols["images"][i] or [] if x is not None), None)
+                if image is None:
+                    self._reject[i] = "missing_image"
+                    continue
+                parts = [image_part(image, self.max_image_side)]
+                prompts[i] = fill(self.prompt, hints)
+            requests[i] = Request([{"role": "user", "content": [*parts, {"type": "text", "text": prompts[i]}]}])
         pending = list(requests)
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
@@ -212,6 +237,19 @@ class DenseCaption(ScoreFilter):
             log.info("%s: %d of %d rows got no usable caption in %d attempt(s)", self.label, failed, n, self.max_attempts)
         return {"dense_caption": pa.array(captions, pa.string()),
                 self.score_name: pa.array(words, mask=np.isnan(words))}
+
+    def _frame_parts(self, frames: list[bytes], ts: list[float]) -> list[dict[str, Any]]:
+        """Up to ``frames_per_request`` frames spread evenly over the clip, each after its time ("t=3.0 s:"), so
+        the model can say when things happen (Keye-VL ties positions to absolute time)."""
+        if not frames:
+            return []
+        pick = np.unique(np.linspace(0, len(frames) - 1, min(self.frames_per_request, len(frames))).round().astype(int))
+        parts: list[dict[str, Any]] = []
+        for k in pick:
+            if len(ts) == len(frames):
+                parts.append({"type": "text", "text": f"t={ts[k]:.1f} s:"})
+            parts.append(image_part(frames[k], self.max_image_side))
+        return parts
 
     def check(self, text: str, prompt: str) -> tuple[str, str] | None:
         """``(reason, what was wrong)`` for an answer that fails a check, None for a usable caption."""

@@ -217,8 +217,26 @@ def test_lineage_names_the_model_and_hashes_the_prompt(server):
     ({"prompt": "Describe {image}"}, r"unknown placeholder\(s\) \{image\}"),
     ({"max_attempts": 0}, "positive"),
     ({"max_echo": 1.5}, "between 0 and 1"),
-    ({"modalities": ["video"]}, "image_text only"),
+    ({"modalities": ["text"]}, "image_text and video"),
+    ({"video_prompt": "Describe {clip}"}, r"video_prompt: unknown placeholder\(s\) \{clip\}"),
+    ({"frames_per_request": 0}, "positive number of frames"),
 ])
 def test_parameters_are_validated(kw, message):
     with pytest.raises(ValueError, match=message):
         stage("http://127.0.0.1:1/v1", **kw)
+
+
+def test_a_video_is_captioned_from_frames_with_their_times(server):
+    frames = [jpeg() for _ in range(12)]
+    video = from_rows([{"id": "v", "modality": "video", "source_uri": "mem", "source_offset": 0, "text": "a clip",
+                        "frames": frames, "frame_ts": [float(t) for t in range(12)]},
+                       {"id": "w", "modality": "video", "source_uri": "mem", "source_offset": 1, "text": "no frames"}])
+    out = stage(server, frames_per_request=4)(video)
+    assert out["dense_caption"].to_pylist() == [GOOD, None]
+    assert out["reject_reason"].to_pylist() == [None, "missing_frames"]
+    [req] = seen(server)
+    assert req["images"] == 4  # spread over the clip: frames 0, 4, 7 and 11
+    prompt = req["users"][0]
+    for t in ("t=0.0 s:", "t=4.0 s:", "t=7.0 s:", "t=11.0 s:"):
+        assert t in prompt
+    assert "frames of a video clip" in prompt and "Original caption: a clip" in prompt
