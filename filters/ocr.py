@@ -14,6 +14,12 @@
   (shorter side below ``min_side``: not given to the engine, which cannot read text there), or ``no_image``
   (a document without images).
 
+Videos: ``frames_per_video`` of the sampled frames, spread over the clip, are read; ``score_<label>`` is then
+the text-overlay ratio (the share of those frames' pixels under text: burned-in subtitles, captions, logos),
+text held over several frames is written once, and line entries carry ``"image": <frame index>``. Keep
+``text_rich`` for images; for videos, ``text_rich: {modalities: [video], min_text_area: 0, max_text_area:
+0.1}`` drops clips that are mostly overlay. A video without frames is rejected as ``missing_frames``.
+
 Rejects (counted by reason in ``stats.json``): ``missing_image``, ``undecodable`` (bytes that do not decode;
 the detail names a document's image) and ``ocr_error`` (the engine raised on that image; the detail has the
 message). One bad image never stops the run or costs the other rows of its batch.
@@ -75,9 +81,9 @@ class Ocr(ScoreFilter):
     """
 
     name: ClassVar[str] = "ocr"
-    reads: ClassVar[tuple[str, ...]] = ("image", "images")
+    reads: ClassVar[tuple[str, ...]] = ("image", "images", "frames")
     writes: ClassVar[tuple[str, ...]] = ("ocr_text",)
-    default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "interleaved")
+    default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "interleaved", "video")
 
     engine: str = "rapidocr"
     model_dir: str | None = None
@@ -87,6 +93,7 @@ class Ocr(ScoreFilter):
     det_limit_type: str = "max"
     min_line_confidence: float = 0.5
     retry_below: float = 0.9
+    frames_per_video: int = 3  # video rows: frames read, spread over the clip (entries carry "image": frame index)
 
     def __post_init__(self):
         from curation.models.ocr import ENGINES, LIMIT_TYPES
@@ -101,6 +108,8 @@ class Ocr(ScoreFilter):
         for key in ("min_line_confidence", "retry_below"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 problems.append(f"{key}: expected 0..1, got {getattr(self, key)}")
+        if self.frames_per_video < 1:
+            problems.append("frames_per_video: expected a positive number of frames")
         if problems:
             raise ValueError("; ".join(problems))
         self._models = None  # resolved model files (preflight on the driver, setup on workers)
@@ -173,6 +182,7 @@ class Ocr(ScoreFilter):
         n = batch.num_rows
         modality = batch["modality"].to_pylist()
         singles, multis = batch["image"].to_pylist(), batch["images"].to_pylist()
+        frames = batch["frames"].to_pylist()
         self._errors: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n
         lines: list[str | None] = [None] * n
@@ -181,12 +191,19 @@ class Ocr(ScoreFilter):
         for i in range(n):
             if modality[i] == "interleaved":
                 images = [(j, d) for j, d in enumerate(multis[i] or []) if d is not None]
+            elif modality[i] == "video":  # text overlays: a few frames spread over the clip
+                fr = frames[i] or []
+                if not fr:
+                    self._errors[i] = "missing_frames:"
+                    continue
+                picks = np.unique(np.linspace(0, len(fr) - 1, min(self.frames_per_video, len(fr))).round())
+                images = [(int(k), fr[int(k)]) for k in picks]
             elif singles[i] is None:
                 self._errors[i] = "missing_image:"
                 continue
             else:
                 images = [(None, singles[i])]
-            self._errors[i], row = self._read(images)
+            self._errors[i], row = self._read(images, once=modality[i] == "video")
             texts[i], lines[i], status[i] = row.get("text"), row.get("lines"), row.get("status")
             ratio[i], conf[i] = row.get("ratio", np.nan), row.get("confidence", np.nan)
         return {
@@ -197,10 +214,12 @@ class Ocr(ScoreFilter):
             self.status_name: pa.array(status, pa.string()),
         }
 
-    def _read(self, images: list[tuple[int | None, bytes]]) -> tuple[str | None, dict[str, Any]]:
+    def _read(self, images: list[tuple[int | None, bytes]], once: bool = False) -> tuple[str | None, dict[str, Any]]:
         """One row's images (position in the document or None, bytes), read one at a time (a batch of large
-        images is never decoded at once): ("reason:detail", {}) or (None, the row's annotation)."""
+        images is never decoded at once): ("reason:detail", {}) or (None, the row's annotation). ``once``: a
+        line already read from an earlier image is not repeated in the text (video frames)."""
         found, entries, parts = [], [], []
+        seen: set[str] = set()
         text_px = px = 0.0
         small = False
         for j, data in images:
@@ -218,8 +237,11 @@ class Ocr(ScoreFilter):
             px += w * h
             text_px += text_area([ln.box for ln in res], w, h) * w * h
             rows = reading_order(res)
-            if rows:
-                parts.append("\n".join(_join_row([ln.text for ln in row]) for row in rows))
+            lines = [_join_row([ln.text for ln in row]) for row in rows]
+            if once:  # video: a subtitle or logo held over several frames is written once
+                lines = [x for x in lines if x not in seen and not seen.add(x)]
+            if lines:
+                parts.append("\n".join(lines))
             for ln in (x for row in rows for x in row):
                 found.append(ln)
                 entry = {"box": [[round(x, 1), round(y, 1)] for x, y in ln.box], "text": ln.text,

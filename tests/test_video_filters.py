@@ -276,3 +276,47 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     assert rejects.filter(pl.col("source") == "bytes")["reject_reason"].to_list() == ["missing_video_file"]
     structs = kept.filter(pl.col("source") == "structs")
     assert structs["video"].to_list() == [f"{corpus}/clips/a.mp4"] and structs["text"].to_list() == ["from a struct"]
+
+
+def test_ocr_reads_burned_in_text_from_video_frames():
+    pytest.importorskip("rapidocr")
+    from curation.filters.ocr import Ocr
+    from curation.io.video import sample_frames
+    from curation.sample_video import make_burned_text
+
+    texted = sample_frames(make_burned_text(3, 1, "Fresh Coffee Daily"))
+    plain = sample_frames(make_video(3, 2))
+    out = Ocr(frames_per_video=3)(rows({"frames": texted.frames, "frame_ts": texted.ts},
+                                       {"frames": plain.frames, "frame_ts": plain.ts}, {"frames": None}))
+    r = out.to_pylist()
+    lines = [x.lower().replace(" ", "") for x in r[0]["ocr_text"].split("\n") if x]
+    assert r[0]["ocr_status"] == "text" and lines.count("freshcoffeedaily") == 1  # read on 3 frames, written once
+    assert 0.01 < r[0]["score_ocr"] < 0.5  # the overlay's share of the frames
+    assert {e["image"] for e in json.loads(r[0]["ocr_lines"])} == {0, len(texted.frames) // 2, len(texted.frames) - 1}
+    assert r[1]["ocr_status"] == "no_text" and r[1]["score_ocr"] == 0
+    assert r[2]["reject_reason"] == "missing_frames"
+
+
+def test_probe_says_whether_there_is_audio():
+    import av
+    import numpy as np
+
+    from curation.io.video import probe
+
+    assert probe(mp4(moving(2, seed=51))).audio is False
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as c:  # a video with a sound track
+        v, a = c.add_stream("libx264", rate=10), c.add_stream("aac", rate=16000)
+        v.width, v.height, v.pix_fmt = 192, 144, "yuv420p"
+        a.layout = "mono"
+        for k, img in enumerate(moving(1, seed=52)):
+            f = av.VideoFrame.from_image(img)
+            f.pts = k
+            c.mux(v.encode(f))
+        for lo in range(0, 16000, 1024):
+            s = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            s.sample_rate, s.pts = 16000, lo
+            c.mux(a.encode(s))
+        c.mux(v.encode(None))
+        c.mux(a.encode(None))
+    assert probe(buf.getvalue()).audio is True

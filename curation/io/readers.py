@@ -259,7 +259,7 @@ class _RowMaker:
         except VideoError as e:
             return None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=info.duration, video_width=info.width, video_height=info.height,
-                    codec=info.codec, fps=info.fps)
+                    codec=info.codec, fps=info.fps, has_audio=info.audio)
         return shots, meta, None, None
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
@@ -315,7 +315,7 @@ class _RowMaker:
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,
-                    codec=vf.codec, fps=vf.fps)
+                    codec=vf.codec, fps=vf.fps, has_audio=vf.audio)
         return vf.frames, vf.ts, meta, None, None
 
     def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class VideoInfo:
     fps: float | None  # average frame rate
     frames: int | None  # frame count from the header (None: not stored, as in Matroska)
     container: str  # FFmpeg demuxer name
+    audio: bool = False  # the container has an audio stream
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class VideoFrames:
     height: int
     codec: str
     fps: float | None
+    audio: bool = False
 
 
 def _name(src: Any, name: str | None) -> str:
@@ -247,7 +249,8 @@ class VideoReader:
         duration = self._duration(s)
         rate = s.average_rate or s.guessed_rate
         return s, VideoInfo(duration=duration, width=w, height=h, codec=cc.name,
-                            fps=float(rate) if rate else None, frames=s.frames or None, container=fmt)
+                            fps=float(rate) if rate else None, frames=s.frames or None, container=fmt,
+                            audio=bool(c.streams.audio))
 
     def _duration(self, s: Any) -> float | None:
         """The video stream's duration; the container's only when nothing else could set it."""
@@ -565,4 +568,4 @@ def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, m
             ts.append(t)
         info = v.info
         return VideoFrames(frames=frames, ts=ts, duration=info.duration, width=info.width,
-                           height=info.height, codec=info.codec, fps=info.fps)
+                           height=info.height, codec=info.codec, fps=info.fps, audio=info.audio)
