@@ -10,9 +10,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from curation.filters.video import VideoBlank, VideoBounds, VideoMotion
 from PIL import Image
 
-from curation.filters.video import VideoBlank, VideoBounds, VideoMotion
 from curation.sample_video import _X264, _encode, make_video, video_frames
 from curation.schema import from_rows
 
@@ -229,8 +229,8 @@ def test_a_decode_that_runs_too_long_is_given_up_with_a_reason():
 def test_videos_from_webdataset_tars_and_parquet_bytes(ray_local, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from conftest import write_tar
+
     from curation.recipe import load_pipeline
     from curation.runner import run_pipeline
 
@@ -281,6 +281,7 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
 def test_ocr_reads_burned_in_text_from_video_frames():
     pytest.importorskip("rapidocr")
     from curation.filters.ocr import Ocr
+
     from curation.io.video import sample_frames
     from curation.sample_video import make_burned_text
 

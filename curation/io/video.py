@@ -475,7 +475,7 @@ def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, ma
             """Decide whether window[i] opens a shot (it differs from the frame before, and so does the frame
             after it: a one-frame flash is not a cut), then sample it."""
             nonlocal target
-            t, frame, grey, d = window[i]
+            t, frame, _, d = window[i]
             if i > 0:
                 if (d > threshold and t - shots[-1].start >= min_shot_s
                         and (not recent or d > contrast * sum(recent) / len(recent))
