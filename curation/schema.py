@@ -38,6 +38,9 @@ ROW_SCHEMA = pa.schema(
         # source video; frame_ts stay absolute (seconds of the source), so start at clip_start.
         pa.field("clip_start", pa.float64()),
         pa.field("clip_end", pa.float64()),
+        # The video itself, with ``video: {clip: true}`` on the source: the file's bytes, or a shot re-encoded
+        # (H.264 MP4) from its cut; its extension in meta.clip_ext. Frames are kept beside it.
+        pa.field("video_bytes", pa.binary()),
         pa.field("messages", pa.string()),
         pa.field("mode", pa.string()),
         pa.field("meta", pa.string()),

@@ -321,3 +321,54 @@ def test_probe_says_whether_there_is_audio():
         c.mux(v.encode(None))
         c.mux(a.encode(None))
     assert probe(buf.getvalue()).audio is True
+
+
+def test_clips_are_kept_whole_or_cut_at_their_shots(ray_local, tmp_path):
+    import tarfile
+
+    from curation.io.video import probe, sample_frames
+    from curation.recipe import load_pipeline
+    from curation.runner import run_pipeline
+    from curation.sample_video import other_container
+
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    cuts, _ = three_shots()
+    webm, _ = other_container(make_video(7, 61, size=(192, 144), seconds=3, fps=10), "webm")
+    (corpus / "cuts.mp4").write_bytes(cuts)
+    (corpus / "one.webm").write_bytes(webm)
+    (corpus / "s.jsonl").write_text(json.dumps({"video": "cuts.mp4", "caption": "three scenes"}) + "\n")
+    (corpus / "w.jsonl").write_text(json.dumps({"video": "one.webm", "caption": "one scene"}) + "\n")
+    recipe = tmp_path / "clips.yaml"
+    recipe.write_text(f"""
+name: clips
+sources:
+  - {{name: shots, format: jsonl, modality: video, paths: ["{corpus}/s.jsonl"], video: {{shots: true, clip: true}}}}
+  - {{name: whole, format: jsonl, modality: video, paths: ["{corpus}/w.jsonl"], video: {{clip: true}}}}
+stages:
+  - video_bounds: {{min_side: 64}}
+output: {{path: "{tmp_path / 'pool'}", report: false}}
+""")
+    result = run_pipeline(load_pipeline(recipe), progress=False)
+    kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet").sort("source", "clip_start")
+    shots = kept.filter(pl.col("source") == "shots")
+    assert shots.height == 3
+    for r in shots.iter_rows(named=True):  # each shot its own MP4, starting at its cut
+        info = probe(r["video_bytes"])
+        assert info.codec == "h264" and info.duration == pytest.approx(r["clip_end"] - r["clip_start"], abs=0.15)
+        first = sample_frames(r["video_bytes"], fps=1).frames[0]
+        assert thumb_diff(first, r["frames"][0]) < 3 and json.loads(r["meta"])["clip_ext"] == "mp4"
+    whole = kept.filter(pl.col("source") == "whole").row(0, named=True)
+    assert whole["video_bytes"] == webm and json.loads(whole["meta"])["clip_ext"] == "webm"
+    names = []
+    for tar in (Path(result.pool) / "shards").glob("*.tar"):
+        with tarfile.open(tar) as t:
+            names += [m.name.split(".", 1)[1] for m in t.getmembers()]
+    assert names.count("mp4") == 3 and names.count("webm") == 1  # video2dataset's members, beside the frames
+
+
+def thumb_diff(a: bytes, b: bytes) -> float:
+    import numpy as np
+
+    g = lambda x: np.asarray(Image.open(io.BytesIO(x)).convert("L").resize((48, 36)), np.float32)  # noqa: E731
+    return float(np.abs(g(a) - g(b)).mean())

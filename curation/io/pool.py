@@ -34,7 +34,7 @@ from curation.schema import REJECT_COLUMNS
 log = logging.getLogger(__name__)
 
 FORMAT = "curation.pool/1"
-_JSON_SKIP = {"image", "images", "frames", *REJECT_COLUMNS}
+_JSON_SKIP = {"image", "images", "frames", "video_bytes", *REJECT_COLUMNS}
 _MAGIC = [(b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"),
           (b"MM\x00*", "tif")]
 
@@ -130,6 +130,9 @@ def _wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     for i, frame in enumerate(row.get("frames") or []):  # timestamps are in the .json (frame_ts)
         if frame is not None:
             members.append((f"frame{i:03d}.{image_ext(frame)}", frame))
+    if row.get("video_bytes"):  # video2dataset's member: <key>.mp4 (or the source's own container)
+        ext = (json.loads(row["meta"]).get("clip_ext") if row.get("meta") else None) or "mp4"
+        members.append((ext, row["video_bytes"]))
     members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
     if row.get("text") is not None:
         members.append(("txt", row["text"].encode("utf-8", "replace")))

@@ -231,36 +231,41 @@ class _RowMaker:
         if not cfs.is_uri(video) and not os.path.isabs(video):
             video = cfs.join(cfs.dirname(self.unit.uri), video)
         kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
-        shots, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None), kw.pop("video_bytes", None))
+        shots, clips, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None),
+                                                         kw.pop("video_bytes", None))
         if reason:
             return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, **kw)]
         out = []
         for j, shot in enumerate(shots):
-            r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score),
-                         _frames=(shot.frames, shot.ts), **kw)
+            extra = {"clip_ext": "mp4"} if clips else {}
+            r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score,
+                                                        **extra), _frames=(shot.frames, shot.ts), **kw)
             r["clip_start"], r["clip_end"] = round(shot.start, 6), round(shot.end, 6)
+            r["video_bytes"] = clips[j] if clips else None
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
 
     def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes | None = None):
-        from curation.io.video import VideoError, sample_shots
+        """(shots, their clips or None, meta, reject reason, detail)."""
+        from curation.io.video import VideoError, encode_clips, sample_shots
 
         where = f"{self.unit.uri}#{offset}"
         try:
             data = cfs.read_bytes(uri) if data is None else data
         except (OSError, FileNotFoundError) as e:
-            return None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
+            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
         try:
             info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
                                        threshold=o["shot_threshold"], contrast=o["shot_contrast"],
-                                       min_shot_s=o["min_shot_s"], name=uri,
-                                       timeout_s=o["timeout_s"])
+                                       min_shot_s=o["min_shot_s"], name=uri, timeout_s=o["timeout_s"])
+            clips = encode_clips(data, [(s.start, s.end) for s in shots], name=uri, preset=o["clip_preset"],
+                                 timeout_s=o["timeout_s"]) if o["clip"] else None
         except VideoError as e:
-            return None, meta, "unreadable_video", f"{where}: {e}"
+            return None, None, meta, "unreadable_video", f"{where}: {e}"
         meta = dict(meta or {}, duration=info.duration, video_width=info.width, video_height=info.height,
                     codec=info.codec, fps=info.fps, has_audio=info.audio)
-        return shots, meta, None, None
+        return shots, clips, meta, None, None
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
@@ -271,10 +276,11 @@ class _RowMaker:
         frames = frame_ts = None
         if video and not cfs.is_uri(video) and not os.path.isabs(video):  # stored resolved, for later stages
             video = cfs.join(cfs.dirname(self.unit.uri), video)
+        clip = None
         if _frames is not None:  # a shot: sampled by rows()
             frames, frame_ts = _frames
         elif reason is None and (m == "video" or (m == "sft" and video)):
-            frames, frame_ts, meta, reason, detail = self._video(offset, video, meta, video_bytes)
+            frames, frame_ts, meta, reason, detail, clip = self._video(offset, video, meta, video_bytes)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
         elif m == "interleaved":
@@ -291,32 +297,37 @@ class _RowMaker:
         return {
             "id": rid, "source": self.unit.source, "modality": m, "text": text, "image": image,
             "texts": texts, "images": images, "meta": json_meta(meta),
-            "video": video, "frames": frames, "frame_ts": frame_ts, "messages": messages, "mode": mode,
+            "video": video, "frames": frames, "frame_ts": frame_ts, "video_bytes": clip,
+            "messages": messages, "mode": mode,
             "source_uri": self.unit.uri, "source_offset": offset,
             "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
         }
 
     def _video(self, offset: int, ref: str | None, meta: dict | None, data: bytes | None = None):
-        """Keyframes of the row's video: (frames, ts, meta, reject reason, detail)."""
+        """Keyframes of the row's video: (frames, ts, meta, reject reason, detail, the file's bytes when the
+        source keeps clips)."""
         from curation.io.video import VideoError, sample_frames
 
         where = f"{self.unit.uri}#{offset}"
         if not ref:
-            return None, None, meta, "missing_video_file", f"{where}: no video reference"
+            return None, None, meta, "missing_video_file", f"{where}: no video reference", None
         uri = ref
         try:
             data = cfs.read_bytes(uri) if data is None else data
         except (OSError, FileNotFoundError) as e:
-            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
+            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}", None
         o = self.unit.video
         try:
             vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"], name=uri,
                                timeout_s=o["timeout_s"])
         except VideoError as e:
-            return None, None, meta, "unreadable_video", f"{where}: {e}"
+            return None, None, meta, "unreadable_video", f"{where}: {e}", None
         meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,
                     codec=vf.codec, fps=vf.fps, has_audio=vf.audio)
-        return vf.frames, vf.ts, meta, None, None
+        keep = bool(o["clip"]) and self.unit.modality == "video"
+        if keep:
+            meta["clip_ext"] = vf.ext
+        return vf.frames, vf.ts, meta, None, None, data if keep else None
 
     def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:
         """A row that could not be read at all: kept (as a reject) so it is counted and visible."""
