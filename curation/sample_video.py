@@ -39,6 +39,7 @@ import av
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageDraw
 
+from curation.io.video import rational_rate
 from curation.sample import COLOUR_NAMES, COLOURS, _rng, draw_scene, make_scene
 
 __all__ = ["SIZES", "make_video", "reencode", "transcode", "trim", "truncate", "video_frames"]
@@ -170,7 +171,7 @@ def _encode(frames: Iterable[Image.Image | av.VideoFrame], w: int, h: int, fps: 
     try:
         # bitexact: no random segment UID or muxing date (Matroska), so the same frames give the same bytes
         with av.open(out, "w", format=fmt, options={"movflags": "faststart"} if faststart else {"fflags": "+bitexact"}) as c:
-            s = c.add_stream(codec, rate=_rate(fps))
+            s = c.add_stream(codec, rate=rational_rate(fps))
             s.width, s.height, s.pix_fmt = w, h, "yuv420p"
             s.options = options
             tb = Fraction(1) / s.codec_context.framerate
@@ -186,10 +187,6 @@ def _encode(frames: Iterable[Image.Image | av.VideoFrame], w: int, h: int, fps: 
     finally:
         if path:
             os.unlink(path)
-
-
-def _rate(fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001)
 
 
 def transcode(data: bytes, *, codec: str = "libx264", fmt: str = "mp4", options: dict[str, str] | None = None,
@@ -320,7 +317,7 @@ def make_audio_only(seed: int, idx: int) -> bytes:
             s.layout = "mono"
             t = np.arange(int(rate * seconds)) / rate
             pcm = (0.2 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
-            for k, lo in enumerate(range(0, len(pcm), 1024)):
+            for lo in range(0, len(pcm), 1024):
                 frame = av.AudioFrame.from_ndarray(pcm[None, lo:lo + 1024], format="fltp", layout="mono")
                 frame.sample_rate, frame.pts = rate, lo
                 c.mux(s.encode(frame))

@@ -52,7 +52,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.mix.coldstart import repetition
-from curation.models.vlm import BackendConfig, Request, Response, engine_resources, image_part, make_backend
+from curation.models.vlm import (
+    BackendConfig,
+    Request,
+    Response,
+    converse,
+    engine_resources,
+    image_part,
+    make_backend,
+)
 from curation.stage import ScoreFilter, register
 
 log = logging.getLogger(__name__)
@@ -209,29 +217,23 @@ class DenseCaption(ScoreFilter):
                 parts = [image_part(image, self.max_image_side)]
                 prompts[i] = fill(self.prompt, hints)
             requests[i] = Request([{"role": "user", "content": [*parts, {"type": "text", "text": prompts[i]}]}])
-        pending = list(requests)
-        for attempt in range(1, self.max_attempts + 1):
-            if not pending:
-                break
-            answers = self._backend.generate([requests[i] for i in pending])
-            retry = []
-            for i, resp in zip(pending, answers):
-                if resp.error is not None:
-                    self._reject[i], self._detail[i] = f"caption_{resp.error_kind or 'unreachable'}", resp.error
-                    continue
-                text = re.sub(r"<think>.*?(</think>|$)", "", resp.text or "", flags=re.DOTALL).strip()
-                problem = self.check(text, prompts[i])
-                if problem is None:
-                    captions[i], words[i] = text, len(text.split())
-                    self._reject[i] = self._detail[i] = None
-                    continue
-                reason, what = problem
-                self._reject[i] = reason
-                self._detail[i] = f"{what}; answer: {(resp.text or '(empty answer)')[:MAX_RAW]}"
-                if attempt < self.max_attempts:
-                    retry.append(i)
-                    requests[i] = _repaired(requests[i], resp, what)
-            pending = retry
+
+        def answer(i: int, resp: Response, may_retry: bool) -> Request | None:
+            if resp.error is not None:
+                self._reject[i], self._detail[i] = f"caption_{resp.error_kind or 'unreachable'}", resp.error
+                return None
+            text = re.sub(r"<think>.*?(</think>|$)", "", resp.text or "", flags=re.DOTALL).strip()
+            problem = self.check(text, prompts[i])
+            if problem is None:
+                captions[i], words[i] = text, len(text.split())
+                self._reject[i] = self._detail[i] = None
+                return None
+            reason, what = problem
+            self._reject[i] = reason
+            self._detail[i] = f"{what}; answer: {(resp.text or '(empty answer)')[:MAX_RAW]}"
+            return _repaired(requests[i], resp, what) if may_retry else None
+
+        converse(self._backend, requests, self.max_attempts, answer)
         failed = sum(r is not None and r.startswith("caption_") for r in self._reject)
         if failed:
             log.info("%s: %d of %d rows got no usable caption in %d attempt(s)", self.label, failed, n, self.max_attempts)

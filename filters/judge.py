@@ -36,7 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.models.vlm import BackendConfig, Request, Response, engine_resources, image_part, make_backend
+from curation.models.vlm import (
+    BackendConfig,
+    Request,
+    Response,
+    converse,
+    engine_resources,
+    image_part,
+    make_backend,
+)
 from curation.stage import ScoreFilter, mark_rejected, register
 
 log = logging.getLogger(__name__)
@@ -239,31 +247,21 @@ class VLMJudge(ScoreFilter):
             else:
                 requests[i] = req
         lo, hi = self.score_range
-        pending = list(requests)
-        for attempt in range(1, self.max_attempts + 1):
-            if not pending:
-                break
-            answers = self._backend.generate([requests[i] for i in pending])
-            retry = []
-            for i, resp in zip(pending, answers):
-                if resp.error is not None:
-                    self._reject[i] = f"judge_{resp.error_kind or 'unreachable'}"
-                    self._detail[i] = resp.error
-                    continue
-                try:
-                    scores[i], reasons[i] = parse_judgement(resp.text, lo, hi)
-                except ParseError as e:
-                    self._reject[i], self._detail[i] = "judge_failure", (resp.text or "(empty answer)")[:MAX_RAW]
-                    if attempt < self.max_attempts:
-                        retry.append(i)
-                        requests[i] = _repaired(requests[i], resp, str(e), lo, hi)
-                    continue
-                self._reject[i] = None
-                if scores[i] < self.min_score:
-                    self._reject[i], self._detail[i] = "score_below_min", reasons[i]
-                else:
-                    self._detail[i] = None
-            pending = retry
+
+        def answer(i: int, resp: Response, may_retry: bool) -> Request | None:
+            if resp.error is not None:
+                self._reject[i], self._detail[i] = f"judge_{resp.error_kind or 'unreachable'}", resp.error
+                return None
+            try:
+                scores[i], reasons[i] = parse_judgement(resp.text, lo, hi)
+            except ParseError as e:
+                self._reject[i], self._detail[i] = "judge_failure", (resp.text or "(empty answer)")[:MAX_RAW]
+                return _repaired(requests[i], resp, str(e), lo, hi) if may_retry else None
+            self._reject[i], self._detail[i] = (("score_below_min", reasons[i]) if scores[i] < self.min_score
+                                                else (None, None))
+            return None
+
+        converse(self._backend, requests, self.max_attempts, answer)
         failed = sum(r == "judge_failure" for r in self._reject)
         if failed:
             log.info("%s: %d of %d answers did not parse after %d attempt(s)", self.label, failed, n, self.max_attempts)

@@ -184,7 +184,8 @@ class VideoBlank(ScoreFilter):
             if not f:
                 continue
             thumbs, bad = thumbnails(f)
-            readable = [j for j in range(len(f)) if j not in set(bad)]
+            unreadable = set(bad)
+            readable = [j for j in range(len(f)) if j not in unreadable]
             blank = [j for j, t in zip(readable, thumbs) if float(t.std()) < self.max_std] + bad
             share[i] = len(blank) / len(f)
             ts = stamps[i] or []

@@ -227,9 +227,7 @@ class _RowMaker:
         opts = self.unit.video
         if not (self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")):
             return [self.row(offset, **kw)]
-        video = kw.pop("video")
-        if not cfs.is_uri(video) and not os.path.isabs(video):
-            video = cfs.join(cfs.dirname(self.unit.uri), video)
+        video = self._resolve(kw.pop("video"))
         kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
         shots, clips, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None),
                                                          kw.pop("video_bytes", None))
@@ -244,6 +242,16 @@ class _RowMaker:
             r["video_bytes"] = clips[j] if clips else None
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
+
+    def _resolve(self, video: str) -> str:
+        """A video reference relative to the unit's file, as an absolute path or URI."""
+        return video if cfs.is_uri(video) or os.path.isabs(video) else cfs.join(cfs.dirname(self.unit.uri), video)
+
+    @staticmethod
+    def _facts(meta: dict | None, v: Any) -> dict[str, Any]:
+        """``meta`` with the probed header facts of a video (a VideoInfo or VideoFrames)."""
+        return dict(meta or {}, duration=v.duration, video_width=v.width, video_height=v.height, codec=v.codec,
+                    fps=v.fps, has_audio=v.audio)
 
     def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes | None = None):
         """(shots, their clips or None, meta, reject reason, detail)."""
@@ -263,9 +271,7 @@ class _RowMaker:
                                  timeout_s=o["timeout_s"]) if o["clip"] else None
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
-        meta = dict(meta or {}, duration=info.duration, video_width=info.width, video_height=info.height,
-                    codec=info.codec, fps=info.fps, has_audio=info.audio)
-        return shots, clips, meta, None, None
+        return shots, clips, self._facts(meta, info), None, None
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
@@ -274,8 +280,8 @@ class _RowMaker:
             _frames: tuple[list[bytes], list[float]] | None = None) -> dict[str, Any]:
         m = self.unit.modality
         frames = frame_ts = None
-        if video and not cfs.is_uri(video) and not os.path.isabs(video):  # stored resolved, for later stages
-            video = cfs.join(cfs.dirname(self.unit.uri), video)
+        if video:  # stored resolved, for later stages
+            video = self._resolve(video)
         clip = None
         if _frames is not None:  # a shot: sampled by rows()
             frames, frame_ts = _frames
@@ -322,8 +328,7 @@ class _RowMaker:
                                timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}", None
-        meta = dict(meta or {}, duration=vf.duration, video_width=vf.width, video_height=vf.height,
-                    codec=vf.codec, fps=vf.fps, has_audio=vf.audio)
+        meta = self._facts(meta, vf)
         keep = bool(o["clip"]) and self.unit.modality == "video"
         if keep:
             meta["clip_ext"] = vf.ext

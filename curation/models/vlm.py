@@ -42,6 +42,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,24 @@ class Response:
     error_kind: str | None = None
 
 
+def converse(backend: Backend, requests: dict[Any, Request], max_attempts: int,
+             answer: Callable[[Any, Response, bool], Request | None]) -> None:
+    """Send ``requests`` (by row) in rounds, at most ``max_attempts``: ``answer(row, response, may_retry)``
+    records the outcome and returns the follow-up chat for the next round (the bad answer and what to fix),
+    or None when the row is done. Every round is one ``generate`` call over the rows still open."""
+    pending = list(requests)
+    for attempt in range(1, max_attempts + 1):
+        if not pending:
+            return
+        retry = []
+        for i, resp in zip(pending, backend.generate([requests[i] for i in pending])):
+            follow_up = answer(i, resp, attempt < max_attempts)
+            if follow_up is not None:
+                requests[i] = follow_up
+                retry.append(i)
+        pending = retry
+
+
 def make_backend(config: BackendConfig) -> Backend:
     """The backend for ``config.kind`` (cheap: nothing is loaded or contacted until setup/preflight)."""
     return {"openai": OpenAIBackend, "transformers": TransformersBackend, "vllm": VLLMBackend}[config.kind](config)
@@ -170,7 +189,11 @@ class Backend:
         for module, install in self.requirements:
             if importlib.util.find_spec(module) is None:
                 raise MissingDependency(f"the {self.config.kind} VLM backend needs the '{module}' package: "
-                                        f"pip install {install}")
+                                        f"pip install {install}{self._needs()}")
+
+    def _needs(self) -> str:
+        """What else the backend needs, added to a missing-package message."""
+        return ""
 
     def preflight(self) -> None:
         """Raise ``MissingDependency``/``ValueError`` with what to do if this backend cannot work."""
@@ -601,11 +624,8 @@ class VLLMBackend(Backend):
     def gpus_needed(self) -> int:
         return (self.config.replicas or 1) * self.parallel()
 
-    def check_requirements(self) -> None:
-        for module, install in self.requirements:
-            if importlib.util.find_spec(module) is None:
-                raise MissingDependency(f"the vllm VLM backend needs the '{module}' package: pip install {install}; "
-                                        f"this backend needs {self.gpus_needed()} GPU(s)")
+    def _needs(self) -> str:
+        return f"; this backend needs {self.gpus_needed()} GPU(s)"
 
     def preflight(self) -> None:
         self.check_requirements()
