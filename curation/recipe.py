@@ -69,6 +69,9 @@ class OutputSpec:
     shard_bytes: int = 1 << 30
     write_rejects: bool = True
     report: bool = True
+    # What video rows carry: frames (JPEG, with frame_ts), clip (the video's bytes, with frame_ts: needs
+    # video: {clip: true} on the sources) or both; auto: both where sources keep clips, else frames.
+    video: str = "auto"
 
 
 @dataclass
@@ -278,6 +281,13 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
                 problems.append(f"output.formats: '{fmt}' (expected a list of {', '.join(OUTPUT_FORMATS)})")
         if output.shard_rows < 1:
             problems.append("output.shard_rows: expected a positive integer")
+        if output.video not in ("auto", "frames", "clip", "both"):
+            problems.append(f"output.video: {output.video!r} (expected frames, clip, both or auto)")
+        elif output.video == "clip":
+            frames_only = [s.name for s in sources if s.modality == "video" and not (s.video or {}).get("clip")]
+            if frames_only:
+                problems.append(f"output.video: clip keeps no frames, but source(s) {', '.join(frames_only)} keep no "
+                                "clip: add video: {clip: true} to them, or use output.video: both")
     execution = build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
     resolved = json.loads(json.dumps(raw, default=str))
     return PipelineRecipe(
@@ -295,7 +305,10 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
 VIDEO_OPTIONS: dict[str, Any] = {
     "fps": 1.0,  # frames sampled per second
     "max_frames": 32,  # per video (or per shot): a longer one is sampled evenly over its length
-    "max_side": 384,  # longer side of a sampled frame, pixels
+    "max_side": 384,  # longer side of a sampled frame, pixels (before rounding to factor)
+    "factor": 28,  # frame sides are multiples of this (14-pixel patches merged 2x2); 1 keeps the exact shape
+    "min_pixels": 3136,  # frame area bounds, as the model's smart_resize applies them (4 visual tokens)
+    "max_pixels": 602112,  # ... and 768 tokens (the model's per-frame video bound)
     "shots": False,  # split at hard cuts: one row per shot (clip_start/clip_end), frames sampled per shot
     "shot_threshold": 0.07,  # mean absolute frame difference (0..1) that can make a cut
     "shot_contrast": 3.0,  # ... when it is this many times the shot's recent frame differences
@@ -304,6 +317,11 @@ VIDEO_OPTIONS: dict[str, Any] = {
     "clip": False,  # keep the video in the row (video_bytes): the file, or each shot re-encoded from its cut
     "clip_preset": "veryfast",  # x264 preset for re-encoded shots: ultrafast is 2.5x faster, files 2x larger
 }
+
+
+def frame_bounds(options: dict[str, Any]) -> dict[str, int]:
+    """The frame-size keyword arguments of :func:`curation.io.video.sample_frames` from resolved video options."""
+    return {k: int(options[k]) for k in ("max_side", "factor", "min_pixels", "max_pixels")}
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
@@ -327,6 +345,11 @@ def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> N
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                 value == 0 and key != "min_shot_s"):
             problems.append(f"{where}.{key}: expected a positive number, got {value!r}")
+        elif key in ("max_side", "factor", "min_pixels", "max_pixels", "max_frames") and value != int(value):
+            problems.append(f"{where}.{key}: expected a whole number, got {value!r}")
+    o = {**VIDEO_OPTIONS, **{k: v for k, v in spec.video.items() if k in VIDEO_OPTIONS}}
+    if all(isinstance(o[k], (int, float)) for k in ("min_pixels", "max_pixels")) and o["min_pixels"] > o["max_pixels"]:
+        problems.append(f"{where}: min_pixels ({o['min_pixels']}) is above max_pixels ({o['max_pixels']})")
     if spec.video.get("shots") and spec.modality != "video":
         problems.append(f"{where}.shots: shot splitting applies to modality video")
 

@@ -37,7 +37,7 @@ from curation.io.pool import Pool, UnitSink, commit_done
 from curation.io.readers import INGEST, Unit, plan_units, read_unit
 from curation.recipe import PipelineRecipe
 from curation.schema import REJECT_COLUMNS, ROW_SCHEMA, conform
-from curation.stage import IndexedFilter, NotReady, ScoreFilter, Stage
+from curation.stage import GlobalFilter, IndexedFilter, NotReady, ScoreFilter, Stage
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class UnitJob:
     batch_rows: int
     token: str = ""  # identifies this job's set-up stages in a worker process (see _ready)
     schema_stages: list[Stage] | None = None  # the whole pipeline, when ``stages`` is only its first part
+    video: str = "both"  # what video rows keep in the shards written (curation.io.pool.video_payload)
 
     @property
     def schema(self) -> pa.Schema:
@@ -136,7 +137,7 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     schema = job.schema
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
     sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
-                    job.write_rejects)
+                    job.write_rejects, job.video)
     counters = {INGEST: _new_counter(), **{s.label: _new_counter() for s in job.stages}}
     errors: list[str] = []
     write_s = 0.0
@@ -175,19 +176,19 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
 
 
 def split_at_cuts(stages: list[Stage]) -> tuple[list[Stage], dict[str, list[Stage]]]:
-    """The stages of the unit pass, and the stages after each ``keep_fraction`` cut (up to the next cut).
+    """The stages of the unit pass, and the stages after each pool-wide cut (up to the next cut).
 
-    A global cut is known only once every row has been scored, so the unit pass stops at the first stage with
-    ``keep_fraction``; the stages after it run on the rows the cut keeps, shard by shard (an expensive VLM
-    judge after DataComp's "top 30%" CLIP cut sees 30% of the rows, not all of them).
+    A global cut (``keep_fraction``, near-duplicate clusters) is known only once every row has been scored, so
+    the unit pass stops at the first such stage; the stages after it run on the rows the cut keeps, shard by
+    shard (an expensive VLM judge after DataComp's "top 30%" CLIP cut sees 30% of the rows, not all of them).
     """
-    cuts = [i for i, s in enumerate(stages) if isinstance(s, ScoreFilter) and s.keep_fraction is not None]
+    cuts = [i for i, s in enumerate(stages) if isinstance(s, ScoreFilter) and s.cuts]
     if not cuts:
         return list(stages), {}
     for s in stages[cuts[0] + 1:]:
         if isinstance(s, IndexedFilter) and s.index_columns:
             raise ValueError(f"stage '{s.label}' indexes the whole corpus before filtering it, so it must come before "
-                             f"'{stages[cuts[0]].label}', whose keep_fraction cut runs after every row is scored: "
+                             f"'{stages[cuts[0]].label}', whose cut runs after every row is scored: "
                              f"move it up the stages list")
     bounds = cuts + [len(stages) - 1]
     return (list(stages[:cuts[0] + 1]),
@@ -333,7 +334,8 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         index_refs = _build_indexes(recipe, head, units, root, workers, progress) if pending else []
         job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
                       recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
-                      token=uuid.uuid4().hex, schema_stages=recipe.stages)
+                      token=uuid.uuid4().hex, schema_stages=recipe.stages,
+                      video="both" if tails else video_payload_of(recipe))  # after a cut, the last cut writes it
         if pending:
             bar = progress_bar(len(pending), "units", progress)
             rows = 0
@@ -350,8 +352,8 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                     bar.update(1)
             bar.close()
         records = [done[u.index] for u in units]
-        replaced, extra_rejects, global_stats, tail_counters = _keep_fractions(recipe, records, root, tails, units,
-                                                                               progress)
+        replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,
+                                                                             progress)
         t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
     lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}
@@ -370,24 +372,21 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
     return RunResult(root, manifest, stats, report)
 
 
-def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, tails: dict[str, list[Stage]],
-                    units: list[Unit], progress: bool) -> tuple[dict[str, dict], list[dict], list[dict], list[dict]]:
-    """Global thresholds: for each score filter with ``keep_fraction``, keep the top fraction of all rows it
-    scored, pool-wide (DataComp's "top 30%"), not per batch.
+def _global_cuts(recipe: PipelineRecipe, records: list[dict], root: str, tails: dict[str, list[Stage]],
+                 units: list[Unit], progress: bool) -> tuple[dict[str, dict], list[dict], list[dict], list[dict]]:
+    """Pool-wide decisions, in stage order: for each score filter with ``keep_fraction``, keep the top fraction
+    of all rows it scored (DataComp's "top 30%"), not per batch; for each :class:`GlobalFilter`, what its
+    ``decide_global`` rejects (near-duplicate clusters).
 
-    The unit pass only scored; here the threshold is the score of the ``k = ceil(keep_fraction * n)``-th
-    best of the ``n`` scored rows (shards and rejects alike: every row that reached the stage; rows tied at
-    it are kept in id order until exactly ``k`` are), recorded under
-    ``_work/global`` before any shard changes, so a rerun applies the same one; then each shard's rows
-    below it move to a rejects file (:func:`curation.io.pool.threshold_shard`) and the stages after the cut
+    The unit pass only scored. Here the decision is made once on the driver and recorded under
+    ``_work/global/<stage>.json`` before any shard changes, so a rerun applies the same one; then each shard's
+    rejected rows move to a rejects file (:func:`curation.io.pool.cut_shard`) and the stages after the cut
     (``tails``, up to the next cut) run on the rows kept. Returns the rewritten shard entries by name, their
     rejects files, one stats entry per cut, and the counters of the stages after the cuts (one dict per shard).
     """
-    import pyarrow.dataset as pads
+    from curation.io.pool import _commit_bytes
 
-    from curation.io.pool import _commit_bytes, lineage_keys
-
-    stages = [s for s in recipe.stages if isinstance(s, ScoreFilter) and s.keep_fraction is not None]
+    stages = [s for s in recipe.stages if isinstance(s, ScoreFilter) and s.cuts]
     replaced: dict[str, dict] = {}
     extra_rejects: list[dict] = []
     out_stats: list[dict] = []
@@ -398,7 +397,6 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, tail
     schema = pipeline_schema(recipe.stages)
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
     for stage in stages:
-        col = stage.score_name
         rec_path = f"{path}/_work/global/{stage.label}.json"
         if fs.get_file_info(rec_path).type == pafs.FileType.File:
             with fs.open_input_stream(rec_path) as f:
@@ -407,30 +405,15 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, tail
             files = [f"{path}/{replaced.get(s['name'], s)['parquet']['path']}" for r in records for s in r["shards"]]
             files += [f"{path}/{r['rejects']['path']}" for r in records if r.get("rejects")]
             files += [f"{path}/{r['path']}" for r in extra_rejects]
-            # Shards and rejects of an earlier cut's tail (or an older pool) may lack columns: read by the schema.
-            table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
-                columns=["source_uri", "source_offset", col])
-            table = table.filter(pc.is_valid(table[col]))
-            values = np.sort(table[col].to_numpy())[::-1]
-            k = math.ceil(stage.keep_fraction * len(values))
-            threshold = float(values[k - 1]) if k else math.inf
-            # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
-            # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
-            above = int((values > threshold).sum())
-            tied = sorted(lineage_keys(table.filter(pc.equal(table[col], threshold))))
-            rec = {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
-                   "keep": k, "tied_kept": tied[: k - above]}
+            rec = (_decide_threshold(stage, files, fs, schema) if stage.keep_fraction is not None
+                   else _decide_global(stage, files, fs, schema))
             fs.create_dir(f"{path}/_work/global", recursive=True)
             _commit_bytes(fs, rec_path, json.dumps(rec).encode())
-        log.info("%s: keeping the top %.1f%% of %d scored rows: %s >= %.4f", stage.label, 100 * rec["keep_fraction"],
-                 rec["scored"], col, rec["threshold"])
-        detail = (f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
-                  f"{rec['scored']:,} scored rows")
+        cut, what, entry_stats = _cut_of(stage, rec)
         entries = [replaced.get(s["name"], s) for r in records for s in r["shards"]]
         original = {e["name"]: s["name"] for e, s in zip(entries, (s for r in records for s in r["shards"]))}
-        kwargs = {"root": root, "column": col, "threshold": rec["threshold"], "tied_kept": rec["tied_kept"],
-                  "stage": stage.label, "detail": detail,
-                  "schema": shard_schema, "reject_schema": schema, "formats": recipe.output.formats}
+        kwargs = {"root": root, "cut": cut, "schema": shard_schema, "reject_schema": schema,
+                  "formats": recipe.output.formats, "video": video_payload_of(recipe) if stage is stages[-1] else "both"}
         tail = tails.get(stage.label) or []
         cpus, gpus = task_resources(tail) if tail else (1.0, 0.0)
         workers = _workers(recipe, tail, cpus, gpus)
@@ -441,36 +424,102 @@ def _keep_fractions(recipe: PipelineRecipe, records: list[dict], root: str, tail
                                token=uuid.uuid4().hex, schema_stages=recipe.stages)
             kwargs["tail_job"] = tail_job
             kwargs["index_refs"] = _build_indexes(recipe, tail, units, root, workers, progress)
-        moved = 0
-        what = f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%" + (
-            f", then {', '.join(s.label for s in tail)}" if tail else "")
-        bar = progress_bar(len(entries), "shards", progress, what)
+        moved: dict[str, int] = {}
+        bar = progress_bar(len(entries), "shards", progress,
+                           what + (f", then {', '.join(s.label for s in tail)}" if tail else ""))
         tasks = min(len(entries), workers * 4) or 1
-        for batch in map_items(entries, _threshold_batch, kwargs, workers, tasks, cpus, gpus):
+        for batch in map_items(entries, _cut_batch, kwargs, workers, tasks, cpus, gpus):
             for r in batch["record"]:
                 r = json.loads(r)
                 replaced[original[r["name"]]] = r["shard"]  # by the unit pass's name: the manifest's key
                 if r["rejects"]:
                     extra_rejects.append(r["rejects"])
-                moved += r["moved"]
+                for reason, k in (r.get("moved_reasons") or {}).items():
+                    moved[reason] = moved.get(reason, 0) + k
                 if r.get("counters"):
                     tail_counters.append(r["counters"])
                 bar.update(1)
         bar.close()
         extra_rejects.sort(key=lambda r: r["path"])  # tasks finish in any order; the manifest does not
         kept_before = sum(e["rows"] for e in entries)
-        out_stats.append({"name": f"{stage.label} (keep_fraction)", "rows_in": kept_before,
-                          "rows_out": kept_before - moved, "drops": {"below_keep_fraction": moved} if moved else {},
-                          "seconds": 0.0, "histograms": {}, "threshold": rec["threshold"], "scored": rec["scored"]})
+        out_stats.append({"rows_in": kept_before, "rows_out": kept_before - sum(moved.values()),
+                          "drops": dict(sorted(moved.items(), key=lambda kv: -kv[1])), "seconds": 0.0,
+                          "histograms": {}, **entry_stats})
     return replaced, extra_rejects, out_stats, tail_counters
 
 
-def _threshold_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, index_refs: list = (),
-                     **kwargs) -> dict[str, np.ndarray]:
-    from curation.io.pool import threshold_shard
+def video_payload_of(recipe: PipelineRecipe) -> str:
+    """``output.video`` resolved: ``auto`` is ``both`` when a video source keeps clips, else ``frames``."""
+    if recipe.output.video != "auto":
+        return recipe.output.video
+    return "both" if any((s.video or {}).get("clip") for s in recipe.sources) else "frames"
+
+
+def _decide_threshold(stage: ScoreFilter, files: list[str], fs, schema: pa.Schema) -> dict:
+    """The ``keep_fraction`` cut: the score of the ``k = ceil(keep_fraction * n)``-th best of the ``n`` rows
+    scored (shards and rejects alike: every row that reached the stage; rows tied at it are kept in lineage
+    order until exactly ``k`` are)."""
+    import pyarrow.dataset as pads
+
+    from curation.io.pool import lineage_keys
+
+    col = stage.score_name
+    # Shards and rejects of an earlier cut's tail (or an older pool) may lack columns: read by the schema.
+    table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
+        columns=["source_uri", "source_offset", "clip_start", col])
+    table = table.filter(pc.is_valid(table[col]))
+    values = np.sort(table[col].to_numpy())[::-1]
+    k = math.ceil(stage.keep_fraction * len(values))
+    threshold = float(values[k - 1]) if k else math.inf
+    # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
+    # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
+    above = int((values > threshold).sum())
+    tied = sorted(lineage_keys(table.filter(pc.equal(table[col], threshold))))
+    return {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
+            "keep": k, "tied_kept": tied[: k - above]}
+
+
+def _decide_global(stage: GlobalFilter, files: list[str], fs, schema: pa.Schema) -> dict:
+    """A :class:`GlobalFilter`'s decision over every row it scored (in the pool's shards and rejects)."""
+    import pyarrow.dataset as pads
+
+    col = stage.score_name
+    columns = list(dict.fromkeys(["source_uri", "source_offset", "clip_start", col, *stage.global_columns]))
+    table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(columns=columns)
+    table = table.filter(pc.is_valid(table[col]))  # the rows that reached the stage
+    t = time.perf_counter()
+    rejected, facts = stage.decide_global(table)
+    log.info("%s: %d of %d scored rows rejected (%.1f s)", stage.label, len(rejected), table.num_rows,
+             time.perf_counter() - t)
+    return {"scored": table.num_rows, "rejected": {k: list(v) for k, v in sorted(rejected.items())}, "facts": facts,
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
+def _cut_of(stage: ScoreFilter, rec: dict):
+    """The cut a recorded decision makes, the progress bar's label, and the stats entry's own fields."""
+    from curation.io.pool import KeyCut, ThresholdCut
+
+    if stage.keep_fraction is not None:
+        col = rec["column"]
+        log.info("%s: keeping the top %.1f%% of %d scored rows: %s >= %.4f", stage.label,
+                 100 * rec["keep_fraction"], rec["scored"], col, rec["threshold"])
+        detail = (f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
+                  f"{rec['scored']:,} scored rows")
+        cut = ThresholdCut(stage.label, col, rec["threshold"], tuple(rec["tied_kept"]), detail)
+        return (cut, f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%",
+                {"name": f"{stage.label} (keep_fraction)", "threshold": rec["threshold"], "scored": rec["scored"]})
+    cut = KeyCut(stage.label, {k: tuple(v) for k, v in rec["rejected"].items()})
+    return (cut, f"{stage.label}: {len(rec['rejected']):,} rows out",
+            {"name": f"{stage.label} (pool-wide)", "scored": rec["scored"], "seconds": rec.get("seconds", 0.0),
+             **rec.get("facts", {})})
+
+
+def _cut_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, index_refs: list = (),
+               **kwargs) -> dict[str, np.ndarray]:
+    from curation.io.pool import cut_shard
 
     tail = _tail(tail_job, list(index_refs)) if tail_job is not None else None
-    out = [json.dumps(threshold_shard(entry=json.loads(item), tail=tail, **kwargs)) for item in batch["item"]]
+    out = [json.dumps(cut_shard(entry=json.loads(item), tail=tail, **kwargs)) for item in batch["item"]]
     return {"record": np.array(out, dtype=object)}
 
 
@@ -615,7 +664,8 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, 
                 "outcomes": dict(sorted(merged[n]["outcomes"].items(), key=lambda kv: -kv[1])),
                 "histograms": hist.get(n, {})} for n in names]
     for cut in cuts:  # right after the stage whose score it cuts
-        at = next(i for i, e in enumerate(entries) if e["name"] == cut["name"].removesuffix(" (keep_fraction)"))
+        at = next(i for i, e in enumerate(entries)
+                  if e["name"] == cut["name"].removesuffix(" (keep_fraction)").removesuffix(" (pool-wide)"))
         entries.insert(at + 1, cut)
     return {
         "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_in - rows_out,

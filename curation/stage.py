@@ -143,6 +143,12 @@ class ScoreFilter(Stage):
     def score_name(self) -> str:
         return score_column(self.label)
 
+    @property
+    def cuts(self) -> bool:
+        """Whether this stage decides only once every row is scored, pool-wide (``keep_fraction``, or a
+        :class:`GlobalFilter`): the unit pass stops after it and the stages after it run on what it keeps."""
+        return self.keep_fraction is not None
+
     def output_fields(self) -> list[pa.Field]:
         """Columns this stage adds beyond :data:`ROW_SCHEMA`: always present after it ran, so every
         batch of a pipeline has the same schema."""
@@ -170,8 +176,8 @@ class ScoreFilter(Stage):
         for f in self.output_fields():
             if f.name not in batch.column_names:
                 batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
-        if not active.num_rows or self.annotate_only or self.keep_fraction is not None:
-            return batch  # keep_fraction: decided later, over the whole pool (runner._keep_fractions)
+        if not active.num_rows or self.annotate_only or self.cuts:
+            return batch  # decided later, over the whole pool (runner._global_cuts)
         reasons, detail = decided if isinstance(decided, tuple) else (decided, None)
         return mark_rejected(batch, active_idx, self.label, reasons, detail)
 
@@ -193,6 +199,34 @@ class IndexedFilter(ScoreFilter):
         raise NotImplementedError
 
     def use_index(self, index: Any) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class GlobalFilter(ScoreFilter):
+    """A filter that decides over the whole pool once every row has been scored: clusters of near-duplicates,
+    where which copy stays depends on all the others.
+
+    In the unit pass :meth:`score` writes per-row columns (hashes, sizes); then the runner reads
+    :attr:`global_columns` of every row that reached the stage back from the pool, calls
+    :meth:`decide_global` once on the driver, records its decision under ``_work/global`` (a rerun applies
+    the same one) and moves the rows it rejects to the rejects, shard by shard, without ever rewriting a shard
+    in place (:func:`curation.io.pool.cut_shard`). The stages after it run on the rows it keeps.
+    """
+
+    global_columns: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def cuts(self) -> bool:
+        return True
+
+    def decide(self, batch: pa.Table, scores: dict[str, pa.Array]) -> pa.Array:
+        return pa.nulls(batch.num_rows, pa.string())  # nothing is decided row by row
+
+    def decide_global(self, rows: pa.Table) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+        """``rows``: :attr:`global_columns` plus the lineage columns (``source_uri``, ``source_offset``,
+        ``clip_start``) of every row scored. Returns the rows to reject, by lineage key
+        (:func:`curation.io.pool.lineage_keys`), as ``(reason, detail)``, and facts for the stats."""
         raise NotImplementedError
 
 

@@ -42,10 +42,10 @@ def _keyframes(uri: str) -> tuple[list[bytes], list[float]]:
     from curation.io import fs as cfs
     from curation.io.video import VideoError, sample_frames
     from curation.recipe import VIDEO_OPTIONS as o
+    from curation.recipe import frame_bounds
 
     try:
-        vf = sample_frames(cfs.read_bytes(uri), fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
-                           name=uri)
+        vf = sample_frames(cfs.read_bytes(uri), fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri)
     except (OSError, VideoError) as e:
         log.warning("decontaminate: cannot sample %s, its video is not matched: %s", uri, e)
         return [], []

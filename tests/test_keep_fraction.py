@@ -89,8 +89,8 @@ def test_cutting_a_shard_survives_a_crash_before_its_record(ray_local, sample_co
     threshold = float(pl.from_arrow(table)["score_caption_language"].median())
 
     def cut(root: Path) -> dict:
-        return pool_mod.threshold_shard(str(root), entry, "score_caption_language", threshold, [], "caption_language",
-                                        "test", schema, reject_schema, ["parquet", "webdataset"])
+        c = pool_mod.ThresholdCut("caption_language", "score_caption_language", threshold, (), "test")
+        return pool_mod.cut_shard(str(root), entry, c, schema, reject_schema, ["parquet", "webdataset"])
 
     shutil.copytree(base, tmp_path / "clean")
     clean = cut(tmp_path / "clean")

@@ -65,6 +65,8 @@ def test_quality_pipeline_end_to_end(inputs, tmp_path, ray_local):
         result = run_pipeline(recipe, progress=False)
     stats = {s["name"]: s for s in result.stats["stages"]}
     assert stats["clip_score"]["rows_in"] > 20
+    near = stats["video_near_dedup (pool-wide)"]  # a first pool-wide cut; clip_score runs on what it keeps
+    assert stats["clip_score"]["rows_in"] == near["rows_out"] and near["videos"] > 0
     cut = stats["clip_score (keep_fraction)"]
     scored = stats["clip_score"]["rows_out"]
     assert cut["rows_in"] == scored and cut["rows_out"] == math.ceil(0.3 * scored)

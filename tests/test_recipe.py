@@ -68,6 +68,23 @@ def test_top_level_typos_bad_format_and_duplicate_instances(tmp_path, tiny_corpu
     assert any("add instance: <name>" in p for p in problems)
 
 
+def test_video_options_are_checked(tmp_path, tiny_corpus):
+    path = _write(tmp_path, tiny_corpus)
+    text = path.read_text().replace(
+        "modality: image_text,", "modality: video, video: {fps: 0, factor: 2.5, min_pixels: 9000, max_pixels: 800,"
+        " shots: yes please, clip_preset: turbo, max_sides: 3},")
+    path.write_text(text)
+    problems = _problems(path)
+    want = ["sources.0.video.fps: expected a positive number, got 0",
+            "sources.0.video.factor: expected a whole number, got 2.5",
+            "sources.0.video: min_pixels (9000) is above max_pixels (800)",
+            "sources.0.video.shots: expected true or false, got 'yes please'",
+            "sources.0.video.clip_preset: expected one of ultrafast",
+            "sources.0.video.max_sides: unknown key (expected one of fps, max_frames, max_side"]
+    for w in want:
+        assert any(p.startswith(w) for p in problems), (w, problems)
+
+
 def test_overrides_and_hash(tmp_path, tiny_corpus):
     path = _write(tmp_path, tiny_corpus, "  - image_size: {min_side: 32}")
     base = load_pipeline(path)

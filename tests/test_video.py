@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from curation.dedup.video import VideoHashIndex
-from curation.io.video import VideoError, VideoReader, probe, sample_frames
+from curation.io.video import VideoError, VideoReader, frame_size, probe, sample_frames
 from curation.sample_video import make_video, reencode, transcode, trim, truncate, video_frames
 
 BENCH_SEED, CLEAN_SEED = 11, 12
@@ -45,16 +45,39 @@ def _size(jpeg: bytes) -> tuple[int, int]:
 def test_sample_frames_timestamps_count_sizes(clip: bytes) -> None:
     vf = sample_frames(clip)
     assert vf.ts == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert len(vf.frames) == 5 and all(_size(f) == (320, 240) for f in vf.frames)
+    # 320x240 in 28-pixel steps: 320/28 = 11.4 -> 308, 240/28 = 8.6 -> 252 (what the model reads)
+    assert len(vf.frames) == 5 and all(_size(f) == (308, 252) for f in vf.frames)
     assert (vf.duration, vf.width, vf.height, vf.codec, vf.fps) == (5.0, 320, 240, "h264", 12.0)
 
-    small = sample_frames(clip, max_side=160)
-    assert all(_size(f) == (160, 120) for f in small.frames)
+    small = sample_frames(clip, max_side=160)  # 160x120 -> 168x112
+    assert all(_size(f) == (168, 112) for f in small.frames)
+    exact = sample_frames(clip, max_side=160, factor=1)  # the exact shape
+    assert all(_size(f) == (160, 120) for f in exact.frames)
+    bounded = sample_frames(clip, max_pixels=28 * 28 * 20)  # at most 20 tokens: floored to fit
+    assert all(_size(f) == (140, 84) for f in bounded.frames)
 
     dense = sample_frames(clip, fps=4)  # 4 fps on a 12 fps grid: the first frame at or after k/4
     assert len(dense.ts) == 20
     for k, t in enumerate(dense.ts):
         assert k / 4 - 1e-9 <= t < k / 4 + 1 / 12
+
+
+@pytest.mark.parametrize(("size", "max_side", "kw", "want"), [
+    ((640, 360), 384, {}, (392, 224)),  # scaled to 384x216, then to multiples of 28
+    ((360, 640), 384, {}, (224, 392)),
+    ((1920, 1080), 384, {}, (392, 224)),
+    ((64, 48), 384, {}, (56, 56)),  # never scaled down; raised to the 4-token minimum
+    ((20, 20), 384, {}, (56, 56)),
+    ((640, 360), 384, {"factor": 1}, (384, 216)),
+    ((640, 360), 384, {"min_pixels": 200_000}, (616, 336)),  # raised keeping the shape
+    ((640, 360), 384, {"max_pixels": 28 * 28 * 40}, (224, 112)),  # floored: 32 tokens
+])
+def test_frame_size_rounds_to_the_models_grid(size, max_side, kw, want) -> None:
+    w, h = frame_size(*size, max_side, **kw)
+    assert (w, h) == want
+    factor = kw.get("factor", 28)
+    assert w % factor == 0 and h % factor == 0
+    assert kw.get("min_pixels", 0) <= w * h <= kw.get("max_pixels", 10**9)
 
 
 def test_long_videos_are_spread_short_ones_densified(clip: bytes) -> None:
@@ -104,7 +127,7 @@ def test_display_rotation_is_applied(clip: bytes) -> None:
     for a, b in zip(plain.frames, turned.frames):
         upright = Image.open(io.BytesIO(a)).transpose(Image.Transpose.ROTATE_90)
         got = Image.open(io.BytesIO(b))
-        assert got.size == (240, 320)
+        assert got.size == (252, 308)
         diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(upright, dtype=np.int16)).mean()
         assert diff < 3  # only JPEG re-encoding differs
 

@@ -13,6 +13,7 @@ import pytest
 from curation.filters.video import VideoBlank, VideoBounds, VideoMotion
 from PIL import Image
 
+from curation.io.video import frame_size
 from curation.sample_video import _X264, _encode, make_video, video_frames
 from curation.schema import from_rows
 
@@ -200,7 +201,8 @@ output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdata
         assert len(r["frame_ts"]) == math.ceil(2 * (r["clip_end"] - r["clip_start"]) - 1e-6)
         meta = json.loads(r["meta"])
         assert meta["shots"] == 3 and meta["duration"] == pytest.approx(7.5, abs=0.11)
-        assert max(Image.open(io.BytesIO(r["frames"][0])).size) == 128
+        # max_side 128, then the model's 28-pixel grid
+        assert Image.open(io.BytesIO(r["frames"][0])).size == frame_size(meta["video_width"], meta["video_height"], 128)
     assert len(set(kept["id"])) == 4  # each shot is a row of its own
     one = kept.filter(pl.col("video").str.ends_with("one.mp4")).row(0, named=True)
     assert one["clip_start"] == 0.0 and one["clip_end"] == pytest.approx(3.0, abs=0.11)
@@ -372,3 +374,70 @@ def thumb_diff(a: bytes, b: bytes) -> float:
 
     g = lambda x: np.asarray(Image.open(io.BytesIO(x)).convert("L").resize((48, 36)), np.float32)  # noqa: E731
     return float(np.abs(g(a) - g(b)).mean())
+
+
+def test_pools_keep_frames_or_clips_as_the_recipe_says(ray_local, tmp_path):
+    """output.video: clip keeps the clip's bytes and the frames' timestamps, not the frames; frames drops the clip;
+    a cut before the end (video_near_dedup) still hands its later stages the frames."""
+    import tarfile
+
+    from curation.mix.tokens import VisionConfig, row_tokens
+    from curation.recipe import RecipeError, load_pipeline
+    from curation.runner import run_pipeline
+
+    corpus = tmp_path / "videos"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"v{i}.mp4").write_bytes(make_video(7, 70 + i, size=(192, 144), seconds=3, fps=10))
+    (corpus / "m.jsonl").write_text("".join(json.dumps({"video": f"v{i}.mp4", "caption": "c"}) + "\n"
+                                            for i in range(3)))
+
+    def run(video: str, clip: bool, out: str, cut: bool = False):
+        recipe = tmp_path / f"{out}.yaml"
+        recipe.write_text(f"""
+name: payload
+sources:
+  - {{name: v, format: jsonl, modality: video, paths: ["{corpus}/m.jsonl"], video: {{clip: {str(clip).lower()}}}}}
+stages:
+{"  - video_near_dedup: {}" if cut else ""}
+  - video_motion: {{}}
+output: {{path: "{tmp_path / out}", report: false, video: {video}}}
+""")
+        result = run_pipeline(load_pipeline(recipe), progress=False)
+        kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
+        members = []
+        for tar in (Path(result.pool) / "shards").glob("*.tar"):
+            with tarfile.open(tar) as t:
+                members += [m.name.split(".", 1)[1] for m in t.getmembers()]
+        return result, kept, members
+
+    result, kept, members = run("clip", True, "clip", cut=True)
+    assert kept.height == 3 and kept["frames"].null_count() == 3 and kept["video_bytes"].null_count() == 0
+    assert all(len(ts) >= 3 for ts in kept["frame_ts"])
+    assert not any(m.startswith("frame") for m in members) and members.count("mp4") == 3
+    motion = next(s for s in result.stats["stages"] if s["name"] == "video_motion")
+    assert motion["drops"] == {} and kept["score_video_motion"].null_count() == 0  # it saw the frames
+    # token counting without frames: as many frames as were sampled, at the video's size
+    _, both, _ = run("both", True, "both")
+    vision = VisionConfig()
+
+    class Words:  # text does not matter here
+        def count(self, texts):
+            import numpy as np
+
+            return np.array([len((t or "").split()) for t in texts], np.int64)
+
+    counted = row_tokens(kept.sort("id").to_arrow(), Words(), vision)
+    with_frames = row_tokens(both.sort("id").to_arrow(), Words(), vision)
+    assert counted["visual_tokens"].tolist() == pytest.approx(with_frames["visual_tokens"].tolist(), rel=0.35)
+    assert min(counted["visual_tokens"].tolist()) > 0
+
+    _, kept, members = run("frames", True, "frames")
+    assert kept["video_bytes"].null_count() == 3 and kept["frames"].null_count() == 0 and "mp4" not in members
+    _, kept, _ = run("auto", False, "auto")
+    assert kept["video_bytes"].null_count() == 3 and kept["frames"].null_count() == 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((tmp_path / "auto.yaml").read_text().replace("video: auto", "video: clip"))
+    with pytest.raises(RecipeError, match=r"output.video: clip keeps no frames, but source\(s\) v keep no clip"):
+        load_pipeline(bad)

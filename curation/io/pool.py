@@ -119,6 +119,30 @@ class _Part:
         return entry
 
 
+#: What a pool's video rows carry (``output.video``): the sampled frames, the clip's bytes, or both.
+VIDEO_PAYLOADS = ("frames", "clip", "both")
+
+
+def video_payload(table: pa.Table, payload: str) -> pa.Table:
+    """``table`` with what ``output.video`` leaves out of video rows nulled: ``video_bytes`` for ``frames``; for
+    ``clip``, the ``frames`` of rows that have their clip (``frame_ts`` stays: when the frames were sampled)."""
+    import pyarrow.compute as pc
+
+    if payload == "both" or "video_bytes" not in table.column_names or not table.num_rows:
+        return table
+    if payload == "frames":
+        if table["video_bytes"].null_count == table.num_rows:
+            return table
+        i = table.schema.get_field_index("video_bytes")
+        return table.set_column(i, table.schema.field(i), pa.nulls(table.num_rows, table.schema.field(i).type))
+    has_clip = pc.is_valid(table["video_bytes"])
+    if not pc.any(has_clip).as_py():
+        return table
+    i = table.schema.get_field_index("frames")
+    frames = pc.if_else(has_clip, pa.nulls(table.num_rows, table.schema.field(i).type), table["frames"])
+    return table.set_column(i, table.schema.field(i), frames)
+
+
 def _wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     meta = {k: v for k, v in row.items() if k not in _JSON_SKIP and v is not None}
     members = []
@@ -151,6 +175,7 @@ class UnitSink:
     shard_rows: int = 10_000
     shard_bytes: int = 1 << 30
     write_rejects: bool = True
+    video: str = "both"  # what video rows keep in the shards (VIDEO_PAYLOADS); rejects keep everything
     parts: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -163,6 +188,7 @@ class UnitSink:
     def write(self, table: pa.Table) -> None:
         if not self.formats:  # formats: [] keeps no shards (an audit only wants the rejects)
             return
+        table = video_payload(table, self.video)
         start = 0
         while start < table.num_rows:
             if self._part is None:
@@ -287,12 +313,50 @@ def lineage_keys(table: pa.Table) -> list[str]:
             for u, o, c in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist(), starts)]
 
 
-def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: float, tied_kept: list[str],
-                    stage: str, detail: str, schema: pa.Schema, reject_schema: pa.Schema, formats: list[str],
-                    tail: Callable[[pa.Table], tuple[pa.Table, dict]] | None = None) -> dict[str, Any]:
-    """Move a shard's rows scoring below ``threshold`` in ``column`` (or at it, unless their lineage key
-    ``source_uri#source_offset`` is in ``tied_kept``) to a rejects file, run ``tail`` on the rows kept;
-    return the record.
+@dataclass(frozen=True)
+class ThresholdCut:
+    """A ``keep_fraction`` cut: rows scoring below ``threshold`` in ``column`` go (or at it, unless their lineage
+    key is in ``tied_kept``); rows without a score stay."""
+
+    stage: str
+    column: str
+    threshold: float
+    tied_kept: tuple[str, ...]
+    detail: str  # why, for every row it rejects; the row's own score is appended
+    reason: str = "below_keep_fraction"
+
+    def select(self, table: pa.Table) -> tuple[pa.Array, list[str], list[str]]:
+        """The rows of ``table`` this cut rejects (a boolean mask), with a reason and a detail for each of them."""
+        import pyarrow.compute as pc
+
+        keys = pa.array(lineage_keys(table), pa.string())
+        col = table[self.column]
+        tie_out = pc.and_(pc.equal(col, self.threshold),
+                          pc.invert(pc.is_in(keys, pa.array(list(self.tied_kept), pa.string()))))
+        low = pc.fill_null(pc.or_(pc.less(col, self.threshold), tie_out), False)
+        scores = col.filter(low).to_pylist()
+        return low, [self.reason] * len(scores), [f"{self.detail}; this row {x:.4f}" for x in scores]
+
+
+@dataclass(frozen=True)
+class KeyCut:
+    """A pool-wide decision made row by row (near-duplicate clusters): the rows whose lineage key
+    (:func:`lineage_keys`) is in ``rejected`` go, with that ``(reason, detail)``."""
+
+    stage: str
+    rejected: dict[str, tuple[str, str]]
+
+    def select(self, table: pa.Table) -> tuple[pa.Array, list[str], list[str]]:
+        hits = [self.rejected.get(k) for k in lineage_keys(table)]
+        return (pa.array([h is not None for h in hits], pa.bool_()), [h[0] for h in hits if h is not None],
+                [h[1] for h in hits if h is not None])
+
+
+def cut_shard(root: str, entry: dict[str, Any], cut: ThresholdCut | KeyCut, schema: pa.Schema,
+              reject_schema: pa.Schema, formats: list[str],
+              tail: Callable[[pa.Table], tuple[pa.Table, dict]] | None = None, video: str = "both") -> dict[str, Any]:
+    """Move the rows of a shard that a pool-wide ``cut`` rejects to a rejects file, run ``tail`` on the rows
+    kept; return the record.
 
     ``tail``: the stages after this cut (up to the next one), so that an expensive stage placed after a
     ``keep_fraction`` filter sees only the rows the cut kept. It gets the kept rows with the reject columns
@@ -302,17 +366,16 @@ def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: fl
     new shard ``<shard>-<stage>``, then ``_work/global/<stage>/<shard>.json`` commits both, and only then is
     the old shard deleted. A rerun finds the record (and finishes the deletion) or, without one, the old
     shard still whole and redoes it identically: a crash at any point never loses or duplicates a row.
-    Null scores (rows the stage does not apply to) are kept.
+    ``video``: what video rows keep in the new shard (:func:`video_payload`), for the pool's last cut.
     """
     fs, path = cfs.filesystem(root)
-    done = f"{path}/_work/global/{stage}/{entry['name']}.json"
+    done = f"{path}/_work/global/{cut.stage}/{entry['name']}.json"
     if fs.get_file_info(done).type == pafs.FileType.File:
         with fs.open_input_stream(done) as f:
             record = json.loads(f.read())
     else:
-        record = _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema,
-                                       reject_schema, formats, tail)
-        fs.create_dir(f"{path}/_work/global/{stage}", recursive=True)
+        record = _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, video)
+        fs.create_dir(f"{path}/_work/global/{cut.stage}", recursive=True)
         _commit_bytes(fs, done, json.dumps(record, sort_keys=True).encode())
     if record["shard"]["name"] != entry["name"]:
         for kind in ("parquet", "tar"):
@@ -322,23 +385,20 @@ def threshold_shard(root: str, entry: dict[str, Any], column: str, threshold: fl
     return record
 
 
-def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, detail, schema, reject_schema,
-                          formats, tail) -> dict[str, Any]:
+def _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, video) -> dict[str, Any]:
     import pyarrow.compute as pc
 
+    stage = cut.stage
     with fs.open_input_file(f"{path}/{entry['parquet']['path']}") as f:
         table = pq.read_table(f)
-    keys = pa.array(lineage_keys(table), pa.string())
-    tie_out = pc.and_(pc.equal(table[column], threshold), pc.invert(pc.is_in(keys, pa.array(tied_kept, pa.string()))))
-    low = pc.fill_null(pc.or_(pc.less(table[column], threshold), tie_out), False)
+    low, reasons, details = cut.select(table)
     record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0, "counters": {}}
     moved = table.filter(low)
-    if not moved.num_rows and tail is None:
-        return record
-    scores = moved[column].to_pylist()
+    if not moved.num_rows and tail is None and video_payload(table, video) is table:
+        return record  # nothing changes: the shard stays as it is
     moved = moved.append_column("reject_stage", pa.array([stage] * moved.num_rows, pa.string()))
-    moved = moved.append_column("reject_reason", pa.array(["below_keep_fraction"] * moved.num_rows, pa.string()))
-    moved = moved.append_column("reject_detail", pa.array([f"{detail}; this row {x:.4f}" for x in scores], pa.string()))
+    moved = moved.append_column("reject_reason", pa.array(reasons, pa.string()))
+    moved = moved.append_column("reject_detail", pa.array(details, pa.string()))
     rejects = [moved.select(reject_schema.names).cast(reject_schema)] if moved.num_rows else []
     kept = table.filter(pc.invert(low))
     if tail is not None:
@@ -350,6 +410,7 @@ def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, 
             rejects.append(kept.filter(later))
         kept = kept.filter(pc.invert(later)).select(schema.names)
     record["moved"] = moved.num_rows
+    record["moved_reasons"] = {r: reasons.count(r) for r in sorted(set(reasons))}
     if rejects:
         out = pa.concat_tables(rejects)
         rel = f"rejects/g_{stage}_{entry['name']}.parquet"
@@ -359,6 +420,6 @@ def _threshold_unrecorded(fs, path, entry, column, threshold, tied_kept, stage, 
         record["rejects"] = {"path": rel, "rows": out.num_rows, "bytes": fs.get_file_info(f"{path}/{rel}").size,
                              "sha256": sha256_file(fs, f"{path}/{rel}")}
     part = _Part(fs, path, f"{entry['name']}-{stage}", schema, formats)
-    part.write(kept)
+    part.write(video_payload(kept, video))
     record["shard"] = dict(part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")})
     return record

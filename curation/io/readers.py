@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from curation.io import fs as cfs
 from curation.io.tar import TarError, iter_tar
 from curation.mix import coldstart
-from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, SourceSpec
+from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, SourceSpec, frame_bounds
 from curation.schema import ROW_SCHEMA, from_rows, json_meta, row_id
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class _RowMaker:
             return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
         try:
-            info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"],
+            info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o),
                                        threshold=o["shot_threshold"], contrast=o["shot_contrast"],
                                        min_shot_s=o["min_shot_s"], name=uri, timeout_s=o["timeout_s"])
             clips = encode_clips(data, [(s.start, s.end) for s in shots], name=uri, preset=o["clip_preset"],
@@ -324,7 +324,7 @@ class _RowMaker:
             return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}", None
         o = self.unit.video
         try:
-            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], max_side=o["max_side"], name=uri,
+            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri,
                                timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}", None

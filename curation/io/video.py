@@ -31,6 +31,9 @@ Defaults and why:
   temporal check of :mod:`curation.dedup.video` needs at least two.
 * ``max_side=384`` and ``quality=90``: large enough for CLIP-style models (224-384 px inputs) and
   OCR of large text; 5-40 KB per frame, depending on the content.
+* ``factor=28``: each side is then rounded to a multiple of 28 pixels (the model's 14-pixel patches,
+  merged 2x2), with at least ``min_pixels`` (4 tokens) and at most ``max_pixels``, as Qwen2-VL's
+  ``smart_resize`` does: 640x360 is sampled at 392x224, exactly what the model will read.
 
 Frames come out upright: a display-matrix rotation (phone videos) is applied, as players do.
 Streams without timestamps (raw H.264/HEVC elementary streams) are timed by counting frames at
@@ -72,6 +75,13 @@ MAX_SIDE_LIMIT = 16_384  # a frame side above this is rejected before decoding (
 _EPS = 1e-3  # seconds: timestamps are rationals, sampling times floats
 # still-image demuxers: FFmpeg opens a JPEG as a one-frame "video"; here that is not a video
 _IMAGE_FORMATS = ("image2", "_pipe", "apng")
+
+
+
+#: Sampled frames' sides are multiples of this (the model's 14-pixel patches merged 2x2) unless told otherwise.
+FACTOR = 28
+#: ... and hold at least this many pixels (4 visual tokens, the model's lower bound per image).
+MIN_PIXELS = 4 * FACTOR * FACTOR
 
 
 class VideoError(ValueError):
@@ -277,15 +287,16 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def frames(self, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
-               max_side: int = 384, timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
+    def frames(self, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4, max_side: int = 384,
+               factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
+               timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
         """``(timestamp, RGB PIL image)`` of the sampled frames, one at a time, decoded in order.
 
         Parameters as in :func:`sample_frames`. Errors are raised as they are met, so frames may
         have been yielded before a :class:`VideoError` (a truncated file).
         """
         return _frames(self, fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
-                       timeout_s=timeout_s)
+                       factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, timeout_s=timeout_s)
 
 
 def probe(src: VideoSource, *, name: str | None = None) -> VideoInfo:
@@ -312,6 +323,28 @@ def _interval(info: VideoInfo, fps: float, max_frames: int, min_frames: int) -> 
 def _scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     f = min(1.0, max_side / max(w, h))
     return max(1, round(w * f)), max(1, round(h * f))
+
+
+
+def frame_size(w: int, h: int, max_side: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
+               max_pixels: int | None = None) -> tuple[int, int]:
+    """The ``(width, height)`` a ``w`` x ``h`` video's frames are sampled at: scaled (never up) so that the
+    longer side is ``max_side``, then each side rounded to the nearest multiple of ``factor`` with the area
+    kept within ``[min_pixels, max_pixels]`` (Qwen2-VL's ``smart_resize``: what the model will resize the frame
+    to anyway, so a frame stored at this size is read without resampling). ``factor=1`` keeps the exact
+    aspect ratio. Raises :class:`VideoError` for aspect ratios the model refuses (over 200:1).
+
+    >>> frame_size(640, 360, 384)     # 384x216, rounded to 28-pixel steps
+    (392, 224)
+    """
+    from curation.mix.tokens import MAX_PIXELS, smart_resize
+
+    sw, sh = _scaled_size(w, h, max_side)
+    try:
+        return smart_resize(sw, sh, patch=max(1, factor), merge=1, min_pixels=min_pixels,
+                            max_pixels=max_pixels or MAX_PIXELS)
+    except ValueError as e:
+        raise VideoError(f"cannot size frames of a {w}x{h} video: {e}") from None
 
 
 def _decode_in_order(o: VideoReader, want_more: Callable[[], bool],
@@ -371,13 +404,14 @@ def _decode_in_order(o: VideoReader, want_more: Callable[[], bool],
     o.reached = reached
 
 
-def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int,
-            max_side: int, timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
+def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int, max_side: int,
+            factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
+            timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
     if fps <= 0 or max_frames <= 0 or max_side <= 0:
         raise ValueError("fps, max_frames and max_side must be positive")
     info = o.info
     step = _interval(info, fps, max_frames, min_frames)
-    size = _scaled_size(info.width, info.height, max_side)
+    size = frame_size(info.width, info.height, max_side, factor, min_pixels, max_pixels)
     scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
     target, kept = 0.0, 0
     for t, frame in _decode_in_order(o, lambda: kept < max_frames, timeout_s):
@@ -435,6 +469,7 @@ SHOT_SIDE = 48  # greyscale thumbnails compared between consecutive frames
 
 
 def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, max_side: int = 384,
+                 factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
                  quality: int = 90, threshold: float = 0.07, min_shot_s: float = 1.0, contrast: float = 3.0,
                  name: str | None = None, timeout_s: float | None = None) -> tuple[VideoInfo, list[Shot]]:
     """Split a video into shots at hard cuts and sample each shot's frames, in one in-order decode.
@@ -458,7 +493,7 @@ def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, ma
     step = 1.0 / fps
     with VideoReader(src, name=name) as v:
         info = v.info
-        size = _scaled_size(info.width, info.height, max_side)
+        size = frame_size(info.width, info.height, max_side, factor, min_pixels, max_pixels)
         small = _scaled_size(info.width, info.height, SHOT_SIDE)
         scaler, thumb = VideoReformatter(), VideoReformatter()
         shots = [Shot(0.0, 0.0)]
@@ -549,20 +584,21 @@ def _declared(info: VideoInfo) -> str:
 
 
 def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
-                  max_side: int = 384, quality: int = 90, name: str | None = None,
+                  max_side: int = 384, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
+                  max_pixels: int | None = None, quality: int = 90, name: str | None = None,
                   timeout_s: float | None = None) -> VideoFrames:
     """Sample frames of a video as JPEG bytes with absolute timestamps.
 
     ``src`` is a local path, the file's bytes or a binary file object; ``name`` labels it in error
     messages (pass the URI when passing bytes). Frames are taken every ``1/fps`` seconds, at most
     ``max_frames`` spread over the whole video and at least ``min_frames`` when the video is short,
-    and scaled so that the longer side is at most ``max_side``; decoding gives up after ``timeout_s``
-    seconds. Raises :class:`VideoError`.
+    and sized by :func:`frame_size` (longer side ``max_side``, sides in multiples of ``factor``, area within
+    ``min_pixels``..``max_pixels``); decoding gives up after ``timeout_s`` seconds. Raises :class:`VideoError`.
     """
     with VideoReader(src, name=name) as v:
         frames, ts = [], []
         for t, img in v.frames(fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
-                               timeout_s=timeout_s):
+                               factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, timeout_s=timeout_s):
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=quality)
             frames.append(buf.getvalue())

@@ -312,6 +312,17 @@ class Tokenizer:
         return out
 
 
+def _video_dims(meta: str) -> tuple[int, int] | None:
+    try:
+        m = json.loads(meta)
+    except ValueError:
+        return None
+    if not isinstance(m, dict):
+        return None
+    w, h = m.get("video_width"), m.get("video_height")
+    return (int(w), int(h)) if w and h else None
+
+
 def _header_size(blob: bytes, row: str) -> tuple[int, int]:
     """(width, height) from an encoded image's header; PIL decodes no pixels until asked."""
     from PIL import Image
@@ -411,6 +422,8 @@ def row_tokens(
     vid_rows, groups, widths, heights = [], [], [], []
     frames = table.column("frames").to_pylist()
     missing = 0
+    stamps = table.column("frame_ts").to_pylist() if "frame_ts" in table.column_names else [None] * n
+    metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * n
     for i, (fr, ref) in enumerate(zip(frames, table.column("video").to_pylist())):
         if fr:
             w, h = _header_size(fr[0], ids[i])
@@ -418,6 +431,13 @@ def row_tokens(
             groups.append(-(-len(fr) // vision.temporal_patch))
             widths.append(w)
             heights.append(h)
+        elif ref and stamps[i] and metas[i] and (dims := _video_dims(metas[i])):
+            # a pool that keeps the clip, not the frames (output.video: clip): as many frames as were sampled,
+            # at the video's own size (the model's resize bounds apply to it as to sampled frames)
+            vid_rows.append(i)
+            groups.append(-(-len(stamps[i]) // vision.temporal_patch))
+            widths.append(dims[0])
+            heights.append(dims[1])
         elif ref:
             missing += 1
     if missing:
