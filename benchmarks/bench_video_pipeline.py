@@ -1,12 +1,15 @@
 """Video ingest through ``curation run`` against ffmpeg decoding the same files to null, in one run.
 
     python benchmarks/bench_video_pipeline.py [--videos 120] [--size 640x360] [--seconds 10] [--cores 2]
-                                              [--shots] [--clip] [--work /tmp/bench-video-pipeline]
+                                              [--shots] [--clip] [--preset ultrafast|veryfast]
+                                              [--work /tmp/bench-video-pipeline]
 
 The corpus: ``--videos`` encoded videos (``curation.sample_video``: a camera panning over drawn scenes,
 h264/mp4 at 30 fps, ``--size``, ``--seconds`` long; with ``--shots`` each is three scenes joined by hard
-cuts) and a JSONL manifest pointing at them. ``--clip`` also keeps each video (or each shot, re-encoded from its
-cut) in the pool.
+cuts) and a JSONL manifest pointing at them. ``--clip`` also keeps each video (or each shot) in the pool: a shot
+is copied packet for packet when it starts and ends on keyframes, else re-encoded from its cut. ``--preset``: the
+x264 preset the corpus is encoded with: ``ultrafast`` (default) has no scene-cut detection, so no keyframe at
+the cuts (every shot re-encoded); ``veryfast`` places one at each hard cut, as web encoders do (shots copied).
 
 - ``ffmpeg``: ``ffmpeg -threads 1 -i X -f null -`` for every file, ``--cores`` processes at a time: decoding
   alone, the baseline the issue names.
@@ -35,7 +38,8 @@ from pathlib import Path
 from curation.sample_video import _X264, _encode, video_frames
 
 
-def write_corpus(root: Path, n: int, size: tuple[int, int], seconds: float, shots: bool) -> list[Path]:
+def write_corpus(root: Path, n: int, size: tuple[int, int], seconds: float, shots: bool,
+                 preset: str = "ultrafast") -> list[Path]:
     clips = root / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
@@ -47,7 +51,7 @@ def write_corpus(root: Path, n: int, size: tuple[int, int], seconds: float, shot
             for j in range(parts):
                 part, _, _ = video_frames(11, i * 4 + j, size=size, seconds=seconds / parts, fps=30)
                 frames += list(part)
-            path.write_bytes(_encode(frames, *size, 30, "libx264", "mp4", dict(_X264, crf="23")))
+            path.write_bytes(_encode(frames, *size, 30, "libx264", "mp4", dict(_X264, crf="23", preset=preset)))
         paths.append(path)
         lines.append(json.dumps({"video": f"clips/{path.name}", "caption": f"video {i}"}))
     (root / "videos.jsonl").write_text("\n".join(lines) + "\n")
@@ -87,15 +91,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--shots", action="store_true", help="three shots per video, split at ingest")
     ap.add_argument("--clip", action="store_true", help="keep the video (each shot re-encoded) in the pool")
+    ap.add_argument("--preset", default="ultrafast", choices=["ultrafast", "veryfast"],
+                    help="x264 preset of the corpus: veryfast places keyframes at the cuts")
     ap.add_argument("--work", default="/tmp/bench-video-pipeline")
     args = ap.parse_args()
     ffmpeg = shutil.which("ffmpeg")
     if not ffmpeg:
         raise SystemExit("needs the ffmpeg CLI (apt-get install ffmpeg)")
     size = tuple(int(x) for x in args.size.split("x"))
-    root = Path(args.work) / f"corpus-{args.videos}-{args.size}-{args.seconds:g}{'-shots' if args.shots else ''}"
+    root = Path(args.work) / (f"corpus-{args.videos}-{args.size}-{args.seconds:g}{'-shots' if args.shots else ''}"
+                              f"-{args.preset}")
     t0 = time.perf_counter()
-    paths = write_corpus(root, args.videos, size, args.seconds, args.shots)
+    paths = write_corpus(root, args.videos, size, args.seconds, args.shots, args.preset)
     made = time.perf_counter() - t0
 
     import ray
@@ -110,7 +117,8 @@ def main() -> None:
     ray.shutdown()
     import polars as pl
 
-    pool = pl.read_parquet(Path(args.work) / "pool" / "shards" / "*.parquet", columns=["frame_ts", "clip_start"])
+    pool = pl.read_parquet(Path(args.work) / "pool" / "shards" / "*.parquet", columns=["frame_ts", "clip_start", "meta"])
+    how = pool["meta"].str.json_path_match("$.clip").value_counts().to_dicts() if args.clip else []
     frames = int(pool["frame_ts"].list.len().sum())
     video_s = args.videos * args.seconds
     print(json.dumps({
@@ -119,7 +127,8 @@ def main() -> None:
         "cores": args.cores, "corpus_build_s": round(made, 1),
         "ffmpeg_null_s": round(best_ff, 2), "pipeline_s": round(best_pipe, 2),
         "ratio_vs_ffmpeg": round(best_ff / best_pipe, 3),
-        "pipeline_rows": pool.height, "frames_sampled": frames,
+        "pipeline_rows": pool.height, "frames_sampled": frames, "preset": args.preset,
+        "clips": {str(d["meta"]): d["count"] for d in how},
         "frames_sampled_per_s": round(frames / best_pipe, 1), "video_s_per_s": round(video_s / best_pipe, 1),
         "ffmpeg_video_s_per_s": round(video_s / best_ff, 1),
         "stage_seconds": {st["name"]: st["seconds"] for st in stats.get("stages", [])},

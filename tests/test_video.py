@@ -327,3 +327,62 @@ def test_index_is_compact_picklable_and_skips_bad_videos(index: VideoHashIndex, 
     assert small.keys == ["ok"]
     assert [k for k, _ in small.skipped] == ["junk", "cut"]
     assert "not a video" in small.skipped[0][1]
+
+
+def _scenes_with_keyframes_at_cuts(preset: str = "veryfast") -> tuple[bytes, list[tuple[float, float]]]:
+    """Three 2-second scenes at 12 fps; x264 with B-frames, an I-frame forced at each cut (as its scene-cut
+    detection places one at a hard cut)."""
+    frames, cuts = [], []
+    for j in range(3):
+        part, _, _ = video_frames(5, 100 + j, size=(320, 240), seconds=2.0, fps=12)
+        cuts.append(len(frames))
+        frames += list(part)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=12)
+        s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+        s.options = {"preset": preset, "threads": "1", "scenecut": "0"}
+        for i, im in enumerate(frames):
+            f = av.VideoFrame.from_image(im).reformat(format="yuv420p")
+            f.pts = i
+            if i in cuts:
+                f.pict_type = av.video.frame.PictureType.I
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return buf.getvalue(), [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+
+
+def _decoded(data: bytes) -> list[tuple[float, np.ndarray]]:
+    with av.open(io.BytesIO(data)) as c:
+        return [(round(float(f.pts * f.time_base), 3), f.to_ndarray(format="gray")) for f in c.decode(video=0)]
+
+
+def test_shots_on_keyframes_are_copied_packet_for_packet() -> None:
+    from curation.io.video import encode_clips
+
+    data, spans = _scenes_with_keyframes_at_cuts()
+    clips = encode_clips(data, spans)
+    assert [c.how for c in clips] == ["copy", "copy", "copy"]
+    source = _decoded(data)
+    for k, (clip, (a, b)) in enumerate(zip(clips, spans)):
+        frames = _decoded(clip.data)
+        assert [t for t, _ in frames] == [round(i / 12, 3) for i in range(24)]  # from 0, every frame, in order
+        want = [img for t, img in source if a - 1e-6 <= t < b - 1e-6]
+        assert all(np.array_equal(x, y) for (_, x), y in zip(frames, want))  # the same pixels: not re-encoded
+        assert probe(clip.data).codec == "h264"
+    # scaling, or copy=False, re-encodes; so does a span that does not start on a keyframe
+    assert [c.how for c in encode_clips(data, spans, max_side=160)] == ["encode"] * 3
+    assert [c.how for c in encode_clips(data, spans, copy=False)] == ["encode"] * 3
+    mixed = encode_clips(data, [(0.0, 2.0), (2.5, 4.0), (4.0, 6.0)])
+    assert [c.how for c in mixed] == ["copy", "encode", "copy"]
+    assert len(_decoded(mixed[1].data)) == 18
+
+
+def test_shots_between_keyframes_are_re_encoded_from_their_cut() -> None:
+    from curation.io.video import encode_clips
+
+    data, _ = _scenes_with_keyframes_at_cuts()
+    shifted = [(0.0, 1.5), (1.5, 6.0)]  # 1.5 s is no keyframe: neither span can be copied whole
+    clips = encode_clips(data, shifted)
+    assert [c.how for c in clips] == ["encode", "encode"]
+    assert [len(_decoded(c.data)) for c in clips] == [18, 54]

@@ -360,6 +360,7 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
         assert info.codec == "h264" and info.duration == pytest.approx(r["clip_end"] - r["clip_start"], abs=0.15)
         first = sample_frames(r["video_bytes"], fps=1).frames[0]
         assert thumb_diff(first, r["frames"][0]) < 3 and json.loads(r["meta"])["clip_ext"] == "mp4"
+        assert json.loads(r["meta"])["clip"] == "encode"  # ultrafast x264 places no keyframe at the cuts
     whole = kept.filter(pl.col("source") == "whole").row(0, named=True)
     assert whole["video_bytes"] == webm and json.loads(whole["meta"])["clip_ext"] == "webm"
     names = []

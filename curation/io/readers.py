@@ -235,11 +235,11 @@ class _RowMaker:
             return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, **kw)]
         out = []
         for j, shot in enumerate(shots):
-            extra = {"clip_ext": "mp4"} if clips else {}
+            extra = {"clip_ext": "mp4", "clip": clips[j].how} if clips else {}
             r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score,
                                                         **extra), _frames=(shot.frames, shot.ts), **kw)
             r["clip_start"], r["clip_end"] = round(shot.start, 6), round(shot.end, 6)
-            r["video_bytes"] = clips[j] if clips else None
+            r["video_bytes"] = clips[j].data if clips else None
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
 

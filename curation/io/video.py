@@ -622,14 +622,96 @@ def container_ext(info: VideoInfo) -> str:
     return names[0] or "bin"
 
 
+#: Codecs whose packets an MP4 holds as they are: a shot of such a video that spans whole GOPs is copied.
+_MP4_CODECS = frozenset({"h264", "hevc", "mpeg4", "av1", "vp9"})
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One span of a video as its own file: ``how`` it was made, ``copy`` (the source's packets, from the
+    keyframe at its start to the one at its end) or ``encode`` (H.264, re-encoded from the decoded frames)."""
+
+    data: bytes
+    how: str
+
+
 def encode_clips(src: VideoSource, spans: list[tuple[float, float]], *, max_side: int | None = None,
                  crf: int = 23, preset: str = "veryfast", name: str | None = None,
-                 timeout_s: float | None = None) -> list[bytes]:
-    """Each ``(start, end)`` span of the video (seconds, in order, not overlapping: shots) as its own H.264 MP4,
-    in one in-order decode: frames with ``start <= t < end`` go to that span's encoder (re-encoded, so a clip
-    starts exactly at its cut whatever the source's keyframes). ``max_side`` scales down (even sides).
-    Fragmented MP4 (``empty_moov``): written in one pass, plays everywhere web video does.
+                 timeout_s: float | None = None, copy: bool = True) -> list[Clip]:
+    """Each ``(start, end)`` span of the video (seconds, in order, not overlapping: shots) as its own MP4.
+
+    * **Copied** when it can be (``copy``, no ``max_side`` scaling, an MP4-compatible codec): a span that starts
+      on a keyframe and ends on the next span's keyframe (or at the end of the video) is the source's own packets
+      in a new MP4, untouched, with timestamps from 0. Encoders place a keyframe at a hard cut (x264's scene-cut
+      detection), so shots of web videos usually qualify; copying costs a demux, no decoding, no quality.
+    * **Re-encoded** otherwise, in one in-order decode: frames with ``start <= t < end`` go to that span's H.264
+      encoder, so a clip starts exactly at its cut whatever the source's keyframes. ``max_side`` scales down
+      (even sides). Fragmented MP4 (``empty_moov``): written in one pass, plays everywhere web video does.
     """
+    out: list[Clip | None] = [None] * len(spans)
+    if copy and not max_side and spans:
+        for k, data in _copy_spans(src, spans, name).items():
+            out[k] = Clip(data, "copy")
+    todo = [k for k, c in enumerate(out) if c is None]
+    if todo:
+        for k, data in zip(todo, _encode_spans(src, [spans[k] for k in todo], max_side=max_side, crf=crf,
+                                               preset=preset, name=name, timeout_s=timeout_s)):
+            out[k] = Clip(data, "encode")
+    return out  # type: ignore[return-value]
+
+
+def _copy_spans(src: VideoSource, spans: list[tuple[float, float]], name: str | None) -> dict[int, bytes]:
+    """The spans that start and end on keyframes, as MP4s of the source's packets (by span index)."""
+    with VideoReader(src, name=name) as v:
+        stream = v.stream
+        if v.info.codec not in _MP4_CODECS or stream.time_base is None:
+            return {}
+        tb = float(stream.time_base)
+        half = 0.5 / (v.info.fps or 25)
+        packets, keys = [], []  # in decode order; keys: (time, index) of keyframes
+        origin = stream.start_time  # times count from the stream's start, as the decoding pass counts them
+        try:
+            for p in v.container.demux(stream):
+                if p.size and p.pts is not None and p.dts is not None:
+                    if origin is None:
+                        origin = p.pts
+                    if p.is_keyframe:
+                        keys.append(((p.pts - origin) * tb, len(packets)))
+                    packets.append(p)
+        except av.error.FFmpegError:
+            return {}  # a damaged stream: the decoding path reports it
+        if not packets:
+            return {}
+        last = (max(p.pts for p in packets) - origin) * tb
+
+        def key_at(t: float) -> int | None:
+            return next((i for kt, i in keys if abs(kt - t) <= half), None)
+
+        copies = {}
+        for k, (a, b) in enumerate(spans):
+            first = key_at(a)
+            stop = len(packets) if b >= last + half else key_at(b)
+            if first is None or stop is None or stop <= first:
+                continue
+            copies[k] = _remux(stream, packets[first:stop], packets[first].pts)
+        return copies
+
+
+def _remux(stream, packets, offset: int) -> bytes:
+    """Packets of ``stream`` in a new MP4, timestamps shifted so the first frame shows at 0 (the edit list keeps
+    B-frame delays right: a plain MP4 with its index at the end, since an index written first would need a second
+    pass over the file)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        o = out.add_stream_from_template(stream)
+        for p in packets:
+            p.pts, p.dts, p.stream = p.pts - offset, p.dts - offset, o
+            out.mux(p)
+    return buf.getvalue()
+
+
+def _encode_spans(src: VideoSource, spans: list[tuple[float, float]], *, max_side: int | None, crf: int,
+                  preset: str, name: str | None, timeout_s: float | None) -> list[bytes]:
     out: list[bytes] = [b""] * len(spans)
     with VideoReader(src, name=name) as v:
         info = v.info
