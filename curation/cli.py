@@ -11,6 +11,7 @@ import logging
 import sys
 
 from curation import __version__
+from curation.io.fs import StorageError
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -34,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_pipeline(recipe, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
-    except (FileExistsError, NotReady) as e:
+    except (FileExistsError, NotReady, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_table(result.stats))
@@ -62,7 +63,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     try:
         result = run_audit(args.benchmarks, args.corpus, args.out, registry_set=args.set or [], match=match,
                            address=args.address, overwrite=args.overwrite, progress=not args.quiet)
-    except (RecipeError, UndetectedSource, FileExistsError) as e:
+    except (RecipeError, UndetectedSource, FileExistsError, StorageError) as e:
         # the audit composes a pipeline: name its parameters as the command line does
         print(f"error: {e}".replace("invalid recipe curation audit", "invalid audit options")
               .replace("stages.0.decontaminate.match.", "--match "), file=sys.stderr)
@@ -88,7 +89,7 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         recipe = load_mix_recipe(args.recipe, args.set or [])
         results = build_mixtures(recipe, only=args.only, address=args.address, overwrite=args.overwrite,
                                  progress=not args.quiet, dry_run=args.dry_run)
-    except (RecipeError, FileExistsError) as e:
+    except (RecipeError, FileExistsError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ImportError) as e:  # the tokenizer

@@ -257,3 +257,56 @@ def test_mix_reads_pools_from_and_writes_mixtures_to_s3_like_local(ray_local, s3
             local_bytes = (Path(local.path) / shard[kind]["path"]).read_bytes()
             assert hashlib.sha256(body).hexdigest() == shard[kind]["sha256"] == hashlib.sha256(local_bytes).hexdigest()
     assert client.head_object(Bucket=bucket, Key="mixtures/m/report.html")["ContentLength"] > 0
+
+
+def test_output_to_a_missing_bucket_or_with_refused_credentials_says_what_to_do(s3, tiny_corpus, tiny_recipe,
+                                                                                  tmp_path, ray_tmp):
+    """The sources are local; only the pool goes to S3. Both failures exit 2 with the location and what to do,
+    write nothing, and never print the secret."""
+    missing = f"s3://missing-{uuid.uuid4().hex[:10]}/pool"
+    proc = curation_run(tiny_recipe, f"vars.corpus={tiny_corpus}", f"vars.out={missing}", env=s3.env(),
+                        ray_tmp=ray_tmp)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    bucket = missing[len("s3://"):].split("/")[0]
+    assert f"cannot write to {missing}: the bucket '{bucket}' does not exist at {s3.endpoint_url}" in proc.stderr
+    assert f"aws s3 mb s3://{bucket}" in proc.stderr and "Traceback" not in proc.stderr
+    client = boto3.client("s3", **s3.boto3_kwargs())
+    assert bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]  # not created behind the user's back
+
+    real = f"t-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=real)
+    wrong = "not-the-secret-" + uuid.uuid4().hex
+    proc = curation_run(tiny_recipe, f"vars.corpus={tiny_corpus}", f"vars.out=s3://{real}/pool",
+                        env={**s3.env(), "AWS_SECRET_ACCESS_KEY": wrong}, ray_tmp=ray_tmp)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot write to s3://{real}/pool: the object store refused the credentials" in proc.stderr
+    assert wrong not in proc.stderr + proc.stdout and s3.secret_key not in proc.stderr + proc.stdout
+    assert client.list_objects_v2(Bucket=real).get("KeyCount", 0) == 0
+
+
+def test_large_shards_go_up_as_multipart_uploads(s3, monkeypatch):
+    """A shard over pyarrow's 10 MB part size is uploaded in parts (its ETag ends in -<parts>), and reads back
+    whole: the manifest's sha256 matches."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    from curation.io.pool import _Part
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", **s3.boto3_kwargs())
+    client.create_bucket(Bucket=bucket)
+    rng = np.random.default_rng(0)
+    blobs = [rng.bytes(1 << 20) for _ in range(24)]  # incompressible: the Parquet file stays ~24 MB
+    table = pa.table({"id": [f"r{i}" for i in range(24)], "blob": blobs})
+    fs, path = cfs.filesystem(f"s3://{bucket}/pool")
+    part = _Part(fs, path, "00000_0000", table.schema, ["parquet"])
+    part.write(table)
+    entry = part.commit()
+    head = client.head_object(Bucket=bucket, Key=f"pool/{entry['parquet']['path']}")
+    assert head["ContentLength"] > 20 << 20 and head["ETag"].strip('"').rsplit("-", 1)[1].isdigit()
+    body = client.get_object(Bucket=bucket, Key=f"pool/{entry['parquet']['path']}")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == entry["parquet"]["sha256"]

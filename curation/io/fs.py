@@ -1,8 +1,13 @@
 """Local paths and ``s3://`` URIs behind one interface (pyarrow filesystems).
 
-S3 settings come from the usual AWS environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_REGION`` / ``AWS_DEFAULT_REGION`` and, for S3-compatible servers (MinIO, SeaweedFS, Ceph),
+S3 settings come from the usual AWS places: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (and
+``AWS_SESSION_TOKEN``), a profile (``AWS_PROFILE``, ``~/.aws/credentials``) or the instance role;
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``; and, for S3-compatible servers (MinIO, SeaweedFS, Ceph),
 ``AWS_ENDPOINT_URL`` (for example ``http://127.0.0.1:8333``). Credentials are never logged.
+
+Writes of more than 10 MB go up as multipart uploads (pyarrow's S3 output stream, in 10 MB parts, uploaded in
+the background while the rest is written). Transient errors (throttling, 5xx, dropped connections) are retried
+with AWS's standard backoff, up to ``CURATION_S3_MAX_ATTEMPTS`` attempts per request (default 10).
 """
 
 from __future__ import annotations
@@ -34,7 +39,40 @@ def _s3(endpoint: str | None, region: str | None, credentials: str) -> pafs.S3Fi
         kwargs["force_virtual_addressing"] = False
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    attempts = int(os.environ.get("CURATION_S3_MAX_ATTEMPTS", "10"))
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+
+
+class StorageError(OSError):
+    """An output location that cannot be written: a missing bucket, refused credentials, a read-only or full
+    disk. The message names the location and what to do; it never holds credentials."""
+
+
+def make_dirs(root: str, subdirs: tuple[str, ...] = ("",)) -> None:
+    """Create ``root`` (path or URI) and its ``subdirs``, or raise :class:`StorageError` saying why not."""
+    fs, path = filesystem(root)
+    try:
+        for sub in subdirs:
+            fs.create_dir(f"{path}/{sub}".rstrip("/"), recursive=True)
+    except OSError as e:
+        raise StorageError(storage_problem(root, e)) from None
+
+
+def storage_problem(root: str, e: BaseException) -> str:
+    """What went wrong writing under ``root``, and what to do (credentials are never part of pyarrow's messages)."""
+    msg = str(e).strip()
+    if root.startswith("s3://"):
+        bucket = root[len("s3://"):].split("/", 1)[0]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        if "not found" in msg.lower() and "bucket" in msg.lower():
+            return (f"cannot write to {root}: the bucket '{bucket}' does not exist at {endpoint}; create it first "
+                    f"(aws s3 mb s3://{bucket}), or check the path and AWS_ENDPOINT_URL")
+        if any(k in msg.upper() for k in ("ACCESS_DENIED", "ACCESSDENIED", "SIGNATURE", "INVALIDACCESSKEY",
+                                          "FORBIDDEN", "403")):
+            return (f"cannot write to {root}: the object store refused the credentials ({msg}); check "
+                    f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket's policy")
+        return f"cannot write to {root} at {endpoint}: {msg}"
+    return f"cannot write to {root}: {msg}"
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:

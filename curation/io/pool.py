@@ -242,7 +242,18 @@ class Pool:
         return self.fs.get_file_info(f"{self.path}/_work/recipe.json").type == pafs.FileType.File
 
     def prepare(self, resolved: dict[str, Any], overwrite: bool = False) -> None:
-        """Create the folder, or check that an existing one was written by the same recipe."""
+        """Create the folder, or check that an existing one was written by the same recipe.
+
+        Raises ``FileExistsError`` for a pool of another recipe, :class:`curation.io.fs.StorageError` when the
+        location cannot be read or written (a missing bucket, refused credentials, a read-only disk)."""
+        try:
+            self._prepare(resolved, overwrite)
+        except (FileExistsError, cfs.StorageError):
+            raise
+        except OSError as e:
+            raise cfs.StorageError(cfs.storage_problem(self.root, e)) from None
+
+    def _prepare(self, resolved: dict[str, Any], overwrite: bool) -> None:
         if overwrite and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path)
         if self.exists():
@@ -252,8 +263,7 @@ class Pool:
                 raise FileExistsError(
                     f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
                     f"this one is {self.recipe_hash}); write to another folder or pass --overwrite")
-        for sub in ("shards", "rejects", "_work/done", "_work/index"):
-            self.fs.create_dir(f"{self.path}/{sub}", recursive=True)
+        cfs.make_dirs(self.root, ("shards", "rejects", "_work/done", "_work/index"))
         _commit_bytes(self.fs, f"{self.path}/_work/recipe.json",
                       json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode())
 

@@ -591,6 +591,23 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
     return counts
 
 
+def _prepare_output(fs, path: str, root: str, name: str, mix_hash: str, overwrite: bool) -> None:
+    """Create the mixture's folder, or check that an existing one holds this mixture (a rerun resumes it)."""
+    marker = f"{path}/_work/mixture.json"
+    if overwrite and fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    if fs.get_file_info(marker).type == pafs.FileType.File:
+        with fs.open_input_stream(marker) as f:
+            previous = json.loads(f.read()).get("mixture_hash")
+        if previous != mix_hash:
+            raise FileExistsError(f"{root} holds mixture '{name}' from a different recipe or pools (hash "
+                                  f"{previous}, this one is {mix_hash}); write elsewhere or pass --overwrite")
+    elif fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File:
+        raise FileExistsError(f"{root} already holds a mixture; write elsewhere or pass --overwrite")
+    cfs.make_dirs(root, ("shards", "_work/done", "_work/buckets"))
+    _commit_bytes(fs, marker, json.dumps({"mixture_hash": mix_hash}).encode())
+
+
 def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], counts: pl.DataFrame,
                    pools: dict[str, PoolInfo], pool_names: list[str], tokenizer: Tokenizer, workers: int,
                    overwrite: bool, progress: bool, dry_run: bool, timings: dict[str, float]) -> MixResult:
@@ -610,20 +627,12 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
 
     fs, path = cfs.filesystem(root)
     mix_hash = _mixture_hash(recipe, mix)
-    marker = f"{path}/_work/mixture.json"
-    if overwrite and fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    if fs.get_file_info(marker).type == pafs.FileType.File:
-        with fs.open_input_stream(marker) as f:
-            previous = json.loads(f.read()).get("mixture_hash")
-        if previous != mix_hash:
-            raise FileExistsError(f"{root} holds mixture '{mix.name}' from a different recipe or pools (hash "
-                                  f"{previous}, this one is {mix_hash}); write elsewhere or pass --overwrite")
-    elif fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File:
-        raise FileExistsError(f"{root} already holds a mixture; write elsewhere or pass --overwrite")
-    for sub in ("shards", "_work/done", "_work/buckets"):
-        fs.create_dir(f"{path}/{sub}", recursive=True)
-    _commit_bytes(fs, marker, json.dumps({"mixture_hash": mix_hash}).encode())
+    try:
+        _prepare_output(fs, path, root, mix.name, mix_hash, overwrite)
+    except (FileExistsError, cfs.StorageError):
+        raise
+    except OSError as e:  # a missing bucket, refused credentials, a read-only disk: say where and what to do
+        raise cfs.StorageError(cfs.storage_problem(root, e)) from None
     _commit_bytes(fs, f"{path}/_work/plan.parquet", _parquet_bytes(sel.select(
         "pool", "shard", "row", "position", "out_shard", *[f.name for f in MIX_FIELDS]).to_arrow()))
 
