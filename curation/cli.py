@@ -147,6 +147,43 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from curation.train.config import ConfigError, load_config
+    from curation.train.train import train
+
+    sets = list(args.set or [])
+    sets += [f"stage={args.stage}"] if args.stage else []
+    sets += [f"mixture={args.mixture}"] + ([f"out={args.out}"] if args.out else [])
+    sets += [f"resume={args.resume}"] if args.resume else []
+    sets += [f"init={args.init}"] if args.init else []
+    try:
+        summary = train(load_config(args.config, sets))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary:  # rank 0
+        print(f"stage {summary['stage']}: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
+              f"{summary['last_loss']:.4f}; {summary['tokens_per_s']:,.0f} tokens/s, {summary['images_per_s']:,.1f} "
+              f"images/s, data wait {100 * summary['data_wait_share']:.1f}% of step time")
+        print(f"checkpoint: {summary['checkpoint']}\nloss plot:  {summary['plot']}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from curation.train.config import ConfigError
+    from curation.train.merge import merge_checkpoints
+
+    try:
+        merged = merge_checkpoints(args.checkpoints, args.out, args.weights)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for m in merged["merged_from"]:
+        print(f"{m['weight']:.3f}  {m['path']}  (stage {m['stage']}, step {m['step']})")
+    print(f"merged: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curation",
@@ -226,6 +263,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write report.html and report.json of a pool folder")
     p.add_argument("pool")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("train", help="train the reference model on a mixture: stage 0, 1, 2, 3 or sft",
+                       description="Train the reference vision-language model (ViT, 2x2-merging projector, M-RoPE "
+                                   "decoder) on a mixture for one stage: 0 vision encoder (sigmoid loss), 1 projector "
+                                   "only, 2 everything, 3 annealing, sft assistant turns. Under torchrun, one rank "
+                                   "per GPU. See docs/train.md.")
+    p.add_argument("mixture", help="mixture folder written by `curation mix` (local or s3://)")
+    p.add_argument("--stage", choices=["0", "1", "2", "3", "sft"], help="stage (default: the config's, else 2)")
+    p.add_argument("--config", default=None, metavar="FILE", help="training config YAML (default: the tiny model)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set steps=200 --set lm.layers=8 --set optim.lr=3e-4")
+    p.add_argument("--out", default=None, help="run folder: checkpoints, log.jsonl, loss plot (default runs/train)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (an earlier stage's)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue this run (checkpoint file or run folder): weights, optimizer, data position")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("merge", help="average the weights of checkpoints (annealed on different mixtures)",
+                       description="Average the model weights of checkpoints of one architecture into one "
+                                   "checkpoint (Keye-VL's model merging after annealing).")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--out", required=True, help="merged checkpoint file")
+    p.add_argument("--weights", type=float, nargs="+", help="weighted average (default: equal weights)")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 

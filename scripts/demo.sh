@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, write a sample corpus, curate it on local Ray, audit it for
-# benchmark contamination, curate the cold-start conversations, and build the training mixtures of every
-# stage and the five-mode cold-start set from the pools.
+# benchmark contamination, curate the cold-start conversations, build the training mixtures of every
+# stage and the five-mode cold-start set from the pools, and train the bundled tiny model on one of them.
 #   ROWS=50000 bash scripts/demo.sh                        # a bigger corpus
 #   TOKENIZER=/models/Keye-VL-8B bash scripts/demo.sh      # count tokens with the model's own tokenizer
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=mix bash scripts/setup.sh
+EXTRAS=mix,train bash scripts/setup.sh
 . .venv/bin/activate
 ROWS=${ROWS:-5000}
 # Offline stand-in for the model's tokenizer: the tokenizer.json inside the packaged all-MiniLM-L6-v2.
@@ -21,3 +21,5 @@ for recipe in stage0_vision stage1_alignment stage2_multitask stage3_anneal cold
   curation mix "mixtures/$recipe.yaml" --set vars.pools=./pools --set vars.out=./mixtures-out \
     --set vars.tokenizer="$TOKENIZER" --overwrite
 done
+# Close the loop: the reference trainer (tiny config, CPU, no weights) takes 30 steps on the stage-2 mixture.
+curation train ./mixtures-out/stage2 --stage 2 --out ./runs/demo-stage2 --set steps=30

@@ -119,3 +119,31 @@ def sample_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "corpus"
     write_sample_corpus(out, rows=800, seed=5, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_mixtures(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """Mixtures for the trainer, built from a 300-row sample corpus the way scripts/demo.sh builds them
+    (demo and coldstart pools, then the shipped mixture recipes at ``budget: auto``), in shards of 60 rows
+    so that streams split across shards: stage0, stage2, anneal_text_heavy, anneal_vision_heavy, coldstart."""
+    from curation.mix.builder import build_mixtures
+    from curation.mix.recipe import load_mix_recipe
+    from curation.recipe import load_pipeline
+    from curation.runner import run_pipeline
+    from curation.sample import write_sample_corpus
+    from test_mix_tokens import packaged_tokenizer_json
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("train")
+    write_sample_corpus(tmp / "corpus", rows=300, seed=5, progress=False, workers=2)
+    for name in ("demo", "coldstart"):
+        run_pipeline(load_pipeline(root / "pipelines" / f"{name}.yaml",
+                                   [f"vars.corpus={tmp / 'corpus'}", f"vars.out={tmp / 'pools' / name}"]),
+                     progress=False)
+    sets = [f"vars.pools={tmp / 'pools'}", f"vars.out={tmp / 'mix'}", f"vars.tokenizer={packaged_tokenizer_json()}",
+            "output.shard_rows=60"]
+    for recipe, extra in (("stage0_vision", ["vars.budget=auto"]), ("stage2_multitask", ["vars.budget=auto"]),
+                          ("stage3_anneal", ["vars.budget=auto"]), ("coldstart", [])):
+        build_mixtures(load_mix_recipe(root / "mixtures" / f"{recipe}.yaml", sets + extra), progress=False)
+    return {name: tmp / "mix" / name for name in ("stage0", "stage2", "anneal_text_heavy", "anneal_vision_heavy",
+                                                  "coldstart")}
