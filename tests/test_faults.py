@@ -1,0 +1,95 @@
+"""A Ray worker killed in the middle of a run or a mix: Ray retries its task, and the output equals an
+undisturbed run's, byte for byte.
+
+Each job is the CLI in its own process with its own local Ray (as users run it); the test finds a Ray worker
+process of that job that is executing a task (its process title names the task function) and SIGKILLs it.
+(An audit is a pipeline run: the same units, the same retries.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+from test_resume import RECIPE, _corpus, _files, _run
+
+
+def _busy_worker(driver: int, task: str = "_process_batch") -> psutil.Process | None:
+    """A Ray worker started by ``driver``'s Ray that is running ``task`` right now."""
+    try:
+        tree = psutil.Process(driver).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for p in tree:
+        try:
+            title = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith("ray::") and task in title:
+            return p
+    return None
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_pool_is_unchanged(tmp_path):
+    _corpus(tmp_path / "corpus", tars=24, per_tar=16)
+    ref_recipe, recipe = tmp_path / "ref.yaml", tmp_path / "r.yaml"
+    # two workers, so the run goes on while one is killed; no resume: the same process must finish the pool
+    body = RECIPE.replace("execution: {{num_workers: 1, num_cpus: 1}}", "execution: {{num_workers: 2, num_cpus: 2}}")
+    ref_recipe.write_text(body.format(corpus=tmp_path / "corpus", out=tmp_path / "ref"))
+    recipe.write_text(body.format(corpus=tmp_path / "corpus", out=tmp_path / "pool"))
+    assert _run(ref_recipe).wait(timeout=300) == 0
+
+    proc = _run(recipe)
+    _kill_one(proc, "_process_batch")  # a worker in the middle of a unit
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, log  # the task was retried on another worker; the run did not fail
+
+    after, ref = _files(tmp_path / "pool"), _files(tmp_path / "ref")
+    assert not [n for n in after if ".tmp-" in n]
+    assert {n: s for n, (s, _) in after.items()} == {n: s for n, (s, _) in ref.items()}  # byte for byte
+    kept = pl.read_parquet(Path(tmp_path / "pool") / "shards" / "*.parquet")
+    assert kept["id"].n_unique() == kept.height == 40
+
+
+def _kill_one(proc, task: str) -> None:
+    victim, deadline = None, time.time() + 240
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        victim = _busy_worker(proc.pid, task)
+        time.sleep(0.005)
+    assert victim is not None, f"no Ray worker was seen running {task}: make the job larger"
+    os.kill(victim.pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_mix_is_retried_and_the_mixture_is_unchanged(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    import yaml
+    from test_mix import make_pool, text_row
+    from test_mix_tokens import packaged_tokenizer_json
+
+    pool = make_pool(tmp_path / "pool", [text_row(i, 5 + i % 40) for i in range(6000)], shard_rows=60)
+    outs = {}
+    for name in ("ref", "killed"):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "pools": {"p": str(pool)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
+            "output": {"path": str(tmp_path / name), "shard_rows": 50},
+            "mixtures": {"m": {"budget": 80000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}}}))
+        env = dict(os.environ, RAY_ACCEPT_CALLABLE_NAMESPACES="1")
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen([sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        if name == "killed":
+            _kill_one(proc, "_gather_batch")  # writing the output shards
+        log = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, log
+        folder = tmp_path / name / "m"
+        outs[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((folder / "shards").iterdir())}
+        assert not [n for n in outs[name] if ".tmp" in n]
+    assert outs["killed"] == outs["ref"] and len(outs["ref"]) > 10
