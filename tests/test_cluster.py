@@ -144,6 +144,49 @@ def test_two_node_cluster_writes_the_same_pool_as_a_local_run(ray_local, two_nod
     assert len(two_nodes.nodes_that_ran("MapBatches(_process_batch)")) == 2
 
 
+def test_two_node_cluster_audits_and_mixes_like_a_local_run(ray_local, two_nodes, sample_corpus, tmp_path):
+    """The rest of the flow on the same cluster: the contamination audit finds the same matches, and a mixture
+    built there has the same shards, byte for byte, as one built locally."""
+    from curation.dedup.audit import run_audit
+    from curation.mix.builder import build_mixtures
+    from curation.mix.recipe import mix_recipe_from_dict
+    from test_mix import make_pool, text_row
+    from test_mix_tokens import packaged_tokenizer_json
+
+    registry = str(REPO / "pipelines" / "benchmarks.yaml")
+    corpus = [str(sample_corpus / "text"), str(sample_corpus / "interleaved")]
+    local = run_audit(registry, corpus, str(tmp_path / "audit_local"), registry_set=[f"vars.corpus={sample_corpus}"],
+                      progress=False)
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "audit", "--benchmarks", registry, "--set",
+                           f"vars.corpus={sample_corpus}", "--corpus", *corpus, "--out", str(tmp_path / "audit_cluster"),
+                           "-q", "--address", two_nodes.address],
+                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads((tmp_path / "audit_cluster" / "report.json").read_text())
+
+    def matches(d: dict) -> set:
+        return {(m["sample_id"], m["benchmark_item"], m["method"]) for b in d["benchmarks"].values() for m in b["matches"]}
+
+    assert matches(remote) == matches(local.data) and matches(remote)
+
+    pool = make_pool(tmp_path / "pool", [text_row(i, 5 + i % 40) for i in range(600)], shard_rows=40)
+    raw = {"pools": {"p": str(pool)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
+           "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 30},
+           "mixtures": {"m": {"budget": 6000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}}}
+    (built,) = build_mixtures(mix_recipe_from_dict(raw), progress=False)
+    raw["output"]["path"] = str(tmp_path / "mix_cluster")
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q", "--address", two_nodes.address],
+                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    here, there = Path(built.path) / "shards", tmp_path / "mix_cluster" / "m" / "shards"
+    names = sorted(p.name for p in here.iterdir())
+    assert names == sorted(p.name for p in there.iterdir()) and len(names) > 4
+    assert {n: _sha(there / n) for n in names} == {n: _sha(here / n) for n in names}
+    assert len(two_nodes.nodes_that_ran("MapBatches(_gather_batch)")) >= 1
+
+
 # ---------------------------------------------------------------- the cluster launcher config
 
 
