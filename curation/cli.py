@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_pipeline(recipe, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
     except (FileExistsError, NotReady, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if getattr(e, "partial", False) else 2  # 1: the run had started writing
     print(summary_table(result.stats))
     print(f"pool:   {result.pool}  ({result.manifest['totals']['rows']:,} rows in "
           f"{result.manifest['totals']['shards']} shards)")

@@ -161,18 +161,57 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
         table = conform(table, schema)
         rejected = pc.is_valid(table["reject_reason"])
         t0 = time.perf_counter()
-        sink.reject(table.filter(rejected))
-        sink.write(table.filter(pc.invert(rejected)).select(shard_schema.names))
+        with _storage(unit, job, sink):
+            sink.reject(table.filter(rejected))
+            sink.write(table.filter(pc.invert(rejected)).select(shard_schema.names))
         write_s += time.perf_counter() - t0
-    outputs = sink.close()
+    with _storage(unit, job, sink):
+        outputs = sink.close()
     record = {
         "unit": unit.index, "uri": unit.uri, "source": unit.source, "recipe_hash": job.recipe_hash,
         "counters": counters, "errors": errors, "started_at": started_at, "seconds": time.perf_counter() - t_start,
         "write_seconds": write_s,
         "worker": f"{os.uname().nodename}:{os.getpid()}", **outputs,
     }
-    commit_done(job.root, record)
+    with _storage(unit, job, sink):
+        commit_done(job.root, record)
     return record
+
+
+@contextlib.contextmanager
+def _storage(unit: Unit, job: UnitJob, sink: UnitSink):
+    """A write that fails (a full disk, a failing object store) fails the unit with a StorageError that says where;
+    its temp files are removed, its committed parts are never listed (the unit has no done record)."""
+    try:
+        yield
+    except cfs.StorageError:
+        sink.abort()
+        raise
+    except OSError as e:
+        sink.abort()
+        raise cfs.StorageError(f"unit {unit.index} ({unit.uri}): {cfs.storage_problem(job.root, e)}") from None
+
+
+def _storage_failure(e: BaseException) -> cfs.StorageError | None:
+    """The StorageError behind an exception a Ray task raised (Ray wraps it, sometimes twice), if any."""
+    seen, text = set(), str(e)
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, cfs.StorageError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    # Ray Data wraps a task's exception in UserCodeException, whose cause reaches the driver only as text
+    marker = f"{cfs.StorageError.__module__}.StorageError: "
+    if marker in text:
+        return cfs.StorageError(text.split(marker, 1)[1].splitlines()[0])
+    return None
+
+
+def _stopped(e: BaseException, root: str) -> cfs.StorageError:
+    out = cfs.StorageError(f"{_storage_failure(e)}\nThe run stopped. Units finished before the failure are kept in {root}; free space "
+                           "(or fix the store) and run the same command again: it resumes where it stopped.")
+    out.partial = True
+    return out
 
 
 def split_at_cuts(stages: list[Stage]) -> tuple[list[Stage], dict[str, list[Stage]]]:
@@ -342,14 +381,19 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
             # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
             tasks = min(len(pending), max(workers * 8, len(pending) // 4))
-            for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers, tasks,
-                                    cpus_per_task, gpus_per_task):
-                for rec in batch["record"]:
-                    rec = json.loads(rec)
-                    done[rec["unit"]] = rec
-                    rows += rec["counters"][INGEST]["rows_in"]
-                    bar.set_postfix_str(f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
-                    bar.update(1)
+            try:
+                for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers,
+                                        tasks, cpus_per_task, gpus_per_task):
+                    for rec in batch["record"]:
+                        rec = json.loads(rec)
+                        done[rec["unit"]] = rec
+                        rows += rec["counters"][INGEST]["rows_in"]
+                        bar.set_postfix_str(f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
+                        bar.update(1)
+            except Exception as e:
+                if _storage_failure(e) is None:
+                    raise
+                raise _stopped(e, root) from None
             bar.close()
         records = [done[u.index] for u in units]
         replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,

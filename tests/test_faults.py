@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import psutil
+import pytest
 from test_resume import RECIPE, _corpus, _files, _run
 
 
@@ -93,3 +94,57 @@ def test_a_worker_killed_mid_mix_is_retried_and_the_mixture_is_unchanged(tmp_pat
         outs[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((folder / "shards").iterdir())}
         assert not [n for n in outs[name] if ".tmp" in n]
     assert outs["killed"] == outs["ref"] and len(outs["ref"]) > 10
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only: skipped elsewhere), grown later with ``remount``."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False,
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def test_a_full_disk_fails_the_run_cleanly_and_a_rerun_resumes(tmp_path, small_disk):
+    """The disk fills in the middle of a unit: the run stops with what happened and what to do, no temp file
+    stays, no manifest is written, every unit recorded as done is whole; with space again, the same command
+    finishes the pool, byte-identical to a run that never failed."""
+    import hashlib
+    import json
+    import subprocess
+
+    _corpus(tmp_path / "corpus", tars=24, per_tar=16)
+    ref_recipe, recipe = tmp_path / "ref.yaml", tmp_path / "r.yaml"
+    ref_recipe.write_text(RECIPE.format(corpus=tmp_path / "corpus", out=tmp_path / "ref"))
+    recipe.write_text(RECIPE.format(corpus=tmp_path / "corpus", out=small_disk / "pool"))
+    assert _run(ref_recipe).wait(timeout=300) == 0
+    used = sum(f.stat().st_size for f in (tmp_path / "ref").rglob("*") if f.is_file())
+    assert used > 3 * 256 * 1024, "the pool must not fit the small disk: make the corpus larger"
+
+    proc = _run(recipe)
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 1, log
+    assert "No space left on device" in log and "run the same command again" in log and "Traceback" not in log
+    pool = small_disk / "pool"
+    assert not (pool / "manifest.json").exists()
+    assert not [f for f in pool.rglob("*") if ".tmp-" in f.name]
+    for done in (pool / "_work" / "done").glob("*.json"):  # what a manifest would list is whole
+        rec = json.loads(done.read_text())
+        for shard in rec["shards"]:
+            for kind in ("parquet", "tar"):
+                f = pool / shard[kind]["path"]
+                assert hashlib.sha256(f.read_bytes()).hexdigest() == shard[kind]["sha256"]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    proc = _run(recipe)
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, log
+    after, ref = _files(pool), _files(tmp_path / "ref")
+    assert {n: s for n, (s, _) in after.items()} == {n: s for n, (s, _) in ref.items()}
+    kept = pl.read_parquet(pool / "shards" / "*.parquet")
+    assert kept["id"].n_unique() == kept.height == 40

@@ -45,7 +45,10 @@ def _s3(endpoint: str | None, region: str | None, credentials: str) -> pafs.S3Fi
 
 class StorageError(OSError):
     """An output location that cannot be written: a missing bucket, refused credentials, a read-only or full
-    disk. The message names the location and what to do; it never holds credentials."""
+    disk. The message names the location and what to do; it never holds credentials. ``partial``: the job had
+    written part of its output when it stopped (a rerun resumes it)."""
+
+    partial: bool = False
 
 
 def make_dirs(root: str, subdirs: tuple[str, ...] = ("",)) -> None:

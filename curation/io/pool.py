@@ -211,6 +211,32 @@ class UnitSink:
         self._rejects.write_table(table)
         self._rejects_rows += table.num_rows
 
+    def abort(self) -> None:
+        """After a failure (a full disk): close and delete this unit's temp files, best effort. Committed parts
+        stay; the unit has no done record, so a rerun redoes it whole and overwrites them identically."""
+        tmps = [self._rejects_tmp]
+        if self._part is not None:
+            tmps += [self._part._tmp(ext) for ext in ("parquet", "tar")]
+            for handle in (self._part._pq, self._part._tar, getattr(self._part, "_pq_stream", None),
+                           self._part._tar_stream):
+                try:
+                    if handle is not None:
+                        handle.close()
+                except Exception:  # noqa: BLE001, S110 - the disk is full: closing may fail too
+                    pass
+        for stream in (self._rejects, getattr(self, "_rejects_stream", None)):
+            try:
+                if stream is not None:
+                    stream.close()
+            except Exception:  # noqa: BLE001, S110
+                pass
+        for tmp in tmps:
+            try:
+                if self.fs.get_file_info(tmp).type == pafs.FileType.File:
+                    self.fs.delete_file(tmp)
+            except OSError:
+                pass
+
     def close(self) -> dict[str, Any]:
         """Commit the last part and the rejects; return this unit's manifest entries."""
         if self._part is not None and self._part.rows:
