@@ -41,12 +41,17 @@ OUTPUT_FORMATS = ("parquet", "webdataset")
 
 
 class RecipeError(ValueError):
-    """A recipe is invalid. ``str()`` lists every problem, one per line."""
+    """A recipe is invalid. ``str()`` lists every problem, one per line (each cut to 500 characters: a
+    problem quotes the value it found, which may be a megabyte of text)."""
 
     def __init__(self, file: str, problems: list[str]):
         self.file = file
         self.problems = problems
-        super().__init__(f"invalid recipe {file}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"invalid recipe {file}:\n" + "\n".join(f"  - {_cut(p)}" for p in problems))
+
+
+def _cut(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 @dataclass
@@ -111,30 +116,113 @@ def recipe_hash(resolved: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- loading
 
+MAX_VALUES = 100_000  # values in a recipe with its aliases expanded: real recipes hold a few hundred
+MAX_DEPTH = 50  # levels of nesting
+MAX_CHARS = 1 << 20  # characters of a string after ${var} interpolation
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (plain data only, no Python tags), refusing a key given twice in one
+    mapping: YAML keeps the last one silently, so a second ``stages:`` would drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # <<: *base merges keys: an override there is meant
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found the key {key!r} twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_text(data: bytes | str) -> Any:
+    """Plain data from YAML; raises ``yaml.YAMLError``, or ValueError for nesting Python cannot follow."""
+    try:
+        return yaml.load(data, Loader=_SafeLoader)  # a SafeLoader: plain data, never Python objects
+    except RecursionError:
+        raise ValueError(f"nested more deeply than {MAX_DEPTH} levels") from None
+
 
 def load_yaml(path: str | Path, overrides: list[str] = (), what: str = "a mapping") -> dict[str, Any]:
     """Read a YAML mapping safely, apply ``--set`` overrides and fill ``${var}`` from ``vars``.
 
-    Shared by every recipe kind (pipelines, benchmark registries); raises :class:`RecipeError`.
+    Shared by every recipe kind (pipelines, benchmark registries); raises :class:`RecipeError`. Besides
+    bad YAML, it refuses what no recipe needs and a hostile file uses: a key given twice, keys that are not
+    strings (``on:``/``yes:`` read as true), aliases that expand past :data:`MAX_VALUES` values ("billion
+    laughs") or contain themselves, nesting past :data:`MAX_DEPTH`, and variables that expand without end.
     """
     file = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()  # bytes: YAML detects UTF-8/16 itself and reports bad encodings
     except OSError as e:
         raise RecipeError(file, [f"cannot read the file: {e.strerror}"]) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        raw = _load_text(data)
+    except (yaml.YAMLError, ValueError) as e:
         raise RecipeError(file, [f"not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
-        raise RecipeError(file, [f"expected {what}"])
+        raise RecipeError(file, [f"expected {what}, got {_kind(raw)}"])
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
-    raw = _interpolate(raw, raw.get("vars") or {}, "", problems)
+    if not problems:
+        _check_shape(raw, problems)
+    if problems:
+        raise RecipeError(file, problems)
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        problems.append(f"vars: expected a mapping of names to values, like {{corpus: ./sample}}, "
+                        f"got {_kind(variables)}")
+        variables = {}
+    raw = _interpolate(raw, variables, "", problems)
     if problems:
         raise RecipeError(file, problems)
     return raw
+
+
+class _ShapeError(Exception):
+    """The problem that ends :func:`_check_shape`'s walk: the rest of the tree cannot be trusted."""
+
+
+def _check_shape(raw: dict, problems: list[str]) -> None:
+    """Problems with the shape of the tree itself (see :func:`load_yaml`); sizes count every use of an alias."""
+    sizes: dict[int, int] = {}
+    keys: set[str] = set()
+
+    def size(node: Any, where: str, depth: int, inside: set[int]) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in inside:
+            raise _ShapeError(f"{where or 'the top level'}: an alias (*name) refers to a structure that "
+                              "contains it")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > MAX_DEPTH:
+            raise _ShapeError(f"{where}: nested more deeply than {MAX_DEPTH} levels")
+        inside.add(id(node))
+        total = 1
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            here = f"{where}.{k}".lstrip(".")
+            if isinstance(node, dict) and not isinstance(k, str) and here not in keys:
+                keys.add(here)
+                problems.append(f"{here}: the key {k!r} is not a string (YAML reads yes/no/on/off as booleans, "
+                                f"and numbers and dates as such): quote it")
+            total += size(v, here, depth + 1, inside)
+            if total > MAX_VALUES:
+                raise _ShapeError(f"{where or 'the recipe'}: more than {MAX_VALUES:,} values once its aliases "
+                                  "(*name) are expanded: a recipe needs far fewer (is it an alias bomb?)")
+        inside.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    try:
+        size(raw, "", 0, set())
+    except _ShapeError as e:
+        problems.append(str(e))
 
 
 def check_paths_exist(paths: list[str], where: str, problems: list[str]) -> None:
@@ -146,8 +234,8 @@ def check_paths_exist(paths: list[str], where: str, problems: list[str]) -> None
             if not expand(p):
                 problems.append(f"{where}.{j}: no file matches '{p}' (check the path, "
                                 f"or pass --set vars.<name>=... if it comes from a variable)")
-        except OSError as e:
-            problems.append(f"{where}.{j}: cannot list '{p}': {e}")
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            problems.append(f"{where}.{j}: cannot list {p!r}: {e}")
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
@@ -184,8 +272,8 @@ def _apply_override(tree: dict, item: str, problems: list[str]) -> None:
                 return
         node = nxt
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = _load_text(value) if value.strip() else ""
+    except (yaml.YAMLError, ValueError):
         parsed = value
     last = parts[-1]
     if isinstance(node, list):
@@ -224,10 +312,18 @@ def _interpolate(node: Any, variables: dict, where: str, problems: list[str]) ->
                 return m.group(0)
             return str(variables[m.group(1)])
         for _ in range(10):  # variables may refer to variables
+            names = [m.group(1) for m in _VAR.finditer(node)]
+            if len(node) + sum(len(str(variables.get(n, ""))) for n in names) > MAX_CHARS:
+                problems.append(f"{where}: its variables expand to more than {MAX_CHARS:,} characters "
+                                f"(do they refer to themselves?)")
+                return node
             expanded = _VAR.sub(sub, node)
             if expanded == node:
-                break
+                return node
             node = expanded
+        if any(m.group(1) in variables for m in _VAR.finditer(node)):
+            problems.append(f"{where}: variables refer to each other in a loop (or more than 10 deep): "
+                            f"{node[:80]!r}")
         return node
     return node
 

@@ -386,3 +386,18 @@ def test_shots_between_keyframes_are_re_encoded_from_their_cut() -> None:
     clips = encode_clips(data, shifted)
     assert [c.how for c in clips] == ["encode", "encode"]
     assert [len(_decoded(c.data)) for c in clips] == [18, 54]
+
+
+def test_files_cut_inside_the_stream_header_are_video_errors() -> None:
+    """Cut 348-360 bytes in, this mp4's stream has no decoder context yet: a VideoError, never an AttributeError."""
+    data = make_video(0, 1, size=(64, 48), seconds=1.0, fps=5)
+    for n in range(300, 400, 3):
+        with pytest.raises(VideoError):
+            sample_frames(data[:n])
+
+
+def test_media_references_to_devices_are_refused() -> None:
+    from curation.io import fs as cfs
+
+    with pytest.raises(OSError, match="not a regular file: /dev/zero"):
+        cfs.read_bytes("/dev/zero")  # a hostile corpus's video: would be read forever

@@ -63,6 +63,9 @@ def detect_sources(paths: list[str]) -> list[SourceSpec]:
             except UndetectedSource as e:
                 problems.append(str(e))
                 continue
+            except (OSError, ValueError, RecursionError, pa.ArrowException) as e:  # damaged: a tar cut short...
+                problems.append(f"{f}: cannot read it ({type(e).__name__}: {e})")
+                continue
             groups[(fmt, modality, json.dumps(fields, sort_keys=True))].append(f)
     if problems:
         raise UndetectedSource("cannot read these as a corpus:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -98,7 +101,7 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
             return "webdataset", "image_text", {}
         if "txt" in exts:
             return "webdataset", "text", {}
-        raise UndetectedSource(f"{uri}: a tar without images or .txt members (found: {', '.join(sorted(exts))})")
+        raise UndetectedSource(f"{uri}: a tar without images or .txt members (found: {_listed(sorted(exts))})")
     if ext == "parquet":
         with cfs.open_random_access(uri) as f:
             schema = pq.ParquetFile(f).schema_arrow
@@ -118,7 +121,7 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
         text = next((c for c in _TEXT_KEYS if c in names), None)
         if text:
             return "parquet", "text", {"text": text}
-        raise UndetectedSource(f"{uri}: Parquet with columns {', '.join(names[:12])}: no image, texts/images or "
+        raise UndetectedSource(f"{uri}: Parquet with columns {_listed(names[:12])}: no image, texts/images or "
                                "text column recognised")
     with cfs.open_input(uri) as stream:
         first = None
@@ -147,8 +150,13 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
     text = next((k for k in _TEXT_KEYS if k in keys), None)
     if text:
         return "jsonl", "text", {"text": text}
-    raise UndetectedSource(f"{uri}: JSON objects with keys {', '.join(keys[:12])}: no image, texts/images or text "
+    raise UndetectedSource(f"{uri}: JSON objects with keys {_listed(keys[:12])}: no image, texts/images or text "
                            "key recognised")
+
+
+def _listed(names: list[str]) -> str:
+    """Names found in a file, one line: a name with a newline or other control character is quoted."""
+    return ", ".join(n if n.isprintable() else repr(n) for n in names)
 
 
 def _is_image_type(t: pa.DataType) -> bool:

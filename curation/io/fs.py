@@ -147,7 +147,11 @@ def exists(path: str) -> bool:
 
 
 def read_bytes(path: str) -> bytes:
+    """The whole file. A local path must be a regular file: a device (``/dev/zero``) or a named pipe named by a
+    hostile corpus would be read forever, so it raises ``OSError`` instead."""
     fs, p = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(p) and not os.path.isfile(p):
+        raise OSError(f"not a regular file: {p}")
     with fs.open_input_stream(p) as f:
         return f.read()
 

@@ -42,8 +42,10 @@ import io
 import json
 import logging
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,7 +54,7 @@ from curation.io import fs as cfs
 from curation.io.tar import TarError, iter_tar
 from curation.mix import coldstart
 from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, SourceSpec, frame_bounds
-from curation.schema import ROW_SCHEMA, from_rows, json_meta, row_id
+from curation.schema import MODALITIES, ROW_SCHEMA, from_rows, json_meta, row_id
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
     try:
         for row in reader(unit):
             rows.append(row)
-            next_offset = row.pop("_offset", row["source_offset"]) + 1  # pool rows: offset in the shard
+            next_offset = row.get("_offset", row["source_offset"]) + 1  # pool rows: offset in the shard
             if len(rows) >= batch_rows:
                 yield _table(rows, make)
                 rows = []
@@ -211,8 +213,12 @@ def _table(rows: list[dict[str, Any]], make: "_RowMaker") -> pa.Table:
                 from_rows([r])
                 fixed.append(r)
             except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
-                fixed.append(make.broken(r["source_offset"], "malformed_row", f"a field has the wrong type: {e}"))
+                offset = r.get("_offset", r["source_offset"])  # a pool row's own source_offset may be the culprit
+                fixed.append(make.broken(offset, "malformed_row", f"a field has the wrong type: {e}"))
         return from_rows(fixed)
+
+
+_WANT = {"text": "text", "image": "image bytes (or a {bytes, path} struct)", "video": "a path or URI"}
 
 
 class _RowMaker:
@@ -271,6 +277,9 @@ class _RowMaker:
                                  timeout_s=o["timeout_s"]) if o["clip"] else None
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
+        except Exception as e:  # the decoder tripped over a damaged file (a decoder bug): still unreadable
+            log.exception("decoding %s failed", uri)
+            return None, None, meta, "unreadable_video", _decoder_failed(where, uri, e)
         return shots, clips, self._facts(meta, info), None, None
 
     def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
@@ -278,7 +287,11 @@ class _RowMaker:
             reason: str | None = None, detail: str | None = None, video: str | None = None,
             messages: str | None = None, mode: str | None = None, video_bytes: bytes | None = None,
             _frames: tuple[list[bytes], list[float]] | None = None) -> dict[str, Any]:
+        """One canonical row; raises TypeError naming the field when a value has a type no row can hold."""
         m = self.unit.modality
+        for key, value, want in (("text", text, (str, bytes)), ("image", image, bytes), ("video", video, str)):
+            if value is not None and not isinstance(value, want):
+                raise TypeError(f"'{self.fields.get(key, key)}' must be {_WANT[key]}, got {type(value).__name__}")
         frames = frame_ts = None
         if video:  # stored resolved, for later stages
             video = self._resolve(video)
@@ -328,11 +341,24 @@ class _RowMaker:
                                timeout_s=o["timeout_s"])
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}", None
+        except Exception as e:  # the decoder tripped over a damaged file (a decoder bug): still unreadable
+            log.exception("decoding %s failed", uri)
+            return None, None, meta, "unreadable_video", _decoder_failed(where, uri, e), None
         meta = self._facts(meta, vf)
         keep = bool(o["clip"]) and self.unit.modality == "video"
         if keep:
             meta["clip_ext"] = vf.ext
         return vf.frames, vf.ts, meta, None, None, data if keep else None
+
+    def guarded(self, offset: int, build: Callable[..., list[dict[str, Any]]], *args: Any,
+                raw: bytes | str | None = None) -> list[dict[str, Any]]:
+        """``build(*args)``'s rows, or one ``malformed_row`` reject when a field has a shape they cannot take
+        (a number where a caption belongs, a path with a NUL byte): one bad row never ends its file."""
+        try:
+            return build(*args)
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as e:
+            return [self.broken(offset, "malformed_row", f"a field has the wrong type: {type(e).__name__}: {e}",
+                                raw)]
 
     def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:
         """A row that could not be read at all: kept (as a reject) so it is counted and visible."""
@@ -340,6 +366,11 @@ class _RowMaker:
         r = self.row(offset, text=text, reason=reason, detail=f"{self.unit.uri}#{offset}: {detail}")
         r["id"] = row_id("broken", f"{self.unit.uri}#{offset}")
         return r
+
+
+def _decoder_failed(where: str, uri: str, e: Exception) -> str:
+    """The detail of a video whose decoder raised something other than VideoError."""
+    return f"{where}: {uri}: the decoder failed ({type(e).__name__}: {e})"
 
 
 def _decode_text(raw: bytes) -> tuple[str, str | None]:
@@ -350,56 +381,86 @@ def _decode_text(raw: bytes) -> tuple[str, str | None]:
 
 
 def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
+    """Samples of a tar: consecutive members that share a key (``dir/key.ext``). Member names are never
+    paths on disk here, so ``../`` or absolute names are only odd keys. A member without an extension
+    belongs to no sample: they are reported together in one ``malformed_row`` reject after the samples."""
     make = _RowMaker(unit)
     f = make.fields
     image_exts = f.get("image", "").split(";") if f.get("image") else []
     video_exts = f.get("video", "").split(";") if f.get("video") else []
     offset = 0
-    current_key, members = None, {}
+    current_key, members, doubled, strays = None, {}, [], []
 
     def emit() -> list[dict[str, Any]]:
+        key = _printable(current_key)  # a name that is not UTF-8 still makes a readable key
         text = members.get(f["text"]) if "text" in f else None
         image = next((members[e] for e in image_exts if e in members), None)
-        meta = {"__key__": current_key}
+        meta = {"__key__": key}
         if f.get("meta") in members:
             try:
-                meta.update(json.loads(members[f["meta"]]))
-            except (ValueError, UnicodeDecodeError):
+                extra = json.loads(members[f["meta"]])
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                extra = None
+            if isinstance(extra, dict):
+                meta.update(extra)
+            else:
                 meta["meta_unparsed"] = True
+        if doubled:
+            return [make.row(offset, text=text, image=image, meta=meta, reason="malformed_row",
+                             detail=f"{unit.uri}#{offset}: sample '{key}' has more than one "
+                                    f"{'/'.join(sorted(set(doubled)))} member: which one is meant is ambiguous")]
         if unit.modality != "video":
             return [make.row(offset, text=text, image=image, meta=meta)]
         ext = next((e for e in video_exts if e in members), None)
         if ext is None:
             return [make.row(offset, text=text, meta=meta, reason="missing_video_file",
-                             detail=f"{unit.uri}#{offset}: sample '{current_key}' has no "
+                             detail=f"{unit.uri}#{offset}: sample '{key}' has no "
                                     f"{'/'.join(video_exts)} member (it has: {', '.join(sorted(members))})")]
         # The row points at the member; its frames are sampled from the bytes in hand.
-        return make.rows(offset, text=text, meta=meta, video=f"{unit.uri}#{current_key}.{ext}",
-                         video_bytes=members[ext])
+        return make.rows(offset, text=text, meta=meta, video=f"{unit.uri}#{key}.{ext}", video_bytes=members[ext])
+
+    def stray() -> dict[str, Any]:
+        names = ", ".join(repr(_printable(n)) for n in strays[:3]) + (", ..." if len(strays) > 3 else "")
+        return make.broken(offset, "malformed_row", f"{len(strays)} member(s) with no extension belong to no "
+                                                    f"sample (WebDataset names members <key>.<ext>): {names}")
 
     try:
         with cfs.open_input(unit.uri) as stream:
             for name, data in iter_tar(stream):
                 base = name.rsplit("/", 1)[-1]
                 if "." not in base:
+                    strays.append(name)
                     continue
                 key, ext = base.split(".", 1)
                 key = name[: len(name) - len(base)] + key
                 if key != current_key:
                     if current_key is not None:
-                        yield from emit()
+                        yield from make.guarded(offset, emit)
                         offset += 1
-                    current_key, members = key, {}
+                    current_key, members, doubled = key, {}, []
+                if ext.lower() in members:
+                    doubled.append(ext.lower())
                 members[ext.lower()] = data
     except (TarError, OSError) as e:
         if current_key is not None:
-            yield from emit()
+            yield from make.guarded(offset, emit)
             offset += 1
-            current_key = None
-        yield make.broken(offset, "unreadable_file", f"tar unreadable after {offset} samples: {e}")
+        samples = offset
+        if strays:
+            yield stray()
+            offset += 1
+        yield make.broken(offset, "unreadable_file", f"tar unreadable after {samples} samples: {e}")
         return
     if current_key is not None:
-        yield from emit()
+        yield from make.guarded(offset, emit)
+        offset += 1
+    if strays:
+        yield stray()
+
+
+def _printable(name: str) -> str:
+    """A tar member name as text: bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _open_parquet(unit: Unit):
@@ -430,17 +491,20 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
             for batch in pf.iter_batches(row_groups=groups, batch_size=1024):
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
-                    meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
-                    images = _col(cols, f.get("images"), i)
-                    video, video_bytes = _video_value(_col(cols, f.get("video"), i), unit.uri, offset)
-                    yield from make.rows(
-                        offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
-                        texts=_col(cols, f.get("texts"), i),
-                        images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
-                        video=video, video_bytes=video_bytes)
+                    yield from make.guarded(offset, _parquet_rows, make, f, cols, meta_cols, i, offset)
                     offset += 1
         except Exception as e:  # a corrupt page: report where, keep what was read
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+
+
+def _parquet_rows(make: _RowMaker, f: dict, cols: dict, meta_cols: list[str], i: int, offset: int) -> list[dict]:
+    meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
+    images = _col(cols, f.get("images"), i)
+    video, video_bytes = _video_value(_col(cols, f.get("video"), i), make.unit.uri, offset)
+    return make.rows(offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
+                     texts=_col(cols, f.get("texts"), i),
+                     images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
+                     video=video, video_bytes=video_bytes)
 
 
 _POOL_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("reject_stage", "reject_reason", "reject_detail")]
@@ -464,6 +528,11 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
         try:
             for batch in pf.iter_batches(row_groups=groups, batch_size=256, columns=columns):
                 for row in batch.to_pylist():
+                    problem = _pool_row_problem(row)
+                    if problem:
+                        yield make.broken(offset, "malformed_row", problem)
+                        offset += 1
+                        continue
                     row.setdefault("source_uri", unit.uri)
                     row["source_uri"] = row["source_uri"] or unit.uri
                     if row.get("source_offset") is None:
@@ -474,6 +543,21 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
                     offset += 1
         except Exception as e:
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+
+
+_POOL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _pool_row_problem(row: dict[str, Any]) -> str | None:
+    """Why a pool row cannot be taken as it is: its id names its members in WebDataset shards (so ``../x``
+    or ``a.b`` must not pass), and a modality no stage knows would slip past every filter."""
+    rid, modality = row.get("id"), row.get("modality")
+    if not isinstance(rid, str) or not _POOL_ID.fullmatch(rid):
+        return (f"id {str(rid)[:80]!r} is not a row id (1 to 64 letters, digits, '_' or '-': it names the "
+                "sample's members in WebDataset shards)")
+    if modality not in MODALITIES:
+        return f"modality {str(modality)[:80]!r} is not one of {', '.join(MODALITIES)}"
+    return None
 
 
 def _col(cols: dict, name: str | None, i: int) -> Any:
@@ -515,6 +599,8 @@ def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | ValueError, st
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
         except ValueError as e:
             obj = e
+        except RecursionError:
+            obj = ValueError("nested too deeply to parse")
         yield offset, obj, bad, raw
 
 
@@ -532,11 +618,7 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
             if isinstance(obj, ValueError):
                 yield make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
                 continue
-            try:
-                rows = _jsonl_rows(make, f, base, offset, obj, bad)
-            except (TypeError, ValueError, AttributeError) as e:  # fields of the wrong shape
-                rows = [make.broken(offset, "malformed_row", f"a field has the wrong type: {e}", raw)]
-            yield from rows
+            yield from make.guarded(offset, _jsonl_rows, make, f, base, offset, obj, bad, raw=raw)
 
 
 def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> list[dict]:
@@ -596,20 +678,23 @@ def _read_sft(unit: Unit) -> Iterator[dict[str, Any]]:
         if broken is not None:
             yield broken
             continue
-        try:
-            conv = convert(record, f, unit.mode)
-            images, missing = _load_images(conv.images, base)
-        except coldstart.ConversionError as e:
-            yield make.broken(offset, e.reason, e.detail, _raw_record(record))
-            continue
-        reason = detail = None
-        if missing:
-            reason, detail = "missing_image_file", f"{unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
-        meta = {k: v for k, v in record.items()
-                if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))}
-        yield make.row(offset, messages=coldstart.dump_messages(conv.messages), mode=conv.mode, images=images or None,
-                       meta=meta, video=_resolve(base, conv.video) if conv.video else None, reason=reason,
-                       detail=detail)
+        yield from make.guarded(offset, _sft_row, make, convert, record, base, offset)
+
+
+def _sft_row(make: _RowMaker, convert, record: dict, base: str, offset: int) -> list[dict[str, Any]]:
+    try:
+        conv = convert(record, make.fields, make.unit.mode)
+        images, missing = _load_images(conv.images, base)
+    except coldstart.ConversionError as e:
+        return [make.broken(offset, e.reason, e.detail, _raw_record(record))]
+    reason = detail = None
+    if missing:
+        reason, detail = "missing_image_file", f"{make.unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
+    meta = {k: v for k, v in record.items()
+            if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))}
+    return [make.row(offset, messages=coldstart.dump_messages(conv.messages), mode=conv.mode,
+                     images=images or None, meta=meta, video=_resolve(base, conv.video) if conv.video else None,
+                     reason=reason, detail=detail)]
 
 
 def _resolve(base: str, ref: str) -> str:
@@ -672,7 +757,7 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
     if data.lstrip()[:1] == b"[":
         try:
             records = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             yield 0, None, make.broken(0, "unreadable_file", f"not a valid JSON list of records: {e}")
             return
         for offset, record in enumerate(records):

@@ -13,22 +13,28 @@ compression from the file name.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
+_MAX_READ = 1 << 26  # bytes per read of a large member
 
 
 class TarError(ValueError):
-    """The archive is damaged: a header checksum fails, or it ends inside a member."""
+    """The archive is damaged: a header checksum fails, a number field is not a number, or it ends inside
+    a member."""
 
 
 def _number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
+    if field[0] == 0x80:  # GNU base-256, for sizes of 8 GiB and more (0xff starts a negative number)
         return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise TarError(f"a header field is not an octal number ({field!r}): the archive is damaged") from None
 
 
 def _pax_path(data: bytes) -> bytes | None:
@@ -38,11 +44,13 @@ def _pax_path(data: bytes) -> bytes | None:
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        length = data[pos:space]
+        if not length.isdigit() or not space < pos + int(length) <= len(data):
+            raise TarError(f"a pax record has a bad length ({length[:20]!r}): the archive is damaged")
+        key, _, value = data[space + 1: pos + int(length) - 1].partition(b"=")
         if key == b"path":
             path = value
-        pos += length
+        pos += int(length)
     return path
 
 
@@ -55,12 +63,15 @@ def iter_tar(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[tuple[str, byte
 
     def take(n: int) -> bytes:
         nonlocal buf, pos
-        while len(buf) - pos < n:
-            more = stream.read(max(chunk, n))
-            if not more:
-                raise TarError(f"the archive ends inside a member ({len(buf) - pos} of {n} bytes)")
-            buf = buf[pos:] + more
-            pos = 0
+        if len(buf) - pos < n:
+            parts, have = [buf[pos:]], len(buf) - pos
+            while have < n:  # a damaged header may declare any size: read what is there, chunk by chunk
+                more = stream.read(max(chunk, min(n - have, _MAX_READ)))
+                if not more:
+                    raise TarError(f"the archive ends inside a member ({have} of {n} bytes)")
+                parts.append(more)
+                have += len(more)
+            buf, pos = b"".join(parts), 0
         out = buf[pos:pos + n]
         pos += n
         return out

@@ -249,6 +249,8 @@ class VideoReader:
             raise VideoError(self.name, f"no video stream (container {fmt}; streams: {', '.join(kinds)})")
         s = videos[0]
         cc = s.codec_context
+        if cc is None:  # a cut file whose stream header FFmpeg could not finish reading
+            raise VideoError(self.name, f"video stream without a decoder (container {fmt}): is the file cut short?")
         w, h = cc.width, cc.height
         if w <= 0 or h <= 0:
             raise VideoError(self.name, f"video stream without a frame size ({cc.name})")

@@ -120,7 +120,10 @@ def parse_amount(value: Any) -> int | None:
     if isinstance(value, str):
         m = _AMOUNT.match(value.replace("_", "").replace(",", ""))
         if m:
-            return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)))
+            try:
+                return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)))
+            except OverflowError:  # more digits than a float holds: no budget is that large
+                return None
     return None
 
 
@@ -157,7 +160,13 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
     if not isinstance(allow_download, bool):
         problems.append(f"allow_download: expected true or false, got {allow_download!r}")
     vision = build(VisionConfig, raw.get("vision") or {}, "vision", problems)
+    for key, value in dataclasses.asdict(vision or VisionConfig()).items():
+        if not value > 0:  # token counts divide by these
+            problems.append(f"vision.{key}: expected a positive number, got {value!r}")
     markup = build(Markup, raw.get("markup") or {}, "markup", problems)
+    for key, value in dataclasses.asdict(markup or Markup()).items():
+        if value < 0:
+            problems.append(f"markup.{key}: expected a number of tokens (0 or more), got {value!r}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         problems.append(f"seed: expected an integer, got {seed!r}")
@@ -281,7 +290,7 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
             problems.append(f"{where}.budget: expected a positive amount like 330000 or 330k, got {src.budget!r}")
             ok = False
         src.budget = amount
-    if src.max_epochs < 1:
+    if not src.max_epochs >= 1:  # NaN too
         problems.append(f"{where}.max_epochs: expected at least 1, got {src.max_epochs:g}")
         ok = False
     if src.where is not None:
