@@ -183,13 +183,11 @@ def _storage(unit: Unit, job: UnitJob, sink: UnitSink):
     """A write that fails (a full disk, a failing object store) fails the unit with a StorageError that says where;
     its temp files are removed, its committed parts are never listed (the unit has no done record)."""
     try:
-        yield
+        with cfs.writing(job.root, f"unit {unit.index} ({unit.uri}): "):
+            yield
     except cfs.StorageError:
         sink.abort()
         raise
-    except OSError as e:
-        sink.abort()
-        raise cfs.StorageError(f"unit {unit.index} ({unit.uri}): {cfs.storage_problem(job.root, e)}") from None
 
 
 def _storage_failure(e: BaseException) -> cfs.StorageError | None:

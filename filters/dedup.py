@@ -113,14 +113,15 @@ class VideoNearDedup(GlobalFilter):
     def score(self, batch):
         from curation.dedup.image import hash_batch
 
-        frames = batch["frames"].to_pylist()
-        ph_out, dh_out, counts = [], [], []
+        frames = [f or [] for f in batch["frames"].to_pylist()]
+        ph, dh, ok = hash_batch([x for f in frames for x in f])  # one DCT for the whole batch
+        ph_out, dh_out, counts, at = [], [], [], 0
         for f in frames:
-            f = f or []
-            ph, dh, ok = hash_batch(f)
-            ph_out.append([int(p) if v else None for p, v in zip(ph, ok)])
-            dh_out.append([int(d) if v else None for d, v in zip(dh, ok)])
-            counts.append(float(ok.sum()))
+            span = slice(at, at + len(f))
+            at += len(f)
+            ph_out.append([int(p) if v else None for p, v in zip(ph[span], ok[span])])
+            dh_out.append([int(d) if v else None for d, v in zip(dh[span], ok[span])])
+            counts.append(float(ok[span].sum()))
         return {self.score_name: pa.array(counts, pa.float64()),
                 self.hash_names[0]: pa.array(ph_out, pa.list_(pa.uint64())),
                 self.hash_names[1]: pa.array(dh_out, pa.list_(pa.uint64()))}

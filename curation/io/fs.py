@@ -12,6 +12,7 @@ with AWS's standard backoff, up to ``CURATION_S3_MAX_ATTEMPTS`` attempts per req
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -51,14 +52,25 @@ class StorageError(OSError):
     partial: bool = False
 
 
+@contextlib.contextmanager
+def writing(root: str, where: str = ""):
+    """Turn an ``OSError`` raised while reading or writing under ``root`` into a :class:`StorageError` that says
+    where (``where``, e.g. the unit, then the location) and what to do. ``FileExistsError`` (a folder holding
+    another job's output) and StorageErrors pass through unchanged."""
+    try:
+        yield
+    except (FileExistsError, StorageError):
+        raise
+    except OSError as e:
+        raise StorageError(f"{where}{storage_problem(root, e)}") from None
+
+
 def make_dirs(root: str, subdirs: tuple[str, ...] = ("",)) -> None:
     """Create ``root`` (path or URI) and its ``subdirs``, or raise :class:`StorageError` saying why not."""
     fs, path = filesystem(root)
-    try:
+    with writing(root):
         for sub in subdirs:
             fs.create_dir(f"{path}/{sub}".rstrip("/"), recursive=True)
-    except OSError as e:
-        raise StorageError(storage_problem(root, e)) from None
 
 
 def storage_problem(root: str, e: BaseException) -> str:

@@ -14,6 +14,7 @@ parts with identical ones, so no row is lost or duplicated whatever moment the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -66,6 +67,18 @@ def _commit_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 # ---------------------------------------------------------------- worker side
 
 
+def _discard(fs: pafs.FileSystem, handles, paths: list[str]) -> None:
+    """Close ``handles`` and delete ``paths``, best effort: after a full disk, closing may fail too."""
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            if handle is not None:
+                handle.close()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+
+
 class _Part:
     """One shard being written: a Parquet file and a tar with the same rows, under temp names."""
 
@@ -83,6 +96,11 @@ class _Part:
         if "webdataset" in formats:
             self._tar_stream = fs.open_output_stream(self._tmp("tar"))
             self._tar = tarfile.open(fileobj=self._tar_stream, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def abort(self) -> None:
+        """Close and delete this part's temp files, best effort."""
+        _discard(self.fs, (self._pq, self._tar, getattr(self, "_pq_stream", None), self._tar_stream),
+                 [self._tmp(ext) for ext in ("parquet", "tar")])
 
     def _final(self, ext: str) -> str:
         return f"{self.root}/shards/{self.name}.{ext}"
@@ -214,28 +232,9 @@ class UnitSink:
     def abort(self) -> None:
         """After a failure (a full disk): close and delete this unit's temp files, best effort. Committed parts
         stay; the unit has no done record, so a rerun redoes it whole and overwrites them identically."""
-        tmps = [self._rejects_tmp]
         if self._part is not None:
-            tmps += [self._part._tmp(ext) for ext in ("parquet", "tar")]
-            for handle in (self._part._pq, self._part._tar, getattr(self._part, "_pq_stream", None),
-                           self._part._tar_stream):
-                try:
-                    if handle is not None:
-                        handle.close()
-                except Exception:  # noqa: BLE001, S110 - the disk is full: closing may fail too
-                    pass
-        for stream in (self._rejects, getattr(self, "_rejects_stream", None)):
-            try:
-                if stream is not None:
-                    stream.close()
-            except Exception:  # noqa: BLE001, S110
-                pass
-        for tmp in tmps:
-            try:
-                if self.fs.get_file_info(tmp).type == pafs.FileType.File:
-                    self.fs.delete_file(tmp)
-            except OSError:
-                pass
+            self._part.abort()
+        _discard(self.fs, (self._rejects, getattr(self, "_rejects_stream", None)), [self._rejects_tmp])
 
     def close(self) -> dict[str, Any]:
         """Commit the last part and the rejects; return this unit's manifest entries."""
@@ -272,12 +271,8 @@ class Pool:
 
         Raises ``FileExistsError`` for a pool of another recipe, :class:`curation.io.fs.StorageError` when the
         location cannot be read or written (a missing bucket, refused credentials, a read-only disk)."""
-        try:
+        with cfs.writing(self.root):
             self._prepare(resolved, overwrite)
-        except (FileExistsError, cfs.StorageError):
-            raise
-        except OSError as e:
-            raise cfs.StorageError(cfs.storage_problem(self.root, e)) from None
 
     def _prepare(self, resolved: dict[str, Any], overwrite: bool) -> None:
         if overwrite and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:

@@ -627,12 +627,8 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
 
     fs, path = cfs.filesystem(root)
     mix_hash = _mixture_hash(recipe, mix)
-    try:
+    with cfs.writing(root):  # a missing bucket, refused credentials, a read-only disk: say where and what to do
         _prepare_output(fs, path, root, mix.name, mix_hash, overwrite)
-    except (FileExistsError, cfs.StorageError):
-        raise
-    except OSError as e:  # a missing bucket, refused credentials, a read-only disk: say where and what to do
-        raise cfs.StorageError(cfs.storage_problem(root, e)) from None
     _commit_bytes(fs, f"{path}/_work/plan.parquet", _parquet_bytes(sel.select(
         "pool", "shard", "row", "position", "out_shard", *[f.name for f in MIX_FIELDS]).to_arrow()))
 

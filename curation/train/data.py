@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from curation.io import fs as cfs
+from curation.io.pool import sha256_file
 from curation.io.tar import iter_tar
 from curation.mix.tokens import smart_resize
 from curation.train.config import STAGE_DEFAULTS, ConfigError, DataConfig, VisionConfig
@@ -189,12 +190,9 @@ def verify_shards(mixture: Mixture, verify: str = "sha256", hashed: set[int] | N
         elif verify != "none" and info.size != s.bytes:
             problems.append(f"{s.uri}: {info.size} bytes, the manifest says {s.bytes} (truncated or replaced)")
         elif verify == "sha256" and (hashed is None or s.index in hashed):
-            digest = hashlib.sha256()
-            with cfs.open_input(s.uri) as stream:
-                while block := stream.read(1 << 22):
-                    digest.update(block)
-            if digest.hexdigest() != s.sha256:
-                problems.append(f"{s.uri}: sha256 {digest.hexdigest()[:12]}... differs from the manifest's "
+            digest = sha256_file(fs, p)
+            if digest != s.sha256:
+                problems.append(f"{s.uri}: sha256 {digest[:12]}... differs from the manifest's "
                                 f"{s.sha256[:12]}... (the file changed after the mixture was written)")
     if problems:
         raise ConfigError(f"mixture {mixture.path}:\n" + "\n".join(f"  - {p}" for p in problems))
