@@ -85,6 +85,15 @@ class ExecutionSpec:
     unit_rows: int = 20_000  # Parquet inputs are split into units of at most this many rows
     num_workers: int | None = None  # default: the cluster's CPUs
     num_cpus: int | None = None  # local Ray only: CPUs to start it with (default: all)
+    # Rows of index columns one task holds while building a global index that splits by id (exact dedup):
+    # bounds that task's memory, whatever the corpus size (about 0.5 KiB a row at its peak).
+    index_partition_rows: int = 250_000
+
+    def __post_init__(self) -> None:
+        for name in ("batch_rows", "unit_rows", "index_partition_rows", "num_workers", "num_cpus"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 @dataclass

@@ -4,8 +4,8 @@ A pipeline run is:
 
 1. plan units (one per input file or Parquet row-group range) on the driver, deterministically;
 2. if a stage needs a global index (exact dedup), a parallel pre-pass reads the index columns of
-   every unit (cached under ``_work/index``), the driver builds the index once and puts it in the
-   object store;
+   every unit (cached under ``_work/index``); the index is built once, in parallel tasks over id
+   ranges when the stage allows it (so no process holds every row), and put in the object store;
 3. a Ray Data plan maps each pending unit through a pool of actors (stages ``setup()`` once per
    actor): read -> stages -> shards + rejects, committed per unit (see :mod:`curation.io.pool`);
 4. the driver merges the units' counters into ``stats.json``, writes ``manifest.json`` and the report.
@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 import uuid
@@ -205,6 +206,19 @@ def _storage_failure(e: BaseException) -> cfs.StorageError | None:
     return None
 
 
+@contextlib.contextmanager
+def _stops_cleanly(root: str) -> Iterator[None]:
+    """Once the pool is prepared, a write or read under ``root`` that fails (a full disk, an object store gone)
+    in a task or on the driver stops the run with what happened and what to do; what was committed stays."""
+    try:
+        with cfs.writing(root):
+            yield
+    except Exception as e:
+        if _storage_failure(e) is None:
+            raise
+        raise _stopped(e, root) from None
+
+
 def _stopped(e: BaseException, root: str) -> cfs.StorageError:
     out = cfs.StorageError(f"{_storage_failure(e)}\nThe run stopped. Units finished before the failure are kept in {root}; free space "
                            "(or fix the store) and run the same command again: it resumes where it stopped.")
@@ -291,14 +305,49 @@ def _process_batch(batch: dict[str, np.ndarray], job: UnitJob, index_refs: list)
 
 def _index_batch(batch: dict[str, np.ndarray], root: str, columns: tuple[str, ...], batch_rows: int) -> dict:
     fs, path = cfs.filesystem(root)
+    done, rows = [], []
     for unit in _units(batch):
         table = index_unit(unit, columns, batch_rows)
         out = f"{path}/_work/index/{unit.index:05d}.parquet"
         tmp = f"{out}.tmp-{os.getpid()}"
-        with fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f)
-        fs.move(tmp, out)
-    return {"done": np.array([len(batch["item"])])}
+        with cfs.writing(root, f"indexing unit {unit.index} ({unit.uri}): "):
+            with fs.open_output_stream(tmp) as f:
+                pq.write_table(table, f)
+            fs.move(tmp, out)
+        done.append(unit.index)
+        rows.append(table.num_rows)
+    return {"unit": np.array(done, dtype=np.int64), "rows": np.array(rows, dtype=np.int64)}
+
+
+def id_ranges(parts: int) -> list[tuple[str | None, str | None]]:
+    """``parts`` ranges ``[lo, hi)`` of row ids that cover every string once (None: unbounded), even for
+    ids that are hex digests (the first 8 hex digits are split evenly)."""
+    cuts = [format(p * 16**8 // parts, "08x") for p in range(1, parts)]
+    return list(zip([None, *cuts], [*cuts, None]))
+
+
+def _index_range_batch(batch: dict[str, np.ndarray], root: str, files: list[str], stages: list) -> dict:
+    """Indexes of the rows whose id falls in each range of ``batch``: every unit's index file is read and
+    only that range kept, so a task holds one range's rows, never the corpus's."""
+    fs, _ = cfs.filesystem(root)
+    parts, blobs = [], []
+    for item in batch["item"]:
+        r = json.loads(item)
+        tables = []
+        for name in files:
+            with cfs.writing(root, "building the exact-dedup index: "), fs.open_input_file(name) as f:
+                t = pq.read_table(f)
+            mask = None
+            if r["lo"] is not None:
+                mask = pc.greater_equal(t["id"], pa.scalar(r["lo"]))
+            if r["hi"] is not None:
+                below = pc.less(t["id"], pa.scalar(r["hi"]))
+                mask = below if mask is None else pc.and_(mask, below)
+            tables.append(t if mask is None else t.filter(mask))
+        rows = pa.concat_tables(tables)
+        parts.append(r["part"])
+        blobs.append(pickle.dumps([s.build_index(rows) for s in stages]))
+    return {"part": np.array(parts, dtype=np.int64), "index": np.array(blobs, dtype=object)}
 
 
 def _units(batch: dict[str, np.ndarray]) -> Iterator[Unit]:
@@ -364,22 +413,22 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         check_gpus(recipe.stages, ray.cluster_resources().get("GPU", 0))
         pool.prepare(recipe.resolved, overwrite=overwrite)
         workers = _workers(recipe, head, cpus_per_task, gpus_per_task)
-        done = pool.done_records()
-        pending = [u for u in units if u.index not in done]
-        if done:
-            log.info("resuming: %d of %d units already done", len(done), len(units))
-        index_refs = _build_indexes(recipe, head, units, root, workers, progress) if pending else []
-        job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
-                      recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
-                      token=uuid.uuid4().hex, schema_stages=recipe.stages,
-                      video="both" if tails else video_payload_of(recipe))  # after a cut, the last cut writes it
-        if pending:
-            bar = progress_bar(len(pending), "units", progress)
-            rows = 0
-            # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
-            # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
-            tasks = min(len(pending), max(workers * 8, len(pending) // 4))
-            try:
+        with _stops_cleanly(root):  # from here on, a failing disk or store stops the run cleanly
+            done = pool.done_records()
+            pending = [u for u in units if u.index not in done]
+            if done:
+                log.info("resuming: %d of %d units already done", len(done), len(units))
+            index_refs = _build_indexes(recipe, head, units, root, workers, progress) if pending else []
+            job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
+                          recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
+                          token=uuid.uuid4().hex, schema_stages=recipe.stages,
+                          video="both" if tails else video_payload_of(recipe))  # after a cut, the last cut writes it
+            if pending:
+                bar = progress_bar(len(pending), "units", progress)
+                rows = 0
+                # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
+                # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
+                tasks = min(len(pending), max(workers * 8, len(pending) // 4))
                 for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers,
                                         tasks, cpus_per_task, gpus_per_task):
                     for rec in batch["record"]:
@@ -388,22 +437,19 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
                         rows += rec["counters"][INGEST]["rows_in"]
                         bar.set_postfix_str(f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
                         bar.update(1)
-            except Exception as e:
-                if _storage_failure(e) is None:
-                    raise
-                raise _stopped(e, root) from None
-            bar.close()
-        records = [done[u.index] for u in units]
-        replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,
-                                                                             progress)
-        t_end = time.perf_counter()
+                bar.close()
+            records = [done[u.index] for u in units]
+            replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,
+                                                                                 progress)
+            t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
     lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}
-    manifest = pool.write_manifest(recipe.resolved, records, replaced, extra_rejects, lineage)
-    stats = _stats(records, recipe.stages, root, t_end - t0, tail_counters, global_stats,
-                   rows_out=manifest["totals"]["rows"])
-    stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
-    pool.write_json("stats.json", stats)
+    with _stops_cleanly(root):  # the manifest is one object, written last: a pool has all of it or none
+        manifest = pool.write_manifest(recipe.resolved, records, replaced, extra_rejects, lineage)
+        stats = _stats(records, recipe.stages, root, t_end - t0, tail_counters, global_stats,
+                       rows_out=manifest["totals"]["rows"])
+        stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
+        pool.write_json("stats.json", stats)
     report = None
     if recipe.output.report and cfs.is_uri(root):
         log.warning("report.html is written for local pools only; run `curation report` on a local copy of %s", root)
@@ -561,7 +607,11 @@ def _cut_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, in
     from curation.io.pool import cut_shard
 
     tail = _tail(tail_job, list(index_refs)) if tail_job is not None else None
-    out = [json.dumps(cut_shard(entry=json.loads(item), tail=tail, **kwargs)) for item in batch["item"]]
+    out = []
+    for item in batch["item"]:
+        entry = json.loads(item)
+        with cfs.writing(kwargs["root"], f"cutting shard {entry['name']}: "):
+            out.append(json.dumps(cut_shard(entry=entry, tail=tail, **kwargs)))
     return {"record": np.array(out, dtype=object)}
 
 
@@ -581,19 +631,48 @@ def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit
         pafs.FileSelector(f"{path}/_work/index", allow_not_found=True))
         if i.base_name.endswith(".parquet")}
     todo = [u for u in units if u.index not in cached]
+    counts: dict[int, int] = {}
     if todo:
         bar = progress_bar(len(todo), "indexed", progress)
         # Indexing a unit is cheap (read and hash): a few tasks per worker, many units each.
         kwargs = {"root": root, "columns": columns, "batch_rows": recipe.execution.batch_rows}
         for batch in _map_units(todo, _index_batch, kwargs, workers, min(len(todo), workers * 8)):
-            bar.update(int(batch["done"].sum()))
+            counts.update(zip(batch["unit"].tolist(), batch["rows"].tolist()))
+            bar.update(len(batch["unit"]))
         bar.close()
-    tables = []
-    for u in units:
-        with fs.open_input_file(f"{path}/_work/index/{u.index:05d}.parquet") as f:
-            tables.append(pq.read_table(f))
-    rows = pa.concat_tables(tables)
-    return [ray.put(stage.build_index(rows if stage.index_columns else None)) for stage in indexed]
+    files = [f"{path}/_work/index/{u.index:05d}.parquet" for u in units]
+    built: dict[int, Any] = {}
+    split = [i for i, s in enumerate(indexed) if s.index_columns and s.splits_by_id]
+    if split:
+        # Built in tasks over id ranges of at most index_partition_rows rows each (a resumed run reads the
+        # row counts of the units indexed before from their footers).
+        for u, name in zip(units, files):
+            if u.index not in counts:
+                with fs.open_input_file(name) as f:
+                    counts[u.index] = pq.read_metadata(f).num_rows
+        parts = max(1, math.ceil(sum(counts.values()) / recipe.execution.index_partition_rows))
+        items = [{"part": p, "lo": lo, "hi": hi} for p, (lo, hi) in enumerate(id_ranges(parts))]
+        kwargs = {"root": root, "files": files, "stages": [indexed[i] for i in split]}
+        done: dict[int, list] = {}
+        bar = progress_bar(parts, "index parts", progress and parts > 1)
+        for batch in map_items(items, _index_range_batch, kwargs, workers, parts):
+            for part, blob in zip(batch["part"].tolist(), batch["index"]):
+                done[part] = pickle.loads(blob)
+            bar.update(len(batch["part"]))
+        bar.close()
+        for k, i in enumerate(split):
+            built[i] = indexed[i].merge_index([done[p][k] for p in sorted(done)])
+    rest = [i for i in range(len(indexed)) if i not in built]
+    rows = None
+    if any(indexed[i].index_columns for i in rest):  # an index that needs every row at once
+        tables = []
+        for name in files:
+            with fs.open_input_file(name) as f:
+                tables.append(pq.read_table(f))
+        rows = pa.concat_tables(tables)
+    for i in rest:
+        built[i] = indexed[i].build_index(rows if indexed[i].index_columns else None)
+    return [ray.put(built[i]) for i in range(len(indexed))]
 
 
 def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,

@@ -187,15 +187,24 @@ class IndexedFilter(ScoreFilter):
     """A filter that needs a view of the whole dataset before it can decide (index, then query).
 
     The runner reads :attr:`index_columns` of every row in a parallel pre-pass (cheap: no decoding),
-    hands the concatenated table to :meth:`build_index` once on the driver, ships the result to every
+    hands the concatenated table to :meth:`build_index` once (or, with :attr:`splits_by_id`, one id range
+    at a time in parallel tasks, then :meth:`merge_index`), ships the result to every
     worker through the object store, and calls :meth:`use_index` there before the first batch. So a
     match anywhere in the corpus is found, and the index is never rebuilt per worker. A filter whose
     index comes from elsewhere (benchmarks) declares no index columns and gets ``None``.
     """
 
     index_columns: ClassVar[tuple[str, ...]] = ("id", "source_uri", "source_offset")
+    # True when rows with different ids never interact: then the index of the whole corpus is
+    # :meth:`merge_index` of indexes built over disjoint id ranges, and the runner builds those in parallel
+    # tasks of at most ``execution.index_partition_rows`` rows, so no process ever holds every row.
+    splits_by_id: ClassVar[bool] = False
 
     def build_index(self, rows: pa.Table | None) -> Any:
+        raise NotImplementedError
+
+    def merge_index(self, parts: list[Any]) -> Any:
+        """The index of the union of disjoint id ranges, from their indexes (when :attr:`splits_by_id`)."""
         raise NotImplementedError
 
     def use_index(self, index: Any) -> None:

@@ -3,6 +3,8 @@
 Index then query: the runner collects ``(id, unit, source_uri, source_offset)`` of every row in a
 parallel pre-pass, :meth:`ExactDedup.build_index` keeps, for each id seen more than once, the copy
 that comes first in input order (unit, then offset), and every worker rejects the other copies.
+Copies share their id, so the index is built over id ranges in parallel tasks (``splits_by_id``) and
+no process holds the whole corpus's ids; the merged index holds the duplicated ids only.
 The winner depends only on input order, never on which worker saw what first, so a laptop and a
 cluster keep the same rows.
 """
@@ -27,6 +29,7 @@ class ExactDedup(IndexedFilter):
 
     name: ClassVar[str] = "exact_dedup"
     reads: ClassVar[tuple[str, ...]] = ("id",)
+    splits_by_id: ClassVar[bool] = True  # copies share their id: each id range is deduplicated on its own
 
     def build_index(self, rows: pa.Table) -> dict[str, Any]:
         df = pl.from_arrow(rows.select(["id", "unit", "source_uri", "source_offset"]))
@@ -39,6 +42,10 @@ class ExactDedup(IndexedFilter):
                     pl.concat_str([pl.col("source_uri"), pl.lit("#"), pl.col("source_offset").cast(pl.Utf8)]).alias("winner"))
         )
         return {name: dups[name].to_arrow() for name in ("id", "copies", "winner")}
+
+    def merge_index(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {name: pa.concat_arrays([pa.array([], typ)] + [pa.array(p[name]).cast(typ) for p in parts])
+                for name, typ in (("id", pa.string()), ("copies", pa.float64()), ("winner", pa.string()))}
 
     def use_index(self, index: dict[str, Any]) -> None:
         self._ids = pa.array(index["id"]).cast(pa.string())

@@ -284,9 +284,22 @@ class Pool:
                 raise FileExistsError(
                     f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
                     f"this one is {self.recipe_hash}); write to another folder or pass --overwrite")
+            self._sweep_temp()
         cfs.make_dirs(self.root, ("shards", "rejects", "_work/done", "_work/index"))
         _commit_bytes(self.fs, f"{self.path}/_work/recipe.json",
                       json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode())
+
+    def _sweep_temp(self) -> None:
+        """Delete temp files an earlier run left behind (``*.tmp-<tag>``): a worker killed mid-write, or a store
+        that went away before a failed unit could delete them. No manifest lists them; the units they
+        belonged to have no done record and are redone."""
+        stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+                 if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(path)
+        if stale:
+            log.info("removed %d temp file(s) left by an interrupted run in %s", len(stale), self.root)
 
     def done_path(self, unit: int) -> str:
         return f"{self.path}/_work/done/{unit:05d}.json"
