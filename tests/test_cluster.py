@@ -187,6 +187,96 @@ def test_two_node_cluster_audits_and_mixes_like_a_local_run(ray_local, two_nodes
     assert len(two_nodes.nodes_that_ran("MapBatches(_gather_batch)")) >= 1
 
 
+@pytest.mark.slow
+def test_the_whole_flow_on_a_two_node_cluster_matches_local(ray_local, two_nodes, tmp_path):
+    """sample -> pipelines/quality.yaml with its model stages (a tiny random-weight CLIP from a file, the VLM judge and
+    captioner against an OpenAI-compatible server process, RapidOCR from its wheel) -> a mixture -> a few training
+    steps, with the pipeline and the mix run on the two-node cluster: every step gives what the local run gives."""
+    from curation.models.torch_compat import ensure_torchvision
+
+    try:
+        ensure_torchvision()  # before open_clip: see curation.models.torch_compat
+    except ImportError:
+        pytest.skip("needs the clip extra: pip install 'keye-curation[clip]'")
+    pytest.importorskip("open_clip")
+    pytest.importorskip("rapidocr")
+    torch = pytest.importorskip("torch")
+    from openai_server import canned_server
+    from test_mix_tokens import packaged_tokenizer_json
+    from test_quality_pipeline import TINY
+
+    from curation.mix.builder import build_mixtures
+    from curation.mix.recipe import mix_recipe_from_dict
+    from curation.models.clip import import_open_clip, save_clip
+    from curation.train.config import load_config
+    from curation.train.train import train
+
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "sample", str(tmp_path / "corpus"), "--rows", "240",
+                           "--seed", "5", "-q"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    clip = save_clip(import_open_clip().CLIP(**TINY).eval(), TINY, tmp_path / "tiny.pt", name="tiny-test")
+
+    with canned_server() as url:
+        sets = [f"vars.corpus={tmp_path / 'corpus'}", f"vars.clip={clip}", f"vars.vlm_url={url}",
+                "vars.vlm_model=canned"]
+        recipe = load_pipeline(REPO / "pipelines" / "quality.yaml", [*sets, f"vars.out={tmp_path / 'q_local'}"])
+        caption = [s.name for s in recipe.stages].index("dense_caption")
+        sets.append(f"stages.{caption}.dense_caption.min_words=3")  # the canned answer is 6 words
+        local = Path(run_pipeline(load_pipeline(REPO / "pipelines" / "quality.yaml",
+                                                [*sets, f"vars.out={tmp_path / 'q_local'}"]), progress=False).pool)
+        args = [sys.executable, "-m", "curation.cli", "run", str(REPO / "pipelines" / "quality.yaml"), "-q",
+                "--address", two_nodes.address]
+        for s in [*sets, f"vars.out={tmp_path / 'q_cluster'}"]:
+            args += ["--set", s]
+        proc = subprocess.run(args, check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    there = tmp_path / "q_cluster"
+    assert _rows(there) == _rows(local) and len(_rows(local)[0]) > 10
+    assert len(two_nodes.nodes_that_ran("MapBatches(_process_batch)")) == 2
+
+    def columns(pool: Path) -> dict:
+        rows = {}
+        for f in sorted((pool / "shards").glob("*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                rows[(r["source_uri"], r["source_offset"])] = (r["score_clip_score"], r["ocr_text"], r["ocr_status"],
+                                                               r["score_vlm_judge"], r["dense_caption"])
+        return rows
+
+    a, b = columns(local), columns(there)
+    assert a.keys() == b.keys()
+    assert all(v[0] is not None and v[3] == 4 for v in a.values())  # every kept row went through the models
+    assert any(v[4] for v in a.values()) and any(v[2] for v in a.values())
+    for k in a:  # model outputs: the same scores (CPU float, a batch may pair differently: tolerance), texts equal
+        assert (a[k][0] is None) == (b[k][0] is None) and abs((a[k][0] or 0) - (b[k][0] or 0)) < 1e-4, k
+        assert a[k][1:] == b[k][1:], k
+
+    raw = {"pools": {"q": str(local)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
+           "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 16},
+           "mixtures": {"m": {"budget": "auto", "sources": {"all": {"pool": "q", "weight": 1.0}}}}}
+    (built,) = build_mixtures(mix_recipe_from_dict(raw), progress=False)
+    raw["pools"]["q"], raw["output"]["path"] = str(there), str(tmp_path / "mix_cluster")
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "curation.cli", "mix", str(tmp_path / "mix.yaml"), "-q", "--address",
+                           two_nodes.address], check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    here, far = Path(built.path), tmp_path / "mix_cluster" / "m"
+    names = sorted(p.name for p in (here / "shards").iterdir())
+    assert names == sorted(p.name for p in (far / "shards").iterdir()) and len(names) > 2
+    assert {n: _sha(far / "shards" / n) for n in names} == {n: _sha(here / "shards" / n) for n in names}
+
+    def losses(mixture: Path, out: Path) -> list:
+        train(load_config(None, [f"mixture={mixture}", f"out={out}", "stage=2", "steps=3", "data.num_workers=0",
+                                 "log_every=100"]))
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    ran_local, ran_cluster = losses(here, tmp_path / "t_local"), losses(far, tmp_path / "t_cluster")
+    assert [r["batch"] for r in ran_cluster] == [r["batch"] for r in ran_local] and len(ran_local) == 3
+    assert [r["loss"] for r in ran_cluster] == pytest.approx([r["loss"] for r in ran_local], abs=1e-5)
+
+
 # ---------------------------------------------------------------- the cluster launcher config
 
 

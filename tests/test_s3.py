@@ -332,3 +332,22 @@ def test_the_trainer_streams_a_mixture_from_s3_like_a_local_one(s3, train_mixtur
     local, streamed = run(train_mixtures["stage2"], tmp_path / "local"), run(remote, tmp_path / "s3")
     assert [r["batch"] for r in streamed] == [r["batch"] for r in local] and len(local) == 4
     assert [r["loss"] for r in streamed] == pytest.approx([r["loss"] for r in local], abs=1e-5)
+
+
+def test_credentials_from_a_named_profile_in_a_credentials_file(s3, s3_corpus, tmp_path, monkeypatch):
+    """No AWS_ACCESS_KEY_ID in the environment: the keys come from ``AWS_PROFILE``'s section of the shared
+    credentials file, as with ``aws configure --profile``; another profile's keys are refused."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[default]\naws_access_key_id = NOTTHIS\naws_secret_access_key = wrong\n\n"
+                     f"[curation-test]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))  # none: not the machine's
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_PROFILE", "curation-test")
+    assert cfs.expand(f"{s3_corpus}/wds/*.tar") == [f"{s3_corpus}/wds/00000.tar"]
+    monkeypatch.setenv("AWS_PROFILE", "default")
+    with pytest.raises(OSError):
+        cfs.expand(f"{s3_corpus}/wds/*.tar")
