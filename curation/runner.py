@@ -553,16 +553,17 @@ def _decide_threshold(stage: ScoreFilter, files: list[str], fs, schema: pa.Schem
 
     col = stage.score_name
     # Shards and rejects of an earlier cut's tail (or an older pool) may lack columns: read by the schema.
-    table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
-        columns=["source_uri", "source_offset", "clip_start", col])
-    table = table.filter(pc.is_valid(table[col]))
-    values = np.sort(table[col].to_numpy())[::-1]
+    ds = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
+    # Only the scores are held (8 bytes a row), then the lineage of the rows tied at the cut, read again.
+    values = ds.to_table(columns=[col], filter=pc.is_valid(pc.field(col)))[col].to_numpy()
+    values = np.sort(values)[::-1]
     k = math.ceil(stage.keep_fraction * len(values))
     threshold = float(values[k - 1]) if k else math.inf
     # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
     # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
     above = int((values > threshold).sum())
-    tied = sorted(lineage_keys(table.filter(pc.equal(table[col], threshold))))
+    tied = sorted(lineage_keys(ds.to_table(columns=["source_uri", "source_offset", "clip_start", col],
+                                           filter=pc.field(col) == threshold)))
     return {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
             "keep": k, "tied_kept": tied[: k - above]}
 
@@ -796,35 +797,65 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, 
     }
 
 
-def _histograms(stages: list[Stage], root: str, bins: int = 30) -> dict[str, dict]:
+def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 100_000) -> dict[str, dict]:
+    """Score histograms over every row of the pool (shards and rejects), streamed: two passes over the score
+    columns, a batch at a time, so the driver's memory does not grow with the pool. The first pass takes the
+    range and an evenly strided sample of at most ``sample`` rows (the same rows on every run), whose
+    0.5% and 99.5% quantiles bound the bins; the second counts every value into them."""
     import pyarrow.dataset as pads
 
     fs, path = cfs.filesystem(root)
-    files = [i.path for d in ("shards", "rejects") for i in fs.get_file_info(
+    files = sorted(i.path for d in ("shards", "rejects") for i in fs.get_file_info(
         pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
-        if i.path.endswith(".parquet")]
+        if i.path.endswith(".parquet"))
     wanted = {s.label: [f.name for f in s.output_fields() if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
               for s in stages if isinstance(s, ScoreFilter)}
     cols = sorted({c for v in wanted.values() for c in v})
     if not files or not cols:
         return {}
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=cols)
+    ds = pads.dataset(files, filesystem=fs, format="parquet")
+    stride = max(1, math.ceil(ds.count_rows() / sample))
+
+    low = {c: math.inf for c in cols}
+    high = {c: -math.inf for c in cols}
+    picked: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+    offset = 0
+    for b in ds.to_batches(columns=cols, batch_size=1 << 16):
+        take = pa.array((np.arange(offset, offset + b.num_rows) % stride) == 0)
+        offset += b.num_rows
+        for c in cols:
+            col = b.column(c)
+            if len(col) == col.null_count:
+                continue
+            low[c] = min(low[c], float(pc.min(col).as_py()))
+            high[c] = max(high[c], float(pc.max(col).as_py()))
+            picked[c].append(col.filter(take).drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
+    edges: dict[str, tuple[float, float]] = {}
+    for c in cols:
+        values = np.concatenate(picked[c]) if picked[c] else np.empty(0)
+        if not len(values):
+            continue
+        # Bin the central 99% so one outlier (a 900-megapixel bomb) cannot flatten the picture;
+        # values outside fall into the end bins, and how many did is recorded.
+        lo, hi = (float(q) for q in np.quantile(values, [0.005, 0.995]))
+        if hi <= lo:
+            lo, hi = low[c], (high[c] if high[c] > low[c] else low[c] + 1)
+        edges[c] = (lo, hi)
+    counts = {c: np.zeros(bins, dtype=np.int64) for c in edges}
+    clipped = dict.fromkeys(edges, 0)
+    for b in ds.to_batches(columns=list(edges), batch_size=1 << 16):
+        for c, (lo, hi) in edges.items():
+            values = b.column(c).drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+            clipped[c] += int(((values < lo) | (values > hi)).sum())
+            counts[c] += np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))[0]
     out: dict[str, dict] = {}
     for label, names in wanted.items():
         for c in names:
-            values = table[c].drop_null().to_numpy()
-            if not len(values):
-                continue
-            # Bin the central 99% so one outlier (a 900-megapixel bomb) cannot flatten the picture;
-            # values outside fall into the end bins, and how many did is recorded.
-            lo, hi = (float(q) for q in np.quantile(values, [0.005, 0.995]))
-            if hi <= lo:
-                lo, hi = float(values.min()), float(values.max()) if values.max() > values.min() else lo + 1
-            clipped = int(((values < lo) | (values > hi)).sum())
-            counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
-            out.setdefault(label, {})[c] = {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist(),
-                                            "min": float(values.min()), "max": float(values.max()),
-                                            "outside_range": clipped}
+            if c in edges:
+                lo, hi = edges[c]
+                out.setdefault(label, {})[c] = {
+                    "edges": [round(float(e), 6) for e in np.linspace(lo, hi, bins + 1)], "counts": counts[c].tolist(),
+                    "min": low[c], "max": high[c], "outside_range": clipped[c]}
     return out
 
 

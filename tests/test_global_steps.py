@@ -108,3 +108,32 @@ def test_index_partition_rows_is_checked(tmp_path, sample_corpus):
     recipe.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "p", execution="{index_partition_rows: 0}"))
     with pytest.raises(RecipeError, match="index_partition_rows must be at least 1"):
         load_pipeline(recipe)
+
+
+def test_score_histograms_stream_over_the_pool_and_count_every_row(tmp_path):
+    """stats.json's histograms read the pool a batch at a time: edges from a strided sample, counts of every row."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curation.runner import _histograms
+
+    stage = load_registry()["caption_length"]()
+    col = stage.score_name
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(50, 10, 150_000), [10_000.0]])  # one outlier
+    for sub in ("shards", "rejects"):
+        (tmp_path / sub).mkdir()
+    for i, chunk in enumerate(np.array_split(values, 7)):
+        scores = pa.array(chunk).cast(pa.float64())
+        if i == 3:  # nulls: rows the stage did not score
+            scores = pa.array([None if j % 5 == 0 else v for j, v in enumerate(chunk.tolist())], pa.float64())
+        pq.write_table(pa.table({col: scores}), tmp_path / ("rejects" if i == 6 else "shards") / f"{i:05d}.parquet")
+    seen = np.concatenate([pq.read_table(f)[col].drop_null().to_numpy() for f in sorted(tmp_path.rglob("*.parquet"))])
+    h = _histograms([stage], str(tmp_path), bins=20, sample=1000)[stage.label][col]
+    assert sum(h["counts"]) == len(seen) and h["max"] == 10_000.0 and h["min"] == seen.min()
+    lo, hi = h["edges"][0], h["edges"][-1]
+    assert 20 < lo < 30 and 70 < hi < 80  # near the 0.5% and 99.5% quantiles of the bulk, not stretched to 10,000
+    assert h["outside_range"] == int(((seen < lo) | (seen > hi)).sum()) > 0
+    assert h["counts"] == np.histogram(np.clip(seen, lo, hi), bins=20, range=(lo, hi))[0].tolist()
+    assert _histograms([stage], str(tmp_path), bins=20, sample=1000) == _histograms([stage], str(tmp_path), bins=20,
+                                                                                     sample=1000)
