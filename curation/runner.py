@@ -543,39 +543,54 @@ def video_payload_of(recipe: PipelineRecipe) -> str:
     return "both" if any((s.video or {}).get("clip") for s in recipe.sources) else "frames"
 
 
+def scan_columns(fs: pafs.FileSystem, files: list[str], columns: list[str], schema: pa.Schema | None = None,
+                 batch_rows: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+    """Batches of ``columns`` from each Parquet file in turn; a column a file lacks (an older pool, an earlier
+    cut's rejects) is null, typed by ``schema``. One file's footer is held at a time: a pyarrow dataset over
+    the whole pool keeps every file's, about 150 KB each, so 500 MB for a pool of a million rows."""
+    for name in files:
+        with fs.open_input_file(name) as f:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            for b in pf.iter_batches(columns=[c for c in columns if c in have], batch_size=batch_rows):
+                if any(c not in have for c in columns):
+                    b = pa.RecordBatch.from_arrays(
+                        [b.column(c) if c in have else pa.nulls(b.num_rows, schema.field(c).type if schema else None)
+                         for c in columns], names=columns)
+                yield b
+
+
 def _decide_threshold(stage: ScoreFilter, files: list[str], fs, schema: pa.Schema) -> dict:
     """The ``keep_fraction`` cut: the score of the ``k = ceil(keep_fraction * n)``-th best of the ``n`` rows
     scored (shards and rejects alike: every row that reached the stage; rows tied at it are kept in lineage
     order until exactly ``k`` are)."""
-    import pyarrow.dataset as pads
-
     from curation.io.pool import lineage_keys
 
     col = stage.score_name
-    # Shards and rejects of an earlier cut's tail (or an older pool) may lack columns: read by the schema.
-    ds = pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
     # Only the scores are held (8 bytes a row), then the lineage of the rows tied at the cut, read again.
-    values = ds.to_table(columns=[col], filter=pc.is_valid(pc.field(col)))[col].to_numpy()
-    values = np.sort(values)[::-1]
+    values = [b.column(0).drop_null().to_numpy(zero_copy_only=False) for b in scan_columns(fs, files, [col], schema)]
+    values = np.sort(np.concatenate(values) if values else np.empty(0))[::-1]
     k = math.ceil(stage.keep_fraction * len(values))
     threshold = float(values[k - 1]) if k else math.inf
     # Rows tied at the cut (templated captions score alike) are kept in lineage order (source file and
     # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
     above = int((values > threshold).sum())
-    tied = sorted(lineage_keys(ds.to_table(columns=["source_uri", "source_offset", "clip_start", col],
-                                           filter=pc.field(col) == threshold)))
+    lineage = ["source_uri", "source_offset", "clip_start", col]
+    tied = sorted(k for b in scan_columns(fs, files, lineage, schema)
+                  for k in lineage_keys(pa.Table.from_batches([b]).filter(pc.equal(b.column(3), threshold))))
     return {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
             "keep": k, "tied_kept": tied[: k - above]}
 
 
 def _decide_global(stage: GlobalFilter, files: list[str], fs, schema: pa.Schema) -> dict:
     """A :class:`GlobalFilter`'s decision over every row it scored (in the pool's shards and rejects)."""
-    import pyarrow.dataset as pads
-
     col = stage.score_name
     columns = list(dict.fromkeys(["source_uri", "source_offset", "clip_start", col, *stage.global_columns]))
-    table = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(columns=columns)
-    table = table.filter(pc.is_valid(table[col]))  # the rows that reached the stage
+    # only the rows that reached the stage
+    parts = [pa.Table.from_batches([b.filter(pc.is_valid(b.column(col)))])
+             for b in scan_columns(fs, files, columns, schema)]
+    table = (pa.concat_tables(parts, promote_options="permissive") if parts
+             else pa.schema([schema.field(c) for c in columns]).empty_table())
     t = time.perf_counter()
     rejected, facts = stage.decide_global(table)
     log.info("%s: %d of %d scored rows rejected (%.1f s)", stage.label, len(rejected), table.num_rows,
@@ -802,8 +817,6 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
     columns, a batch at a time, so the driver's memory does not grow with the pool. The first pass takes the
     range and an evenly strided sample of at most ``sample`` rows (the same rows on every run), whose
     0.5% and 99.5% quantiles bound the bins; the second counts every value into them."""
-    import pyarrow.dataset as pads
-
     fs, path = cfs.filesystem(root)
     files = sorted(i.path for d in ("shards", "rejects") for i in fs.get_file_info(
         pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
@@ -813,14 +826,19 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
     cols = sorted({c for v in wanted.values() for c in v})
     if not files or not cols:
         return {}
-    ds = pads.dataset(files, filesystem=fs, format="parquet")
-    stride = max(1, math.ceil(ds.count_rows() / sample))
+    rows = 0
+    for name in files:
+        with fs.open_input_file(name) as f:
+            rows += pq.read_metadata(f).num_rows
+    stride = max(1, math.ceil(rows / sample))
+    schema = pa.schema(list({f.name: f for s in stages if isinstance(s, ScoreFilter)
+                             for f in s.output_fields() if f.name in cols}.values()))
 
     low = {c: math.inf for c in cols}
     high = {c: -math.inf for c in cols}
     picked: dict[str, list[np.ndarray]] = {c: [] for c in cols}
     offset = 0
-    for b in ds.to_batches(columns=cols, batch_size=1 << 16):
+    for b in scan_columns(fs, files, cols, schema):
         take = pa.array((np.arange(offset, offset + b.num_rows) % stride) == 0)
         offset += b.num_rows
         for c in cols:
@@ -843,7 +861,7 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
         edges[c] = (lo, hi)
     counts = {c: np.zeros(bins, dtype=np.int64) for c in edges}
     clipped = dict.fromkeys(edges, 0)
-    for b in ds.to_batches(columns=list(edges), batch_size=1 << 16):
+    for b in scan_columns(fs, files, list(edges), schema):
         for c, (lo, hi) in edges.items():
             values = b.column(c).drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
             clipped[c] += int(((values < lo) | (values > hi)).sum())
