@@ -48,6 +48,10 @@ from pathlib import Path
 from typing import Self
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import _descendants as _tree
+from bench_pipeline import _pss_kib
+
 RECIPE = ROOT / "pipelines" / "demo.yaml"
 # Resources of a cluster node, per CPU it has: the one-node and the two-node cluster get the same totals.
 OBJECT_STORE_PER_CPU = 500 * 1024**2
@@ -141,34 +145,9 @@ class RayCluster:
 # ---------------------------------------------------------------- measuring
 
 
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _descendants(roots: list[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out, stack = set(), list(roots)
-    while stack:
-        p = stack.pop()
-        if p not in out:
-            out.add(p)
-            stack += children.get(p, [])
-    return out
+    """``roots`` and every process below them."""
+    return set().union(*(_tree(r) for r in roots))
 
 
 def _cpu_ticks(pid: int) -> int:
