@@ -441,6 +441,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             records = [done[u.index] for u in units]
             replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,
                                                                                  progress)
+            pool.sweep_temp()  # every task is done: what is left under a temp name was a killed worker's
             t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
     lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}

@@ -93,3 +93,22 @@ def test_killed_run_resumes_to_the_same_pool(tmp_path):
     assert {n: s for n, (s, _) in after.items()} == {n: s for n, (s, _) in ref.items()}
     kept = pl.read_parquet(tmp_path / "pool" / "shards" / "*.parquet")
     assert kept["id"].n_unique() == kept.height == 40  # 40 distinct contents, each kept once
+
+
+def test_temp_files_of_killed_writers_are_swept_and_never_listed(ray_local, tiny_recipe, tmp_path):
+    """A worker SIGKILLed mid-write leaves its temp file (Ray's retry writes its own): a rerun, and every run
+    once its tasks are done, delete such files; the manifest never lists them."""
+    import json
+
+    from curation.recipe import load_pipeline
+    from curation.runner import run_pipeline
+
+    pool = Path(run_pipeline(load_pipeline(tiny_recipe), progress=False).pool)
+    before = sorted(p.name for p in (pool / "shards").iterdir())
+    for stale in ("shards/00000_0001.parquet.tmp-deadbeef", "rejects/00000.parquet.tmp-0badf00d",
+                  "_work/done/00000.json.tmp-12345678"):
+        (pool / stale).write_bytes(b"half a file")
+    again = run_pipeline(load_pipeline(tiny_recipe), progress=False)
+    assert not [p for p in pool.rglob("*") if ".tmp-" in p.name]
+    assert sorted(p.name for p in (pool / "shards").iterdir()) == before
+    assert ".tmp-" not in json.dumps(again.manifest)

@@ -57,6 +57,20 @@ def sha256_file(fs: pafs.FileSystem, path: str) -> str:
     return h.hexdigest()
 
 
+def sweep_temp(fs: pafs.FileSystem, path: str, label: str) -> int:
+    """Delete the temp files (``*.tmp-<tag>``) under ``path`` that no task will rename any more: those of a
+    worker killed mid-write (Ray retried its task, which wrote its own), or of a failed unit whose store went
+    away before it could delete them. Call it when no task of this job is running. No manifest lists them."""
+    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(name)
+    if stale:
+        log.info("removed %d temp file(s) left by killed or failed writers in %s", len(stale), label)
+    return len(stale)
+
+
 def _commit_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
@@ -284,22 +298,14 @@ class Pool:
                 raise FileExistsError(
                     f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
                     f"this one is {self.recipe_hash}); write to another folder or pass --overwrite")
-            self._sweep_temp()
+            self.sweep_temp()
         cfs.make_dirs(self.root, ("shards", "rejects", "_work/done", "_work/index"))
         _commit_bytes(self.fs, f"{self.path}/_work/recipe.json",
                       json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode())
 
-    def _sweep_temp(self) -> None:
-        """Delete temp files an earlier run left behind (``*.tmp-<tag>``): a worker killed mid-write, or a store
-        that went away before a failed unit could delete them. No manifest lists them; the units they
-        belonged to have no done record and are redone."""
-        stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
-                 if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.delete_file(path)
-        if stale:
-            log.info("removed %d temp file(s) left by an interrupted run in %s", len(stale), self.root)
+    def sweep_temp(self) -> None:
+        """Before resuming, and once every task is done: see :func:`sweep_temp`."""
+        sweep_temp(self.fs, self.path, self.root)
 
     def done_path(self, unit: int) -> str:
         return f"{self.path}/_work/done/{unit:05d}.json"

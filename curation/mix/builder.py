@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from curation.io import fs as cfs
-from curation.io.pool import _Part, _commit_bytes
+from curation.io.pool import _Part, _commit_bytes, sweep_temp
 from curation.mix.recipe import MixRecipe, MixSource, Mixture, resolved_source
 from curation.mix.tokens import Markup, Tokenizer, VisionConfig, row_tokens
 from curation.recipe import RecipeError
@@ -667,6 +667,7 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
                 done[rec["out_shard"]] = rec["entry"]
                 bar.update(1)
         bar.close()
+    sweep_temp(fs, path, root)  # every task is done: what is left under a temp name was a killed worker's
     manifest["shards"] = [done[k] for k in range(n_out)]
     manifest["totals"]["shards"] = n_out
     manifest["totals"]["bytes"] = sum(s[k]["bytes"] for s in manifest["shards"] for k in ("parquet", "tar") if k in s)
