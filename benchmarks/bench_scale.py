@@ -4,8 +4,8 @@ Two comparisons, each on the same generated corpus (`curation.sample`) and `pipe
 
 1. **One node against two nodes, same CPUs in total**: a Ray cluster of one node with 2 CPUs, and one of two
    nodes with 1 CPU each. Both are ``ray.cluster_utils.Cluster`` clusters (full raylets, each node with its own
-   object store) started the same way, in a child process (``python benchmarks/bench_scale.py serve N C``), as
-   ``tests/test_cluster.py`` does: a private short ``RAY_TMPDIR`` and token authentication. ``curation run
+   object store) started the same way, in a child process (``tests/raycluster.py``, as
+   ``tests/test_cluster.py`` uses it): a private short ``RAY_TMPDIR`` and token authentication. ``curation run
    --address`` joins them as a user would. Ray start-up is outside the timings. The pipeline is deterministic, so
    both pools must have the same shards, byte for byte: the script checks their sha256s.
 2. **Local disk against S3**: on the one-node cluster, the corpus and the pool on local disk, then both on a local
@@ -35,22 +35,19 @@ import io
 import json
 import os
 import platform
-import re
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Self
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT / "tests")]
 from bench_pipeline import _descendants as _tree
 from bench_pipeline import _pss_kib
+from raycluster import LocalCluster
 
 RECIPE = ROOT / "pipelines" / "demo.yaml"
 # Resources of a cluster node, per CPU it has: the one-node and the two-node cluster get the same totals.
@@ -60,86 +57,12 @@ MEMORY_PER_CPU = 4 * 1024**3
 CORPUS_PARTS = ("image_text", "interleaved", "text", "video")
 
 
-# ---------------------------------------------------------------- the cluster process
+# ---------------------------------------------------------------- the clusters
 
 
-def serve(nodes: int, cpus: int) -> None:
-    """Start a Ray cluster of ``nodes`` nodes with ``cpus`` CPUs each, print its address, stop when stdin closes."""
-    from ray.cluster_utils import Cluster
-
-    node = {"num_cpus": cpus, "object_store_memory": OBJECT_STORE_PER_CPU * cpus, "memory": MEMORY_PER_CPU * cpus}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    try:
-        for _ in range(nodes - 1):
-            cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        print(json.dumps({"address": cluster.address}), flush=True)
-        sys.stdin.read()
-    finally:
-        cluster.shutdown()
-
-
-class RayCluster:
-    """The child process running :func:`serve`, and the environment a driver needs to join it."""
-
-    def __init__(self, nodes: int, cpus: int, extra_env: dict[str, str] | None = None, start_timeout: float = 180):
-        self.nodes, self.cpus = nodes, cpus
-        self.tmp = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # short: Ray's Unix socket paths live under it
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("RAY_AUTH", "AWS_")) and k != "RAY_ADDRESS"}
-        self.env.update(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-                        **(extra_env or {}))
-        t0 = time.perf_counter()
-        with open(Path(self.tmp) / "serve.log", "w") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, "serve", str(nodes), str(cpus)], env=self.env,
-                                         cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=log)
-        try:
-            self.address = json.loads(self._readline(start_timeout))["address"]
-        except BaseException:
-            self.close()
-            raise
-        self.start_seconds = round(time.perf_counter() - t0, 2)
-
-    def _readline(self, timeout: float) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout) or not (line := self.proc.stdout.readline()):
-            log = (Path(self.tmp) / "serve.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the {self.nodes}-node Ray cluster did not answer within {timeout:.0f} s:\n{log}")
-        return line
-
-    def nodes_that_ran(self, task: str) -> set[str]:
-        """Node ids of the workers that ran ``task``, from the session's logs (as in tests/test_cluster.py)."""
-        logs = Path(self.tmp) / "ray" / "session_latest" / "logs"
-        nodes = set()
-        for out in logs.glob("worker-*.out"):
-            if f":task_name:{task}" not in out.read_text(errors="replace"):
-                continue
-            try:
-                worker, _, pid = out.stem.removeprefix("worker-").split("-")
-                core = (logs / f"python-core-worker-{worker}_{pid}.log").read_text(errors="replace")
-                nodes.add(re.search(r"node_id=([0-9a-f]+)", core).group(1))
-            except (OSError, ValueError, AttributeError):
-                continue
-        return nodes
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # our own child only
-            self.proc.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def fresh_cluster(nodes: int, cpus: int, extra_env: dict[str, str] | None = None) -> LocalCluster:
+    """A fresh cluster of ``nodes`` x ``cpus``, each node with the same resources per CPU."""
+    return LocalCluster(nodes, cpus, OBJECT_STORE_PER_CPU * cpus, MEMORY_PER_CPU * cpus, extra_env=extra_env)
 
 
 # ---------------------------------------------------------------- measuring
@@ -314,7 +237,7 @@ def run_one_node(corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpu
     """Repeat ``r`` on a fresh cluster of one node x 2 CPUs: local disk, then S3 when ``s3``; returns the S3 pool."""
     s3_out = None
     print(f"repeat {r + 1}: a Ray cluster of 1 node x 2 CPUs ...", file=sys.stderr)
-    with RayCluster(1, 2, extra_env=s3.env() if s3 else None) as cluster:
+    with fresh_cluster(1, 2, extra_env=s3.env() if s3 else None) as cluster:
         runs.setdefault("one_node_start_seconds", []).append(cluster.start_seconds)
         out = work / "pool-1node"
         shutil.rmtree(out, ignore_errors=True)
@@ -338,7 +261,7 @@ def run_one_node(corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpu
 def run_two_nodes(corpus: Path, work: Path, r: int, runs: dict) -> None:
     """Repeat ``r`` on a fresh cluster of two nodes x 1 CPU, local disk."""
     print(f"repeat {r + 1}: a Ray cluster of 2 nodes x 1 CPU ...", file=sys.stderr)
-    with RayCluster(2, 1) as cluster:
+    with fresh_cluster(2, 1) as cluster:
         runs.setdefault("two_node_start_seconds", []).append(cluster.start_seconds)
         out = work / "pool-2node"
         shutil.rmtree(out, ignore_errors=True)
@@ -418,9 +341,6 @@ def _row(name: str, r: dict, base: dict | None) -> str:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["serve"]:
-        serve(int(sys.argv[2]), int(sys.argv[3]))
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50000, help="corpus rows (default 50000: about 20 s a run on 2 CPUs)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"), help="corpus and pools go here")
@@ -449,7 +369,6 @@ def main() -> None:
         if args.skip_s3:
             results.update(bench(corpus, work, args.repeat, not args.skip_nodes))
         else:
-            sys.path.insert(0, str(ROOT / "tests"))
             import boto3
             from s3server import seaweedfs_s3
 

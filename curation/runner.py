@@ -793,8 +793,8 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, 
                 for value, k in (c.get(key) or {}).items():
                     m[key][value] = m[key].get(value, 0) + k
     write_s = sum(rec.get("write_seconds", 0.0) for rec in records)
-    hist = _histograms(stages, root)
     rows_in = merged[INGEST]["rows_in"]
+    hist = _histograms(stages, root, rows=rows_in)
     if rows_out is None:
         rows_out = merged[names[-1]]["rows_out"]
     entries = [{"name": n, **merged[n], "seconds": round(merged[n]["seconds"], 3),
@@ -813,11 +813,13 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, 
     }
 
 
-def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 100_000) -> dict[str, dict]:
+def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 100_000,
+                rows: int | None = None) -> dict[str, dict]:
     """Score histograms over every row of the pool (shards and rejects), streamed: two passes over the score
     columns, a batch at a time, so the driver's memory does not grow with the pool. The first pass takes the
-    range and an evenly strided sample of at most ``sample`` rows (the same rows on every run), whose
-    0.5% and 99.5% quantiles bound the bins; the second counts every value into them."""
+    range and an evenly strided sample of about ``sample`` of the pool's ``rows`` (the run's count; counted
+    from the footers when not given), the same rows on every run, whose 0.5% and 99.5% quantiles bound the
+    bins; the second counts every value into them."""
     fs, path = cfs.filesystem(root)
     files = sorted(i.path for d in ("shards", "rejects") for i in fs.get_file_info(
         pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
@@ -827,10 +829,11 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
     cols = sorted({c for v in wanted.values() for c in v})
     if not files or not cols:
         return {}
-    rows = 0
-    for name in files:
-        with fs.open_input_file(name) as f:
-            rows += pq.read_metadata(f).num_rows
+    if rows is None:
+        rows = 0
+        for name in files:
+            with fs.open_input_file(name) as f:
+                rows += pq.read_metadata(f).num_rows
     stride = max(1, math.ceil(rows / sample))
     schema = pa.schema(list({f.name: f for s in stages if isinstance(s, ScoreFilter)
                              for f in s.output_fields() if f.name in cols}.values()))

@@ -1,32 +1,23 @@
 """The pipeline on a real two-node Ray cluster writes the same pool as a local run; the launcher config.
 
-The cluster (``ray.cluster_utils.Cluster``: a head and a second node, each a full raylet with its
-own object store, one CPU each) runs in a child process, so it cannot collide with this session's
-``ray_local``, and ``curation run --address`` is another child process, as a user would run it.
-Both share a private ``RAY_TMPDIR`` (Ray writes the address of the last cluster it started under
-it, and ``ray.init()`` without an address would join that cluster) and the same token
-authentication settings (Ray 2.60 turns token auth on for clusters that `ray.init()` starts, and for
-`ray start` when a token file exists; nodes and drivers must agree).
-
-This file is also the cluster process: ``python tests/test_cluster.py serve`` (see :func:`serve`).
+The cluster (a head and a second node, one CPU each: :class:`raycluster.LocalCluster`) runs in a child
+process, so it cannot collide with this session's ``ray_local``, and ``curation run --address`` is another
+child process, as a user would run it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from raycluster import LocalCluster
 
 from curation.recipe import load_pipeline
 from curation.runner import run_pipeline
@@ -35,74 +26,10 @@ NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2, "memory": 2 * 1024*
 REPO = Path(__file__).resolve().parent.parent
 
 
-def serve() -> None:
-    """Start a head and a second node, print the cluster address, stop when stdin closes."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    try:
-        cluster.add_node(**NODE)
-        cluster.wait_for_nodes()
-        print(json.dumps({"address": cluster.address}), flush=True)
-        sys.stdin.read()
-    finally:
-        cluster.shutdown()
-
-
-class TwoNodeCluster:
-    """The child process running :func:`serve`, and the environment a driver needs to join it."""
-
-    def __init__(self, start_timeout: float = 120):
-        self.tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's Unix socket paths live under it
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-        self.env.update(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-        with open(Path(self.tmp) / "serve.log", "w") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, "serve"], env=self.env, cwd=REPO, text=True,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
-        line = self._readline(start_timeout)
-        self.address = json.loads(line)["address"]
-
-    def _readline(self, timeout: float) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout) or not (line := self.proc.stdout.readline()):
-            log = (Path(self.tmp) / "serve.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the two-node Ray cluster did not answer within {timeout:.0f} s:\n{log}")
-        return line
-
-    def nodes_that_ran(self, task: str) -> set[str]:
-        """Node ids of the worker processes that ran ``task``, read from the Ray session's logs.
-
-        Each worker's ``worker-<worker id>-<job>-<pid>.out`` names the tasks it ran (``:task_name:``
-        lines) and its ``python-core-worker-<worker id>_<pid>.log`` names its node.
-        """
-        logs = Path(self.tmp) / "ray" / "session_latest" / "logs"
-        nodes = set()
-        for out in logs.glob("worker-*.out"):
-            if f":task_name:{task}" not in out.read_text(errors="replace"):
-                continue
-            worker, _, pid = out.stem.removeprefix("worker-").split("-")
-            core = (logs / f"python-core-worker-{worker}_{pid}.log").read_text(errors="replace")
-            nodes.add(re.search(r"node_id=([0-9a-f]+)", core).group(1))
-        return nodes
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 @pytest.fixture
 def two_nodes():
-    cluster = TwoNodeCluster()
-    yield cluster
-    cluster.close()
+    with LocalCluster(nodes=2, start_timeout=120, **NODE) as cluster:
+        yield cluster
 
 
 def _sha(path: Path) -> str:
@@ -308,7 +235,3 @@ def test_ray_cluster_yaml_has_what_the_launcher_needs():
             assert flags == {"num-cpus": str(res["CPU"]), "memory": str(res["memory"]),
                              "object-store-memory": str(res["object_store_memory"])}, (key, name)
     assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
-    serve()
