@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from curation import __version__
+from curation import __version__, secrets
 from curation.io.fs import StorageError
 
 
@@ -31,12 +31,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         recipe = load_pipeline(args.recipe, args.set or [])
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 2
     try:
         result = run_pipeline(recipe, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
     except (FileExistsError, NotReady, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 1 if getattr(e, "partial", False) else 2  # 1: the run had started writing
     print(summary_table(result.stats))
     print(f"pool:   {result.pool}  ({result.manifest['totals']['rows']:,} rows in "
@@ -65,7 +65,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                            address=args.address, overwrite=args.overwrite, progress=not args.quiet)
     except (RecipeError, UndetectedSource, FileExistsError, StorageError) as e:
         # the audit composes a pipeline: name its parameters as the command line does
-        print(f"error: {e}".replace("invalid recipe curation audit", "invalid audit options")
+        print(f"error: {secrets.redact(e)}".replace("invalid recipe curation audit", "invalid audit options")
               .replace("stages.0.decontaminate.match.", "--match "), file=sys.stderr)
         return 2
     data = result.data
@@ -90,10 +90,10 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         results = build_mixtures(recipe, only=args.only, address=args.address, overwrite=args.overwrite,
                                  progress=not args.quiet, dry_run=args.dry_run)
     except (RecipeError, FileExistsError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ImportError) as e:  # the tokenizer
-        print(f"error: tokenizer: {e}", file=sys.stderr)
+        print(f"error: tokenizer: {secrets.redact(e)}", file=sys.stderr)
         return 2
     for line in iter_plan(results):
         print(line)
@@ -113,7 +113,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         html, js = calibrate(args.pool, args.score, thresholds=args.thresholds or (), keep=args.keep or (),
                              examples=args.examples)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 2
     data = json.loads(js.read_text())
     print(f"{'threshold':>12}  {'kept':>10}  {'share':>7}")
@@ -159,7 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(load_config(args.config, sets))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 2
     if summary:  # rank 0
         print(f"stage {summary['stage']}: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
@@ -176,7 +176,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     try:
         merged = merge_checkpoints(args.checkpoints, args.out, args.weights)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {secrets.redact(e)}", file=sys.stderr)
         return 2
     for m in merged["merged_from"]:
         print(f"{m['weight']:.3f}  {m['path']}  (stage {m['stage']}, step {m['step']})")
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set vars.corpus=/data --set stages.1.image_size.min_side=64")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing pool folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an earlier output of curation there first (never a folder curation did not write)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", action="append", metavar="KEY=VALUE",
                    help="matching threshold, e.g. --match text_threshold=0.6 (see docs/decontamination.md)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier scan in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty an earlier audit in OUT first: scan and reports (never a folder curation did not write)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_audit)
 
@@ -242,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME", help="build only this mixture (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="count and plan, print the plan, write nothing")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="delete existing mixture folders first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="empty the earlier folders of these mixtures first (never a folder curation did not write)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_mix)
 
@@ -291,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    secrets.install()  # before anything can log or fail: credentials never print (curation.secrets)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

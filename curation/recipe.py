@@ -31,8 +31,10 @@ from typing import Any
 
 import yaml
 
+from curation.bounds import bounded, fits, out_of_range
 from curation.mix.coldstart import FIELD_OPTIONS, MODES, SOURCE_FIELDS
 from curation.schema import MODALITIES
+from curation.secrets import has_userinfo, redact, redact_tree
 from curation.stage import Stage, load_registry
 
 SFT_FORMATS = tuple(SOURCE_FIELDS)  # conversation converters (curation.mix.coldstart): modality sft
@@ -62,17 +64,27 @@ class SourceSpec:
     paths: list[str]
     fields: dict[str, str] = field(default_factory=dict)
     on_bad_text: str = "reject"  # reject | replace
+    on_bad_name: str = "error"  # a file name that is not UTF-8 in the source's folders: error | skip (logged)
     mode: str | None = None  # sft: the cold-start mode of records that carry none (default: inferred)
     video: dict[str, Any] = field(default_factory=dict)  # frame sampling and shot splitting (VIDEO_OPTIONS)
+    # Where media references in rows may point (curation.io.refs): the folder of the file holding the row,
+    # these folders or s3:// prefixes, and fields.image_root; absolute paths and full URIs in rows only with
+    # allow_absolute; remote schemes rows may name.
+    media_roots: list[str] = field(default_factory=list)
+    allow_absolute: bool = False
+    schemes: list[str] = field(default_factory=lambda: ["s3"])
 
 
 @dataclass
 class OutputSpec:
     path: str
     formats: list[str] = field(default_factory=lambda: list(OUTPUT_FORMATS))
-    shard_rows: int = 10_000
-    shard_bytes: int = 1 << 30
+    shard_rows: int = bounded(10_000, 1, 10_000_000)
+    shard_bytes: int = bounded(1 << 30, 1 << 20, 64 << 30)  # 1 MiB to 64 GiB
     write_rejects: bool = True
+    # Rejects keep the bytes of media that did not decode or were refused (curation.io.pool.NO_MEDIA): off, since
+    # such bytes can be anything (a file a hostile row pointed at); turn on to debug a decoder.
+    reject_media: bool = False
     report: bool = True
     # What video rows carry: frames (JPEG, with frame_ts), clip (the video's bytes, with frame_ts: needs
     # video: {clip: true} on the sources) or both; auto: both where sources keep clips, else frames.
@@ -81,19 +93,41 @@ class OutputSpec:
 
 @dataclass
 class ExecutionSpec:
-    batch_rows: int = 256  # rows per stage call: bounds worker memory
-    unit_rows: int = 20_000  # Parquet inputs are split into units of at most this many rows
-    num_workers: int | None = None  # default: the cluster's CPUs
-    num_cpus: int | None = None  # local Ray only: CPUs to start it with (default: all)
+    batch_rows: int = bounded(256, 1, 1_000_000)  # rows per stage call: bounds worker memory
+    unit_rows: int = bounded(20_000, 1, 100_000_000)  # Parquet inputs are split into units of at most this many rows
+    num_workers: int | None = bounded(None, 1, 100_000)  # default: the cluster's CPUs
+    num_cpus: int | None = bounded(None, 1, 100_000)  # local Ray only: CPUs to start it with (default: all)
     # Rows of index columns one task holds while building a global index that splits by id (exact dedup):
     # bounds that task's memory, whatever the corpus size (about 0.5 KiB a row at its peak).
-    index_partition_rows: int = 250_000
+    index_partition_rows: int = bounded(250_000, 1, 100_000_000)
+
+
+@dataclass
+class LimitsSpec:
+    """How many bytes one piece of input may cost a reader (``limits:``; DESIGN.md, trust boundary). Each is
+    checked before the memory is spent (a file's size from the file system, a tar member's from its header,
+    a Parquet page's from its header); what is over becomes an ``ingest`` reject with the reason in brackets.
+    Tar, JSONL and Parquet files are streamed, so they are bounded per member, line and value, not as wholes.
+    """
+
+    # a file read whole: a .json list of records (parsing costs several times its size) [file_too_large]
+    max_file_bytes: int = 512 << 20
+    # one image or video a row references: held whole while it is decoded; an hour of 1080p H.264 fits
+    max_media_bytes: int = 1 << 30  # [file_too_large]
+    max_member_bytes: int = 1 << 30  # one tar member: a shard's video is held whole too [member_too_large]
+    max_line_bytes: int = 64 << 20  # one JSONL line: inline base64 images stay well under it [line_too_long]
+    # one Parquet value, uncompressed: a page (which holds it) over this is never decompressed, so a
+    # 33 KB file cannot make a worker inflate a 1 GiB value [value_too_large]
+    max_value_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
-        for name in ("batch_rows", "unit_rows", "index_partition_rows", "num_workers", "num_cpus"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not 1 <= value <= MAX_LIMIT:
+                raise ValueError(f"{f.name} must be between 1 and {MAX_LIMIT:,} bytes, got {value:,}")
+
+
+MAX_LIMIT = 1 << 40  # a limit above 1 TiB is no limit at all: a typo
 
 
 @dataclass
@@ -105,6 +139,7 @@ class PipelineRecipe:
     execution: ExecutionSpec
     file: str
     resolved: dict[str, Any]  # the recipe after overrides and interpolation, as written next to outputs
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
 
     @property
     def hash(self) -> str:
@@ -188,9 +223,22 @@ def load_yaml(path: str | Path, overrides: list[str] = (), what: str = "a mappin
                         f"got {_kind(variables)}")
         variables = {}
     raw = _interpolate(raw, variables, "", problems)
+    _check_credentials(raw, "", problems)
     if problems:
         raise RecipeError(file, problems)
     return raw
+
+
+def _check_credentials(node: Any, where: str, problems: list[str]) -> None:
+    """A problem for each string holding a URI with ``user:password@``: the recipe is copied next to every output
+    (and shared), so credentials belong in the environment or a profile. The message masks them."""
+    if isinstance(node, (dict, list)):
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            _check_credentials(v, f"{where}.{k}".lstrip("."), problems)
+    elif isinstance(node, str) and has_userinfo(node):
+        problems.append(f"{where}: a URI with credentials in it ({redact(node)!r}): put credentials in the "
+                        "environment or a profile (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a "
+                        "backend's api_key_env), not in the URI")
 
 
 class _ShapeError(Exception):
@@ -234,13 +282,15 @@ def _check_shape(raw: dict, problems: list[str]) -> None:
         problems.append(str(e))
 
 
-def check_paths_exist(paths: list[str], where: str, problems: list[str]) -> None:
-    """One problem per path (local glob or ``s3://`` URI) that matches no file."""
+def check_paths_exist(paths: list[str], where: str, problems: list[str],
+                      on_bad_name: str = "error") -> None:
+    """One problem per path (local glob or ``s3://`` URI) that matches no file, or holds a file name that is not
+    UTF-8 (unless ``on_bad_name`` is ``skip``)."""
     from curation.io.fs import expand
 
     for j, p in enumerate(paths):
         try:
-            if not expand(p):
+            if not expand(p, on_bad_name):
                 problems.append(f"{where}.{j}: no file matches '{p}' (check the path, "
                                 f"or pass --set vars.<name>=... if it comes from a variable)")
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
@@ -257,6 +307,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool
 def pipeline_from_dict(raw: dict[str, Any], file: str = "<recipe>", check_paths: bool = True) -> PipelineRecipe:
     """Validate a pipeline given as a mapping (commands such as ``curation audit`` compose one)."""
     problems: list[str] = []
+    _check_credentials(raw, "", problems)
     recipe = _validate(raw, file, problems, check_paths)
     if problems:
         raise RecipeError(file, problems)
@@ -339,7 +390,7 @@ def _interpolate(node: Any, variables: dict, where: str, problems: list[str]) ->
 
 # ---------------------------------------------------------------- validation
 
-_TOP_KEYS = {"name", "vars", "sources", "stages", "output", "execution"}
+_TOP_KEYS = {"name", "vars", "sources", "stages", "output", "execution", "limits"}
 
 
 def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> PipelineRecipe:
@@ -365,10 +416,13 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
             problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
         _check_sft_source(spec, f"sources.{i}", problems)
         _check_video_options(spec, f"sources.{i}.video", problems)
+        _check_references(spec, f"sources.{i}", problems, check_paths)
         if spec.on_bad_text not in ("reject", "replace"):
             problems.append(f"sources.{i}.on_bad_text: '{spec.on_bad_text}' (expected reject or replace)")
-        if check_paths:
-            check_paths_exist(spec.paths, f"sources.{i}.paths", problems)
+        if spec.on_bad_name not in ("error", "skip"):
+            problems.append(f"sources.{i}.on_bad_name: '{spec.on_bad_name}' (expected error or skip)")
+        elif check_paths:
+            check_paths_exist(spec.paths, f"sources.{i}.paths", problems, spec.on_bad_name)
         sources.append(spec)
 
     stages = _build_stages(raw.get("stages"), problems)
@@ -384,8 +438,9 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
         for fmt in output.formats:
             if fmt not in OUTPUT_FORMATS:
                 problems.append(f"output.formats: '{fmt}' (expected a list of {', '.join(OUTPUT_FORMATS)})")
-        if output.shard_rows < 1:
-            problems.append("output.shard_rows: expected a positive integer")
+        if "://" in output.path and not output.path.startswith(("s3://", "file://")):
+            problems.append(f"output.path: '{output.path.split('://', 1)[0]}://' is not a place to write (expected a "
+                            f"local folder or s3://bucket/prefix)")
         if output.video not in ("auto", "frames", "clip", "both"):
             problems.append(f"output.video: {output.video!r} (expected frames, clip, both or auto)")
         elif output.video == "clip":
@@ -394,13 +449,15 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
                 problems.append(f"output.video: clip keeps no frames, but source(s) {', '.join(frames_only)} keep no "
                                 "clip: add video: {clip: true} to them, or use output.video: both")
     execution = build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
-    resolved = json.loads(json.dumps(raw, default=str))
+    limits = build(LimitsSpec, raw.get("limits") or {}, "limits", problems)
+    resolved = redact_tree(json.loads(json.dumps(raw, default=str)))  # written next to outputs: no credentials
     return PipelineRecipe(
         name=str(raw.get("name") or Path(file).stem),
         sources=sources,
         stages=stages,
         output=output,  # type: ignore[arg-type]
         execution=execution,  # type: ignore[arg-type]
+        limits=limits,  # type: ignore[arg-type]
         file=file,
         resolved=resolved,
     )
@@ -429,6 +486,13 @@ def frame_bounds(options: dict[str, Any]) -> dict[str, int]:
     return {k: int(options[k]) for k in ("max_side", "factor", "min_pixels", "max_pixels")}
 
 
+#: Largest value of each numeric video option: past these a source would decode for days or hold frames in the
+#: gigabytes (``max_frames: 1e12``, ``fps: 1e9``), which is never what a recipe meant.
+VIDEO_LIMITS: dict[str, float] = {
+    "fps": 240, "max_frames": 10_000, "max_side": 16_384, "factor": 1_024, "min_pixels": 1 << 28,
+    "max_pixels": 1 << 28, "shot_threshold": 1, "shot_contrast": 1_000, "min_shot_s": 86_400, "timeout_s": 86_400,
+}
+
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -450,6 +514,8 @@ def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> N
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                 value == 0 and key != "min_shot_s"):
             problems.append(f"{where}.{key}: expected a positive number, got {value!r}")
+        elif expected := out_of_range(value, 0, VIDEO_LIMITS[key]):
+            problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
         elif key in ("max_side", "factor", "min_pixels", "max_pixels", "max_frames") and value != int(value):
             problems.append(f"{where}.{key}: expected a whole number, got {value!r}")
     o = {**VIDEO_OPTIONS, **{k: v for k, v in spec.video.items() if k in VIDEO_OPTIONS}}
@@ -457,6 +523,22 @@ def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> N
         problems.append(f"{where}: min_pixels ({o['min_pixels']}) is above max_pixels ({o['max_pixels']})")
     if spec.video.get("shots") and spec.modality != "video":
         problems.append(f"{where}.shots: shot splitting applies to modality video")
+
+
+def _check_references(spec: SourceSpec, where: str, problems: list[str], check_paths: bool) -> None:
+    """``schemes`` from the allow-list the readers support; ``media_roots`` that are folders (or s3:// prefixes)."""
+    from curation.io.refs import SCHEMES
+
+    for scheme in spec.schemes:
+        if scheme not in SCHEMES:
+            problems.append(f"{where}.schemes: '{scheme}' is not a scheme rows may name (expected a list of "
+                            f"{', '.join(SCHEMES)}; file:// and schemes whose file systems take options from "
+                            f"the URI are never allowed)")
+    for j, root in enumerate(spec.media_roots):
+        if "://" in root and not root.startswith(("s3://", "file://")):
+            problems.append(f"{where}.media_roots.{j}: '{root}' is neither a local folder nor an s3:// prefix")
+        elif check_paths and "://" not in root and not Path(root).expanduser().is_dir():
+            problems.append(f"{where}.media_roots.{j}: no folder '{root}'")
 
 
 def _check_sft_source(spec: SourceSpec, where: str, problems: list[str]) -> None:
@@ -477,6 +559,8 @@ def _check_sft_source(spec: SourceSpec, where: str, problems: list[str]) -> None
 
 
 def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
+    from curation.io.outputs import name_problem
+
     registry = load_registry()
     if not isinstance(raw_stages, list):
         problems.append("stages: expected a list like [- image_decode: {}, - image_size: {min_side: 32}]")
@@ -503,10 +587,9 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
                             f"applies to stages whose higher score is better (e.g. clip_score, caption_language)")
         elif kf is not None and not 0 < kf <= 1:
             problems.append(f"stages.{i}.{name}.keep_fraction: expected a fraction in (0, 1], got {kf:g}")
-        if stage.resources.num_cpus <= 0 or stage.resources.num_gpus < 0:
-            problems.append(f"stages.{i}.{name}.resources: num_cpus must be positive and num_gpus not negative")
-        if stage.resources.concurrency is not None and stage.resources.concurrency < 1:
-            problems.append(f"stages.{i}.{name}.resources.concurrency: expected a positive integer")
+        label_problem = name_problem(stage.label, f"stages.{i}.{name}.instance")  # it names files in the pool
+        if label_problem:
+            problems.append(label_problem)
         if stage.label in labels:
             problems.append(f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>")
         labels.add(stage.label)
@@ -537,6 +620,10 @@ def build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
         if err:
             problems.append(f"{where}.{key}: expected {err}, got {_kind(value)} {value!r}")
             ok = False
+        elif "range" in fields[key].metadata and isinstance(converted, (int, float)):
+            if expected := out_of_range(converted, *fields[key].metadata["range"]):
+                problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
+                ok = False
         kwargs[key] = converted
     for name, f in fields.items():
         if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -553,6 +640,9 @@ def build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
 
 def _check_type(value: Any, hint: Any) -> tuple[Any, str | None]:
     """Return (value converted, None) or (value, description of what was expected)."""
+    if not fits(value):  # whatever the type: no integer past 64 bits, no .inf or .nan (curation.bounds)
+        return value, "64-bit integers and finite numbers" if isinstance(value, (dict, list)) else (
+            "a finite number" if isinstance(value, float) else "an integer of at most 64 bits")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):

@@ -24,8 +24,10 @@ import pickle
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Iterator
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +36,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
+from curation.io import outputs
 from curation.io.pool import Pool, UnitSink, commit_done
-from curation.io.readers import INGEST, Unit, plan_units, read_unit
+from curation.io.readers import INGEST, UNIT_FAILED, Unit, plan_units, read_unit
 from curation.recipe import PipelineRecipe
 from curation.schema import REJECT_COLUMNS, ROW_SCHEMA, conform
 from curation.stage import GlobalFilter, IndexedFilter, NotReady, ScoreFilter, Stage
@@ -70,6 +73,7 @@ class UnitJob:
     token: str = ""  # identifies this job's set-up stages in a worker process (see _ready)
     schema_stages: list[Stage] | None = None  # the whole pipeline, when ``stages`` is only its first part
     video: str = "both"  # what video rows keep in the shards written (curation.io.pool.video_payload)
+    reject_media: bool = False  # rejects keep the bytes of media that did not decode (output.reject_media)
 
     @property
     def schema(self) -> pa.Schema:
@@ -138,7 +142,7 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     schema = job.schema
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
     sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
-                    job.write_rejects, job.video)
+                    job.write_rejects, job.video, reject_media=job.reject_media)
     counters = {INGEST: _new_counter(), **{s.label: _new_counter() for s in job.stages}}
     errors: list[str] = []
     write_s = 0.0
@@ -154,7 +158,8 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
         ingest["rows_in"] += table.num_rows
         _count_drops(ingest, table, INGEST)
         ingest["rows_out"] += _alive(table)
-        errors += [d for d in table.filter(pc.equal(table["reject_reason"], "unreadable_file"))["reject_detail"].to_pylist()]
+        errors += table.filter(pc.is_in(table["reject_reason"], pa.array(["unreadable_file", UNIT_FAILED])))[
+            "reject_detail"].to_pylist()
         if hash_col is None or len(hash_col) != table.num_rows:
             hash_col = pa.array([job.recipe_hash] * table.num_rows, pa.string())
         table = table.set_column(table.schema.get_field_index("recipe_hash"), "recipe_hash", hash_col)
@@ -367,8 +372,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Workers redact their own log records and tracebacks too (their logs go to files the user may share).
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                                  configure_logging=True)
+                                  configure_logging=True,
+                                  runtime_env={"worker_process_setup_hook": "curation.secrets.install"})
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -389,7 +396,22 @@ class RunResult:
 
 def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> RunResult:
-    """Run a validated pipeline recipe as a Ray Data job and write its pool."""
+    """Run a validated pipeline recipe as a Ray Data job and write its pool.
+
+    Before anything is read, refuses (:class:`curation.io.outputs.OutputError`) an output that overlaps a
+    source, or a folder this tool did not write; from when the pool is prepared until it is written, holds the
+    output's lock, so a second run on it is refused naming this one."""
+    root = recipe.output.path if cfs.is_uri(recipe.output.path) else os.path.abspath(recipe.output.path)
+    outputs.check_overlap(root, [(f"sources.{i}.{key}", p) for i, s in enumerate(recipe.sources)
+                                 for key in ("paths", "media_roots") for p in getattr(s, key)])
+    outputs.check_writable(root, "pool", overwrite)
+    with contextlib.ExitStack() as held:
+        return _run_pipeline(recipe, root, address, overwrite, progress, held)
+
+
+def _run_pipeline(recipe: PipelineRecipe, root: str, address: str | None, overwrite: bool, progress: bool,
+                  held: contextlib.ExitStack) -> RunResult:
+    """:func:`run_pipeline` once its output is checked; ``held`` keeps the output's lock until it returns."""
     for stage in recipe.stages:  # before any data is read: packages, weights, endpoints, GPUs
         stage.check_requirements()
         try:
@@ -398,8 +420,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             raise
         except (ValueError, OSError) as e:
             raise NotReady(f"stage '{stage.label}': {e}") from e
-    units = plan_units(recipe.sources, recipe.execution.unit_rows)
-    root = recipe.output.path if cfs.is_uri(recipe.output.path) else os.path.abspath(recipe.output.path)
+    units = plan_units(recipe.sources, recipe.execution.unit_rows, recipe.limits)
     pool = Pool(root, recipe.hash)
     t_start = time.perf_counter()
     with ray_session(address, recipe.execution.num_cpus):
@@ -411,6 +432,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
         head, tails = split_at_cuts(recipe.stages)
         cpus_per_task, gpus_per_task = task_resources(head)
         check_gpus(recipe.stages, ray.cluster_resources().get("GPU", 0))
+        held.enter_context(outputs.lock(root, f"curation run {recipe.file}"))
         pool.prepare(recipe.resolved, overwrite=overwrite)
         workers = _workers(recipe, head, cpus_per_task, gpus_per_task)
         with _stops_cleanly(root):  # from here on, a failing disk or store stops the run cleanly
@@ -422,7 +444,7 @@ def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrit
             job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
                           recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
                           token=uuid.uuid4().hex, schema_stages=recipe.stages,
-                          video="both" if tails else video_payload_of(recipe))  # after a cut, the last cut writes it
+                          video="both" if tails else video_payload_of(recipe), reject_media=recipe.output.reject_media)  # after a cut, the last cut writes it
             if pending:
                 bar = progress_bar(len(pending), "units", progress)
                 rows = 0
@@ -694,11 +716,57 @@ def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit
 
 def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
                num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
-    """Both passes of a pipeline: ``fn`` over blocks of units (``batch["item"]`` holds them as JSON)."""
+    """Both passes of a pipeline: ``fn`` over blocks of units (``batch["item"]`` holds them as JSON).
+
+    Input is untrusted, and a reader can take its process down with it (a native decoder's abort, memory
+    that runs out): a task is retried :data:`TASK_RETRIES` times, and a plan that still fails is not the end
+    of the run. The units are run again one per task, so the others finish (``fn`` skips what is committed);
+    a unit whose own task fails is given up on: ``fn`` runs it once more marked failed (``Unit.failed``), which
+    reads nothing and yields one ``unit_failed`` reject saying what happened. A StorageError still stops the run.
+    """
     # Blocks are cut from consecutive items, and consecutive units come from the same source (heavy
     # tars, then light text files): deal units out by stride so every task gets a mix and none is the tail.
     dealt = [units[i] for b in range(tasks) for i in range(b, len(units), tasks)]
-    yield from map_items([u.to_dict() for u in dealt], fn, fn_kwargs, workers, tasks, num_cpus, num_gpus)
+    try:
+        yield from map_items([u.to_dict() for u in dealt], fn, fn_kwargs, workers, tasks, num_cpus, num_gpus)
+        return
+    except Exception as e:  # noqa: BLE001 - sorted out here: storage stops the run, the rest is isolated
+        if _storage_failure(e) is not None:
+            raise
+        log.warning("a task failed after %d retries (%s); running its units one per task to find the one that "
+                    "fails", TASK_RETRIES, _failure(e))
+    yield from _isolated(units, fn, fn_kwargs, num_cpus, num_gpus)
+
+
+def _isolated(units: list[Unit], fn, fn_kwargs: dict, num_cpus: float, num_gpus: float) -> Iterator[dict]:
+    """``fn`` over each unit in a task of its own; a unit whose task fails again is run marked failed."""
+    import ray
+
+    def call(unit: Unit) -> dict:
+        return fn({"item": np.array([json.dumps(unit.to_dict())], dtype=object)}, **fn_kwargs)
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus or None, max_retries=1)(call)
+    waiting = {remote.remote(u): u for u in units}
+    while waiting:
+        (ref,), _ = ray.wait(list(waiting), num_returns=1)
+        unit = waiting.pop(ref)
+        try:
+            yield ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - whatever killed it, this unit is given up on, not the run
+            if _storage_failure(e) is not None or unit.failed:
+                raise
+            why = (f"reading this unit failed {TASK_RETRIES + 2} times ({_failure(e)}); its rows are left out. "
+                   f"Check the file with the tools of its format, or remove it from the source")
+            log.error("unit %d (%s): %s", unit.index, unit.label, why)
+            waiting[remote.remote(replace(unit, failed=why))] = unit
+
+
+def _failure(e: BaseException) -> str:
+    """What killed a task, in one line (Ray's messages run to pages of traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    died = next((ln for ln in lines if "died" in ln or "crashed" in ln or "signal" in ln.lower()), None)
+    text = died or (lines[-1] if lines else "")
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 def task_resources(stages: list[Stage]) -> tuple[float, float]:
@@ -732,19 +800,26 @@ def _workers(recipe: PipelineRecipe, stages: list[Stage], cpus_per_task: float, 
     return min([workers, *caps])
 
 
+TASK_RETRIES = 3  # a task whose worker dies is tried this many more times (Ray Data's default is without end)
+
+
 def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, tasks: int,
               num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
     """The Ray Data plan of every workflow here: ``items`` split into ``tasks`` blocks of consecutive
     items, ``fn(batch, **fn_kwargs)`` over each block on at most ``workers`` concurrent tasks; yields
     ``fn``'s outputs (numpy batches) as they complete. ``batch["item"]`` holds the items as JSON strings.
+    A task whose worker dies is retried :data:`TASK_RETRIES` times, then the plan fails.
     """
     import ray
 
     # One JSON string per item: a block mixing items with and without some key (Parquet row-group bounds)
     # would otherwise become a float column with NaNs.
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=tasks)
-    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus, num_gpus=num_gpus or None,
-                        compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)))
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_retries yet; the dict still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus, num_gpus=num_gpus or None,
+                            compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)), max_retries=TASK_RETRIES)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.schema import ROW_SCHEMA, score_column
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ class Resources:
     process (``setup``) and reused by every task that process runs.
     """
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    concurrency: int | None = None
+    num_cpus: float = bounded(1.0, 0.01, 1_024)  # fractions share a CPU between light stages
+    num_gpus: float = bounded(0.0, 0, 64)
+    concurrency: int | None = bounded(None, 1, 10_000)
 
 
 class NotReady(RuntimeError):

@@ -51,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.mix.coldstart import repetition
 from curation.models.vlm import (
     BackendConfig,
@@ -125,14 +126,17 @@ class DenseCaption(ScoreFilter):
         base_url="http://127.0.0.1:8000/v1", model="Kwai-Keye/Keye-VL-8B-Preview", max_new_tokens=512))
     prompt: str = DEFAULT_PROMPT  # placeholders: {caption} (the row's text), {ocr_text}; empty hints read "(none)"
     video_prompt: str = VIDEO_PROMPT  # for video rows, after the frames (each preceded by "t=1.0 s:")
-    frames_per_request: int = 8  # video: frames sent, spread evenly over the clip
-    min_words: int = 20  # fewer words: caption_too_short
-    ngram: int = 8  # words per n-gram, for max_repeat and max_echo
-    max_repeat: float = 0.2  # share of n-grams repeating an earlier one; above: caption_repetitive
-    max_echo: float = 0.5  # share of n-grams found in the prompt as sent; above: caption_echoes_prompt
-    max_attempts: int = 2  # asks per row while the answer fails a check
+    frames_per_request: int = bounded(8, 1, 256)  # video: frames sent, spread evenly over the clip
+    min_words: int = bounded(20, 0, 10_000)  # fewer words: caption_too_short
+    ngram: int = bounded(8, 1, 64)  # words per n-gram, for max_repeat and max_echo
+    # share of n-grams repeating an earlier one; above: caption_repetitive
+    max_repeat: float = bounded(0.2, 0, 1)
+    # share of n-grams found in the prompt as sent; above: caption_echoes_prompt
+    max_echo: float = bounded(0.5, 0, 1)
+    max_attempts: int = bounded(2, 1, 20)  # asks per row while the answer fails a check
     overwrite: bool = False  # ask again for rows that already have a dense_caption
-    max_image_side: int = 1024  # larger images are downscaled before sending (0: send as they are)
+    # larger images are downscaled before sending (0: send as they are)
+    max_image_side: int = bounded(1024, 0, 16_384)
 
     def __post_init__(self):
         if self.max_attempts < 1 or self.min_words < 0 or self.ngram < 2 or self.max_image_side < 0:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from curation.bounds import bounded
 from curation.stage import NotReady, ScoreFilter, mark_rejected, register
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,12 @@ class ClipScore(ScoreFilter):
     ranks: ClassVar[bool] = True  # a higher score is a better pair: keep_fraction applies
 
     model: str = ""  # required: the CLIP spec
-    min_score: float | None = None  # absolute cosine threshold
-    batch_size: int = 64  # images per forward pass
+    min_score: float | None = bounded(None, -1, 1)  # absolute cosine threshold
+    batch_size: int = bounded(64, 1, 4096)  # images per forward pass
     device: str = "auto"  # auto: cuda when resources.num_gpus > 0, else cpu
     precision: str = "fp32"  # fp16 / bf16: autocast (GPUs)
-    decode_threads: int | None = None  # threads decoding ahead of the model; None: resources.num_cpus; 0: inline
+    # threads decoding ahead of the model; None: resources.num_cpus; 0: inline
+    decode_threads: int | None = bounded(None, 0, 256)
     allow_download: bool = False  # let open_clip fetch a tag's weights (on the driver, before any data)
     cache_dir: str | None = None  # open_clip's download cache (default: Hugging Face's and ~/.cache/clip)
     video_reduce: str = "mean"  # frames -> row score: mean or max

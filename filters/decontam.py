@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.index import MatchConfig
+from curation.io import refs
 from curation.schema import message_texts
 from curation.stage import IndexedFilter, register
 
@@ -37,17 +38,18 @@ def row_text(text: str | None, texts: list | None, messages: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def _keyframes(uri: str) -> tuple[list[bytes], list[float]]:
-    """Frames of a video the row only points to, as the readers sample them; none if it cannot be read."""
-    from curation.io import fs as cfs
+def _keyframes(uri: str, data: bytes | None, policy: refs.RefPolicy) -> tuple[list[bytes], list[float]]:
+    """Frames of a video the row holds as a clip or only points to, as the readers sample them; none if it
+    cannot be read. A path is read only under the stage's ``media_roots`` (a row is untrusted)."""
     from curation.io.video import VideoError, sample_frames
     from curation.recipe import VIDEO_OPTIONS as o
     from curation.recipe import frame_bounds
 
     try:
-        vf = sample_frames(cfs.read_bytes(uri), fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri)
-    except (OSError, VideoError) as e:
-        log.warning("decontaminate: cannot sample %s, its video is not matched: %s", uri, e)
+        data = data if data is not None else policy.read(uri, "/")[1]
+        vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri)
+    except (OSError, VideoError, refs.RefusedReference) as e:
+        log.warning("decontaminate: cannot sample %s, its video is not matched: %s", refs.shown(uri), e)
         return [], []
     return vf.frames, vf.ts
 
@@ -63,12 +65,16 @@ class Decontaminate(IndexedFilter):
     """
 
     name: ClassVar[str] = "decontaminate"
-    reads: ClassVar[tuple[str, ...]] = ("text", "texts", "messages", "image", "images", "frames", "frame_ts", "video")
+    reads: ClassVar[tuple[str, ...]] = ("text", "texts", "messages", "image", "images", "frames", "frame_ts", "video",
+                                        "video_bytes")
     index_columns: ClassVar[tuple[str, ...]] = ()  # the index comes from the registry: no corpus pre-pass
 
     benchmarks: str = ""  # registry YAML
     registry_set: list[str] = field(default_factory=list)  # --set style overrides for the registry
     match: MatchConfig = field(default_factory=MatchConfig)  # thresholds; see docs/decontamination.md
+    # A video row with neither frames nor clip (a pool row written with output.video: clip elsewhere) is sampled
+    # from its path only under these folders or s3:// prefixes (default: none, it is not matched).
+    media_roots: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.benchmarks:
@@ -98,9 +104,10 @@ class Decontaminate(IndexedFilter):
                   + [x for x in (cols["images"][i] or []) if x is not None] for i in range(n)]
         frames = [cols["frames"][i] or [] for i in range(n)]
         ts = [cols["frame_ts"][i] or [] for i in range(n)]
-        for i in range(n):  # a row with only a path to its video: sample its keyframes now
-            if not frames[i] and cols["video"][i]:
-                frames[i], ts[i] = _keyframes(cols["video"][i])
+        policy = refs.RefPolicy(tuple(refs.normalize_root(r) for r in self.media_roots), allow_absolute=True)
+        for i in range(n):  # a row with only its clip, or a path to its video: sample its keyframes now
+            if not frames[i] and (cols["video"][i] or cols["video_bytes"][i]):
+                frames[i], ts[i] = _keyframes(cols["video"][i] or "", cols["video_bytes"][i], policy)
         found = self._index.match_rows(texts, images, frames, ts)
         best = np.array([m[0].score if m else 0.0 for m in found])
         details = [json.dumps([x.to_dict() for x in m[:MAX_MATCHES_PER_ROW]]) if m else None for m in found]

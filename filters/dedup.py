@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.stage import GlobalFilter, IndexedFilter, reason_where, register
 
 
@@ -88,13 +89,14 @@ class VideoNearDedup(GlobalFilter):
     reads: ClassVar[tuple[str, ...]] = ("frames", "frame_ts")
     default_modalities: ClassVar[tuple[str, ...]] = ("video",)
 
-    radius: int = 14  # pHash bits that may differ for two frames to match
-    dhash_radius: int = 18  # ... and dHash bits
-    min_matches: int = 2  # frames matching at one time offset
-    min_score: float = 0.5  # ... as a share of the frames that could overlap
-    offset_tolerance: float = 0.5  # seconds: width of an offset bin
+    radius: int = bounded(14, 0, 64)  # pHash bits that may differ for two frames to match
+    dhash_radius: int = bounded(18, 0, 64)  # ... and dHash bits
+    min_matches: int = bounded(2, 1, 10_000)  # frames matching at one time offset
+    min_score: float = bounded(0.5, 0, 1)  # ... as a share of the frames that could overlap
+    offset_tolerance: float = bounded(0.5, 0.01, 3600)  # seconds: width of an offset bin
     keep: str = "longest"  # longest, largest or first
-    max_bucket: int = 256  # a pHash band shared by more videos than this proposes no pairs (flat frames)
+    # a pHash band shared by more videos than this proposes no pairs (flat frames)
+    max_bucket: int = bounded(256, 1, 1_000_000_000)
     band_bits: int | None = None  # 16 or 32; default: 16 up to 250,000 frames in the pool, then 32
 
     def __post_init__(self):

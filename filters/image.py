@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from curation.bounds import bounded
 from curation.stage import ScoreFilter, first_reason, reason_where, register
 
 
@@ -41,8 +42,9 @@ class ImageDecode(ScoreFilter):
     writes: ClassVar[tuple[str, ...]] = ("width", "height", "image_format")
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "interleaved")
 
-    max_pixels: int = 89_478_485  # Pillow's own bomb threshold (about 0.25 GB of RGBA); Pillow itself
-    # refuses more than twice its PIL.Image.MAX_IMAGE_PIXELS, so a higher max_pixels needs that raised too
+    # Pillow's own bomb threshold (about 0.25 GB of RGBA); Pillow itself refuses more than twice its
+    # PIL.Image.MAX_IMAGE_PIXELS, so a higher max_pixels needs that raised too
+    max_pixels: int = bounded(89_478_485, 1, 1 << 34)
     full_decode: bool = False
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
@@ -120,8 +122,8 @@ class ImageSize(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("width", "height")
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
-    min_side: int = 32
-    max_side: int = 4096
+    min_side: int = bounded(32, 0, 65_535)
+    max_side: int = bounded(4096, 1, 1_048_576)
 
     def score(self, batch):
         return {self.score_name: pc.min_element_wise(batch["width"], batch["height"]).cast(pa.float64())}
@@ -142,7 +144,7 @@ class AspectRatio(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("width", "height")
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
-    max_ratio: float = 3.0
+    max_ratio: float = bounded(3.0, 1, 10_000)
 
     def score(self, batch):
         w = batch["width"].cast(pa.float64())

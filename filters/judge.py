@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.models.vlm import (
     BackendConfig,
     Request,
@@ -173,9 +174,11 @@ class VLMJudge(ScoreFilter):
     prompt: str | None = None  # one template for every modality (default: a rubric per modality)
     min_score: float = 3.0
     score_range: list[float] = field(default_factory=lambda: [1.0, 5.0])  # a valid answer's score lies here
-    max_attempts: int = 2  # asks per row while the answer does not parse
-    images_per_request: int = 4  # interleaved: the first N images; video: N frames spread over its length
-    max_image_side: int = 1024  # larger images are downscaled before sending (0: send as they are)
+    max_attempts: int = bounded(2, 1, 20)  # asks per row while the answer does not parse
+    # interleaved: the first N images; video: N frames spread over its length
+    images_per_request: int = bounded(4, 1, 64)
+    # larger images are downscaled before sending (0: send as they are)
+    max_image_side: int = bounded(1024, 0, 16_384)
 
     def __post_init__(self):
         if self.max_attempts < 1 or self.images_per_request < 1 or self.max_image_side < 0:

@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
+from curation.bounds import bounded
 from curation.models.ocr import mean_confidence
 from curation.stage import NotReady, ScoreFilter, first_reason, reason_where, register
 
@@ -88,12 +89,13 @@ class Ocr(ScoreFilter):
     engine: str = "rapidocr"
     model_dir: str | None = None
     angle: bool = True
-    min_side: int = 16
-    det_limit_side_len: int = 960
+    min_side: int = bounded(16, 1, 16_384)
+    det_limit_side_len: int = bounded(960, 32, 16_384)
     det_limit_type: str = "max"
-    min_line_confidence: float = 0.5
-    retry_below: float = 0.9
-    frames_per_video: int = 3  # video rows: frames read, spread over the clip (entries carry "image": frame index)
+    min_line_confidence: float = bounded(0.5, 0, 1)
+    retry_below: float = bounded(0.9, 0, 1)
+    # video rows: frames read, spread over the clip (entries carry "image": frame index)
+    frames_per_video: int = bounded(3, 1, 256)
 
     def __post_init__(self):
         from curation.models.ocr import ENGINES, LIMIT_TYPES
@@ -351,9 +353,9 @@ class TextRich(ScoreFilter):
     ranks: ClassVar[bool] = True  # more text is richer: keep_fraction keeps the most text-rich share
 
     ocr: str = "ocr"
-    min_text_area: float = 0.02
-    max_text_area: float = 1.0
-    min_confidence: float = 0.8
+    min_text_area: float = bounded(0.02, 0, 1)
+    max_text_area: float = bounded(1.0, 0, 1)
+    min_confidence: float = bounded(0.8, 0, 1)
     route: bool = False
 
     def __post_init__(self):

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from curation.bounds import bounded
 from curation.mix.coldstart import apply_suffix, dump_messages
 from curation.schema import row_id
 from curation.stage import Stage, mark_rejected, register
@@ -94,8 +95,9 @@ class OcrQA(Stage):
 
     ocr: str = "ocr"  # the ocr stage instance whose <ocr>_lines column to read
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    min_confidence: float = 0.8  # lines read less surely are left out of questions and answers
-    max_lines: int = 30  # images with more lines (dense documents) keep only the first ones
+    min_confidence: float = bounded(0.8, 0, 1)  # lines read less surely are left out of questions and answers
+    # images with more lines (dense documents) keep only the first ones
+    max_lines: int = bounded(30, 1, 10_000)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]

@@ -11,6 +11,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.mix.coldstart import check_row, degenerate
 from curation.stage import ScoreFilter, register
 
@@ -42,10 +43,10 @@ class SftValidate(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("messages", "mode", "images", "frames")
     default_modalities: ClassVar[tuple[str, ...]] = ("sft",)
 
-    ngram: int = 8
-    max_repeat: float = 0.3
-    min_compression: float = 0.1
-    min_bytes: int = 256
+    ngram: int = bounded(8, 1, 64)
+    max_repeat: float = bounded(0.3, 0, 1)
+    min_compression: float = bounded(0.1, 0, 1)
+    min_bytes: int = bounded(256, 0, 1_073_741_824)
 
     def __post_init__(self):
         if self.ngram < 2:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.bounds import bounded
 from curation.stage import ScoreFilter, first_reason, reason_where, register
 
 
@@ -36,8 +37,8 @@ class CaptionLength(ScoreFilter):
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
     unit: str = "words"
-    min: int = 2
-    max: int = 512
+    min: int = bounded(2, 0, 1_000_000)
+    max: int = bounded(512, 1, 1_000_000)
 
     def __post_init__(self):
         if self.unit not in ("words", "chars"):
@@ -68,8 +69,8 @@ class CaptionRepetition(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("text",)
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
-    n: int = 3
-    max_ratio: float = 0.5
+    n: int = bounded(3, 1, 64)
+    max_ratio: float = bounded(0.5, 0, 1)
 
     def score(self, batch):
         out = np.zeros(batch.num_rows)
@@ -146,7 +147,7 @@ class CaptionLanguage(ScoreFilter):
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
 
     languages: list[str] = field(default_factory=lambda: ["en"])
-    min_score: float = 0.3
+    min_score: float = bounded(0.3, 0, 1)
     model_path: str | None = None
 
     def setup(self):

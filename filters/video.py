@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from curation.bounds import bounded
 from curation.stage import ScoreFilter, first_reason, reason_where, register
 
 THUMB = 64  # side of the greyscale thumbnails motion and blankness are measured on
@@ -56,10 +57,10 @@ class VideoBounds(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("meta",)
     default_modalities: ClassVar[tuple[str, ...]] = ("video",)
 
-    min_duration: float | None = 1.0
-    max_duration: float | None = 600.0
-    min_side: int | None = 128
-    min_fps: float | None = 5.0
+    min_duration: float | None = bounded(1.0, 0, 1_000_000)
+    max_duration: float | None = bounded(600.0, 0, 1_000_000)
+    min_side: int | None = bounded(128, 0, 16_384)
+    min_fps: float | None = bounded(5.0, 0, 240)
 
     def __post_init__(self):
         for name in ("min_duration", "max_duration", "min_side", "min_fps"):
@@ -119,8 +120,8 @@ class VideoMotion(ScoreFilter):
     default_modalities: ClassVar[tuple[str, ...]] = ("video",)
     ranks: ClassVar[bool] = True  # more motion is more video: keep_fraction keeps the most dynamic clips
 
-    min_motion: float = 0.008
-    max_motion: float | None = None
+    min_motion: float = bounded(0.008, 0, 1)
+    max_motion: float | None = bounded(None, 0, 1)
 
     def __post_init__(self):
         if self.min_motion < 0 or (self.max_motion is not None and self.max_motion <= self.min_motion):
@@ -162,8 +163,8 @@ class VideoBlank(ScoreFilter):
     reads: ClassVar[tuple[str, ...]] = ("frames", "frame_ts")
     default_modalities: ClassVar[tuple[str, ...]] = ("video",)
 
-    max_std: float = 0.02  # of 0..1 greyscale: a flat colour with JPEG noise stays well below
-    max_blank_fraction: float = 0.5
+    max_std: float = bounded(0.02, 0, 1)  # of 0..1 greyscale: a flat colour with JPEG noise stays well below
+    max_blank_fraction: float = bounded(0.5, 0, 1)
 
     def __post_init__(self):
         if not (0 <= self.max_blank_fraction <= 1) or self.max_std < 0:

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-}
 
 # Debian packages: fonts the OCR tests render text with (DejaVu: Latin; WenQuanYi Micro Hei: Chinese and Latin).
-APT_PACKAGES=${APT_PACKAGES:-fonts-dejavu-core fonts-wqy-microhei}
+APT_PACKAGES=${APT_PACKAGES:-fonts-dejavu-core fonts-wqy-microhei bubblewrap}
 if [ -n "$APT_PACKAGES" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

@@ -89,7 +89,8 @@ def test_a_video_row_is_matched_from_its_frames_or_its_path(corpus, tmp_path):
     batch = from_rows([{"id": "framed", "modality": "video", "frames": vf.frames, "frame_ts": vf.ts},
                        {"id": "path-only", "modality": "video", "video": str(copy)},
                        {"id": "other", "modality": "video", "video": str(corpus / "benchmark" / "videos" / "nope.mp4")}])
-    out = _stage(corpus)(batch)
+    assert _stage(corpus)(batch)["reject_reason"].to_pylist() == ["contaminated:sample_video", None, None]
+    out = _stage(corpus, media_roots=[str(tmp_path), str(corpus)])(batch)  # a path is followed under media_roots only
     assert out["reject_reason"].to_pylist() == ["contaminated:sample_video"] * 2 + [None]
     for detail in out["reject_detail"].to_pylist()[:2]:
         best = json.loads(detail)[0]

@@ -6,6 +6,8 @@ Properties (issue 9):
 - nothing is written outside the output folder (readers write nothing: tar member names such as
   ``../../etc/x.jpg`` are keys, never paths on disk);
 - a recipe either loads or raises :class:`RecipeError` naming the file, quickly, without running anything.
+- sizes (issue 17): a line, tar member or Parquet value over its limit is a reject with its reason, read past
+  without being held; the rest is read exactly as without the limit.
 
 Examples are derandomized, so every run sees the same inputs; ``pytest -m slow`` runs ten times as many.
 """
@@ -32,9 +34,10 @@ from conftest import jpeg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from curation.io import fs as cfs
 from curation.io.readers import INGEST, plan_units, read_unit
 from curation.io.tar import TarError, iter_tar
-from curation.recipe import RecipeError, SourceSpec, load_pipeline
+from curation.recipe import LimitsSpec, RecipeError, SourceSpec, load_pipeline
 from curation.schema import ROW_SCHEMA, row_id
 
 COMMON = {"derandomize": True, "deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
@@ -480,6 +483,96 @@ def test_a_decoder_bug_is_an_unreadable_video_not_a_crash(tmp_path, monkeypatch)
     assert "the decoder failed (AttributeError" in got[0]["reject_detail"] and "a.mp4" in got[0]["reject_detail"]
 
 
+# ---------------------------------------------------------------- sizes: lines, members, values around the limits
+
+
+def read_limited(spec: SourceSpec, limits: LimitsSpec) -> list[dict]:
+    """Every row of every unit read under ``limits``; each offset comes back exactly once."""
+    out = []
+    with time_limit(60, f"reading {spec.paths}"):
+        for unit in plan_units([spec], unit_rows=3, limits=limits):
+            for t in read_unit(unit, batch_rows=4):
+                out += t.to_pylist()
+    assert sorted(r["source_offset"] for r in out) == offsets(out), "an offset came back twice"
+    return out
+
+
+def _prop_lines(limit, lines, chunk):
+    """iter_lines is bytes.split with \\r stripped, whatever the chunk size; a line over the limit is Skipped."""
+    data = b"\n".join(b"x" * n + (b"\r" if cr else b"") for n, cr in lines)
+    want = [b"x" * n if n + cr <= limit else cfs.Skipped(n + cr) for n, cr in lines]
+    if lines and (lines[-1][0] + lines[-1][1] <= limit) and not lines[-1][0]:
+        want.pop()  # a blank last line with no newline after it is no line
+    assert list(cfs.iter_lines(io.BytesIO(data), chunk=chunk, max_line=limit)) == want
+
+
+test_line_length_fuzz, test_line_length_fuzz_slow = fuzz(
+    _prop_lines, st.integers(1, 40),
+    st.lists(st.tuples(st.integers(0, 80), st.booleans()), max_size=12), st.integers(1, 50), examples=300)
+
+
+def _prop_member_sizes(sizes, limit, declared):
+    """A member over the limit is passed over (Skipped) by its header's size, the rest read exactly; a header
+    that declares any other size is a TarError or a short read, never memory held for it."""
+    members = [(f"{k:03d}.{'jpg' if k % 2 else 'txt'}", tarfile.REGTYPE, bytes([k % 251]) * n)
+               for k, n in enumerate(sizes)]
+    raw = build_tar(members, tarfile.GNU_FORMAT)
+    data = raw
+    if declared is not None and sizes:  # one header declares another size, up to 8 GiB
+        data = with_header(raw, headers(raw)[declared[0] % len(sizes)], 124, b"%011o\0" % declared[1])
+    try:
+        got = list(iter_tar(io.BytesIO(data), chunk=700, max_member=limit))
+    except TarError:
+        assert data != raw
+        got = None
+    if data == raw:
+        assert got == [(name, body if len(body) <= limit else cfs.Skipped(len(body))) for name, _, body in members]
+    with sandbox() as (folder, _, seal):
+        (folder / "shard.tar").write_bytes(data)
+        seal()
+        rows = read_limited(SourceSpec(name="w", format="webdataset", modality="image_text",
+                                       paths=[str(folder / "shard.tar")]), LimitsSpec(max_member_bytes=limit))
+    if data == raw:
+        big = [k for k, n in enumerate(sizes) if n > limit]
+        assert [r["source_offset"] for r in rows if r["reject_reason"] == "member_too_large"] == big
+
+
+test_tar_member_size_fuzz, test_tar_member_size_fuzz_slow = fuzz(
+    _prop_member_sizes, st.lists(st.integers(0, 3000), max_size=6), st.integers(1, 2500),
+    st.none() | st.tuples(st.integers(0, 5), st.integers(0, 8**11 - 1)), examples=100)
+
+
+def _prop_parquet_values(sizes, limit, group, page, dictionary):
+    """A row whose value is over the limit is always rejected (value_too_large) with its row group, a row group
+    whose footer size is within the limit never is, and every row comes back once."""
+    table = pa.table({"caption": [f"c{k}" for k in range(len(sizes))],
+                      "image": [bytes(n) if k % 2 else os.urandom(n) for k, n in enumerate(sizes)]})
+    with sandbox() as (folder, _, seal):
+        path = folder / "part.parquet"
+        pq.write_table(table, path, row_group_size=group, data_page_size=page, write_batch_size=2,
+                       use_dictionary=dictionary, compression="zstd")
+        seal()
+        rows = read_limited(SourceSpec(name="p", format="parquet", modality="image_text", paths=[str(path)]),
+                            LimitsSpec(max_value_bytes=limit))
+        meta = pq.ParquetFile(path).metadata
+    assert offsets(rows) == list(range(len(sizes)))
+    rejected = {r["source_offset"] for r in rows if r["reject_reason"] == "value_too_large"}
+    start = 0
+    for rg in range(meta.num_row_groups):
+        g = meta.row_group(rg)
+        span = set(range(start, start + g.num_rows))
+        if any(sizes[k] > limit for k in span):
+            assert span <= rejected
+        if all(g.column(j).total_uncompressed_size <= limit for j in range(g.num_columns)):
+            assert not span & rejected
+        start += g.num_rows
+
+
+test_parquet_value_size_fuzz, test_parquet_value_size_fuzz_slow = fuzz(
+    _prop_parquet_values, st.lists(st.integers(0, 200_000), max_size=8), st.integers(1000, 150_000),
+    st.integers(1, 4), st.sampled_from([1000, 8192, 1 << 20]), st.booleans(), examples=60)
+
+
 # ---------------------------------------------------------------- recipes: hostile YAML
 
 def bomb(levels: int, width: int = 9) -> str:
@@ -677,6 +770,40 @@ test_pipeline_recipe_fuzz, test_pipeline_recipe_fuzz_slow = fuzz(
     _prop_recipe, st.just("pipeline"), mutated(_pipeline_base), examples=150)
 test_mixture_recipe_fuzz, test_mixture_recipe_fuzz_slow = fuzz(
     _prop_recipe, st.just("mixture"), mutated(_mixture_base), examples=150)
+
+
+NUMERIC_KEYS = {  # numbers a recipe sets, by kind: every value is a recipe or a RecipeError, never an exception
+    "pipeline": ["output.shard_rows", "output.shard_bytes", "execution.batch_rows", "execution.unit_rows",
+                 "execution.num_workers", "execution.index_partition_rows", "stages.1.image_size.min_side",
+                 "stages.0.image_decode.max_pixels", "stages.0.image_decode.resources.num_cpus",
+                 "stages.0.image_decode.resources.concurrency", "sources.1.video.fps", "sources.1.video.max_frames",
+                 "sources.1.video.timeout_s", "sources.1.video.min_shot_s"],
+    "mixture": ["mixtures.m.budget", "mixtures.m.sources.a.weight", "mixtures.m.sources.b.max_epochs",
+                "output.shard_rows", "execution.batch_rows", "seed", "vision.patch", "markup.per_row"],
+}
+NUMBERS = (st.integers() | st.integers(-(10**30), 10**30) | st.floats()
+           ).map(lambda v: yaml.safe_dump(v, default_flow_style=True).split("\n")[0]) | st.sampled_from(
+    [".inf", "-.inf", ".nan", "1e999", "1.0e+999", "99999999999999999999999", "-0", "0x7fffffffffffffff", "1e12M"])
+
+
+def _prop_numbers(kind, data):
+    """Numeric overrides load to a recipe whose numbers fit in 64 bits and are finite, or to a RecipeError."""
+    from curation.bounds import fits
+    from curation.mix.recipe import load_mix_recipe
+
+    pairs = data.draw(st.lists(st.tuples(st.sampled_from(NUMERIC_KEYS[kind]), NUMBERS), min_size=1, max_size=3))
+    raw = (_pipeline_base if kind == "pipeline" else _mixture_base)("/tmp/fuzz-out")
+    load = {"pipeline": lambda p, o: load_pipeline(p, list(o), check_paths=False),
+            "mixture": lambda p, o: load_mix_recipe(p, list(o))}[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        recipe = check_loads_or_reports(load, path, [f"{key}={value}" for key, value in pairs])
+        assert recipe is None or fits(recipe.resolved)
+
+
+test_numeric_override_fuzz, test_numeric_override_fuzz_slow = fuzz(
+    _prop_numbers, st.sampled_from(["pipeline", "mixture"]), st.data(), examples=200)
 
 
 def _prop_text(kind, text):

@@ -106,7 +106,7 @@ def test_index_partition_rows_is_checked(tmp_path, sample_corpus):
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "p", execution="{index_partition_rows: 0}"))
-    with pytest.raises(RecipeError, match="index_partition_rows must be at least 1"):
+    with pytest.raises(RecipeError, match="execution.index_partition_rows: expected a positive integer between 1 and"):
         load_pipeline(recipe)
 
 

@@ -57,14 +57,23 @@ class AuditResult:
 def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: Sequence[str] = (),
               match: dict[str, Any] | None = None, address: str | None = None, overwrite: bool = False,
               progress: bool = True, num_cpus: int | None = None) -> AuditResult:
-    """Scan ``corpus`` (pools, source files or folders) against every benchmark of ``registry``."""
+    """Scan ``corpus`` (pools, source files or folders) against every benchmark of ``registry``.
+
+    ``out`` must not overlap the corpus, the registry or a benchmark file, and must be new, empty or an earlier
+    audit (:class:`curation.io.outputs.OutputError` otherwise, before anything is written); ``overwrite``
+    empties an earlier audit there first. One audit writes ``out`` at a time."""
+    from curation.io import outputs
     from curation.io.detect import detect_sources
     from curation.recipe import pipeline_from_dict
     from curation.runner import run_pipeline
 
     t0 = time.perf_counter()
     registry = str(Path(registry).resolve()) if "://" not in registry else registry
-    load_benchmarks(registry, list(registry_set))  # a broken registry fails here, before Ray starts
+    specs = load_benchmarks(registry, list(registry_set))  # a broken registry fails here, before Ray starts
+    out = out if "://" in out else os.path.abspath(out)
+    outputs.check_overlap(out, [("--corpus", c) for c in corpus] + [("--benchmarks", registry)]
+                          + [(f"benchmark {b.name}", p) for b in specs for p in b.paths])
+    outputs.check_writable(out, "audit", overwrite)
     sources = detect_sources(list(corpus))
     for s in sources:
         log.info("corpus source %s: %s %s, %d files", s.name, s.format, s.modality, len(s.paths))
@@ -78,18 +87,19 @@ def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: S
         "execution": {"num_cpus": num_cpus} if num_cpus else {},
     }
     recipe = pipeline_from_dict(raw, "curation audit")
-    result = run_pipeline(recipe, address=address, overwrite=overwrite, progress=progress)
-    stage = recipe.stages[0]
-    index = getattr(stage, "index", None) or BenchmarkIndex.build(registry, registry_set, stage.match)
-    data = build_report(index, scan, result.stats, registry=registry, corpus=list(corpus),
-                        sources=[asdict(s) for s in sources], seconds=time.perf_counter() - t0)
-    wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
-    catalog = {(it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-    _write_atomic(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(html_path, render_html(data, catalog, _corpus_rows(scan, data)))
+    with outputs.lock(out, "curation audit"):
+        outputs.claim(out, "audit", overwrite)  # with overwrite, the earlier scan and reports go too
+        result = run_pipeline(recipe, address=address, progress=progress)
+        stage = recipe.stages[0]
+        index = getattr(stage, "index", None) or BenchmarkIndex.build(registry, registry_set, stage.match)
+        data = build_report(index, scan, result.stats, registry=registry, corpus=list(corpus),
+                            sources=[asdict(s) for s in sources], seconds=time.perf_counter() - t0)
+        wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
+        catalog = {(it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted}
+        out_dir = Path(out)
+        json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+        _write_atomic(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(html_path, render_html(data, catalog, _corpus_rows(scan, data)))
     log.info("audit: %d rows scanned, %d contaminated; %s", data["rows_scanned"], data["rows_contaminated"], html_path)
     return AuditResult(str(out_dir), str(json_path), str(html_path), data)
 

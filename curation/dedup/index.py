@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.bounds import bounded
 from curation.dedup.registry import BenchmarkItem, NotIndexed, load_benchmarks, read_items
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,15 @@ class MatchConfig:
         temporal order (see curation.dedup.video).
     """
 
-    text_threshold: float = 0.5
-    ngram: int = 5
-    min_tokens: int = 4
-    min_ngrams: int = 3
-    minhash_threshold: float = 0.8
-    minhash_max_tokens: int = 2000
-    image_max_distance: float = 12.0
-    question_threshold: float = 0.6
-    video_min_score: float = 0.5
+    text_threshold: float = bounded(0.5, 0, 1)
+    ngram: int = bounded(5, 1, 64)
+    min_tokens: int = bounded(4, 0, 100_000)
+    min_ngrams: int = bounded(3, 0, 100_000)
+    minhash_threshold: float = bounded(0.8, 0, 1)
+    minhash_max_tokens: int = bounded(2000, 1, 10_000_000)
+    image_max_distance: float = bounded(12.0, 0, 64)  # bits of a 64-bit perceptual hash
+    question_threshold: float = bounded(0.6, 0, 1)
+    video_min_score: float = bounded(0.5, 0, 1)
 
 
 @dataclass

@@ -18,14 +18,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
+from curation.io import refs
 from curation.recipe import RecipeError, build, check_paths_exist, load_yaml
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ class BenchmarkSpec:
     paths: list[str]
     fields: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FIELDS))
     format: str = "auto"  # auto (by extension) | parquet | jsonl
+    # Where image and video paths in the benchmark's rows may point (curation.io.refs, as for corpus sources):
+    # the benchmark file's folder, these folders or s3:// prefixes; absolute paths only with allow_absolute.
+    media_roots: list[str] = field(default_factory=list)
+    allow_absolute: bool = False
 
 
 @dataclass
@@ -239,12 +245,13 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
             answer = options[int(answer)]
     context = get("context")
     base = cfs.dirname(uri)
+    policy = refs.policy(uri, spec.media_roots, spec.allow_absolute)
     issues: list[str] = []
     raw = ([get("image")] if get("image") is not None else []) + list(get("images") or [])
     images = []
     for k, value in enumerate(raw):
         try:
-            data = _image(value, base)
+            data = _image(value, base, policy)
             _check_image(data)
             images.append(data)
         except (OSError, TypeError, ValueError) as e:
@@ -253,9 +260,13 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
     if video is not None:
         if isinstance(video, dict):
             video = video.get("path")
-        video = cfs.join(base, str(video))
-        if not cfs.exists(video):
-            issues.append(f"video: file not found: {video}")
+        try:
+            video = policy.resolve(str(video), base)
+            if not cfs.exists(video):
+                issues.append(f"video: file not found: {video}")
+                video = None
+        except refs.RefusedReference as e:
+            issues.append(f"video {refs.shown(video)}: {e.reason}: {e}")
             video = None
     return BenchmarkItem(
         benchmark=spec.name, item_id=str(item_id), question=question, options=options, answer=answer,
@@ -264,14 +275,16 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
     )
 
 
-def _image(value: Any, base: str) -> bytes:
+def _image(value: Any, base: str, policy: refs.RefPolicy) -> bytes:
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
         try:
-            return cfs.read_bytes(cfs.join(base, value))
+            return policy.read(value, base)[1]
+        except refs.RefusedReference as e:
+            raise ValueError(f"{refs.shown(value)}: {e.reason}: {e}") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"file not found: {cfs.join(base, value)}") from None
     raise TypeError(f"neither bytes nor a path: {type(value).__name__}")

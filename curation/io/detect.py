@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
 from curation.io.tar import iter_tar
-from curation.recipe import SourceSpec
+from curation.recipe import LimitsSpec, SourceSpec
 
 log = logging.getLogger(__name__)
+
+_LIMITS = LimitsSpec()  # what a look inside may hold: the defaults a detected source is read with
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _CAPTION_KEYS = ("caption", "text", "txt", "alt", "alt_text", "TEXT")
@@ -93,7 +95,7 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
     if ext == "tar":
         with cfs.open_input(uri) as stream:
             exts = set()
-            for k, (name, _) in enumerate(iter_tar(stream)):
+            for k, (name, _) in enumerate(iter_tar(stream, max_member=_LIMITS.max_member_bytes)):
                 exts.add(name.rsplit(".", 1)[-1].lower())
                 if k >= 20:
                     break
@@ -125,8 +127,8 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
                                "text column recognised")
     with cfs.open_input(uri) as stream:
         first = None
-        for line in cfs.iter_lines(stream):
-            if line.strip():
+        for line in cfs.iter_lines(stream, max_line=_LIMITS.max_line_bytes):
+            if not isinstance(line, cfs.Skipped) and line.strip():  # a line too long to hold: the next one
                 first = line
                 break
     if first is None:

@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
+from curation.io import outputs
 from curation.schema import REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,25 @@ class _Part:
 VIDEO_PAYLOADS = ("frames", "clip", "both")
 
 
+# Reject reasons whose row's media bytes are not a decodable image or video of the corpus (or were never read).
+NO_MEDIA = frozenset({"undecodable", "decompression_bomb", "unreadable_video", "unreadable_file", "malformed_row",
+                      "refused_reference", "refused_scheme", "unit_failed"})
+_MEDIA_COLUMNS = ("image", "images", "video_bytes")
+
+
+def without_media(table: pa.Table) -> pa.Table:
+    """``table`` with the media bytes of rows rejected for a :data:`NO_MEDIA` reason set to null."""
+    drop = pc.fill_null(pc.is_in(table["reject_reason"], pa.array(sorted(NO_MEDIA))), False)
+    if not pc.any(drop).as_py():
+        return table
+    for name in _MEDIA_COLUMNS:
+        if name in table.column_names:
+            col = table[name]
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pc.if_else(drop, pa.nulls(len(table), col.type), col))
+    return table
+
+
 def video_payload(table: pa.Table, payload: str) -> pa.Table:
     """``table`` with what ``output.video`` leaves out of video rows nulled: ``video_bytes`` for ``frames``; for
     ``clip``, the ``frames`` of rows that have their clip (``frame_ts`` stays: when the frames were sampled)."""
@@ -208,6 +229,7 @@ class UnitSink:
     shard_bytes: int = 1 << 30
     write_rejects: bool = True
     video: str = "both"  # what video rows keep in the shards (VIDEO_PAYLOADS); rejects keep everything
+    reject_media: bool = False  # keep the bytes of media that did not decode in the rejects (see reject())
     parts: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -234,9 +256,13 @@ class UnitSink:
                 self._part = None
 
     def reject(self, table: pa.Table) -> None:
+        """Append rejected rows. The bytes of media that did not decode or were never read (:data:`NO_MEDIA`)
+        are left out unless ``reject_media``: they may be anything at all, not an image of the corpus."""
         if not self.write_rejects or not table.num_rows:
             self._rejects_rows += table.num_rows
             return
+        if not self.reject_media:
+            table = without_media(table)
         if self._rejects is None:
             self._rejects_stream = self.fs.open_output_stream(self._rejects_tmp)
             self._rejects = pq.ParquetWriter(self._rejects_stream, self.reject_schema, compression="zstd")
@@ -281,16 +307,18 @@ class Pool:
         return self.fs.get_file_info(f"{self.path}/_work/recipe.json").type == pafs.FileType.File
 
     def prepare(self, resolved: dict[str, Any], overwrite: bool = False) -> None:
-        """Create the folder, or check that an existing one was written by the same recipe.
+        """Create the folder, or check that an existing one was written by the same recipe; ``overwrite``
+        empties an earlier output of this tool first (:func:`curation.io.outputs.claim`). Call it holding the
+        output's lock (:func:`curation.io.outputs.lock`).
 
-        Raises ``FileExistsError`` for a pool of another recipe, :class:`curation.io.fs.StorageError` when the
-        location cannot be read or written (a missing bucket, refused credentials, a read-only disk)."""
+        Raises ``FileExistsError`` for a pool of another recipe, :class:`curation.io.outputs.OutputError` for a
+        folder this tool did not write, :class:`curation.io.fs.StorageError` when the location cannot be read
+        or written (a missing bucket, refused credentials, a read-only disk)."""
         with cfs.writing(self.root):
             self._prepare(resolved, overwrite)
 
     def _prepare(self, resolved: dict[str, Any], overwrite: bool) -> None:
-        if overwrite and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path)
+        outputs.claim(self.root, "pool", overwrite)
         if self.exists():
             with self.fs.open_input_stream(f"{self.path}/_work/recipe.json") as f:
                 previous = json.loads(f.read())

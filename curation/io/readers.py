@@ -9,6 +9,20 @@ Bad input never stops a reader: a row that cannot be read (malformed JSON, text 
 an image file that is missing, the unreadable tail of a truncated tar) becomes a row rejected by the
 ``ingest`` stage with a reason and a detail naming the file and offset.
 
+Nor does input larger than the recipe's ``limits:`` (:class:`curation.recipe.LimitsSpec`, carried in each
+unit): it is found before its memory is spent and rejected with the limit's reason.
+
+==================== ======== ====================================================== ================
+limit                default  what it bounds                                         reject reason
+==================== ======== ====================================================== ================
+``max_media_bytes``  1 GiB    an image or video a row references (size from the fs)  file_too_large
+``max_file_bytes``   512 MiB  a file read whole: a ``.json`` list of conversations   file_too_large
+``max_member_bytes`` 1 GiB    a tar member (size from its header; read past)         member_too_large
+``max_line_bytes``   64 MiB   a JSONL line (read past, never held)                   line_too_long
+``max_value_bytes``  256 MiB  a Parquet value: a row group with a larger page (from  value_too_large
+                              the page headers) is never decompressed
+==================== ======== ====================================================== ================
+
 Formats and the fields they map (``fields:`` in the source overrides the defaults below):
 
 =========== =========== ===================================================================
@@ -51,14 +65,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
+from curation.io import pages, refs
 from curation.io.tar import TarError, iter_tar
 from curation.mix import coldstart
-from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, SourceSpec, frame_bounds
+from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, LimitsSpec, SourceSpec, frame_bounds
 from curation.schema import MODALITIES, ROW_SCHEMA, from_rows, json_meta, row_id
+from curation.secrets import redact
 
 log = logging.getLogger(__name__)
 
 INGEST = "ingest"
+UNIT_FAILED = "unit_failed"  # reading the unit killed its worker every time it was tried
 
 _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     ("webdataset", "image_text"): {"text": "txt", "image": "jpg;jpeg;png;webp", "meta": "json"},
@@ -97,6 +114,9 @@ class Unit:
     on_bad_text: str = "reject"
     mode: str | None = None  # sft: the mode of records that carry none
     video_json: str = "{}"  # how videos are sampled (recipe.VIDEO_OPTIONS, resolved)
+    refs_json: str = "{}"  # where media references may point: media_roots, allow_absolute, schemes (curation.io.refs)
+    failed: str | None = None  # why reading this unit kills its worker: it is not read again, only reported
+    limits_json: str = "{}"  # the recipe's limits: (recipe.LimitsSpec; its defaults where empty)
 
     @property
     def fields(self) -> dict[str, str]:
@@ -105,6 +125,10 @@ class Unit:
     @property
     def video(self) -> dict[str, Any]:
         return {**VIDEO_OPTIONS, **json.loads(self.video_json)}
+
+    @property
+    def limits(self) -> LimitsSpec:
+        return LimitsSpec(**json.loads(self.limits_json))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,8 +140,11 @@ class Unit:
         return f"{self.uri}{rng}"
 
 
-def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]:
+def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000,
+               limits: LimitsSpec | None = None) -> list[Unit]:
     """Expand every source's paths into units, in recipe order, files sorted."""
+    limits = limits or LimitsSpec()
+    limits_json = json.dumps(asdict(limits), sort_keys=True)
     units: list[Unit] = []
     for spec in sources:
         fields = dict(_DEFAULT_FIELDS.get((spec.format, spec.modality), {}))
@@ -125,31 +152,34 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000) -> list[Unit]
         fields_json = json.dumps(fields, sort_keys=True)
         files: list[str] = []
         for pattern in spec.paths:
-            for f in cfs.expand(pattern):
+            for f in cfs.expand(pattern, spec.on_bad_name):
                 if f not in files:
                     files.append(f)
         for uri in files:
             common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
                           fields_json=fields_json, on_bad_text=spec.on_bad_text, mode=spec.mode,
-                          video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True))
+                          video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True),
+                          limits_json=limits_json,
+                          refs_json=json.dumps({"roots": spec.media_roots, "allow_absolute": spec.allow_absolute,
+                                                "schemes": spec.schemes}, sort_keys=True))
             sft = spec.format in SFT_FORMATS
             if spec.format in ("parquet", "pool") or (sft and uri.endswith(".parquet")):
                 for start, stop in _row_group_ranges(uri, unit_rows):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
             elif (spec.format == "jsonl" and spec.modality == "video") or (sft and uri.endswith(".jsonl")):
                 per_unit = VIDEO_UNIT_ROWS if spec.modality == "video" else SFT_UNIT_ROWS
-                for start, stop in _line_ranges(uri, per_unit):
+                for start, stop in _line_ranges(uri, per_unit, limits.max_line_bytes):
                     units.append(Unit(index=len(units), rg_start=start, rg_stop=stop, **common))
             else:
                 units.append(Unit(index=len(units), **common))
     return units
 
 
-def _line_ranges(uri: str, per_unit: int) -> list[tuple[int, int | None]]:
+def _line_ranges(uri: str, per_unit: int, max_line: int) -> list[tuple[int, int | None]]:
     """Line ranges of a JSONL file, ``per_unit`` lines each (a manifest of videos is small to count)."""
     try:
         with cfs.open_input(uri) as stream:
-            n = sum(1 for _ in cfs.iter_lines(stream))
+            n = sum(1 for _ in cfs.iter_lines(stream, max_line=max_line))
     except OSError as e:  # the reader reports it as an unreadable file
         log.warning("cannot count the lines of %s (%s); it will be reported as unreadable", uri, e)
         return [(0, None)]
@@ -187,6 +217,9 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
     reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl,
               "pool": _read_pool, "sharegpt": _read_sft, "qa": _read_sft}[unit.format]
     make = _RowMaker(unit)
+    if unit.failed:  # the runner gave up on it: one reject says so, nothing is read
+        yield _table([make.broken(unit.rg_start, UNIT_FAILED, unit.failed)], make)
+        return
     rows: list[dict[str, Any]] = []
     next_offset = 0
     try:
@@ -203,7 +236,7 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
         yield _table(rows, make)
 
 
-def _table(rows: list[dict[str, Any]], make: "_RowMaker") -> pa.Table:
+def _table(rows: list[dict[str, Any]], make: _RowMaker) -> pa.Table:
     try:
         return from_rows(rows)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -227,31 +260,65 @@ class _RowMaker:
     def __init__(self, unit: Unit):
         self.unit = unit
         self.fields = unit.fields
+        self.limits = unit.limits
+        self.base = cfs.dirname(unit.uri)  # relative references start here
+        opts = json.loads(unit.refs_json)
+        root = self.fields.get("image_root")
+        if root and unit.format in SFT_FORMATS:  # the recipe's own folder for this source's images
+            self.base = _resolve(self.base, root)
+        self.refs = refs.policy(unit.uri, opts.get("roots", ()), opts.get("allow_absolute", False),
+                                opts.get("schemes", refs.SCHEMES), extra=(self.base,))
+
+    def resolve(self, ref: Any) -> str:
+        """A media reference as an absolute path or URI; :class:`refs.RefusedReference` where it may not point."""
+        return self.refs.resolve(ref, self.base)
+
+    def read(self, ref: Any) -> bytes:
+        """The bytes of a media reference, read only where the source's policy allows."""
+        return self.refs.read(ref, self.base, self.limits.max_media_bytes)[1]
 
     def rows(self, offset: int, **kw: Any) -> list[dict[str, Any]]:
         """The row, or with ``video: {shots: true}`` on a video source, one row per shot of its video."""
         opts = self.unit.video
         if not (self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")):
             return [self.row(offset, **kw)]
-        video = self._resolve(kw.pop("video"))
         kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
-        shots, clips, meta, reason, detail = self._shots(offset, video, kw.pop("meta", None),
-                                                         kw.pop("video_bytes", None))
+        video, data, reason, detail = self._fetch_video(offset, kw.pop("video"), kw.pop("video_bytes", None))
+        meta = kw.pop("meta", None)
+        if not reason:
+            shots, clips, meta, reason, detail = self._shots(offset, video, meta, data)
         if reason:
-            return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, **kw)]
+            return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, _located=True, **kw)]
         out = []
         for j, shot in enumerate(shots):
             extra = {"clip_ext": "mp4", "clip": clips[j].how} if clips else {}
             r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score,
-                                                        **extra), _frames=(shot.frames, shot.ts), **kw)
+                                                        **extra), _frames=(shot.frames, shot.ts), _located=True, **kw)
             r["clip_start"], r["clip_end"] = round(shot.start, 6), round(shot.end, 6)
             r["video_bytes"] = clips[j].data if clips else None
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
 
-    def _resolve(self, video: str) -> str:
-        """A video reference relative to the unit's file, as an absolute path or URI."""
-        return video if cfs.is_uri(video) or os.path.isabs(video) else cfs.join(cfs.dirname(self.unit.uri), video)
+    def _fetch_video(self, offset: int, ref: Any, data: bytes | None) -> tuple[Any, bytes | None, str | None,
+                                                                               str | None]:
+        """``(location, bytes, reject reason, detail)`` of a row's video. Bytes in hand keep their label (a tar
+        member, a Parquet row); a reference is resolved under the source's roots, then read."""
+        where = f"{self.unit.uri}#{offset}"
+        if data is not None:  # the label only names it (a Parquet struct's path: resolved like a reference if it may)
+            try:
+                return (self.resolve(ref) if ref and "#" not in ref else ref), data, None, None
+            except refs.RefusedReference:
+                return _cut(ref), data, None, None
+        if not ref:
+            return None, None, "missing_video_file", f"{where}: no video reference"
+        location = _cut(ref)
+        try:
+            location = self.resolve(ref)
+            return location, refs.fetch(location, self.limits.max_media_bytes), None, None
+        except refs.RefusedReference as e:
+            return _cut(ref), None, e.reason, f"{where}: video {refs.shown(ref)}: {e}"
+        except (OSError, ValueError) as e:
+            return location, None, "missing_video_file", f"{where}: cannot read {refs.shown(ref)}: {e}"
 
     @staticmethod
     def _facts(meta: dict | None, v: Any) -> dict[str, Any]:
@@ -259,15 +326,11 @@ class _RowMaker:
         return dict(meta or {}, duration=v.duration, video_width=v.width, video_height=v.height, codec=v.codec,
                     fps=v.fps, has_audio=v.audio)
 
-    def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes | None = None):
-        """(shots, their clips or None, meta, reject reason, detail)."""
+    def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes):
+        """(shots, their clips or None, meta, reject reason, detail) of a video's bytes."""
         from curation.io.video import VideoError, encode_clips, sample_shots
 
         where = f"{self.unit.uri}#{offset}"
-        try:
-            data = cfs.read_bytes(uri) if data is None else data
-        except (OSError, FileNotFoundError) as e:
-            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}"
         o = self.unit.video
         try:
             info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o),
@@ -286,20 +349,20 @@ class _RowMaker:
             texts: list | None = None, images: list | None = None, meta: dict | None = None,
             reason: str | None = None, detail: str | None = None, video: str | None = None,
             messages: str | None = None, mode: str | None = None, video_bytes: bytes | None = None,
-            _frames: tuple[list[bytes], list[float]] | None = None) -> dict[str, Any]:
+            _frames: tuple[list[bytes], list[float]] | None = None, _located: bool = False) -> dict[str, Any]:
         """One canonical row; raises TypeError naming the field when a value has a type no row can hold."""
         m = self.unit.modality
         for key, value, want in (("text", text, (str, bytes)), ("image", image, bytes), ("video", video, str)):
             if value is not None and not isinstance(value, want):
                 raise TypeError(f"'{self.fields.get(key, key)}' must be {_WANT[key]}, got {type(value).__name__}")
         frames = frame_ts = None
-        if video:  # stored resolved, for later stages
-            video = self._resolve(video)
         clip = None
         if _frames is not None:  # a shot: sampled by rows()
             frames, frame_ts = _frames
-        elif reason is None and (m == "video" or (m == "sft" and video)):
-            frames, frame_ts, meta, reason, detail, clip = self._video(offset, video, meta, video_bytes)
+        elif reason is None and not _located and (m == "video" or (m == "sft" and video)):
+            video, frames, frame_ts, meta, reason, detail, clip = self._video(offset, video, meta, video_bytes)
+        elif video and not _located and video_bytes is None:  # a row rejected already: its reference, as named
+            video = _cut(video)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
         elif m == "interleaved":
@@ -319,36 +382,33 @@ class _RowMaker:
             "video": video, "frames": frames, "frame_ts": frame_ts, "video_bytes": clip,
             "messages": messages, "mode": mode,
             "source_uri": self.unit.uri, "source_offset": offset,
-            "reject_stage": INGEST if reason else None, "reject_reason": reason, "reject_detail": detail,
+            "reject_stage": INGEST if reason else None, "reject_reason": reason,
+            "reject_detail": redact(detail) if detail else None,  # a row's URI may carry credentials
         }
 
-    def _video(self, offset: int, ref: str | None, meta: dict | None, data: bytes | None = None):
-        """Keyframes of the row's video: (frames, ts, meta, reject reason, detail, the file's bytes when the
-        source keeps clips)."""
+    def _video(self, offset: int, ref: Any, meta: dict | None, data: bytes | None = None):
+        """Keyframes of the row's video: (its location, frames, ts, meta, reject reason, detail, the file's
+        bytes when the source keeps clips)."""
         from curation.io.video import VideoError, sample_frames
 
         where = f"{self.unit.uri}#{offset}"
-        if not ref:
-            return None, None, meta, "missing_video_file", f"{where}: no video reference", None
-        uri = ref
-        try:
-            data = cfs.read_bytes(uri) if data is None else data
-        except (OSError, FileNotFoundError) as e:
-            return None, None, meta, "missing_video_file", f"{where}: cannot read {uri}: {e}", None
+        uri, data, reason, detail = self._fetch_video(offset, ref, data)
+        if reason:
+            return uri, None, None, meta, reason, detail, None
         o = self.unit.video
         try:
             vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri,
                                timeout_s=o["timeout_s"])
         except VideoError as e:
-            return None, None, meta, "unreadable_video", f"{where}: {e}", None
+            return uri, None, None, meta, "unreadable_video", f"{where}: {e}", None
         except Exception as e:  # the decoder tripped over a damaged file (a decoder bug): still unreadable
             log.exception("decoding %s failed", uri)
-            return None, None, meta, "unreadable_video", _decoder_failed(where, uri, e), None
+            return uri, None, None, meta, "unreadable_video", _decoder_failed(where, uri, e), None
         meta = self._facts(meta, vf)
         keep = bool(o["clip"]) and self.unit.modality == "video"
         if keep:
             meta["clip_ext"] = vf.ext
-        return vf.frames, vf.ts, meta, None, None, data if keep else None
+        return uri, vf.frames, vf.ts, meta, None, None, data if keep else None
 
     def guarded(self, offset: int, build: Callable[..., list[dict[str, Any]]], *args: Any,
                 raw: bytes | str | None = None) -> list[dict[str, Any]]:
@@ -359,6 +419,8 @@ class _RowMaker:
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as e:
             return [self.broken(offset, "malformed_row", f"a field has the wrong type: {type(e).__name__}: {e}",
                                 raw)]
+        except cfs.TooLarge as e:  # a referenced file over its limit, found before it was read
+            return [self.broken(offset, e.reason, str(e), raw)]
 
     def broken(self, offset: int, reason: str, detail: str, raw: bytes | str | None = None) -> dict[str, Any]:
         """A row that could not be read at all: kept (as a reject) so it is counted and visible."""
@@ -383,7 +445,9 @@ def _decode_text(raw: bytes) -> tuple[str, str | None]:
 def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
     """Samples of a tar: consecutive members that share a key (``dir/key.ext``). Member names are never
     paths on disk here, so ``../`` or absolute names are only odd keys. A member without an extension
-    belongs to no sample: they are reported together in one ``malformed_row`` reject after the samples."""
+    belongs to no sample: they are reported together in one ``malformed_row`` reject after the samples.
+    A sample with a member over ``limits.max_member_bytes`` (passed over unread) is a ``member_too_large``
+    reject."""
     make = _RowMaker(unit)
     f = make.fields
     image_exts = f.get("image", "").split(";") if f.get("image") else []
@@ -393,6 +457,11 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
 
     def emit() -> list[dict[str, Any]]:
         key = _printable(current_key)  # a name that is not UTF-8 still makes a readable key
+        over = sorted(e for e, data in members.items() if isinstance(data, cfs.Skipped))
+        if over:  # passed over unread
+            problem = cfs.TooLarge.over("member_too_large", f"member {key}.{over[0]}", members[over[0]].size,
+                                        "max_member_bytes", make.limits.max_member_bytes)
+            return [make.broken(offset, problem.reason, str(problem))]
         text = members.get(f["text"]) if "text" in f else None
         image = next((members[e] for e in image_exts if e in members), None)
         meta = {"__key__": key}
@@ -426,7 +495,7 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
 
     try:
         with cfs.open_input(unit.uri) as stream:
-            for name, data in iter_tar(stream):
+            for name, data in iter_tar(stream, max_member=make.limits.max_member_bytes):
                 base = name.rsplit("/", 1)[-1]
                 if "." not in base:
                     strays.append(name)
@@ -475,6 +544,50 @@ def _open_parquet(unit: Unit):
     return handle, pf, list(range(unit.rg_start, stop)), offset
 
 
+def _parquet_batches(make: _RowMaker, handle, pf: pq.ParquetFile, groups: list[int], offset: int,
+                     **kw: Any) -> Iterator[tuple[int, pa.RecordBatch | dict[str, Any]]]:
+    """``(offset of its first row, record batch)`` over the unit's row groups; for each row of a row group
+    that may hold a value over ``limits.max_value_bytes``, ``(offset, reject)`` instead: that row group is
+    never decompressed."""
+    limit, local = make.limits.max_value_bytes, not cfs.is_uri(make.unit.uri)
+    too_large = {rg: why for rg in groups
+                 if (why := _too_large(handle, pf.metadata.row_group(rg), limit, local))}
+    run: list[int] = []  # row groups read together, so that batches span them as before
+    for rg in [*groups, None]:
+        if rg is not None and rg not in too_large:
+            run.append(rg)
+            continue
+        for batch in pf.iter_batches(row_groups=run, **kw) if run else ():
+            yield offset, batch
+            offset += batch.num_rows
+        run = []
+        if rg is not None:
+            for _ in range(pf.metadata.row_group(rg).num_rows):
+                yield offset, make.broken(offset, "value_too_large", f"row group {rg}: {too_large[rg]}")
+                offset += 1
+
+
+def _too_large(handle, group, limit: int, local: bool) -> str | None:
+    """Why a row group (``RowGroupMetaData``) must not be decompressed: a column with a page (so perhaps a value)
+    of more than ``limit`` bytes uncompressed. A chunk the footer puts under the limit is walked only in a
+    local file (where it is cheap), and there a page header that cannot be read is left to pyarrow."""
+    for j in range(group.num_columns):
+        column = group.column(j)
+        claimed = column.total_uncompressed_size
+        if claimed <= limit and not local:
+            continue
+        try:
+            page = pages.largest_page(handle, column)
+        except ValueError as e:
+            if claimed <= limit:
+                continue
+            return f"column '{column.path_in_schema}' claims {claimed:,} bytes uncompressed, and {e}"
+        if page > limit:
+            return (f"column '{column.path_in_schema}' has a page of {page:,} bytes uncompressed, over "
+                    f"limits.max_value_bytes ({limit:,}): raise it in the recipe to read it")
+    return None
+
+
 def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
     make = _RowMaker(unit)
     f = make.fields
@@ -488,7 +601,10 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
         meta_cols = [c for c in pf.schema_arrow.names if c not in mapped
                      and not pa.types.is_binary(pf.schema_arrow.field(c).type)]
         try:
-            for batch in pf.iter_batches(row_groups=groups, batch_size=1024):
+            for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=1024):
+                if isinstance(batch, dict):  # a reject
+                    yield batch
+                    continue
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
                     yield from make.guarded(offset, _parquet_rows, make, f, cols, meta_cols, i, offset)
@@ -526,7 +642,11 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
             return
         columns = [c for c in _POOL_COLUMNS if c in names]
         try:
-            for batch in pf.iter_batches(row_groups=groups, batch_size=256, columns=columns):
+            for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=256,
+                                                  columns=columns):
+                if isinstance(batch, dict):  # a reject
+                    yield batch
+                    continue
                 for row in batch.to_pylist():
                     problem = _pool_row_problem(row)
                     if problem:
@@ -582,14 +702,20 @@ def _image_bytes(value: Any) -> bytes | None:
     return value
 
 
-def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | ValueError, str | None, bytes]]:
+def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | Exception, str | None, bytes]]:
     """``(offset, object, UTF-8 problem, raw line)`` for the non-blank lines of the unit's line range;
-    a line that is not a JSON object comes with the ``ValueError`` in place of the object."""
-    for offset, raw in enumerate(cfs.iter_lines(stream)):
+    a line that is not a JSON object comes with the ``ValueError`` in place of the object, and a line
+    over ``limits.max_line_bytes`` (never held) with a :class:`curation.io.fs.TooLarge`."""
+    max_line = unit.limits.max_line_bytes
+    for offset, raw in enumerate(cfs.iter_lines(stream, max_line=max_line)):
         if offset < unit.rg_start:
             continue
         if unit.rg_stop is not None and offset >= unit.rg_stop:
             break
+        if isinstance(raw, cfs.Skipped):
+            too_long = cfs.TooLarge.over("line_too_long", "the line", raw.size, "max_line_bytes", max_line)
+            yield offset, too_long, None, b""
+            continue
         if not raw.strip():
             continue  # blank lines are not rows (offsets stay line numbers)
         text_of_line, bad = _decode_text(raw)
@@ -604,6 +730,13 @@ def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | ValueError, st
         yield offset, obj, bad, raw
 
 
+def _line_reject(make: _RowMaker, offset: int, problem: Exception, raw: bytes) -> dict[str, Any]:
+    """The reject of a line that is no record: too long to read, or not a JSON object."""
+    if isinstance(problem, cfs.TooLarge):
+        return make.broken(offset, problem.reason, str(problem))
+    return make.broken(offset, "malformed_row", f"not a JSON object: {problem}", raw)
+
+
 def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
     make = _RowMaker(unit)
     f = make.fields
@@ -615,8 +748,8 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
         return
     with stream:
         for offset, obj, bad, raw in _json_lines(unit, stream):
-            if isinstance(obj, ValueError):
-                yield make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
+            if isinstance(obj, Exception):
+                yield _line_reject(make, offset, obj, raw)
                 continue
             yield from make.guarded(offset, _jsonl_rows, make, f, base, offset, obj, bad, raw=raw)
 
@@ -629,16 +762,18 @@ def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad
     if bad_text and unit.on_bad_text == "reject":
         reason, detail = "text_not_utf8", f"{unit.uri}#{offset}: {bad_text}"
     missing: list[str] = []
+    refused: list[str] = []
 
     def load(ref: Any) -> bytes | None:
         if ref is None:
             return None
-        path = cfs.join(base, str(ref))
         try:
-            return cfs.read_bytes(path)
-        except (OSError, FileNotFoundError):
+            return make.read(ref)
+        except refs.RefusedReference as e:
+            refused.append(f"{e.reason}: image {refs.shown(ref)}: {e}")
+        except (OSError, ValueError):
             missing.append(str(ref))
-            return None
+        return None
 
     for key in ("texts", "images"):
         if key in f and obj.get(f[key]) is not None and not isinstance(obj[f[key]], list):
@@ -647,6 +782,9 @@ def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad
     image = load(obj.get(f["image"])) if "image" in f else None
     texts = obj.get(f["texts"]) if "texts" in f else None
     images = [load(x) for x in obj.get(f["images"]) or []] if "images" in f else None
+    if refused and reason is None:
+        reason, why = refused[0].split(": ", 1)
+        detail = f"{unit.uri}#{offset}: {why}"
     if missing and reason is None:
         reason, detail = "missing_image_file", f"{unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
     if text is not None and not isinstance(text, str):
@@ -669,32 +807,25 @@ def _read_sft(unit: Unit) -> Iterator[dict[str, Any]]:
     with the converter's reason; a missing image file is ``missing_image_file`` and keeps the messages.
     """
     make = _RowMaker(unit)
-    f = make.fields
     convert = coldstart.from_conversation if unit.format == "sharegpt" else coldstart.from_qa
-    base = cfs.dirname(unit.uri)
-    if f.get("image_root"):
-        base = _resolve(base, f["image_root"])
     for offset, record, broken in _sft_records(unit, make):
         if broken is not None:
             yield broken
             continue
-        yield from make.guarded(offset, _sft_row, make, convert, record, base, offset)
+        yield from make.guarded(offset, _sft_row, make, convert, record, offset)
 
 
-def _sft_row(make: _RowMaker, convert, record: dict, base: str, offset: int) -> list[dict[str, Any]]:
+def _sft_row(make: _RowMaker, convert, record: dict, offset: int) -> list[dict[str, Any]]:
     try:
         conv = convert(record, make.fields, make.unit.mode)
-        images, missing = _load_images(conv.images, base)
+        images, reason, why = _load_images(conv.images, make)
     except coldstart.ConversionError as e:
         return [make.broken(offset, e.reason, e.detail, _raw_record(record))]
-    reason = detail = None
-    if missing:
-        reason, detail = "missing_image_file", f"{make.unit.uri}#{offset}: cannot read {', '.join(missing[:3])}"
+    detail = f"{make.unit.uri}#{offset}: {why}" if reason else None
     meta = {k: v for k, v in record.items()
             if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))}
     return [make.row(offset, messages=coldstart.dump_messages(conv.messages), mode=conv.mode,
-                     images=images or None, meta=meta, video=_resolve(base, conv.video) if conv.video else None,
-                     reason=reason, detail=detail)]
+                     images=images or None, meta=meta, video=conv.video or None, reason=reason, detail=detail)]
 
 
 def _resolve(base: str, ref: str) -> str:
@@ -702,12 +833,19 @@ def _resolve(base: str, ref: str) -> str:
     return path if cfs.is_uri(path) else os.path.normpath(path)
 
 
-def _load_images(refs: list[Any], base: str) -> tuple[list[bytes | None], list[str]]:
-    """Bytes of every image reference (inline bytes, structs, data URIs, or paths read from storage),
-    and the references that could not be read."""
+def _cut(ref: Any, limit: int = 1000) -> str:
+    """A reference as the row keeps it when it was not followed: text, at most ``limit`` characters."""
+    text = ref if isinstance(ref, str) else repr(ref)
+    return text[:limit]
+
+
+def _load_images(references: list[Any], make: _RowMaker) -> tuple[list[bytes | None], str | None, str | None]:
+    """Bytes of every image reference (inline bytes, structs, data URIs, or paths read where the source's
+    policy allows), and the reject reason and why for those that could not be read (a refusal first)."""
     images: list[bytes | None] = []
     missing: list[str] = []
-    for ref in refs:
+    refused: tuple[str, str] | None = None
+    for ref in references:
         data = coldstart.image_bytes(ref)
         path = coldstart.image_path(ref) if data is None else None
         if data is None and path is None:
@@ -715,11 +853,17 @@ def _load_images(refs: list[Any], base: str) -> tuple[list[bytes | None], list[s
                                                              f"a data URI, got {type(ref).__name__}")
         if path is not None:
             try:
-                data = cfs.read_bytes(_resolve(base, path))
-            except (OSError, FileNotFoundError):
+                data = make.read(path)
+            except refs.RefusedReference as e:
+                refused = refused or (e.reason, f"image {refs.shown(path)}: {e}")
+            except (OSError, ValueError):
                 missing.append(path)
         images.append(data)
-    return images, missing
+    if refused:
+        return images, *refused
+    if missing:
+        return images, "missing_image_file", f"cannot read {', '.join(missing[:3])}"
+    return images, None, None
 
 
 def _raw_record(record: Any) -> str:
@@ -738,7 +882,10 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
         handle, pf, groups, offset = opened
         with handle:
             try:
-                for batch in pf.iter_batches(row_groups=groups, batch_size=256):
+                for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=256):
+                    if isinstance(batch, dict):  # a reject
+                        yield offset, None, batch
+                        continue
                     for record in batch.to_pylist():
                         yield offset, record, None
                         offset += 1
@@ -747,12 +894,15 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
         return
     try:
         if unit.uri.endswith(".json"):
-            data = cfs.read_bytes(unit.uri)
+            data = cfs.read_bytes(unit.uri, make.limits.max_file_bytes, "max_file_bytes")
             stream = io.BytesIO(data)
         else:
             data, stream = b"", cfs.open_input(unit.uri)
     except (OSError, FileNotFoundError) as e:
         yield 0, None, make.broken(0, "unreadable_file", str(e))
+        return
+    except cfs.TooLarge as e:  # read whole, and parsed into several times its size: never started
+        yield 0, None, make.broken(0, e.reason, str(e))
         return
     if data.lstrip()[:1] == b"[":
         try:
@@ -769,8 +919,8 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
         return
     with stream:
         for offset, obj, bad, raw in _json_lines(unit, stream):
-            if isinstance(obj, ValueError):
-                yield offset, None, make.broken(offset, "malformed_row", f"not a JSON object: {obj}", raw)
+            if isinstance(obj, Exception):
+                yield offset, None, _line_reject(make, offset, obj, raw)
             elif bad and unit.on_bad_text == "reject":
                 yield offset, None, make.broken(offset, "text_not_utf8", bad, raw)
             else:

@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from curation.io.fs import Skipped
+
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _MAX_READ = 1 << 26  # bytes per read of a large member
+_MAX_NAME = 1 << 20  # a GNU long name or a pax header longer than this is passed over: no path is that long
 
 
 class TarError(ValueError):
@@ -54,8 +57,10 @@ def _pax_path(data: bytes) -> bytes | None:
     return path
 
 
-def iter_tar(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(name, data)`` for every regular file of the tar ``stream``, in archive order.
+def iter_tar(stream: BinaryIO, chunk: int = 1 << 20,
+             max_member: int | None = None) -> Iterator[tuple[str, bytes | Skipped]]:
+    """Yield ``(name, data)`` for every regular file of the tar ``stream``, in archive order. A member whose
+    header declares more than ``max_member`` bytes is read past, never held, and comes as :class:`Skipped`.
 
     Raises :class:`TarError` on a damaged archive, after yielding every member before the damage.
     """
@@ -76,6 +81,17 @@ def iter_tar(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[tuple[str, byte
         pos += n
         return out
 
+    def skip(n: int) -> None:
+        """Pass over ``n`` bytes, ``chunk`` at a time, holding none."""
+        nonlocal buf, pos
+        have = min(n, len(buf) - pos)
+        pos += have
+        while have < n:
+            more = stream.read(min(n - have, chunk))
+            if not more:
+                raise TarError(f"the archive ends inside a member ({have} of {n} bytes)")
+            have += len(more)
+
     long_name: bytes | None = None
     while True:
         try:
@@ -90,9 +106,16 @@ def iter_tar(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[tuple[str, byte
             raise TarError("a header checksum does not match: the archive is damaged")
         size = _number(header[124:136])
         kind = header[156:157]
-        data = take(size)
-        if size % _BLOCK:
-            take(_BLOCK - size % _BLOCK)
+        # Only what is used is held: a regular member within the limit, a long name. The rest (folders, links,
+        # devices, a member over the limit) is read past, whatever size its header declares.
+        wanted = ((kind in _REGULAR and (max_member is None or size <= max_member))
+                  or (kind in (b"L", b"x") and size <= _MAX_NAME))
+        data = take(size) if wanted else Skipped(size)
+        if not wanted:
+            skip(size)
+        skip(-size % _BLOCK)
+        if isinstance(data, Skipped) and kind in (b"L", b"x"):
+            continue
         if kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0")
             continue

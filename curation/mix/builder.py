@@ -26,6 +26,7 @@ each budget was missed), ``report.html`` and ``report.json``. See ``docs/mixture
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -35,9 +36,10 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -48,7 +50,8 @@ import pyarrow.parquet as pq
 import xxhash
 
 from curation.io import fs as cfs
-from curation.io.pool import _Part, _commit_bytes, sweep_temp
+from curation.io import outputs
+from curation.io.pool import _commit_bytes, _Part, sweep_temp
 from curation.mix.recipe import MixRecipe, MixSource, Mixture, resolved_source
 from curation.mix.tokens import Markup, Tokenizer, VisionConfig, row_tokens
 from curation.recipe import RecipeError
@@ -524,7 +527,9 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
     """Count, plan and write every mixture of ``recipe`` (or those named in ``only``).
 
     Raises :class:`RecipeError` for a recipe the pools cannot satisfy, before writing anything;
-    ``dry_run`` stops after the plan and returns the would-be manifests.
+    ``dry_run`` stops after the plan and returns the would-be manifests. Raises
+    :class:`curation.io.outputs.OutputError` before reading the pools for a mixture folder that overlaps a pool
+    or holds what this tool did not write, and before writing for one that another run is writing.
     """
     from curation.runner import configure_data_context, ray_session
 
@@ -534,6 +539,14 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
             raise RecipeError(recipe.file, [f"--only {', '.join(unknown)}: no such mixture (the recipe has "
                                             f"{', '.join(m.name for m in recipe.mixtures)})"])
         recipe.mixtures = [m for m in recipe.mixtures if m.name in only]
+    out_root = recipe.output.path.rstrip("/")
+    out_root = out_root if cfs.is_uri(out_root) else os.path.abspath(out_root)
+    folders = [f"{out_root}/{m.name}" for m in recipe.mixtures]
+    for folder in folders:
+        outputs.check_overlap(folder, [(f"pools.{n}", p) for n, p in recipe.pools.items()])
+    outputs.check_writable(out_root, "mixtures-root")
+    for folder in folders:
+        outputs.check_writable(folder, "mixture", overwrite)
     tokenizer = Tokenizer.load(recipe.tokenizer, allow_download=recipe.allow_download)  # fail before Ray starts
     tokenizer_path = tokenizer.source
     pools = open_pools(recipe)
@@ -542,7 +555,7 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
     selectors = _selectors(recipe, pool_index)
     sel_index = {s.key: i for i, s in enumerate(selectors)}
     t0 = time.perf_counter()
-    with ray_session(address, recipe.execution.num_cpus):
+    with ray_session(address, recipe.execution.num_cpus), contextlib.ExitStack() as held:
         import ray
 
         configure_data_context()
@@ -559,6 +572,10 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
             raise RecipeError(recipe.file, problems)
         timings = {"ray_start_s": t1 - t0, "count_s": t2 - t1, "plan_s": time.perf_counter() - t2,
                    "rows_counted": counts.height, "count_rows_per_s": counts.height / max(t2 - t1, 1e-9)}
+        if not dry_run:  # one writer per mixture folder, until every mixture is written
+            outputs.claim(out_root, "mixtures-root")
+            for folder in folders:
+                held.enter_context(outputs.lock(folder, f"curation mix {recipe.file}"))
         results = []
         for mix in recipe.mixtures:
             results.append(_write_mixture(recipe, mix, plans_by_mix[mix.name], counts, pools, pool_names,
@@ -592,10 +609,10 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
 
 
 def _prepare_output(fs, path: str, root: str, name: str, mix_hash: str, overwrite: bool) -> None:
-    """Create the mixture's folder, or check that an existing one holds this mixture (a rerun resumes it)."""
+    """Create the mixture's folder, or check that an existing one holds this mixture (a rerun resumes it);
+    ``overwrite`` empties an earlier output of this tool first (:func:`curation.io.outputs.claim`)."""
     marker = f"{path}/_work/mixture.json"
-    if overwrite and fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+    outputs.claim(root, "mixture", overwrite)
     if fs.get_file_info(marker).type == pafs.FileType.File:
         with fs.open_input_stream(marker) as f:
             previous = json.loads(f.read()).get("mixture_hash")

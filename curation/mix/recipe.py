@@ -36,14 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curation.bounds import bounded, fits
+from curation.io.outputs import name_problem
 from curation.mix.tokens import Markup, VisionConfig
 from curation.recipe import OUTPUT_FORMATS, RecipeError, build, load_yaml
 from curation.schema import MODALITIES
+from curation.secrets import redact_tree
 
 MODES = ("thinking", "non_thinking", "auto_think", "think_with_image", "video")
 UNITS = ("tokens", "rows")
 WEIGHT_TOLERANCE = 1e-6
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+MAX_AMOUNT = 10**15  # tokens or rows: a thousand times the largest training runs, and far inside 64 bits
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)\s*$")
 
 
@@ -55,10 +59,10 @@ class MixSource:
     modality: list[str] = field(default_factory=list)  # any of these modalities (empty: all)
     mode: list[str] = field(default_factory=list)  # any of these cold-start modes (empty: all)
     where: str | None = None  # polars SQL predicate over the pool's columns
-    weight: float | None = None  # share of the mixture budget left after sources with a budget
+    weight: float | None = bounded(None, 0, 1)  # share of the mixture budget left after sources with a budget
     budget: Any = None  # tokens (or rows, with unit: rows); int or "20M"
     upsample: bool = False  # may rows repeat when the pool holds less than the share?
-    max_epochs: float = 4.0  # with upsample: at most this many passes over the source
+    max_epochs: float = bounded(4.0, 1, 1_000)  # with upsample: at most this many passes over the source
     prefer: str | None = None  # numeric column: take the highest first (annealing on the best rows)
 
 
@@ -74,15 +78,15 @@ class Mixture:
 class MixOutput:
     path: str
     formats: list[str] = field(default_factory=lambda: list(OUTPUT_FORMATS))
-    shard_rows: int = 5000
+    shard_rows: int = bounded(5000, 1, 10_000_000)
     report: bool = True
 
 
 @dataclass
 class MixExecution:
-    batch_rows: int = 2048  # rows per token-counting batch
-    num_workers: int | None = None  # default: the cluster's CPUs
-    num_cpus: int | None = None  # local Ray only
+    batch_rows: int = bounded(2048, 1, 1_000_000)  # rows per token-counting batch
+    num_workers: int | None = bounded(None, 1, 100_000)  # default: the cluster's CPUs
+    num_cpus: int | None = bounded(None, 1, 100_000)  # local Ray only
 
 
 @dataclass
@@ -110,7 +114,13 @@ class MixRecipe:
 
 
 def parse_amount(value: Any) -> int | None:
-    """``2000000``, ``"2M"``, ``"1.5B"``, ``"330k"`` -> int (powers of 1000); None if it is not one."""
+    """``2000000``, ``"2M"``, ``"1.5B"``, ``"330k"`` -> int (powers of 1000); None if it is not one, or is
+    past :data:`MAX_AMOUNT`."""
+    amount = _amount(value)
+    return amount if amount is None or amount <= MAX_AMOUNT else None
+
+
+def _amount(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -168,8 +178,8 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
         if value < 0:
             problems.append(f"markup.{key}: expected a number of tokens (0 or more), got {value!r}")
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        problems.append(f"seed: expected an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not fits(seed):
+        problems.append(f"seed: expected an integer of at most 64 bits, got {seed!r}")
 
     output = build(MixOutput, raw.get("output"), "output", problems)
     if output is not None:
@@ -196,13 +206,13 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
     return MixRecipe(
         name=str(raw.get("name") or Path(file).stem), pools=dict(pools), tokenizer=tokenizer,
         allow_download=allow_download, vision=vision, markup=markup, seed=seed, mixtures=mixtures, output=output,
-        execution=execution, file=file, resolved=json.loads(json.dumps(raw, default=str)))
+        execution=execution, file=file, resolved=redact_tree(json.loads(json.dumps(raw, default=str))))
 
 
 def _mixture(name: str, spec: Any, pools: dict, problems: list[str]) -> Mixture | None:
     where = f"mixtures.{name}"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        problems.append(f"{where}: a mixture name becomes a folder name: use letters, digits, '_', '-', '.'")
+    if problem := name_problem(name, where):  # the mixture's folder: '..' would be output.path's parent
+        problems.append(problem)
     if not isinstance(spec, dict):
         problems.append(f"{where}: expected a mapping with budget and sources")
         return None
@@ -290,9 +300,6 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
             problems.append(f"{where}.budget: expected a positive amount like 330000 or 330k, got {src.budget!r}")
             ok = False
         src.budget = amount
-    if not src.max_epochs >= 1:  # NaN too
-        problems.append(f"{where}.max_epochs: expected at least 1, got {src.max_epochs:g}")
-        ok = False
     if src.where is not None:
         import polars as pl
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from curation import secrets
 from curation.stage import MissingDependency
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,7 @@ class OpenAIBackend(Backend):
             if not key:
                 raise ValueError(f"backend.api_key_env: the environment variable {name} is not set (it should "
                                  f"hold the API key for {self.base_url})")
+            secrets.remember(key)  # any variable name may hold it: mask its value in every message from now on
             headers["Authorization"] = f"Bearer {key}"
         return headers
 

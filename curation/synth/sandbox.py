@@ -1,55 +1,54 @@
-"""Run model- or template-written Python over an image, in a sandbox.
+"""Run model- or template-written Python over an image, in a sandbox that fails closed.
 
 Why: a think-with-image trace (docs/sft-format.md) is only true if its code really ran, and that code
-is untrusted. Each snippet runs in a fresh interpreter behind independent layers, so that a hole in one
-layer does not open the machine:
+is untrusted (docs/sandbox.md is the threat model). Each snippet runs in a fresh interpreter that the
+kernel confines; the Python-level hook is defence in depth, never the barrier. The layers, in the order
+they apply; :attr:`SandboxResult.layers` names those that did:
 
-1. Process: ``python -I -B`` per snippet (isolated mode: no ``PYTHON*`` variables, no user site), a
-   minimal environment, its own session, working folder = a fresh scratch folder. The parent enforces
-   the wall-clock limit and kills the whole process group.
-2. Kernel, set up by the child before any user code; each layer that applied is named in
-   :attr:`SandboxResult.layers`, because containers differ:
+1. ``bwrap`` (bubblewrap, required): new mount, network, IPC, PID, UTS and (when not root) user
+   namespaces, ``--die-with-parent``, ``--new-session``, an empty environment, no capabilities. The
+   file system is read-only binds of ``/usr``, the interpreter's prefix, the site folders PIL, numpy and
+   this file come from, a private ``/proc`` and minimal ``/dev``; the only writable place is
+   ``/scratch``, a tmpfs of bounded size that disappears with the sandbox (nothing to clean up on the
+   host). No ``/home``, ``/root``, ``/etc``, ``/tmp``, no host sockets, no network interface but a
+   loopback that is down.
+2. A separate unprivileged uid (required): as root, bwrap runs without a user namespace and the
+   harness drops to ``nobody`` for real (``uid:65534``, no capabilities left); otherwise bwrap maps the
+   caller to ``nobody`` in a new user namespace that may not make more (``userns:65534``).
+3. ``rlimits`` (required): address space (the preloaded libraries + ``memory_mb``), CPU seconds, file
+   size, 64 open files, no core dumps, no new processes.
+4. ``landlock:abiN`` (when the kernel has it): read and write only in ``/scratch``, execute nothing,
+   no TCP (ABI >= 4), signals and abstract sockets scoped to the sandbox (ABI >= 6). A second file
+   system layer: the mount namespace already holds nothing else worth reading.
+5. ``seccomp`` (required): a libseccomp filter built in the parent (``pyseccomp``) kills the process
+   on any socket call of any family, SysV IPC, ``memfd_create``, new processes or threads, ``execve``,
+   namespaces, mounts, ``ptrace`` and the other kernel interfaces in :data:`_SECCOMP_KILL`; installing
+   signal handlers fails (EPERM), so no Python code can run from a signal.
+6. ``audit`` (Python, defence in depth): a ``sys.addaudithook`` hook ends the run at the first
+   forbidden event, *inside* the event, so ``try/except`` does not help: paths outside ``/scratch``,
+   sockets, processes, ``ctypes``, imports off :data:`ALLOWED_IMPORTS`, frames, ``gc``, code objects.
+   Everything it reads is bound in closures before the code runs, so replacing module globals
+   (``sys.modules['__main__']``), module attributes (``os.write``) or builtins does not change it.
 
-   - ``rlimits``: address space (what the preloaded libraries use + ``memory_mb``), CPU seconds, file
-     size, 64 open files, no core dumps, no new processes (``RLIMIT_NPROC`` = 0; it binds once the
-     child is not root: root ignores it);
-   - ``netns``: a new network namespace whose only interface (loopback) is down: no network at all,
-     not even 127.0.0.1 (``unshare(CLONE_NEWNET)``; with a user namespace when not root, where allowed);
-   - ``uid:65534``: a child started as root becomes ``nobody`` (no capabilities; the scratch folder is
-     handed to it), so file permissions apply and forking fails;
-   - ``landlock:abiN``: Linux's Landlock LSM lets the process read and write only in the scratch
-     folder, execute nothing, and (ABI >= 4) neither connect nor bind TCP, and (ABI >= 6) signal
-     nothing outside itself. It also covers file access from C code (FreeType, libc), which the audit
-     hook below cannot see.
-3. Python (``audit``): a ``sys.addaudithook`` hook, which Python code cannot remove, ends the run at the
-   first forbidden event, *inside* the event, so ``try/except`` around an escape does not help: opening,
-   listing or modifying any path outside the scratch folder (symlinks and ``..`` resolved; ``os.chdir``
-   is refused, so relative paths always start at the scratch folder), every ``socket``, ``subprocess``,
-   ``ctypes`` and ``mmap`` event, ``os.fork``/``exec``/``system``/``posix_spawn``/``kill``, loading any
-   module not on :data:`ALLOWED_IMPORTS`, and the ways to reach the harness's own state (frames,
-   ``gc``, making code objects, ``marshal``, swapping ``__code__``, new audit hooks, tracing). The code
-   also gets an ``__import__`` that refuses names off the list (an early, readable refusal; the hook
-   is the rule). Threads are refused by ``RLIMIT_NPROC`` (Python 3.11 raises no audit event for them).
+Failing closed: :func:`check_sandbox` probes the layers once per process (the think_with_image stage
+calls it before any data is read); :func:`run_code` raises :class:`SandboxUnavailable`, with what is
+missing and how to fix it, instead of running code where a required layer is missing. The harness
+re-checks inside: a required layer that does not apply ends it before the code runs, and the parent
+raises the same error.
 
-What is not stopped, or only by some layers:
+The verdict: the parent decides it, from what the code cannot change. A run succeeds only when the
+harness reported that confinement held, then exited 0 with a final record under the run's key, and
+the parent re-reads the PNG. A block by the hook writes its record and leaves with a status of its own
+(through ``os._exit`` bound before the code ran), seccomp kills with SIGSYS, and any ``blocked`` record
+wins over whatever follows, so a blocked or failed run never comes back as a success, whatever the code
+patched. Limits: ``CURATION_SANDBOX_DISABLE=landlock`` (tests only) leaves Landlock out;
+``...=bwrap`` or ``seccomp`` makes them count as missing, so tests can see the refusal.
 
-- Modules already loaded stay reachable (``Image.os``, ``Image.sys``): what they can *do* is what the
-  layers above allow. Metadata of any path (``os.stat``) is visible: neither stat nor Landlock's
-  read rules cover it.
-- Without Landlock (older kernels, other OSes), files touched by C code and low-level process creation
-  (``_posixsubprocess``, which raises no audit event) rely on ``uid:65534`` and ``RLIMIT_NPROC``;
-  without ``netns`` and Landlock ABI 4, the network relies on the audit hook alone.
-- The audit hook lives in the same process as the code: a CPython memory-safety bug would get past
-  it. The kernel layers are what then remains; check ``layers`` where that matters.
-- Disk: each file is capped (``RLIMIT_FSIZE``), the number of files only by the time limit.
-- A forged verdict: the harness writes its verdict with a random key the code cannot read without the
-  frames the hook refuses, so writing to the verdict's file descriptor does not make a run succeed.
-
-Cost, measured end to end for ``result = image`` on a 640x480 image (2-core VM, Python 3.11): 0.17 s
-wall and 0.14 s of CPU per snippet, nearly all of it interpreter start and preloading PIL (every plugin)
-and numpy; two at a time, 0.09 s per snippet. A fork server would save most of it, at the price of
-snippets sharing one long-lived parent; at think-with-image volumes (100k rows) the fresh interpreter
-costs about 4 CPU-hours, so it stays.
+Cost, end to end for ``result = image.crop(...)`` on a 640x480 image (benchmarks/bench_sandbox.py,
+2-core VM under load from other work, Python 3.11): 0.27 s of CPU per snippet, against 0.32 s for the
+sandbox before bwrap and seccomp and 0.26 s for a plain ``python -I`` doing the same work; bwrap itself
+is about 0.03 s. Nearly all of it is interpreter start and preloading PIL and numpy; docs/sandbox.md
+has the table, wall times included.
 
 >>> from PIL import Image
 >>> r = run_code("result = image.crop((0, 0, 8, 8)).resize((16, 16))", Image.new("RGB", (32, 32)))
@@ -64,12 +63,14 @@ import logging
 import math
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,37 @@ _PRELOAD_NUMPY = ("numpy.fft", "numpy.linalg", "numpy.random", "numpy.polynomial
 DEFAULT_MAX_OUTPUT_PIXELS = 12_845_056  # 16,384 visual tokens of 28x28 pixels: Keye-VL's max_pixels
 MAX_STDOUT = 4096  # characters of the code's printed text kept
 NOBODY = 65534
+SCRATCH = "/scratch"  # the code's working folder inside the sandbox: a tmpfs of bounded size
+DISABLE_ENV = "CURATION_SANDBOX_DISABLE"  # tests only: comma-separated layers to treat as absent
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+
+# The harness's exit statuses. Anything else (the code's own os._exit, a signal) is a failure too.
+_EXIT_OK, _EXIT_FAILED, _EXIT_BLOCKED, _EXIT_SETUP = 0, 10, 11, 12
+
+# System calls that kill the process (the parent reports ``blocked``): sockets of every family (TCP,
+# unix, netlink, packet), SysV IPC and memfd (memory outside RLIMIT_AS), new processes and threads,
+# other programs, namespaces and mounts, other processes' memory, and kernel interfaces image code has
+# no use for. Names this architecture does not have are skipped.
+_SECCOMP_KILL = (
+    "socket", "socketpair", "socketcall", "connect", "bind", "listen", "accept", "accept4",
+    "ipc", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "memfd_create", "memfd_secret",
+    "fork", "vfork", "clone", "clone3", "execve", "execveat",
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsmount", "fsconfig", "fspick", "mount_setattr",
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd", "process_madvise", "kcmp",
+    "userfaultfd", "bpf", "perf_event_open", "keyctl", "add_key", "request_key", "personality",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "open_by_handle_at", "name_to_handle_at",
+    "fanotify_init", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "syslog", "acct", "swapon", "swapoff", "reboot", "quotactl",
+)
+# Refused with EPERM: a signal handler would run the code's Python between any two of the harness's
+# bytecodes, with the harness's frame in hand. glibc's abort() and libraries' setjmp never need it.
+_SECCOMP_EPERM = ("rt_sigaction", "sigaction", "signal")
+
+
+class SandboxUnavailable(RuntimeError):
+    """A layer the sandbox requires is missing here, so nothing was run; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +140,21 @@ class SandboxResult:
     layers: tuple[str, ...] = ()  # the isolation layers that applied (see the module docstring)
 
 
+@dataclass(frozen=True)
+class SandboxCheck:
+    """What :func:`check_sandbox` found: the layers a run gets here, and the required ones missing."""
+
+    layers: tuple[str, ...]
+    missing: tuple[str, ...]  # each names the layer, why it is missing, and how to fix it
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+    def message(self) -> str:
+        return "the think-with-image sandbox cannot run here: " + "; ".join(self.missing)
+
+
 def run_code(
     code: str,
     image: Any,
@@ -117,7 +163,6 @@ def run_code(
     cpu_s: float | None = None,
     memory_mb: int = 512,
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
-    scratch_root: str | None = None,
     audit: bool = True,
 ) -> SandboxResult:
     """Run ``code`` with ``image`` (encoded bytes or a PIL image) and return its output image.
@@ -126,66 +171,317 @@ def run_code(
     working folder, has ``Image``, ``ImageOps``, ``ImageEnhance``, ``ImageFilter``, ``ImageDraw``, ``np``
     and ``math`` at hand, and returns its result by assigning a PIL image to ``result`` or by saving
     ``output.png``. ``timeout_s`` is wall clock from interpreter start; ``cpu_s`` (default: the same)
-    caps CPU seconds; ``memory_mb`` is address space on top of the preloaded libraries. ``audit=False``
-    leaves out the Python layer, so tests can show what the kernel layers stop on their own.
+    caps CPU seconds; ``memory_mb`` is address space on top of the preloaded libraries (the scratch
+    tmpfs, sized for the output, comes on top). ``audit=False`` leaves out the Python layer, so tests can
+    show what the kernel layers stop on their own.
+
+    Raises :class:`SandboxUnavailable` where a required layer is missing: the code is never run then.
     """
+    check = check_sandbox()
+    if not check.ok:
+        raise SandboxUnavailable(check.message())
     data = image if isinstance(image, (bytes, bytearray, memoryview)) else _encode_png(image)
-    start = time.monotonic()
-    job_dir = tempfile.mkdtemp(prefix="sandbox-", dir=scratch_root)
+    return _launch(code, bytes(data), timeout_s=timeout_s, cpu_s=math.ceil(cpu_s if cpu_s is not None else timeout_s),
+                   memory_mb=memory_mb, max_output_pixels=max_output_pixels, audit=audit)
+
+
+_checked: dict[tuple, SandboxCheck] = {}
+_check_lock = threading.Lock()
+
+
+def check_sandbox(*, refresh: bool = False) -> SandboxCheck:
+    """Which layers a run gets on this machine, and which required ones are missing (with the fix).
+
+    Required: bubblewrap able to make its namespaces (user namespaces when not root), a separate uid,
+    rlimits, and seccomp (``pyseccomp`` with libseccomp). Landlock is used where the kernel has it: the
+    mount namespace already confines the file system. Probed once per process by running a trivial
+    snippet through every layer (about as long as one snippet).
+    """
+    key = (os.environ.get(DISABLE_ENV, ""), os.geteuid())
+    with _check_lock:
+        if refresh or key not in _checked:
+            check = _checked[key] = _probe()
+            if check.ok:
+                log.info("sandbox: layers %s", ", ".join(check.layers))
+            else:
+                log.warning("%s", check.message())
+        return _checked[key]
+
+
+def _probe() -> SandboxCheck:
+    missing = []
+    if _bwrap() is None:
+        missing.append("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
     try:
-        return _run(bytes(data), job_dir, start, code=code, timeout_s=timeout_s,
-                    cpu_s=math.ceil(cpu_s if cpu_s is not None else timeout_s), memory_mb=memory_mb,
-                    max_output_pixels=max_output_pixels, audit=audit)
-    finally:
-        _remove_tree(job_dir)
+        _seccomp_program()
+    except (ImportError, OSError, RuntimeError, ValueError) as e:
+        missing.append(f"seccomp: the filter cannot be built ({e}); pip install pyseccomp, and the libseccomp2 "
+                       "library (apt-get install libseccomp2)")
+    if missing:
+        return SandboxCheck((), tuple(missing))
+    try:
+        r = _launch("result = image", _encode_png(_tiny_image()), timeout_s=30, cpu_s=30, memory_mb=256,
+                    max_output_pixels=64, audit=True)
+    except SandboxUnavailable as e:
+        return SandboxCheck((), (str(e),))
+    if not r.ok:
+        return SandboxCheck(r.layers, (f"probe: a trivial snippet failed in the sandbox: {r.reason}: {r.detail}",))
+    return SandboxCheck(r.layers, ())
 
 
-def _run(data: bytes, job_dir: str, start: float, *, timeout_s: float, cpu_s: int, **job: Any) -> SandboxResult:
-    os.chmod(job_dir, 0o711)  # nobody may pass through to the scratch folder, not list or read the rest
-    scratch = os.path.join(job_dir, "scratch")
-    os.mkdir(scratch, 0o700)
-    input_path = os.path.join(scratch, "input.png")
-    with open(input_path, "wb") as f:
-        f.write(data)
-    if os.geteuid() == 0:
-        os.chown(scratch, NOBODY, NOBODY)
-        os.chown(input_path, NOBODY, NOBODY)
+def _disabled() -> frozenset[str]:
+    return frozenset(x.strip() for x in os.environ.get(DISABLE_ENV, "").split(",") if x.strip())
+
+
+def _bwrap() -> str | None:
+    if "bwrap" in _disabled():
+        return None
+    return shutil.which("bwrap") or (os.access("/usr/bin/bwrap", os.X_OK) and "/usr/bin/bwrap") or None
+
+
+_program: list[bytes] = []
+
+
+def _seccomp_program() -> bytes:
+    """The seccomp filter as BPF, built once by libseccomp here, loaded by the harness (see _SECCOMP_KILL)."""
+    if "seccomp" in _disabled():
+        raise RuntimeError(f"disabled by {DISABLE_ENV}")
+    if not _program:
+        import tempfile
+
+        import pyseccomp as sc
+
+        f = sc.SyscallFilter(sc.ALLOW)
+        f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)  # 32-bit and x32 system calls: killed too
+        for action, names in ((sc.KILL_PROCESS, _SECCOMP_KILL), (sc.ERRNO(1), _SECCOMP_EPERM)):
+            for name in names:
+                if sc.resolve_syscall(sc.Arch.NATIVE, name) != -1:  # -1: not on this architecture
+                    f.add_rule(action, name)
+        with tempfile.TemporaryFile() as out:
+            f.export_bpf(out)
+            out.seek(0)
+            _program.append(out.read())
+    return _program[0]
+
+
+def _launch(code: str, data: bytes, *, timeout_s: float, cpu_s: int, memory_mb: int, max_output_pixels: int,
+            audit: bool) -> SandboxResult:
+    """One sandboxed run: start bwrap, exchange the job and the verdict, decide the verdict here."""
+    start = time.monotonic()
     key = secrets.token_hex(16)
-    # The verdict carries the output PNG: room for RGBA at the pixel cap, which also caps scratch files.
-    fsize = 4 * job["max_output_pixels"] + (16 << 20)
-    with open(os.path.join(job_dir, "log"), "w+b") as log, open(os.path.join(job_dir, "verdict"), "a+b") as verdict:
-        job.update(key=key, verdict_fd=verdict.fileno(), cpu_s=cpu_s, fsize=fsize)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=log,
-            stderr=subprocess.STDOUT, cwd=scratch, env=_child_env(scratch), pass_fds=(verdict.fileno(),),
-            start_new_session=True)
-        killed = False
-        try:
-            proc.communicate(json.dumps(job).encode(), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            killed = True
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its group: anything it may have started
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        elapsed = time.monotonic() - start
-        verdict.seek(0)
-        header, png = _parse_verdict(verdict.read(), key)
-        if header is None:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - 2000))
-            reason, detail = _classify_exit(proc.returncode, killed, timeout_s, cpu_s, log.read())
-            return SandboxResult(False, reason, detail, elapsed=elapsed, layers=("process",))
-    layers = ("process", *header.get("layers", ()))
-    stdout = str(header.get("stdout") or "")[:MAX_STDOUT]
-    reason = header.get("reason")
-    if reason is not None:
-        return SandboxResult(False, str(reason), header.get("detail"), stdout=stdout, elapsed=elapsed, layers=layers)
-    size, problem = _check_png(png, job["max_output_pixels"])
+    # Each file may hold the output at the pixel cap (RGBA); scratch holds two of them and the input.
+    fsize = 4 * max_output_pixels + (16 << 20)
+    job = {"key": key, "code": code, "cpu_s": cpu_s, "memory_mb": memory_mb, "fsize": fsize,
+           "max_output_pixels": max_output_pixels, "audit": audit, "root": os.geteuid() == 0,
+           "landlock": "landlock" not in _disabled(), "paths": _site_dirs(), "seccomp": _seccomp_program().hex()}
+    argv = _bwrap_argv(_bwrap() or "bwrap", root=job["root"], scratch_bytes=2 * fsize + 2 * len(data))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, env=_BWRAP_ENV)  # not the worker's secrets
+    except OSError as e:
+        raise SandboxUnavailable(f"bwrap: cannot start {argv[0]}: {e} (apt-get install bubblewrap)") from e
+    # The verdict stream carries a PNG of at most the pixel cap; anything much larger is the code's doing.
+    cap = 5 * max_output_pixels + (1 << 20)
+    out, err, timed_out, overflow = _exchange(proc, json.dumps(job).encode() + b"\n" + data,
+                                              start + timeout_s, cap)
+    elapsed = time.monotonic() - start
+    records = _records(out, key.encode())
+    if not any(kind == "ready" for kind, *_ in records):
+        if timed_out:  # the code never ran: a machine too slow or too busy for this limit
+            return SandboxResult(False, "timeout", f"the sandbox did not start within {timeout_s:g} s",
+                                 elapsed=elapsed, layers=("process",))
+        raise SandboxUnavailable(_setup_failure(records, proc.returncode, err))
+    ready = next(r[4] for r in records if r[0] == "ready").split(",")
+    layers = ("process", "bwrap", *ready, *(("audit",) if audit else ()))  # the hook goes in after "ready"
+    final = [r for r in records if r[0] in ("final", "blocked")]
+    last = final[-1] if final else None
+    stdout = last[3][:MAX_STDOUT] if last else ""
+    blocked = next((r for r in records if r[0] == "blocked"), None)
+
+    def fail(reason: str, detail: str) -> SandboxResult:
+        return SandboxResult(False, reason, detail, stdout=stdout, elapsed=elapsed, layers=layers)
+
+    if blocked is not None or proc.returncode == _EXIT_BLOCKED:  # a block wins over anything after it
+        return fail(blocked[1] if blocked else "blocked", blocked[2] if blocked else "a forbidden operation")
+    if timed_out:
+        return fail("timeout", f"ran past the wall-clock limit of {timeout_s:g} s")
+    if overflow:
+        return fail("bad_output", f"the code wrote more than {cap} bytes to the verdict channel")
+    rc = proc.returncode
+    if rc > 128:  # bwrap reports a signal as 128 + its number
+        sig = rc - 128
+        if sig == signal.SIGSYS:
+            return fail("blocked", "a system call the sandbox forbids (seccomp: sockets, IPC, memfd, processes, "
+                                   "threads, namespaces, ...)")
+        if sig in (signal.SIGXCPU, signal.SIGKILL):  # the CPU limit (the parent's own kill is a timeout above)
+            return fail("timeout", f"ran past the CPU limit of {cpu_s} s")
+        return fail("error", f"crashed with {_signal_name(sig)}")
+    if last is None or rc not in (_EXIT_OK, _EXIT_FAILED):
+        tail = err.decode("utf-8", "replace").strip().splitlines()
+        if tail and "MemoryError" in tail[-1]:
+            return fail("memory", "MemoryError outside the code (memory_mb too small?)")
+        return fail("error", f"the sandbox exited with status {rc} and no verdict" + (f": {tail[-1][:300]}" if tail else ""))
+    _, reason, detail, _, _, png = last
+    if rc != _EXIT_OK or reason:  # the harness's failure: its reason, never a success
+        return fail(reason if reason in REASONS else "error", detail or f"exited with status {rc}")
+    size, problem = _check_png(png, max_output_pixels)
     if problem:
-        return SandboxResult(False, "bad_output", problem, stdout=stdout, elapsed=elapsed, layers=layers)
+        return fail("bad_output", problem)
     return SandboxResult(True, image=png, size=size, stdout=stdout, elapsed=elapsed, layers=layers)
+
+
+def _setup_failure(records: list, rc: int | None, err: bytes) -> str:
+    """Why the sandbox never reached the code, and what to do: bwrap's own message or the harness's."""
+    setup = next((r[2] for r in records if r[0] == "setup"), None)
+    if setup:
+        return f"the sandbox could not apply a required layer: {setup}"
+    text = err.decode("utf-8", "replace").strip()
+    last = text.splitlines()[-1][:300] if text else f"exit status {rc}"
+    hint = ""
+    if last.startswith("bwrap:"):
+        hint = (" (bubblewrap needs unprivileged user namespaces when not root: sysctl user.max_user_namespaces>0, "
+                "kernel.unprivileged_userns_clone=1, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0 "
+                "or an AppArmor profile for bwrap; inside a container, a seccomp profile that allows unshare)")
+    return f"the sandbox did not start: {last}{hint}"
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
+    """Feed the job on stdin, read the verdict stream (stdout, at most ``cap`` bytes) and the end of the
+    log (stderr) until the sandbox exits or the deadline passes; then make sure it is gone.
+    Returns (verdict stream, log tail, timed out, over the cap)."""
+    sel = selectors.DefaultSelector()
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin, selectors.EVENT_WRITE)
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    pending, out, err = memoryview(data), bytearray(), bytearray()
+    timed_out = overflow = False
+    try:
+        while len(sel.get_map()) and not overflow:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        pending = pending[os.write(key.fd, pending[:1 << 16]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # the sandbox is gone: its status says why
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is proc.stdout:
+                    out += chunk
+                    overflow = len(out) > cap
+                else:
+                    err += chunk
+                    del err[:-4096]
+        if not timed_out and not overflow:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            proc.kill()  # bwrap: its PID namespace, and everything in it, dies with it
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+    return bytes(out), bytes(err), timed_out, overflow
+
+
+def _records(out: bytes, key: bytes) -> list[tuple[str, str, str, str, str, bytes]]:
+    """The harness's records in the verdict stream, in order: (kind, reason, detail, stdout, layers, png).
+    Bytes the code wrote to the stream itself lack the run's key and are skipped."""
+    found, at = [], out.find(key)
+    while at >= 0:
+        end = out.find(b"\n", at)
+        try:
+            head_len, png_len = (int(x) for x in out[at + len(key):end].split())
+        except ValueError:
+            at = out.find(key, at + 1)
+            continue
+        head, png = out[end + 1:end + 1 + head_len], out[end + 1 + head_len:end + 1 + head_len + png_len]
+        fields = head.decode("utf-8", "replace").split("\x00")
+        if len(fields) == 5 and len(png) == png_len:
+            found.append((*fields, png))
+        at = out.find(key, end + 1 + head_len + png_len)
+    return found
+
+
+_BWRAP_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def _bwrap_argv(bwrap: str, *, root: bool, scratch_bytes: int) -> list[str]:
+    # --as-pid-1: no bwrap process in the sandbox whose /proc entries (environment, memory) it could read
+    argv = [bwrap, "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    if root:  # no user namespace: the harness drops to the real uid nobody, and with it these two
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns"]
+    for name, value in (("PATH", "/usr/bin"), ("LANG", "C.UTF-8"), ("HOME", SCRATCH), ("TMPDIR", SCRATCH),
+                        # One BLAS/OpenMP thread: the code may not start threads, and seccomp kills on clone.
+                        ("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")):
+        argv += ["--setenv", name, value]
+    argv += _mounts()
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(scratch_bytes),
+             "--tmpfs", SCRATCH, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SCRATCH,
+             os.path.realpath(sys.executable), "-I", "-B", "-S", os.path.realpath(__file__)]
+    return argv
+
+
+_mount_cache: list[list[str]] = []
+
+
+def _mounts() -> list[str]:
+    """bwrap arguments for the read-only file system, each at its own path: /usr (and the /lib, /bin
+    links), the interpreter's prefix, the site folders of PIL, numpy and this file. Nothing else."""
+    if not _mount_cache:
+        args = ["--ro-bind", "/usr", "/usr"]
+        for name in ("/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin"):
+            if os.path.islink(name):
+                args += ["--symlink", os.readlink(name), name]
+            elif os.path.isdir(name):
+                args += ["--ro-bind", name, name]
+        sources = [os.path.realpath(sys.base_prefix), *_site_dirs(), os.path.realpath(__file__)]
+        kept: list[str] = ["/usr"]
+        for src in sorted(set(sources), key=len):
+            if not any(src == k or src.startswith(k.rstrip("/") + "/") for k in kept):
+                kept.append(src)
+                args += ["--ro-bind", src, src]
+        _mount_cache.append(args)
+    return _mount_cache[0]
+
+
+def _site_dirs() -> list[str]:
+    """The folders PIL and numpy are imported from (the harness puts them on its sys.path)."""
+    import importlib.util
+
+    dirs = []
+    for name in ("PIL", "numpy"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise SandboxUnavailable(f"the sandbox needs the '{name}' package")
+        site = os.path.dirname(os.path.dirname(os.path.realpath(spec.origin)))
+        if site not in dirs:
+            dirs.append(site)
+    return dirs
 
 
 def _encode_png(image: Any) -> bytes:
@@ -196,41 +492,10 @@ def _encode_png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _child_env(scratch: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
-            # One BLAS/OpenMP thread: threads count as processes, which the child may not create.
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _tiny_image() -> Any:
+    from PIL import Image
 
-
-def _parse_verdict(raw: bytes, key: str) -> tuple[dict | None, bytes]:
-    """The harness's header and PNG: the last record that starts with the run's key; anything the code
-    wrote to the descriptor itself lacks the key and is ignored."""
-    at = raw.rfind(key.encode())
-    if at < 0:
-        return None, b""
-    end = raw.find(b"\n", at)
-    try:
-        header = json.loads(raw[at + len(key) + 1:end])
-        n = int(header.get("png_len", 0))
-    except (ValueError, TypeError, AttributeError):
-        return None, b""
-    return header, raw[end + 1:end + 1 + n]
-
-
-def _classify_exit(rc: int, killed: bool, timeout_s: float, cpu_s: int, log: bytes) -> tuple[str, str]:
-    """Reason and detail for a child that left no verdict: killed, crashed, or never started the code."""
-    if killed:
-        return "timeout", f"ran past the wall-clock limit of {timeout_s:g} s"
-    if rc < 0:
-        sig = -rc
-        if sig in (signal.SIGXCPU, signal.SIGKILL):  # SIGKILL: the hard CPU limit, one second later
-            return "timeout", f"ran past the CPU limit of {cpu_s} s"
-        return "error", f"crashed with {signal.Signals(sig).name}"
-    tail = log.decode("utf-8", "replace").strip().splitlines()
-    last = tail[-1][:300] if tail else ""
-    if "MemoryError" in last:
-        return "memory", "MemoryError before the code ran (memory_mb too small?)"
-    return "error", f"the sandbox exited with status {rc} and no verdict: {last}"
+    return Image.new("RGB", (8, 8))
 
 
 def _check_png(png: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str | None]:
@@ -249,20 +514,7 @@ def _check_png(png: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str
     return (w, h), None
 
 
-def _remove_tree(path: str) -> None:
-    """Delete the job folder, even where the code made its own folders unreadable."""
-    def retry(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-            func(p)
-        except OSError as e:
-            log.warning("sandbox: cannot remove %s: %s", p, e)
-    shutil.rmtree(path, onerror=retry)
-
-
-# ------------------------------------------------------------------ the child (python -I sandbox.py)
+# ------------------------------------------------------------------ the harness (inside bwrap)
 
 class _Capture:
     """``sys.stdout`` for the code: keeps the first ``limit`` characters."""
@@ -285,34 +537,68 @@ class _Capture:
         return "".join(self.parts)
 
 
+def _verdict_channel(key: str) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``emit`` writes one record to the parent, ``finish`` writes one and exits with a status.
+
+    Everything they use is bound here, before the code runs: the code can replace ``os.write``,
+    ``os._exit``, ``json`` or builtins, not these locals. The verdict descriptor is a private copy of
+    stdout; fd 1 then goes to the log, like fd 2."""
+    import gc
+
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    write, exit_now, gc_off, length, text = os.write, os._exit, gc.disable, len, str
+    prefix = key.encode()
+
+    def emit(kind: str, reason: str = "", detail: str = "", stdout: str = "", layers: str = "", png: bytes = b"") -> None:
+        fields = [text.replace(text.__str__(f), "\x00", "\ufffd") for f in (kind, reason, detail, stdout, layers)]
+        head = text.encode("\x00".join(fields), "utf-8", "replace")
+        data = memoryview(prefix + b" %d %d\n" % (length(head), length(png)) + head + png)
+        while length(data):
+            data = data[write(fd, data):]
+
+    def finish(status: int, kind: str, *fields: Any, **named: Any) -> None:
+        gc_off()  # no finalizer of the code's objects runs between here and the exit
+        try:
+            emit(kind, *fields, **named)
+        finally:
+            exit_now(status)
+
+    return emit, finish
+
+
 def _child_main() -> None:
-    """Read the job, confine this process, run the code, write one verdict, exit without cleanup."""
-    job = json.loads(sys.stdin.buffer.read())
-    key, fd = job.pop("key"), job["verdict_fd"]
+    """Read the job, confine this process, run the code, leave one verdict and an exit status."""
+    stdin = sys.stdin.buffer
+    job = json.loads(stdin.readline())
+    data = stdin.read()
+    emit, finish = _verdict_channel(job["key"])
+    caught = BaseException  # bound now: the code may rebind the builtin
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # no Python handler left for a signal to run
+        import warnings
 
-    def emit(header: dict, png: bytes = b"") -> None:
-        data = memoryview(key.encode() + b" " + json.dumps(dict(header, png_len=len(png))).encode() + b"\n" + png)
-        while data:
-            data = data[os.write(fd, data):]
-
-    import warnings
-
-    warnings.simplefilter("ignore")  # showing a warning reads source files; they would not be readable
-    scratch = os.path.realpath(os.getcwd())
-    names = _preload()
-    layers = _confine(job, scratch)
-    image, problem = _load_input()
-    if problem:
-        emit({"reason": "bad_input", "detail": problem, "layers": layers})
-        os._exit(0)
-    builtins_ = None
-    if job["audit"]:
-        layers.append("audit")
-        sys.addaudithook(_make_hook(scratch, layers, emit))
-        builtins_ = _user_builtins()
-    header, png = _run_user(job["code"], image, names, builtins_, job)
-    emit(dict(header, layers=layers), png)
-    os._exit(0)
+        warnings.simplefilter("ignore")  # showing a warning reads source files; they would not be readable
+        sys.path[:0] = job["paths"]
+        names = _preload()
+        layers = _confine(job)
+    except caught as e:
+        finish(_EXIT_SETUP, "setup", "", f"{type(e).__name__}: {e}")
+    emit("ready", layers=",".join(layers))
+    try:
+        image, problem = _load_input(data)
+        if problem:
+            finish(_EXIT_FAILED, "final", "bad_input", problem, "", ",".join(layers))
+        builtins_ = None
+        if job["audit"]:
+            layers.append("audit")
+            sys.addaudithook(_make_hook(finish, ",".join(layers)))
+            builtins_ = _user_builtins()
+        reason, detail, stdout, png = _run_user(job["code"], image, names, builtins_, job)
+        finish(_EXIT_OK if reason is None else _EXIT_FAILED, "final", reason or "", detail or "", stdout,
+               ",".join(layers), png)
+    except caught as e:  # the harness itself failed after the code ran: never a success
+        finish(_EXIT_FAILED, "final", "error", f"the sandbox failed: {type(e).__name__}", "", "")
 
 
 def _preload() -> dict[str, Any]:
@@ -334,70 +620,71 @@ def _preload() -> dict[str, Any]:
 
 
 # Linux constants; Landlock's syscall numbers are the same on every architecture.
-_CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
-_PR_GET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 3, 38
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 # WRITE_FILE, READ_FILE, READ_DIR, REMOVE_DIR, REMOVE_FILE, MAKE_DIR, MAKE_REG, MAKE_SYM, REFER, TRUNCATE
 _LL_SCRATCH = sum(1 << b for b in (1, 2, 3, 4, 5, 7, 8, 12, 13, 14))
 
 
-def _confine(job: dict, scratch: str) -> list[str]:
-    """Apply the kernel layers that this machine allows; return their names."""
+def _confine(job: dict) -> list[str]:
+    """Apply the in-process layers: rlimits, the uid drop (root), Landlock, seccomp. A required one that
+    does not apply raises, and the code never runs."""
     import ctypes
     import resource
 
-    layers = []
-    linux = sys.platform.startswith("linux")
     libc = ctypes.CDLL(None, use_errno=True)
-    root = os.geteuid() == 0
-    if linux and _unshare_network(libc, root):
-        layers.append("netns")
+    threads = len(os.listdir("/proc/self/task"))  # read now: Landlock hides /proc below
+    if threads != 1:
+        raise RuntimeError(f"{threads} threads: a seccomp filter would cover only one")
     limits = [(resource.RLIMIT_AS, _vm_size() + (job["memory_mb"] << 20)),
-              (resource.RLIMIT_CPU, job["cpu_s"], job["cpu_s"] + 1),  # SIGXCPU, then SIGKILL
+              (resource.RLIMIT_CPU, job["cpu_s"]),  # SIGKILL (as PID 1 the harness would ignore SIGXCPU)
               (resource.RLIMIT_FSIZE, job["fsize"]), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
     for which, soft, *hard in limits:
         resource.setrlimit(which, (soft, hard[0] if hard else soft))
-    layers.append("rlimits")
-    ruleset, abi = _landlock_ruleset(libc, scratch) if linux else (None, 0)  # opens scratch while still root
-    if root:
+    layers = ["rlimits"]
+    ruleset, abi = _landlock_ruleset(libc) if job["landlock"] else (None, 0)
+    if job["root"]:  # bwrap ran as root without a user namespace: become nobody for real
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
         layers.append(f"uid:{NOBODY}")
+    else:
+        layers.append(f"userns:{os.geteuid()}")
+    if os.getresuid() != (NOBODY,) * 3 or os.getresgid() != (NOBODY,) * 3:
+        raise PermissionError(f"still uid {os.getresuid()}, gid {os.getresgid()}, not {NOBODY}")
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
     if ruleset is not None:
-        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0:
             layers.append(f"landlock:abi{abi}")
         os.close(ruleset)
+    _load_seccomp(libc, bytes.fromhex(job["seccomp"]))
+    layers.append("seccomp")
     return layers
 
 
-def _unshare_network(libc: Any, root: bool) -> bool:
-    """Move into a new network namespace. Root can do it directly; anyone else needs a new user
-    namespace too, in which the process keeps its own uid and gid (so the scratch folder stays its own)."""
-    if root:
-        return libc.unshare(_CLONE_NEWNET) == 0
-    uid, gid = os.geteuid(), os.getegid()
-    # A non-dumpable process (after a setuid) cannot write its own id maps: stay out rather than unmapped.
-    if libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 1 or libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-        return False
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:  # mapping one's own ids is always allowed
-            f.write(text)
-    return True
+def _load_seccomp(libc: Any, program: bytes) -> None:
+    """Install the parent's BPF program on this process (one thread, checked: the filter covers it all)."""
+    import ctypes
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    code = ctypes.create_string_buffer(program, len(program))
+    prog = SockFprog(len(program) // 8, ctypes.addressof(code))
+    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(prog),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)):
+        raise OSError(ctypes.get_errno(), "seccomp: the filter did not load")
 
 
 def _vm_size() -> int:
     """Bytes of address space in use (the preloaded libraries): the memory limit comes on top."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):  # no /proc: not Linux
-        return 0
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
 
 
-def _landlock_ruleset(libc: Any, scratch: str) -> tuple[int | None, int]:
+def _landlock_ruleset(libc: Any) -> tuple[int | None, int]:
     """A Landlock ruleset fd (read-write in scratch, nothing else, no TCP, scoped signals and abstract
     sockets) and the ABI version; (None, 0) where the kernel has no Landlock."""
     import ctypes
@@ -411,7 +698,7 @@ def _landlock_ruleset(libc: Any, scratch: str) -> tuple[int | None, int]:
     ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, 24, 0)
     if ruleset < 0:
         return None, 0
-    dfd = os.open(scratch, os.O_PATH | os.O_CLOEXEC)
+    dfd = os.open(SCRATCH, os.O_PATH | os.O_CLOEXEC)
     rule = ctypes.create_string_buffer(struct.pack("=Qi", _LL_SCRATCH & fs, dfd))  # landlock_path_beneath_attr
     ok = libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) == 0  # 1: LANDLOCK_RULE_PATH_BENEATH
     os.close(dfd)
@@ -421,16 +708,21 @@ def _landlock_ruleset(libc: Any, scratch: str) -> tuple[int | None, int]:
     return ruleset, abi
 
 
-def _load_input() -> tuple[Any, str | None]:
-    """The decoded input image; ``input.png`` rewritten as PNG when it arrived in another format."""
+def _load_input(data: bytes) -> tuple[Any, str | None]:
+    """The decoded input image, also written to ``input.png`` (as PNG whatever it arrived as)."""
+    import io
+
     from PIL import Image
 
     try:
-        with Image.open("input.png") as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             fmt = im.format
             img = im if im.mode in _PNG_MODES else im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        if fmt != "PNG":
+        if fmt == "PNG":
+            with open("input.png", "wb") as f:
+                f.write(data)
+        else:
             img.save("input.png", "PNG")
         return img, None
     except MemoryError:
@@ -461,83 +753,105 @@ _FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_bac
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
-def _make_hook(scratch: str, layers: list[str], emit: Any):
-    """The audit hook. A forbidden event writes the ``blocked`` verdict and ends the process on the spot."""
-    import pathlib
+def _make_hook(finish: Callable[..., None], layers: str) -> Callable[[str, tuple], None]:
+    """The audit hook. A forbidden event writes the ``blocked`` verdict and ends the process on the spot.
 
-    realpath, getcwd, sep = os.path.realpath, os.getcwd, os.sep
-    exit_now = os._exit
-    plain_paths = (pathlib.PosixPath, pathlib.PurePosixPath)
+    Every rule, function and builtin it uses is a local bound here, before the code runs: replacing
+    this module's globals (reachable as ``sys.modules['__main__']``), ``os``/``posixpath`` attributes or
+    builtins changes nothing it reads. Paths are resolved by a small resolver on ``os.lstat`` and
+    ``os.readlink`` (C functions, bound), not ``os.path.realpath`` (Python, patchable)."""
+    path_events, denied, denied_prefixes = dict(_PATH_EVENTS), _DENIED, _DENIED_PREFIXES
+    allowed, frame_attrs, write_flags, scratch = ALLOWED_IMPORTS, _FRAME_ATTRS, _WRITE_FLAGS, SCRATCH
+    lstat, readlink, fs_encoding = os.lstat, os.readlink, sys.getfilesystemencoding()
+    type_, len_, str_, bytes_, int_, tuple_, repr_ = type, len, str, bytes, int, tuple, repr
+    memory_error, base_exception = MemoryError, BaseException
 
     def stop(reason: str, what: str) -> None:
-        emit({"reason": reason, "detail": what[:300], "layers": layers})
-        exit_now(0)
+        finish(_EXIT_BLOCKED, "blocked", reason, what[:300], "", layers)
 
-    def outside(path: str | None) -> bool:
-        return path is not None and path != scratch and not path.startswith(scratch + sep)
+    def show(arg: Any) -> str:
+        """An argument for a detail, without running code the sandboxed program defined."""
+        if arg is None or type_(arg) in (str_, bytes_, int_, float, bool):
+            return repr_(arg)[:120]
+        if type_(arg) is tuple_ and len_(arg) <= 4 and all(type_(a) in (str_, int_) for a in arg):
+            return repr_(arg)
+        return f"<{type_(arg).__name__}>"
 
     def resolve(obj: Any) -> str | None:
-        """The real path of a path argument; None for a file descriptor or an absent argument."""
-        if obj is None or type(obj) is int:
+        """Where a path argument leads ('..' and symlinks followed); None for a descriptor or nothing."""
+        if obj is None or type_(obj) is int_:
             return None
-        # Exact types only: a str subclass or a PathLike could answer the hook and the call differently.
-        if type(obj) is str:
-            path = obj
-        elif type(obj) is bytes:
-            path = os.fsdecode(obj)
-        elif type(obj) in plain_paths:
-            path = str(obj)
-        else:
-            stop("blocked", f"a path of type {type(obj).__name__}")
-        return realpath(path if path.startswith(sep) else getcwd() + sep + path)
+        if type_(obj) is bytes_:
+            obj = bytes_.decode(obj, fs_encoding, "surrogateescape")
+        elif type_(obj) is not str_:  # a subclass or a PathLike could answer the hook and the call differently
+            stop("blocked", f"a path of type {type_(obj).__name__}")
+        todo = (obj if obj.startswith("/") else scratch + "/" + obj).split("/")[::-1]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if done:
+                    done.pop()
+                continue
+            here = "/" + "/".join(done + [name])
+            try:
+                is_link = lstat(here).st_mode & 0o170000 == 0o120000
+            except OSError:  # not there (yet): taken as written
+                is_link = False
+            if is_link and hops < 40:
+                hops += 1
+                target = readlink(here)
+                if target.startswith("/"):
+                    done = []
+                todo.extend(target.split("/")[::-1])
+            else:
+                done.append(name)
+        return "/" + "/".join(done)
+
+    def outside(path: str | None) -> bool:
+        return path is not None and path != scratch and not path.startswith(scratch + "/")
 
     def check(event: str, args: tuple) -> None:
         if event == "open":
-            path, mode, flags = (tuple(args) + (None, None))[:3]
+            path, mode, flags = (tuple_(args) + (None, None))[:3]
             real = resolve(path)
             if outside(real):
-                write = bool((flags if type(flags) is int else 0) & _WRITE_FLAGS) or (
-                    type(mode) is str and any(c in mode for c in "wax+"))
-                shown = path if type(path) is str and path == real else f"{_show(path)} ({real})"
+                write = bool((flags if type_(flags) is int_ else 0) & write_flags) or (
+                    type_(mode) is str_ and any(c in mode for c in "wax+"))
+                shown = path if type_(path) is str_ and path == real else f"{show(path)} ({real})"
                 stop("blocked", f"open {shown} for {'writing' if write else 'reading'}")
-        elif event in _PATH_EVENTS:
-            for i in _PATH_EVENTS[event]:
-                real = resolve(args[i]) if i < len(args) else None
+        elif event in path_events:
+            for i in path_events[event]:
+                real = resolve(args[i]) if i < len_(args) else None
                 if outside(real):
                     stop("blocked", f"{event} {real}")
         elif event == "import":
-            name = args[0] if args and type(args[0]) is str else "?"
-            if name.partition(".")[0].lstrip("_") not in ALLOWED_IMPORTS:
+            name = args[0] if args and type_(args[0]) is str_ else "?"
+            if name.partition(".")[0].lstrip("_") not in allowed:
                 stop("blocked", f"import of '{name}'")
         elif event == "sandbox.import":
-            stop("blocked", f"import of '{args[0]}'")
+            stop("blocked", f"import of '{show(args[0])[1:-1]}'")
         elif event == "object.__getattr__":  # a frame leads to the harness's state
-            if len(args) > 1 and args[1] in _FRAME_ATTRS:
+            if len_(args) > 1 and args[1] in frame_attrs:
                 stop("blocked", f"{event} {args[1]}")
         elif event in ("object.__setattr__", "object.__delattr__"):  # swapping a function's code
-            if len(args) > 1 and args[1] == "__code__":
+            if len_(args) > 1 and args[1] == "__code__":
                 stop("blocked", f"{event} __code__")
-        elif event in _DENIED or event.startswith(_DENIED_PREFIXES):
-            stop("blocked", f"{event} {', '.join(_show(a) for a in args)}".strip())
+        elif event in denied or event.startswith(denied_prefixes):
+            stop("blocked", f"{event} {', '.join(show(a) for a in args)}".strip())
 
     def hook(event: str, args: tuple) -> None:
         try:
             check(event, args)
-        except MemoryError:
+        except memory_error:
             stop("memory", f"MemoryError during {event}")
-        except BaseException as e:  # the hook must not fail open
-            stop("blocked", f"{event} (the sandbox could not check it: {type(e).__name__})")
+        except base_exception as e:  # the hook must not fail open
+            stop("blocked", f"{event} (the sandbox could not check it: {type_(e).__name__})")
 
     return hook
-
-
-def _show(arg: Any) -> str:
-    """An audit argument for a detail, without running code the sandboxed program defined."""
-    if arg is None or type(arg) in (str, bytes, int, float, bool):
-        return repr(arg)[:120]
-    if type(arg) is tuple and len(arg) <= 4 and all(type(a) in (str, int) for a in arg):
-        return repr(arg)
-    return f"<{type(arg).__name__}>"
 
 
 def _user_builtins() -> dict[str, Any]:
@@ -545,10 +859,10 @@ def _user_builtins() -> dict[str, Any]:
     modules off ALLOWED_IMPORTS through the hook (``sandbox.import`` ends the run there)."""
     import builtins
 
-    real_import, audit = builtins.__import__, sys.audit
+    real_import, audit, allowed = builtins.__import__, sys.audit, ALLOWED_IMPORTS
 
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level or name.partition(".")[0] not in ALLOWED_IMPORTS:
+        if level or name.partition(".")[0] not in allowed:
             audit("sandbox.import", "." * level + name)
         return real_import(name, globals, locals, fromlist, level)
 
@@ -559,8 +873,12 @@ def _user_builtins() -> dict[str, Any]:
     return names
 
 
-def _run_user(code: str, image: Any, names: dict, builtins_: dict | None, job: dict) -> tuple[dict, bytes]:
-    """Execute the code; return the verdict header and the output PNG."""
+def _run_user(code: str, image: Any, names: dict, builtins_: dict | None,
+              job: dict) -> tuple[str | None, str | None, str, bytes]:
+    """Execute the code; return (reason, detail, stdout, output PNG), reason None for a success.
+
+    Success needs the line after ``exec`` to be reached: an exception the harness fails to catch
+    (the code may rebind names it uses) ends the process without a final record, a failure."""
     import io
     import types
 
@@ -573,39 +891,38 @@ def _run_user(code: str, image: Any, names: dict, builtins_: dict | None, job: d
     env.update(image=image, **names)
     if builtins_ is not None:
         env["__builtins__"] = builtins_
+    caught, memory_error, stdout = BaseException, MemoryError, sys.stdout
     sys.stdout = out
     try:
         exec(compile(code, "<sandbox>", "exec"), env)  # noqa: S102 (what the sandbox is for)
-    except MemoryError:
-        return {"reason": "memory", "detail": f"MemoryError: more than memory_mb={job['memory_mb']}",
-                "stdout": out.getvalue()}, b""
-    except BaseException as e:  # the code's own failure, whatever it raised
-        return {"reason": "error", "detail": _describe(e), "stdout": out.getvalue()}, b""
+    except memory_error:
+        return "memory", f"MemoryError: more than memory_mb={job['memory_mb']}", out.getvalue(), b""
+    except caught as e:  # the code's own failure, whatever it raised
+        return "error", _describe(e), out.getvalue(), b""
     finally:
-        sys.stdout = sys.__stdout__
-    header = {"stdout": out.getvalue()}
+        sys.stdout = stdout
+    printed = out.getvalue()
     try:
         result = env.get("result")
         if result is None and os.path.lexists("output.png"):
             result = Image.open("output.png")
             result.load()
         if result is None:
-            return dict(header, reason="no_output", detail="the code neither set `result` nor saved output.png"), b""
+            return "no_output", "the code neither set `result` nor saved output.png", printed, b""
         if not isinstance(result, Image.Image):
-            return dict(header, reason="bad_output", detail=f"result is a {type(result).__name__}, not a PIL image"), b""
+            return "bad_output", f"result is a {type(result).__name__}, not a PIL image", printed, b""
         w, h = result.size
         if not (w >= 1 and h >= 1 and w * h <= job["max_output_pixels"]):
-            return dict(header, reason="bad_output",
-                        detail=f"result is {w}x{h}: more than max_output_pixels={job['max_output_pixels']}"), b""
+            return "bad_output", f"result is {w}x{h}: more than max_output_pixels={job['max_output_pixels']}", printed, b""
         if result.mode not in _PNG_MODES:
             result = result.convert("RGBA" if "A" in result.getbands() else "RGB")
         buf = io.BytesIO()
         result.save(buf, "PNG")
-    except MemoryError:
-        return dict(header, reason="memory", detail="MemoryError while saving the result"), b""
+    except memory_error:
+        return "memory", "MemoryError while saving the result", printed, b""
     except Exception as e:  # a broken result: PIL raises many types
-        return dict(header, reason="bad_output", detail=_describe(e)), b""
-    return header, buf.getvalue()
+        return "bad_output", _describe(e), printed, b""
+    return None, None, printed, buf.getvalue()
 
 
 def _describe(e: BaseException) -> str:

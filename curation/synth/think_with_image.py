@@ -13,7 +13,10 @@ an assistant turn with one fenced ``python`` block, and the final answer. This s
 Reject reasons: ``bad_messages`` (not a JSON list of messages), ``no_code`` (no python block, or more
 than one), ``code_does_not_parse``, ``no_input_image`` (missing or undecodable ``images[0]``), and from
 the sandbox ``sandbox_timeout``, ``sandbox_memory``, ``sandbox_blocked`` (the detail names the
-operation), ``sandbox_error`` (the exception), ``no_output_image``, ``bad_output_image``.
+operation), ``sandbox_error`` (the exception), ``no_output_image``, ``bad_output_image``. Where the
+sandbox's kernel layers are missing (docs/sandbox.md) the stage does not run at all: ``preflight``
+stops the run before any data is read, and a worker that lacks them fails its batch
+(:class:`~curation.synth.sandbox.SandboxUnavailable`) rather than running code unconfined.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curation.stage import Stage, mark_rejected, register
-from curation.synth.sandbox import DEFAULT_MAX_OUTPUT_PIXELS, SandboxResult, run_code
+from curation.stage import NotReady, Stage, mark_rejected, register
+from curation.synth.sandbox import DEFAULT_MAX_OUTPUT_PIXELS, SandboxResult, check_sandbox, run_code
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +65,25 @@ class ThinkWithImage(Stage):
     timeout_s: float = 10.0  # wall clock per snippet, interpreter start included
     memory_mb: int = 512  # address space per snippet on top of PIL and numpy
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS  # larger output images are rejected
-    scratch_root: str | None = None  # where scratch folders go (default: the system temp folder)
+
+    def preflight(self) -> None:
+        """On the driver, before any data is read: the sandbox's required kernel layers are here
+        (bubblewrap namespaces, a separate uid, seccomp), or the run stops with what to install."""
+        check = check_sandbox()
+        if not check.ok:
+            raise NotReady(check.message())
 
     def setup(self) -> None:
-        """Run a trivial snippet once: a sandbox that cannot run anything fails here, not row by row."""
+        """Probe again on the worker (another machine may lack a layer) and run a trivial snippet once:
+        a sandbox that cannot run anything fails here, not row by row."""
+        self.preflight()
         probe = self._run("result = image", _probe_png())
         if not probe.ok:
             raise RuntimeError(f"think_with_image: the sandbox does not work here: {probe.reason}: {probe.detail}")
-        missing = [layer for layer in ("netns", "landlock") if not any(x.startswith(layer) for x in probe.layers)]
-        (log.warning if missing else log.info)(
+        landlock = any(x.startswith("landlock") for x in probe.layers)
+        (log.info if landlock else log.warning)(
             "think_with_image: sandbox layers %s%s (%.2f s per snippet)", ", ".join(probe.layers),
-            f"; not available here: {', '.join(missing)}" if missing else "", probe.elapsed)
+            "" if landlock else "; no Landlock here (the mount namespace still confines files)", probe.elapsed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = pc.and_(self.applies(batch), pc.equal(pc.fill_null(batch["mode"], ""), MODE))
@@ -116,7 +127,7 @@ class ThinkWithImage(Stage):
 
     def _run(self, code: str, image: bytes) -> SandboxResult:
         return run_code(code, image, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
-                        max_output_pixels=self.max_output_pixels, scratch_root=self.scratch_root)
+                        max_output_pixels=self.max_output_pixels)
 
 
 def _prepare(messages: str | None, images: list | None) -> tuple[list, int, str] | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curation.bounds import bounded
 from curation.mix.tokens import MERGE, PATCH, TEMPORAL_PATCH
 from curation.recipe import RecipeError, _apply_override, build, load_yaml
 
@@ -38,14 +39,14 @@ class VisionConfig:
     patch: int = PATCH  # pixels per patch side (SigLIP: 14)
     merge: int = MERGE  # the projector merges merge x merge neighbouring patches into one LLM token
     temporal_patch: int = TEMPORAL_PATCH  # video frames are merged in groups of this many (as mixtures count)
-    dim: int = 64  # width (SigLIP-400M: 1152)
-    layers: int = 4
-    heads: int = 4
-    mlp_dim: int = 256
+    dim: int = bounded(64, 1, 65_536)  # width (SigLIP-400M: 1152)
+    layers: int = bounded(4, 1, 1024)
+    heads: int = bounded(4, 1, 1024)
+    mlp_dim: int = bounded(256, 1, 262_144)
     rope_2d: bool = True  # 2D rotary positions (patch row, column) inside attention: any resolution
     learned_grid: int = 0  # >0: a learned grid x grid position table, resized to each image (SigLIP's)
     norm_eps: float = 1e-6
-    projector_dim: int = 256  # hidden width of the projector's MLP
+    projector_dim: int = bounded(256, 1, 262_144)  # hidden width of the projector's MLP
     hf_path: str | None = None  # SigLIP checkpoint folder: its architecture and weights replace the above
 
 
@@ -53,12 +54,12 @@ class VisionConfig:
 class LMConfig:
     """The causal decoder (Qwen3's layout: RMSNorm, GQA with q/k norms, SwiGLU) with 3D M-RoPE."""
 
-    dim: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2  # grouped-query attention
-    head_dim: int = 32
-    mlp_dim: int = 384
+    dim: int = bounded(128, 1, 65_536)
+    layers: int = bounded(4, 1, 1024)
+    heads: int = bounded(4, 1, 1024)
+    kv_heads: int = bounded(2, 1, 1024)  # grouped-query attention
+    head_dim: int = bounded(32, 2, 4096)
+    mlp_dim: int = bounded(384, 1, 262_144)
     rope_theta: float = 10000.0
     mrope_section: list[int] = field(default_factory=list)  # rotary pairs for (t, h, w); empty: 1/4, 3/8, 3/8
     norm_eps: float = 1e-6
@@ -84,30 +85,33 @@ class DataConfig:
 
     format: str = "parquet"  # which shards of the mixture to stream: parquet or webdataset
     tokenizer: str | None = None  # tokenizer.json (or a folder holding one); None: built-in bytes + specials
-    seq_len: int = 256  # tokens per sample (text + visual); longer samples are cut at a block boundary
-    batch_size: int = 8  # samples per micro-batch, per rank
-    num_workers: int = 1  # DataLoader processes per rank (0: read in the training process)
+    # tokens per sample (text + visual); longer samples are cut at a block boundary
+    seq_len: int = bounded(256, 1, 1_048_576)
+    batch_size: int = bounded(8, 1, 65_536)  # samples per micro-batch, per rank
+    num_workers: int = bounded(1, 0, 256)  # DataLoader processes per rank (0: read in the training process)
     verify: str = "sha256"  # before training, check each shard's sha256 (or only its size, or none)
     min_pixels: int = 4 * 28 * 28  # per image: at least 4 LLM tokens
     max_pixels: int = 64 * 28 * 28  # per image: at most 64 LLM tokens (Keye-VL: 16,384)
     video_min_pixels: int = 4 * 28 * 28  # per frame of a video
     video_max_pixels: int = 16 * 28 * 28  # per frame (Keye-VL: 768 tokens per frame pair)
-    max_frames: int = 8  # frames kept per video, spread evenly over the sampled ones
-    tokens_per_second: float = 2.0  # M-RoPE temporal positions per second of video (Qwen2.5-VL's 2)
+    max_frames: int = bounded(8, 1, 10_000)  # frames kept per video, spread evenly over the sampled ones
+    # M-RoPE temporal positions per second of video (Qwen2.5-VL's 2)
+    tokens_per_second: float = bounded(2.0, 0, 1000)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio`` of the peak."""
 
-    lr: float | None = None  # None: the stage's default (STAGE_DEFAULTS)
-    min_lr_ratio: float | None = None  # None: the stage's default (0 when annealing)
-    warmup_steps: int = 5
-    weight_decay: float = 0.1  # on matrices only; norms, biases and embeddings of position get none
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = bounded(None, 1e-12, 10)  # None: the stage's default (STAGE_DEFAULTS)
+    min_lr_ratio: float | None = bounded(None, 0, 1)  # None: the stage's default (0 when annealing)
+    warmup_steps: int = bounded(5, 0, 10_000_000)
+    # on matrices only; norms, biases and embeddings of position get none
+    weight_decay: float = bounded(0.1, 0, 10)
+    beta1: float = bounded(0.9, 0, 1)
+    beta2: float = bounded(0.95, 0, 1)
+    grad_clip: float = bounded(1.0, 0, 1_000_000)
+    grad_accum: int = bounded(1, 1, 100_000)  # micro-batches per optimizer step
 
 
 @dataclass
@@ -115,12 +119,12 @@ class TrainConfig:
     stage: str = "2"  # 0, 1, 2, 3 or sft
     mixture: str = ""  # mixture folder (manifest.json + shards/), local or s3://
     out: str = "runs/train"  # checkpoints, log.jsonl, loss plot
-    steps: int = 40  # optimizer steps
+    steps: int = bounded(40, 1, 10_000_000)  # optimizer steps
     seed: int = 0
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1
     dtype: str = "auto"  # auto (bfloat16 autocast on cuda, float32 on cpu), float32, bfloat16
-    log_every: int = 1
-    ckpt_every: int = 0  # 0: a checkpoint at the end only
+    log_every: int = bounded(1, 1, 10_000_000)
+    ckpt_every: int = bounded(0, 0, 10_000_000)  # 0: a checkpoint at the end only
     init: str | None = None  # start from this checkpoint's weights (an earlier stage); fresh optimizer and data
     resume: str | None = None  # continue this run's checkpoint: weights, optimizer, step, data position
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -212,14 +216,6 @@ def check(cfg: TrainConfig) -> list[str]:
         p.append(f"config.dtype: '{cfg.dtype}' (expected auto, float32 or bfloat16)")
     if cfg.data.verify not in ("sha256", "size", "none"):
         p.append(f"config.data.verify: '{cfg.data.verify}' (expected sha256, size or none)")
-    for key in ("steps", "log_every"):
-        if getattr(cfg, key) < 1:
-            p.append(f"config.{key}: expected a positive integer")
-    for key in ("seq_len", "batch_size", "max_frames"):
-        if getattr(cfg.data, key) < 1:
-            p.append(f"config.data.{key}: expected a positive integer")
-    if cfg.optim.grad_accum < 1:
-        p.append("config.optim.grad_accum: expected a positive integer")
     if cfg.vision.dim % cfg.vision.heads:
         p.append(f"config.vision.dim: {cfg.vision.dim} is not a multiple of vision.heads ({cfg.vision.heads})")
     if cfg.vision.rope_2d and (cfg.vision.dim // cfg.vision.heads) % 4:
