@@ -6,8 +6,8 @@ the variable a VLM backend's ``api_key_env`` names), an AWS profile file (``~/.a
 ``http://user:pass@host``) and query strings (``?X-Amz-Signature=...``, ``token=``, ``sig=``). Rather than
 trusting every message to leave them out, :func:`redact` masks all of them in any text, and :func:`install`
 puts it in front of what a process writes by itself: log records (their message and formatted exception) and
-tracebacks that escape. ``curation``'s command line installs it at start, and Ray workers through the job's
-``worker_process_setup_hook`` (see :func:`curation.runner.ray_session`).
+tracebacks that escape. ``curation``'s command line installs it at start, and every Ray task of ours before it runs
+(:func:`curation.runner.in_worker`).
 
 The AWS access key id is masked too: AWS calls it non-secret, but it names the account and is half of a
 credential pair, and masking costs a message nothing it needs.

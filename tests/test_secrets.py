@@ -143,3 +143,28 @@ def test_the_resolved_recipe_next_to_the_pool_holds_no_secret(ray_local, tiny_re
     for p in written:
         text = p.read_text(errors="replace")
         assert SECRET not in text and "sig0123456" not in text, p
+
+
+def _log_a_uri(batch, uri: str):
+    import logging as lg
+
+    import numpy as np
+
+    lg.getLogger("curation.test").warning("worker saw %s", uri)
+    return {"n": np.array([len(batch["item"])])}
+
+
+def test_what_a_ray_worker_logs_is_redacted(ray_local):
+    """Worker logs are files people share: a task of ours masks credentials before its first log line."""
+    import ray
+    import ray.cloudpickle
+
+    from curation.runner import map_items
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    uri = f"s3://AKIAWORKERKEY:{SECRET}-worker@bucket/x"
+    assert sum(int(b["n"].sum()) for b in map_items([{"a": i} for i in range(4)], _log_a_uri, {"uri": uri}, 2, 2)) == 4
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.is_file())
+    assert "worker saw s3://***@bucket/x" in text
+    assert f"{SECRET}-worker" not in text
