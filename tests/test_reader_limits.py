@@ -344,3 +344,19 @@ def test_limits_out_of_range_are_recipe_errors_naming_the_key(tmp_path, value, e
     raw["limits"] = {"max_lines": 3}
     with pytest.raises(RecipeError, match="limits.max_lines: unknown key"):
         pipeline_from_dict(raw)
+
+
+def test_a_benchmark_file_line_over_the_limit_is_listed_not_held(tmp_path, monkeypatch):
+    """Benchmark exports are untrusted too: a giant JSONL line is passed over and listed as not indexed."""
+    from types import SimpleNamespace
+
+    from curation.dedup import registry
+
+    monkeypatch.setattr(registry, "LimitsSpec", lambda: SimpleNamespace(max_line_bytes=200))
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps({"id": "big", "question": "x" * 500}) + "\n"
+                    + json.dumps({"id": "ok", "question": "What colour is the sky on a clear day?"}) + "\n")
+    problems: list = []
+    items = list(registry.read_items(registry.BenchmarkSpec("b", [str(path)]), problems))
+    assert [it.item_id for it in items] == ["ok"]
+    assert any("over limits.max_line_bytes" in p.reason for p in problems), problems

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
 from curation.io import refs
-from curation.recipe import RecipeError, build, check_paths_exist, load_yaml
+from curation.recipe import LimitsSpec, RecipeError, build, check_paths_exist, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,11 @@ def _parquet_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tup
 def _jsonl_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple[int, dict]]:
     checked = False
     with cfs.open_input(uri) as stream:
-        for offset, line in enumerate(cfs.iter_lines(stream)):
+        for offset, line in enumerate(cfs.iter_lines(stream, max_line=LimitsSpec().max_line_bytes)):
+            if isinstance(line, cfs.Skipped):  # a benchmark file is untrusted too: a giant line is never held
+                problems.append(NotIndexed(spec.name, f"{uri}#{offset}", "item",
+                                           f"a line of {line.size:,} bytes, over limits.max_line_bytes"))
+                continue
             if not line.strip():
                 continue
             try:
