@@ -195,11 +195,10 @@ def claim(root: str, kind: str, overwrite: bool = False) -> None:
             _empty(fs, path, root, found)
         fs.create_dir(path, recursive=True)
         if (_read_json(fs, f"{path}/{MARKER}") or {}).get("kind") != kind:
+            from curation.io.pool import _commit_bytes  # pool imports this module
+
             body = {"tool": TOOL, "kind": kind, "version": __version__, "created": _now()}
-            tmp = f"{path}/{MARKER}.tmp-{uuid.uuid4().hex[:8]}"
-            with fs.open_output_stream(tmp) as f:
-                f.write(json.dumps(body, indent=2).encode())
-            fs.move(tmp, f"{path}/{MARKER}")
+            _commit_bytes(fs, f"{path}/{MARKER}", json.dumps(body, indent=2).encode())
 
 
 def _empty(fs: pafs.FileSystem, path: str, root: str, kind: str) -> None:

@@ -38,6 +38,7 @@ import stat
 from dataclasses import dataclass
 
 from curation.io import fs as cfs
+from curation.secrets import redact
 
 REFUSED_REFERENCE = "refused_reference"
 REFUSED_SCHEME = "refused_scheme"
@@ -57,9 +58,8 @@ class RefusedReference(ValueError):
 
 
 def shown(ref: object, limit: int = 200) -> str:
-    """A reference as a detail shows it: quoted, cut, user info hidden."""
-    text = ref if isinstance(ref, str) else repr(ref)
-    text = re.sub(r"(://)[^/@]*@", r"\1***@", text)
+    """A reference as a detail shows it: quoted, cut, credentials masked (:func:`curation.secrets.redact`)."""
+    text = redact(ref if isinstance(ref, str) else repr(ref))
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
