@@ -41,7 +41,9 @@ def main() -> None:
     overrides = [f"vars.corpus={corpus}"]
 
     t0 = time.perf_counter()
-    result = run_audit(REGISTRY, paths, str(out / "audit"), registry_set=overrides, overwrite=True, progress=False)
+    result = run_audit(
+        REGISTRY, paths, str(out / "audit"), registry_set=overrides, overwrite=True, progress=False
+    )
     audit_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -56,18 +58,27 @@ def main() -> None:
     loop_s = time.perf_counter() - t0
 
     truth = pl.read_parquet(corpus / "truth.parquet")
-    found = {(m["source_uri"], m["source_offset"]) for b in result.data["benchmarks"].values() for m in b["matches"]}
+    found = {
+        (m["source_uri"], m["source_offset"])
+        for b in result.data["benchmarks"].values()
+        for m in b["matches"]
+    }
     hit = [(f"{corpus.resolve()}/{f}", o) in found for f, o in zip(truth["file"], truth["offset"])]
     truth = truth.with_columns(pl.Series("hit", hit))
     plants = truth.filter(pl.col("dirt") == "benchmark_copy")
     others = truth.filter(pl.col("dirt") != "benchmark_copy")
     report = {
-        "rows": rows, "audit_s": round(audit_s, 2), "loop_s": round(loop_s, 2),
-        "audit_rows_per_s": round(rows / audit_s), "loop_rows_per_s": round(rows / loop_s),
+        "rows": rows,
+        "audit_s": round(audit_s, 2),
+        "loop_s": round(loop_s, 2),
+        "audit_rows_per_s": round(rows / audit_s),
+        "loop_rows_per_s": round(rows / loop_s),
         "speedup": round(loop_s / audit_s, 2),
         "contaminated_rows": {"audit": result.data["rows_contaminated"], "loop": loop_hits},
-        "recall": round(plants["hit"].mean(), 4), "plants": plants.height,
-        "false_positives": int(others["hit"].sum()), "other_rows": others.height,
+        "recall": round(plants["hit"].mean(), 4),
+        "plants": plants.height,
+        "false_positives": int(others["hit"].sum()),
+        "other_rows": others.height,
     }
     print(json.dumps(report, indent=2))
 

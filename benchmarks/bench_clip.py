@@ -53,12 +53,26 @@ def random_checkpoint(work: Path, arch: str) -> str:
 
 
 def recipe_dict(root: Path, out: Path, stage: dict, batch_rows: int, num_cpus: int | None) -> dict:
-    sources = [{"name": n, "format": f, "modality": "image_text", "paths": [str(root / "image_text" / n / f"*{ext}")]}
-               for n, f, ext in (("wds", "webdataset", ".tar"), ("parquet", "parquet", ".parquet"),
-                                 ("jsonl", "jsonl", ".jsonl"))]
-    return {"name": "bench_clip", "sources": sources, "stages": [{"clip_score": stage}],
-            "output": {"path": str(out), "formats": ["parquet"], "report": False},
-            "execution": {"batch_rows": batch_rows, "num_cpus": num_cpus}}
+    sources = [
+        {
+            "name": n,
+            "format": f,
+            "modality": "image_text",
+            "paths": [str(root / "image_text" / n / f"*{ext}")],
+        }
+        for n, f, ext in (
+            ("wds", "webdataset", ".tar"),
+            ("parquet", "parquet", ".parquet"),
+            ("jsonl", "jsonl", ".jsonl"),
+        )
+    ]
+    return {
+        "name": "bench_clip",
+        "sources": sources,
+        "stages": [{"clip_score": stage}],
+        "output": {"path": str(out), "formats": ["parquet"], "report": False},
+        "execution": {"batch_rows": batch_rows, "num_cpus": num_cpus},
+    }
 
 
 def read_batches(recipe) -> list[pa.Table]:
@@ -86,8 +100,10 @@ def bare_forward(stage, batches: list[pa.Table], batch_size: int, repeat: int) -
                 images.append(pixels)
                 texts.append(text)
     # on the device already: the forward alone, no transfer
-    chunks = [(clip.pixels(images[s:s + batch_size]), clip.tokenizer(texts[s:s + batch_size]).to(clip.device))
-              for s in range(0, len(images), batch_size)]
+    chunks = [
+        (clip.pixels(images[s : s + batch_size]), clip.tokenizer(texts[s : s + batch_size]).to(clip.device))
+        for s in range(0, len(images), batch_size)
+    ]
 
     def once():
         with torch.inference_mode(), clip._autocast():
@@ -95,6 +111,7 @@ def bare_forward(stage, batches: list[pa.Table], batch_size: int, repeat: int) -
                 i = clip.model.encode_image(pixels, normalize=True)
                 t = clip.model.encode_text(tokens, normalize=True)
                 (i * t).sum(-1).float().cpu()  # the stage brings scores back too
+
     once()  # warm-up (CUDA kernels, allocator)
     best = min(_timed(once) for _ in range(repeat))
     return {"images": len(images), "seconds": round(best, 3), "images_per_s": round(len(images) / best, 1)}
@@ -141,27 +158,44 @@ def main() -> None:
     root = corpus(work, args.rows)
     spec = args.model or random_checkpoint(work, args.arch)
     gpus = 1 if args.device == "cuda" else 0
-    params = {"model": spec, "batch_size": args.batch_size, "device": args.device, "precision": args.precision,
-              "resources": {"num_cpus": args.num_cpus, "num_gpus": gpus}}
+    params = {
+        "model": spec,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "resources": {"num_cpus": args.num_cpus, "num_gpus": gpus},
+    }
     if args.decode_threads is not None:
         params["decode_threads"] = args.decode_threads
-    recipe = pipeline_from_dict(recipe_dict(root, work / "pool", params, args.batch_rows, None), check_paths=False)
+    recipe = pipeline_from_dict(
+        recipe_dict(root, work / "pool", params, args.batch_rows, None), check_paths=False
+    )
     [stage] = recipe.stages
     stage.check_requirements()
     stage.preflight()
     batches = read_batches(recipe)
     stage.setup()
     result = {
-        "benchmark": "clip_score", "model": stage.lineage()["model"], "device": args.device,
-        "precision": args.precision, "batch_size": args.batch_size, "decode_threads": stage._pool._max_workers
-        if stage._pool else 0, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "benchmark": "clip_score",
+        "model": stage.lineage()["model"],
+        "device": args.device,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "decode_threads": stage._pool._max_workers if stage._pool else 0,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "machine": platform.processor() or platform.machine(),
         "bare": bare_forward(stage, batches, args.batch_size, args.repeat),
         "stage": stage_run(stage, batches, args.repeat),
     }
-    inline = type(stage)(**{**{k: getattr(stage, k) for k in ("model", "batch_size", "device", "precision")},
-                            "decode_threads": 0, "resources": Resources(args.num_cpus, gpus)})
+    inline = type(stage)(
+        **{
+            **{k: getattr(stage, k) for k in ("model", "batch_size", "device", "precision")},
+            "decode_threads": 0,
+            "resources": Resources(args.num_cpus, gpus),
+        }
+    )
     inline.setup()
     result["stage_inline"] = stage_run(inline, batches, args.repeat)
     result["ratio"] = round(result["stage"]["images_per_s"] / result["bare"]["images_per_s"], 3)
@@ -173,10 +207,14 @@ def main() -> None:
         t0 = time.perf_counter()
         run = run_pipeline(recipe, overwrite=True, progress=False)
         clip = next(s for s in run.stats["stages"] if s["name"] == "clip_score")
-        result["pipeline"] = {"rows": run.stats["rows_in"], "elapsed_s": run.stats["elapsed_s"],
-                              "rows_per_s": run.stats["rows_per_s"], "clip_stage_seconds": clip["seconds"],
-                              "wall_with_ray_start_s": round(time.perf_counter() - t0, 2),
-                              "drops": clip["drops"]}
+        result["pipeline"] = {
+            "rows": run.stats["rows_in"],
+            "elapsed_s": run.stats["elapsed_s"],
+            "rows_per_s": run.stats["rows_per_s"],
+            "clip_stage_seconds": clip["seconds"],
+            "wall_with_ray_start_s": round(time.perf_counter() - t0, 2),
+            "drops": clip["drops"],
+        }
     print(json.dumps(result, indent=2))
 
 

@@ -56,28 +56,203 @@ from curation.dedup.text import ContainmentIndex
 log = logging.getLogger("bench_decontam")
 
 FUNCTION_WORDS = [
-    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
-    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they",
-    "you", "were", "her", "she", "there", "one", "all", "we", "their", "has", "been", "if", "more",
-    "when", "will", "would", "who", "so", "no", "can", "had", "its", "into", "than", "them", "these",
-    "two", "may", "only", "other", "some", "time", "could", "new", "very", "first", "also", "any",
-    "about", "after", "our", "over", "such", "most", "then", "out", "what", "up", "my", "like",
-    "through", "years", "between", "where", "did", "many", "those", "both", "should", "each", "under",
-    "while", "because", "before", "much", "well", "way", "even", "made", "state", "people", "three",
-    "must", "still", "do", "how", "being", "against", "own", "same", "during", "used", "since",
-    "without", "city", "world", "part", "here", "however", "another", "long", "around", "number",
-    "great", "small", "within", "work", "might", "day", "high", "life", "place", "large", "found",
-    "area", "next", "found", "early", "given", "often", "back", "among",
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "can",
+    "had",
+    "its",
+    "into",
+    "than",
+    "them",
+    "these",
+    "two",
+    "may",
+    "only",
+    "other",
+    "some",
+    "time",
+    "could",
+    "new",
+    "very",
+    "first",
+    "also",
+    "any",
+    "about",
+    "after",
+    "our",
+    "over",
+    "such",
+    "most",
+    "then",
+    "out",
+    "what",
+    "up",
+    "my",
+    "like",
+    "through",
+    "years",
+    "between",
+    "where",
+    "did",
+    "many",
+    "those",
+    "both",
+    "should",
+    "each",
+    "under",
+    "while",
+    "because",
+    "before",
+    "much",
+    "well",
+    "way",
+    "even",
+    "made",
+    "state",
+    "people",
+    "three",
+    "must",
+    "still",
+    "do",
+    "how",
+    "being",
+    "against",
+    "own",
+    "same",
+    "during",
+    "used",
+    "since",
+    "without",
+    "city",
+    "world",
+    "part",
+    "here",
+    "however",
+    "another",
+    "long",
+    "around",
+    "number",
+    "great",
+    "small",
+    "within",
+    "work",
+    "might",
+    "day",
+    "high",
+    "life",
+    "place",
+    "large",
+    "found",
+    "area",
+    "next",
+    "found",
+    "early",
+    "given",
+    "often",
+    "back",
+    "among",
 ]
 ONSETS = [
-    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br",
-    "cr", "dr", "fr", "gr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "st", "sp", "sc", "sh",
-    "ch", "th", "wh", "qu",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "cr",
+    "dr",
+    "fr",
+    "gr",
+    "pr",
+    "tr",
+    "bl",
+    "cl",
+    "fl",
+    "gl",
+    "pl",
+    "sl",
+    "st",
+    "sp",
+    "sc",
+    "sh",
+    "ch",
+    "th",
+    "wh",
+    "qu",
 ]
 VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ea", "ou", "ai", "io", "ie"]
 CODAS = [""] * 8 + ["n", "r", "s", "t", "l", "m", "nd", "nt", "st", "rt", "ng", "ck"]
-NON_ASCII_WORDS = ["café", "naïve", "résumé", "Zürich", "São", "façade", "Müller", "coöperate", "señor",
-                   "élite"]
+NON_ASCII_WORDS = [
+    "café",
+    "naïve",
+    "résumé",
+    "Zürich",
+    "São",
+    "façade",
+    "Müller",
+    "coöperate",
+    "señor",
+    "élite",
+]
 
 
 def make_vocab(rng: np.random.Generator, size: int) -> list[str]:
@@ -87,8 +262,12 @@ def make_vocab(rng: np.random.Generator, size: int) -> list[str]:
         if r < 0.01:
             w = str(int(rng.integers(2, 2100)))
         else:
-            w = "".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))]
-                        + CODAS[rng.integers(len(CODAS))] for _ in range(int(rng.integers(1, 4))))
+            w = "".join(
+                ONSETS[rng.integers(len(ONSETS))]
+                + VOWELS[rng.integers(len(VOWELS))]
+                + CODAS[rng.integers(len(CODAS))]
+                for _ in range(int(rng.integers(1, 4)))
+            )
             if r > 0.99 and len(words) > 1000:  # compounds: "well-known"
                 w += "-" + list(words)[int(rng.integers(200, 1000))]
         words.setdefault(w)
@@ -203,8 +382,9 @@ def wrap(s: str, width: int, rng: np.random.Generator) -> str:
     return "\n".join([*lines, line])
 
 
-def generate(n_docs: int, n_items: int, seed: int) -> tuple[list[str], list[list[str]], np.ndarray,
-                                                            list[str]]:
+def generate(
+    n_docs: int, n_items: int, seed: int
+) -> tuple[list[str], list[list[str]], np.ndarray, list[str]]:
     """Documents, items, the planted item of each document (-1: clean) and the planted copies' variants."""
     rng = np.random.default_rng(seed)
     text = Text(rng)
@@ -223,7 +403,7 @@ def generate(n_docs: int, n_items: int, seed: int) -> tuple[list[str], list[list
         copy, v = render(items[planted[i]], rng, text.vocab)
         d = docs[i]
         mid = d.find(" ", len(d) // 2)
-        docs[i] = f"{d[:mid]}\n\n{copy}\n\n{d[mid + 1:]}"
+        docs[i] = f"{d[:mid]}\n\n{copy}\n\n{d[mid + 1 :]}"
         variants[i] = ",".join(v) or "verbatim"
     return docs, items, planted, variants
 
@@ -233,8 +413,12 @@ def load_corpus(cache: Path, n_docs: int, n_items: int, seed: int):
     items_path = path.with_suffix(".items.json")
     if path.exists() and items_path.exists():
         t = pq.read_table(path)
-        return (t["text"].to_pylist(), json.loads(items_path.read_text()), t["planted"].to_numpy(),
-                t["variants"].to_pylist())
+        return (
+            t["text"].to_pylist(),
+            json.loads(items_path.read_text()),
+            t["planted"].to_numpy(),
+            t["variants"].to_pylist(),
+        )
     t0 = time.perf_counter()
     docs, items, planted, variants = generate(n_docs, n_items, seed)
     cache.mkdir(parents=True, exist_ok=True)
@@ -249,10 +433,15 @@ def load_corpus(cache: Path, n_docs: int, n_items: int, seed: int):
 # ---------------------------------------------------------------- the three methods
 # Each takes (items, docs) and returns the set of (doc, item) pairs it flags, plus its timing.
 
+
 def build_ours(items) -> ContainmentIndex:
     t = timed(lambda: ContainmentIndex([(str(i), segs) for i, segs in enumerate(items)]))
-    log.info("ContainmentIndex of %d items: %d n-grams, built in %.2fs", len(items), len(t["result"]._keys),
-             t["wall"])
+    log.info(
+        "ContainmentIndex of %d items: %d n-grams, built in %.2fs",
+        len(items),
+        len(t["result"]._keys),
+        t["wall"],
+    )
     return t["result"]
 
 
@@ -336,8 +525,13 @@ def evaluate(pairs: set, planted: np.ndarray, n_docs: int) -> dict:
     hosts = np.flatnonzero(planted[:n_docs] >= 0)
     found = sum((int(d), int(planted[d])) in pairs for d in hosts)
     clean_flagged = sum(1 for d in flagged if planted[d] < 0)
-    return {"planted": len(hosts), "found": found, "recall": found / max(1, len(hosts)),
-            "false_positives": clean_flagged, "clean_docs": int(n_docs - len(hosts))}
+    return {
+        "planted": len(hosts),
+        "found": found,
+        "recall": found / max(1, len(hosts)),
+        "false_positives": clean_flagged,
+        "clean_docs": int(n_docs - len(hosts)),
+    }
 
 
 def cpu_model() -> str:
@@ -367,31 +561,62 @@ def main() -> None:
     docs, items, planted, variants = load_corpus(args.cache, args.docs, args.items, args.seed)
     sizes = np.fromiter((len(d.encode()) for d in docs), dtype=np.int64, count=len(docs))
     words = np.fromiter((d.count(" ") + d.count("\n") + 1 for d in docs), dtype=np.int64, count=len(docs))
-    log.info("%d docs, %.0f MB, %.0f-%.0f words (mean %.0f), %d planted, %d items; %d non-ASCII docs",
-             len(docs), sizes.sum() / 1e6, words.min(), words.max(), words.mean(), (planted >= 0).sum(),
-             len(items), sum(not d.isascii() for d in docs))
+    log.info(
+        "%d docs, %.0f MB, %.0f-%.0f words (mean %.0f), %d planted, %d items; %d non-ASCII docs",
+        len(docs),
+        sizes.sum() / 1e6,
+        words.min(),
+        words.max(),
+        words.mean(),
+        (planted >= 0).sum(),
+        len(items),
+        sum(not d.isascii() for d in docs),
+    )
 
     nb = min(args.baseline_docs or len(docs), len(docs))
     nq = min(args.query_docs, len(docs))
-    runs = [("ours: ContainmentIndex.scan (n=5, containment >= 0.5)", len(docs),
-             lambda: run_ours(items, docs, args.repeat))]
+    runs = [
+        (
+            "ours: ContainmentIndex.scan (n=5, containment >= 0.5)",
+            len(docs),
+            lambda: run_ours(items, docs, args.repeat),
+        )
+    ]
     if "per-doc" not in args.skip:
-        runs.append(("ours, one ContainmentIndex.query call per document", nq,
-                     lambda: run_ours_per_doc(items, docs[:nq])))
+        runs.append(
+            (
+                "ours, one ContainmentIndex.query call per document",
+                nq,
+                lambda: run_ours_per_doc(items, docs[:nq]),
+            )
+        )
     if "plain" not in args.skip:
         runs.append(("plain Python 13-gram set scan (GPT-3 style)", nb, lambda: run_plain(items, docs[:nb])))
     if "datasketch" not in args.skip:
-        runs.append(("datasketch MinHashLSH (128 perm, word 5-grams, Jaccard >= 0.5)", nb,
-                     lambda: run_datasketch(items, docs[:nb])))
+        runs.append(
+            (
+                "datasketch MinHashLSH (128 perm, word 5-grams, Jaccard >= 0.5)",
+                nb,
+                lambda: run_datasketch(items, docs[:nb]),
+            )
+        )
     results = []
     for name, n, fn in runs:
         log.info("running %s on %d docs", name, n)
         pairs, t = fn()
         mb = float(sizes[:n].sum() / 1e6)
-        r = {"method": name, "docs": n, "MB": round(mb, 1), "wall_s": round(t["wall"], 2),
-             "cpu_s": round(t["cpu"], 2), "cores_used": round(t["cpu"] / t["wall"], 2),
-             "docs_per_s": round(n / t["wall"]), "MB_per_s": round(mb / t["wall"], 2),
-             "MB_per_s_per_core": round(mb / t["cpu"], 2), **evaluate(pairs, planted, n)}
+        r = {
+            "method": name,
+            "docs": n,
+            "MB": round(mb, 1),
+            "wall_s": round(t["wall"], 2),
+            "cpu_s": round(t["cpu"], 2),
+            "cores_used": round(t["cpu"] / t["wall"], 2),
+            "docs_per_s": round(n / t["wall"]),
+            "MB_per_s": round(mb / t["wall"], 2),
+            "MB_per_s_per_core": round(mb / t["cpu"], 2),
+            **evaluate(pairs, planted, n),
+        }
         by_variant: dict[str, list[int]] = {}
         for d in np.flatnonzero(planted[:n] >= 0):
             by_variant.setdefault(variants[d], [0, 0])[0] += 1
@@ -400,15 +625,19 @@ def main() -> None:
         results.append(r)
         log.info("%s", r)
 
-    print(f"\n{len(docs):,} docs ({sizes.sum() / 1e6:,.0f} MB), {len(items):,} items, "
-          f"{(planted >= 0).sum():,} planted; {cpu_model()}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{len(docs):,} docs ({sizes.sum() / 1e6:,.0f} MB), {len(items):,} items, "
+        f"{(planted >= 0).sum():,} planted; {cpu_model()}, {os.cpu_count()} CPUs\n"
+    )
     print("| method | docs | docs/s | MB/s | cores used | MB/s per core | recall | false positives |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['method']} | {r['docs']:,} | {r['docs_per_s']:,} | {r['MB_per_s']:.1f} "
-              f"| {r['cores_used']:.2f} | {r['MB_per_s_per_core']:.1f} "
-              f"| {r['recall']:.3f} ({r['found']}/{r['planted']}) "
-              f"| {r['false_positives']} / {r['clean_docs']:,} |")
+        print(
+            f"| {r['method']} | {r['docs']:,} | {r['docs_per_s']:,} | {r['MB_per_s']:.1f} "
+            f"| {r['cores_used']:.2f} | {r['MB_per_s_per_core']:.1f} "
+            f"| {r['recall']:.3f} ({r['found']}/{r['planted']}) "
+            f"| {r['false_positives']} / {r['clean_docs']:,} |"
+        )
     for r in results:
         print(f"\n{r['method']}: found by variant: {r['recall_by_variant']}")
     if args.json:

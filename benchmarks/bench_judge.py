@@ -36,14 +36,30 @@ COLORS = ["red", "blue", "green", "orange", "purple", "black"]
 
 def requests_for(n: int) -> list:
     judge = VLMJudge()
-    return [judge._request({"modality": "image_text", "image": jpeg(96, 80, COLORS[i % 6], ("circle", "square")[i % 2]),
-                            "images": None, "text": f"A {COLORS[i % 6]} {('circle', 'square')[i % 2]} on white, #{i}."})
-            for i in range(n)]
+    return [
+        judge._request(
+            {
+                "modality": "image_text",
+                "image": jpeg(96, 80, COLORS[i % 6], ("circle", "square")[i % 2]),
+                "images": None,
+                "text": f"A {COLORS[i % 6]} {('circle', 'square')[i % 2]} on white, #{i}.",
+            }
+        )
+        for i in range(n)
+    ]
 
 
 def run_level(base_url: str, model: str, reqs: list, concurrency: int, max_new_tokens: int) -> dict:
-    backend = make_backend(BackendConfig(base_url=base_url, model=model, max_concurrency=concurrency,
-                                         max_new_tokens=max_new_tokens, timeout_s=600, max_retries=0))
+    backend = make_backend(
+        BackendConfig(
+            base_url=base_url,
+            model=model,
+            max_concurrency=concurrency,
+            max_new_tokens=max_new_tokens,
+            timeout_s=600,
+            max_retries=0,
+        )
+    )
     backend.setup()
     backend.generate(reqs[:1])  # warm: connection, first-request work on the server
     t0 = time.perf_counter()
@@ -59,10 +75,18 @@ def run_level(base_url: str, model: str, reqs: list, concurrency: int, max_new_t
             pass
     prompt = sum(r.prompt_tokens for r in out)
     completion = sum(r.completion_tokens for r in out)
-    return {"concurrency": concurrency, "requests": len(reqs), "errors": sum(r.error is not None for r in out),
-            "parsed": parsed, "wall_s": round(wall, 3), "requests_per_s": round(len(reqs) / wall, 3),
-            "completion_tokens_per_s": round(completion / wall, 1), "total_tokens_per_s": round((prompt + completion) / wall, 1),
-            "mean_prompt_tokens": round(prompt / len(reqs), 1), "mean_completion_tokens": round(completion / len(reqs), 1)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(reqs),
+        "errors": sum(r.error is not None for r in out),
+        "parsed": parsed,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(reqs) / wall, 3),
+        "completion_tokens_per_s": round(completion / wall, 1),
+        "total_tokens_per_s": round((prompt + completion) / wall, 1),
+        "mean_prompt_tokens": round(prompt / len(reqs), 1),
+        "mean_completion_tokens": round(completion / len(reqs), 1),
+    }
 
 
 @contextlib.contextmanager
@@ -76,8 +100,9 @@ def server(kind: str, continuous_batching: bool, threads: int):
     with tempfile.TemporaryDirectory(prefix="bench-judge-") as tmp:
         cache = smollm2_cache(Path(tmp) / "hub")
         t0 = time.perf_counter()
-        with transformers_serve(cache, extra_args=["--continuous-batching"] if continuous_batching else [],
-                                threads=threads) as url:
+        with transformers_serve(
+            cache, extra_args=["--continuous-batching"] if continuous_batching else [], threads=threads
+        ) as url:
             yield url, SMOLLM2_ID, time.perf_counter() - t0
 
 
@@ -89,8 +114,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--continuous-batching", action="store_true", help="transformers serve --continuous-batching")
-    ap.add_argument("--server-threads", type=int, default=1, help="torch threads per op in the server (OMP_NUM_THREADS)")
+    ap.add_argument(
+        "--continuous-batching", action="store_true", help="transformers serve --continuous-batching"
+    )
+    ap.add_argument(
+        "--server-threads", type=int, default=1, help="torch threads per op in the server (OMP_NUM_THREADS)"
+    )
     args = ap.parse_args()
     reqs = requests_for(args.requests)
     if args.base_url:
@@ -98,12 +127,24 @@ def main() -> None:
         label = args.base_url
     else:
         ctx = server(args.server, args.continuous_batching, args.server_threads)
-        label = f"{args.server} ({args.server_threads} thread(s))" + (" --continuous-batching" if args.continuous_batching else "")
+        label = f"{args.server} ({args.server_threads} thread(s))" + (
+            " --continuous-batching" if args.continuous_batching else ""
+        )
     with ctx as (url, model, startup_s):
         levels = [run_level(url, model, reqs, c, args.max_new_tokens) for c in args.concurrency]
-    print(json.dumps({"server": label, "model": model, "server_start_s": None if startup_s is None else round(startup_s, 1),
-                      "max_new_tokens": args.max_new_tokens, "machine": f"{platform.machine()}, {platform.node()}",
-                      "levels": levels}, indent=2))
+    print(
+        json.dumps(
+            {
+                "server": label,
+                "model": model,
+                "server_start_s": None if startup_s is None else round(startup_s, 1),
+                "max_new_tokens": args.max_new_tokens,
+                "machine": f"{platform.machine()}, {platform.node()}",
+                "levels": levels,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = ("the of and to in is was for on with as by at from it that this be are an or which have not "
-         "river city music light water stone garden market window station harbour mountain bridge").split()
+WORDS = (
+    "the of and to in is was for on with as by at from it that this be are an or which have not "
+    "river city music light water stone garden market window station harbour mountain bridge"
+).split()
 
 
 def make_pool(root: Path, rows: int, seed: int, shard_rows: int = 10_000) -> Path:
@@ -44,7 +46,8 @@ def make_pool(root: Path, rows: int, seed: int, shard_rows: int = 10_000) -> Pat
         w, h = int(rng.integers(48, 160)), int(rng.integers(48, 160))
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)).save(
-            buf, "JPEG", quality=50)
+            buf, "JPEG", quality=50
+        )
         images.append((buf.getvalue(), w, h))
     (root / "shards").mkdir(parents=True, exist_ok=True)
     shards = []
@@ -58,29 +61,74 @@ def make_pool(root: Path, rows: int, seed: int, shard_rows: int = 10_000) -> Pat
                 # declared sizes vary as in a real pool (image_decode sets them); the bytes are a stand-in
                 w, h = int(w * rng.integers(1, 12)), int(h * rng.integers(1, 12))
                 cap = words[:200]
-                batch.append({"id": row_id("image_text", f"{i}{cap}"), "modality": "image_text", "text": cap,
-                              "image": blob, "width": w, "height": h, "source": "pairs"})
+                batch.append(
+                    {
+                        "id": row_id("image_text", f"{i}{cap}"),
+                        "modality": "image_text",
+                        "text": cap,
+                        "image": blob,
+                        "width": w,
+                        "height": h,
+                        "source": "pairs",
+                    }
+                )
             elif kind < 0.85:
-                batch.append({"id": row_id("text", f"{i}{words}"), "modality": "text", "text": words, "source": "docs"})
+                batch.append(
+                    {"id": row_id("text", f"{i}{words}"), "modality": "text", "text": words, "source": "docs"}
+                )
             elif kind < 0.95:
                 a, b = images[int(rng.integers(len(images)))][0], images[int(rng.integers(len(images)))][0]
                 texts = [words[:300], None, words[300:900], None, words[900:]]
-                batch.append({"id": row_id("interleaved", f"{i}{words}"), "modality": "interleaved",
-                              "texts": texts, "images": [None, a, None, b, None], "source": "docs"})
+                batch.append(
+                    {
+                        "id": row_id("interleaved", f"{i}{words}"),
+                        "modality": "interleaved",
+                        "texts": texts,
+                        "images": [None, a, None, b, None],
+                        "source": "docs",
+                    }
+                )
             else:
-                msgs = json.dumps([{"role": "user", "content": [{"type": "image", "index": 0},
-                                                                 {"type": "text", "text": words[:200] + " /think"}]},
-                                   {"role": "assistant", "content": f"<think>{words}</think>\n\n{words[:40]}"}])
-                batch.append({"id": row_id("sft", f"{i}{msgs}"), "modality": "sft", "messages": msgs,
-                              "mode": "thinking", "images": [images[int(rng.integers(len(images)))][0]],
-                              "source": "cold"})
+                msgs = json.dumps(
+                    [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "index": 0},
+                                {"type": "text", "text": words[:200] + " /think"},
+                            ],
+                        },
+                        {"role": "assistant", "content": f"<think>{words}</think>\n\n{words[:40]}"},
+                    ]
+                )
+                batch.append(
+                    {
+                        "id": row_id("sft", f"{i}{msgs}"),
+                        "modality": "sft",
+                        "messages": msgs,
+                        "mode": "thinking",
+                        "images": [images[int(rng.integers(len(images)))][0]],
+                        "source": "cold",
+                    }
+                )
         path = root / "shards" / f"00000_{k:04d}.parquet"
         pq.write_table(from_rows(batch), path, compression="zstd")
-        shards.append({"name": path.stem, "rows": len(batch),
-                       "parquet": {"path": f"shards/{path.name}", "bytes": path.stat().st_size,
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}})
-    (root / "manifest.json").write_text(json.dumps({"format": "curation.pool/1", "recipe_hash": "bench",
-                                                    "shards": shards, "totals": {"rows": rows}}))
+        shards.append(
+            {
+                "name": path.stem,
+                "rows": len(batch),
+                "parquet": {
+                    "path": f"shards/{path.name}",
+                    "bytes": path.stat().st_size,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                },
+            }
+        )
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {"format": "curation.pool/1", "recipe_hash": "bench", "shards": shards, "totals": {"rows": rows}}
+        )
+    )
     return root
 
 
@@ -137,10 +185,22 @@ def main() -> None:
     loop_s = time.perf_counter() - t0
 
     def recipe(budget):
-        return mix_recipe_from_dict({
-            "name": "bench", "pools": {"p": str(pool)}, "tokenizer": tokenizer, "seed": 0,
-            "output": {"path": str(out / "mixtures"), "formats": ["parquet", "webdataset"], "shard_rows": 10_000},
-            "mixtures": {"all": {"budget": budget, "sources": {"everything": {"pool": "p", "weight": 1.0}}}}})
+        return mix_recipe_from_dict(
+            {
+                "name": "bench",
+                "pools": {"p": str(pool)},
+                "tokenizer": tokenizer,
+                "seed": 0,
+                "output": {
+                    "path": str(out / "mixtures"),
+                    "formats": ["parquet", "webdataset"],
+                    "shard_rows": 10_000,
+                },
+                "mixtures": {
+                    "all": {"budget": budget, "sources": {"everything": {"pool": "p", "weight": 1.0}}}
+                },
+            }
+        )
 
     t0 = time.perf_counter()
     (dry,) = build_mixtures(recipe("auto"), progress=False, dry_run=True)
@@ -154,15 +214,23 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     m = res.manifest
     result = {
-        "rows": loop_rows, "tokens": loop_tokens, "cpus": os.cpu_count(),
-        "plain_loop_s": round(loop_s, 2), "plain_loop_rows_per_s": round(loop_rows / loop_s),
-        "mix_dry_run_s": round(count_s, 2), "mix_dry_run_rows_per_s": round(loop_rows / count_s),
+        "rows": loop_rows,
+        "tokens": loop_tokens,
+        "cpus": os.cpu_count(),
+        "plain_loop_s": round(loop_s, 2),
+        "plain_loop_rows_per_s": round(loop_rows / loop_s),
+        "mix_dry_run_s": round(count_s, 2),
+        "mix_dry_run_rows_per_s": round(loop_rows / count_s),
         "dry_run_ratio": round(loop_s / count_s, 2),
         # the counting pass alone (Ray Data over the pool shards), without starting Ray and planning
-        "count_pass_s": round(dry.timings["count_s"], 2), "ray_start_s": round(dry.timings["ray_start_s"], 2),
+        "count_pass_s": round(dry.timings["count_s"], 2),
+        "ray_start_s": round(dry.timings["ray_start_s"], 2),
         "count_pass_ratio": round(loop_s / dry.timings["count_s"], 2),
-        "build_s": round(build_s, 2), "build_rows_per_s": round(loop_rows / build_s),
-        "mixture_rows": m["totals"]["rows"], "mixture_tokens": m["totals"]["tokens"], "budget": budget,
+        "build_s": round(build_s, 2),
+        "build_rows_per_s": round(loop_rows / build_s),
+        "mixture_rows": m["totals"]["rows"],
+        "mixture_tokens": m["totals"]["tokens"],
+        "budget": budget,
         "deviation": m["budget"]["deviation"],
     }
     print(json.dumps(result, indent=2))

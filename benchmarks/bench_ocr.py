@@ -38,11 +38,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-LATIN = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-         "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"]
+LATIN = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+]
 CJK = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
-WORDS = ["data", "model", "vision", "language", "price", "open", "daily", "sale", "fresh", "coffee", "report",
-         "total", "invoice", "street", "north", "station", "exit", "market", "table", "figure", "results"]
+WORDS = [
+    "data",
+    "model",
+    "vision",
+    "language",
+    "price",
+    "open",
+    "daily",
+    "sale",
+    "fresh",
+    "coffee",
+    "report",
+    "total",
+    "invoice",
+    "street",
+    "north",
+    "station",
+    "exit",
+    "market",
+    "table",
+    "figure",
+    "results",
+]
 HANZI = "数据模型视觉语言价格每日营业新鲜咖啡报告总计发票街道北站出口市场表格结果训练欢迎光临"
 
 
@@ -54,8 +78,10 @@ def make_image(rng: random.Random) -> bytes:
         d = ImageDraw.Draw(img)
         for _ in range(rng.randint(2, 6)):
             x, y = rng.randint(0, w - 40), rng.randint(0, h - 40)
-            d.ellipse((x, y, x + rng.randint(20, 200), y + rng.randint(20, 200)),
-                      fill=tuple(rng.randint(0, 255) for _ in range(3)))
+            d.ellipse(
+                (x, y, x + rng.randint(20, 200), y + rng.randint(20, 200)),
+                fill=tuple(rng.randint(0, 255) for _ in range(3)),
+            )
         img = img.filter(ImageFilter.GaussianBlur(2))
     else:
         bg = tuple(rng.randint(180, 255) for _ in range(3))
@@ -68,8 +94,12 @@ def make_image(rng: random.Random) -> bytes:
                 text, font = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), rng.choice(LATIN)
             else:
                 text, font = "".join(rng.choice(HANZI) for _ in range(rng.randint(3, 12))), CJK
-            d.text((rng.randint(5, 60), y), text, font=ImageFont.truetype(font, size),
-                   fill=tuple(rng.randint(0, 90) for _ in range(3)))
+            d.text(
+                (rng.randint(5, 60), y),
+                text,
+                font=ImageFont.truetype(font, size),
+                fill=tuple(rng.randint(0, 90) for _ in range(3)),
+            )
             y += int(size * 1.8)
             if y > h - 40:
                 break
@@ -103,10 +133,18 @@ def direct_engine():
 
     cv2.setNumThreads(1)
     files = resolve_ocr("rapidocr").files
-    return RapidOCR(params={
-        "Global.log_level": "error", "Det.model_path": files["det"], "Rec.model_path": files["rec"],
-        "Cls.model_path": files["cls"], "Det.limit_side_len": 960, "Det.limit_type": "max",
-        "EngineConfig.onnxruntime.intra_op_num_threads": 1, "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+    return RapidOCR(
+        params={
+            "Global.log_level": "error",
+            "Det.model_path": files["det"],
+            "Rec.model_path": files["rec"],
+            "Cls.model_path": files["cls"],
+            "Det.limit_side_len": 960,
+            "Det.limit_type": "max",
+            "EngineConfig.onnxruntime.intra_op_num_threads": 1,
+            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        }
+    )
 
 
 def direct_loop(images: list[bytes]) -> tuple[float, float, int]:
@@ -163,13 +201,21 @@ def pipeline(corpus: Path, out: Path, cores: int, retry_below: float) -> dict:
     from curation.recipe import pipeline_from_dict
     from curation.runner import run_pipeline
 
-    recipe = pipeline_from_dict({
-        "name": "bench-ocr",
-        "sources": [{"name": "wds", "format": "webdataset", "modality": "image_text",
-                     "paths": [f"{corpus}/*.tar"]}],
-        "stages": [{"ocr": {"retry_below": retry_below}}],
-        "output": {"path": str(out), "report": False},
-    })
+    recipe = pipeline_from_dict(
+        {
+            "name": "bench-ocr",
+            "sources": [
+                {
+                    "name": "wds",
+                    "format": "webdataset",
+                    "modality": "image_text",
+                    "paths": [f"{corpus}/*.tar"],
+                }
+            ],
+            "stages": [{"ocr": {"retry_below": retry_below}}],
+            "output": {"path": str(out), "report": False},
+        }
+    )
     t0 = time.perf_counter()
     ray.init(num_cpus=cores, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     try:
@@ -180,18 +226,28 @@ def pipeline(corpus: Path, out: Path, cores: int, retry_below: float) -> dict:
         ray.shutdown()
     wall = time.perf_counter() - t0
     cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-    return {"rows": result.stats["rows_in"], "pipeline_s": result.stats["elapsed_s"], "end_to_end_s": round(wall, 3),
-            "pipeline_cpu_s": cpu}
+    return {
+        "rows": result.stats["rows_in"],
+        "pipeline_s": result.stats["elapsed_s"],
+        "end_to_end_s": round(wall, 3),
+        "pipeline_cpu_s": cpu,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--cores", type=int, default=os.cpu_count())
-    ap.add_argument("--runs", type=int, default=1, help="rounds (each: direct, parallel direct, pipeline); best kept")
+    ap.add_argument(
+        "--runs", type=int, default=1, help="rounds (each: direct, parallel direct, pipeline); best kept"
+    )
     ap.add_argument("--work", default="/tmp/bench-ocr")
-    ap.add_argument("--retry-below", type=float, default=0.9,
-                    help="the stage's re-read of doubtful lines turned over (0: off, the direct loop's work exactly)")
+    ap.add_argument(
+        "--retry-below",
+        type=float,
+        default=0.9,
+        help="the stage's re-read of doubtful lines turned over (0: off, the direct loop's work exactly)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     images = write_corpus(work / "corpus", args.images)
@@ -202,36 +258,56 @@ def main() -> None:
         par_s, par_cpu_s = direct_parallel(images, args.cores)
         pipe = pipeline(work / "corpus", work / "pool", args.cores, args.retry_below)
         assert pipe["rows"] == n, pipe
-        for k, v in (("direct_s", direct_s), ("direct_cpu_s", direct_cpu_s), ("direct_parallel_s", par_s),
-                     ("direct_parallel_cpu_s", par_cpu_s),
-                     ("pipeline_s", pipe["pipeline_s"]), ("end_to_end_s", pipe["end_to_end_s"]),
-                     ("pipeline_cpu_s", pipe["pipeline_cpu_s"])):
+        for k, v in (
+            ("direct_s", direct_s),
+            ("direct_cpu_s", direct_cpu_s),
+            ("direct_parallel_s", par_s),
+            ("direct_parallel_cpu_s", par_cpu_s),
+            ("pipeline_s", pipe["pipeline_s"]),
+            ("end_to_end_s", pipe["end_to_end_s"]),
+            ("pipeline_cpu_s", pipe["pipeline_cpu_s"]),
+        ):
             best[k] = min(best.get(k, float("inf")), v)
     from importlib.metadata import version
 
     direct_ips = n / best["direct_s"]
     pipe_ips = n / best["pipeline_s"]
-    print(json.dumps({
-        "images": n, "cores": args.cores, "lines_read_direct": lines,
-        "direct_images_per_s_1core": round(direct_ips, 2),
-        "direct_parallel_images_per_s": round(n / best["direct_parallel_s"], 2),
-        "pipeline_images_per_s": round(pipe_ips, 2),
-        "pipeline_images_per_s_per_core": round(pipe_ips / args.cores, 2),
-        "end_to_end_images_per_s": round(n / best["end_to_end_s"], 2),
-        "ratio_per_core": round(pipe_ips / args.cores / direct_ips, 3),
-        "ratio_vs_direct_parallel": round(best["direct_parallel_s"] / best["pipeline_s"], 3),
-        # CPU time, which other jobs on the machine do not inflate: images per CPU-second, every Ray process counted
-        "direct_images_per_cpu_s": round(n / best["direct_cpu_s"], 2),
-        "direct_parallel_images_per_cpu_s": round(n / best["direct_parallel_cpu_s"], 2),  # the loops only
-        "pipeline_images_per_cpu_s": round(n / best["pipeline_cpu_s"], 2),
-        "ratio_per_cpu_s": round(best["direct_cpu_s"] / best["pipeline_cpu_s"], 3),
-        "direct_cpu_share": round(best["direct_cpu_s"] / best["direct_s"], 3),  # < 1: the core was shared
-        "target_ratio_per_core": 0.9,
-        "seconds": {k: round(v, 3) for k, v in best.items()},
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "rapidocr": version("rapidocr"),
-                    "onnxruntime": version("onnxruntime")},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "cores": args.cores,
+                "lines_read_direct": lines,
+                "direct_images_per_s_1core": round(direct_ips, 2),
+                "direct_parallel_images_per_s": round(n / best["direct_parallel_s"], 2),
+                "pipeline_images_per_s": round(pipe_ips, 2),
+                "pipeline_images_per_s_per_core": round(pipe_ips / args.cores, 2),
+                "end_to_end_images_per_s": round(n / best["end_to_end_s"], 2),
+                "ratio_per_core": round(pipe_ips / args.cores / direct_ips, 3),
+                "ratio_vs_direct_parallel": round(best["direct_parallel_s"] / best["pipeline_s"], 3),
+                # CPU time, which other jobs on the machine do not inflate: images per CPU-second, every Ray process counted
+                "direct_images_per_cpu_s": round(n / best["direct_cpu_s"], 2),
+                "direct_parallel_images_per_cpu_s": round(
+                    n / best["direct_parallel_cpu_s"], 2
+                ),  # the loops only
+                "pipeline_images_per_cpu_s": round(n / best["pipeline_cpu_s"], 2),
+                "ratio_per_cpu_s": round(best["direct_cpu_s"] / best["pipeline_cpu_s"], 3),
+                "direct_cpu_share": round(
+                    best["direct_cpu_s"] / best["direct_s"], 3
+                ),  # < 1: the core was shared
+                "target_ratio_per_core": 0.9,
+                "seconds": {k: round(v, 3) for k, v in best.items()},
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(),
+                    "rapidocr": version("rapidocr"),
+                    "onnxruntime": version("onnxruntime"),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ def best_rate(fn, n: int, runs: int) -> float:
 def accuracy(args) -> None:
     bench = bench_images(args.items)
     index = ImageHashIndex.build(bench)
-    print(f"\nAccuracy: {args.items} benchmark images x {args.reps} copies per transform, "
-          f"{args.unrelated:,} unrelated drawings; {index!r}\n")
+    print(
+        f"\nAccuracy: {args.items} benchmark images x {args.reps} copies per transform, "
+        f"{args.unrelated:,} unrelated drawings; {index!r}\n"
+    )
     print("| edit | copies | recall | distance of those found: p50 / p99 / max |")
     print("|---|---:|---:|---|")
     for name in TRANSFORMS:
@@ -76,9 +78,11 @@ def accuracy(args) -> None:
     closest = np.full(len(desc), np.inf)
     np.minimum.at(closest, cand[:, 0], dist)
     lowest = np.sort(closest[np.isfinite(closest)])
-    print(f"\nUnrelated: FPR {len(rows) / args.unrelated:.3%} ({len(rows)} of {args.unrelated:,}); "
-          f"{len(cand) / args.unrelated:.3f} candidates verified per image; their lowest distances: "
-          + ", ".join(f"{d:.1f}" for d in lowest[:8]))
+    print(
+        f"\nUnrelated: FPR {len(rows) / args.unrelated:.3%} ({len(rows)} of {args.unrelated:,}); "
+        f"{len(cand) / args.unrelated:.3f} candidates verified per image; their lowest distances: "
+        + ", ".join(f"{d:.1f}" for d in lowest[:8])
+    )
 
 
 def throughput(args) -> None:
@@ -89,15 +93,23 @@ def throughput(args) -> None:
         S.draw_scene(S.make_scene(rng), *S._pick_size(rng)).save(buf, "JPEG", quality=85)
         jpegs.append(buf.getvalue())
     n, r = len(jpegs), args.runs
-    rows = [("curation `describe` (RGB thumbnail, pHash, colour layout)",
-             best_rate(lambda: describe(jpegs), n, r)),
-            ("curation `hash_batch` (64-bit pHash + dHash)", best_rate(lambda: hash_batch(jpegs), n, r)),
-            ("curation `phash` (one image at a time)", best_rate(lambda: [phash(b) for b in jpegs], n, r))]
+    rows = [
+        (
+            "curation `describe` (RGB thumbnail, pHash, colour layout)",
+            best_rate(lambda: describe(jpegs), n, r),
+        ),
+        ("curation `hash_batch` (64-bit pHash + dHash)", best_rate(lambda: hash_batch(jpegs), n, r)),
+        ("curation `phash` (one image at a time)", best_rate(lambda: [phash(b) for b in jpegs], n, r)),
+    ]
     try:
         import imagehash
 
-        rows.append(("imagehash.phash 4.x (one image at a time)",
-                     best_rate(lambda: [imagehash.phash(Image.open(io.BytesIO(b))) for b in jpegs], n, r)))
+        rows.append(
+            (
+                "imagehash.phash 4.x (one image at a time)",
+                best_rate(lambda: [imagehash.phash(Image.open(io.BytesIO(b))) for b in jpegs], n, r),
+            )
+        )
     except ImportError:
         pass
     desc = describe(jpegs)
@@ -105,7 +117,7 @@ def throughput(args) -> None:
     bench = bench_images(max(sizes, default=0))
     for size in sizes:
         index = ImageHashIndex.build(bench[:size])
-        q = best_rate(lambda index=index: [index.query(desc[s:s + 256]) for s in range(0, n, 256)], n, r)
+        q = best_rate(lambda index=index: [index.query(desc[s : s + 256]) for s in range(0, n, 256)], n, r)
         both = 1 / (1 / rows[0][1] + 1 / q)
         cand = len(index.candidates(desc)) / n
         rows.append((f"`query` only, index of {size:,} images ({cand:.2f} verified candidates/image)", q))

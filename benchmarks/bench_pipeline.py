@@ -100,7 +100,9 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd``; return wall seconds, peak PSS of its process tree and of its own process (MiB), and its output."""
     peak = own = anon = 0
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     done = threading.Event()
 
     def sample():
@@ -122,8 +124,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     # Ray leaves its session processes to exit on their own: give them a moment, so the next measurement starts
     # clean. (Never pkill them: other Ray sessions on the machine, a test suite's, are not ours to stop.)
     time.sleep(2)
-    return {"seconds": round(wall, 2), "peak_mib": round(peak / 1024, 1), "driver_peak_mib": round(own / 1024, 1),
-            "driver_anon_peak_mib": round(anon / 1024, 1), "output": out}
+    return {
+        "seconds": round(wall, 2),
+        "peak_mib": round(peak / 1024, 1),
+        "driver_peak_mib": round(own / 1024, 1),
+        "driver_anon_peak_mib": round(anon / 1024, 1),
+        "output": out,
+    }
 
 
 def bench(rows: int, work: Path, ray_only: bool = False) -> dict:
@@ -135,13 +142,26 @@ def bench(rows: int, work: Path, ray_only: bool = False) -> dict:
         write_sample_corpus(corpus, rows=rows, seed=0, progress=False)
     sets = [f"vars.corpus={corpus}", "output.report=false"]
     py = sys.executable
-    ray_cmd = [py, "-m", "curation.cli", "run", str(RECIPE), "-q", "--overwrite",
-               *sum((["--set", s] for s in sets + [f"vars.out={work / f'ray-{rows}'}"]), [])]
+    ray_cmd = [
+        py,
+        "-m",
+        "curation.cli",
+        "run",
+        str(RECIPE),
+        "-q",
+        "--overwrite",
+        *sum((["--set", s] for s in sets + [f"vars.out={work / f'ray-{rows}'}"]), []),
+    ]
     plain_cmd = [py, "-c", PLAIN_LOOP, str(RECIPE), *sets, f"vars.out={work / f'plain-{rows}'}"]
     print(f"{rows:,} rows: curation run (Ray Data) ...", file=sys.stderr)
     ray_ = measure(ray_cmd)
-    ray_res = {"seconds": ray_["seconds"], "rows_per_s": round(rows / ray_["seconds"], 1), "peak_mib": ray_["peak_mib"],
-               "driver_peak_mib": ray_["driver_peak_mib"], "driver_anon_peak_mib": ray_["driver_anon_peak_mib"]}
+    ray_res = {
+        "seconds": ray_["seconds"],
+        "rows_per_s": round(rows / ray_["seconds"], 1),
+        "peak_mib": ray_["peak_mib"],
+        "driver_peak_mib": ray_["driver_peak_mib"],
+        "driver_anon_peak_mib": ray_["driver_anon_peak_mib"],
+    }
     if ray_only:  # memory against corpus size, without the (slower) baseline
         return {"rows": rows, "ray": ray_res}
     print(f"{rows:,} rows: plain loop ...", file=sys.stderr)
@@ -149,13 +169,19 @@ def bench(rows: int, work: Path, ray_only: bool = False) -> dict:
     # Same work, same result: both pools must hold the same rows.
     import polars as pl
 
-    ids = [sorted(pl.read_parquet(work / f"{k}-{rows}" / "shards" / "*.parquet", columns=["id"])["id"].to_list())
-           for k in ("ray", "plain")]
+    ids = [
+        sorted(pl.read_parquet(work / f"{k}-{rows}" / "shards" / "*.parquet", columns=["id"])["id"].to_list())
+        for k in ("ray", "plain")
+    ]
     assert ids[0] == ids[1], "the Ray and plain pools differ"
     return {
         "rows": rows,
         "kept": len(ids[0]),
-        "plain": {"seconds": plain["seconds"], "rows_per_s": round(rows / plain["seconds"], 1), "peak_mib": plain["peak_mib"]},
+        "plain": {
+            "seconds": plain["seconds"],
+            "rows_per_s": round(rows / plain["seconds"], 1),
+            "peak_mib": plain["peak_mib"],
+        },
         "ray": ray_res,
         "ratio": round(plain["seconds"] / ray_["seconds"], 2),
     }
@@ -166,23 +192,30 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[5000, 50000])
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--ray-only", action="store_true", help="skip the plain loop: rows/s and memory of curation run")
+    ap.add_argument(
+        "--ray-only", action="store_true", help="skip the plain loop: rows/s and memory of curation run"
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = [bench(r, args.work, args.ray_only) for r in args.rows]
-    machine = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, " \
-              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}"
+    machine = (
+        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}"
+    )
     print(f"\nmachine: {machine}\n")
-    print("| rows | plain loop rows/s | Ray rows/s | ratio | plain peak MiB | Ray peak MiB (all processes) "
-          "| Ray driver peak MiB (PSS / private heap) |")
+    print(
+        "| rows | plain loop rows/s | Ray rows/s | ratio | plain peak MiB | Ray peak MiB (all processes) "
+        "| Ray driver peak MiB (PSS / private heap) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         plain = r.get("plain") or {}
         ratio = f"{r['ratio']}x" if "ratio" in r else "-"
-        print(f"| {r['rows']:,} | {plain.get('rows_per_s', 0):,} | {r['ray']['rows_per_s']:,} | {ratio} "
-              f"| {plain.get('peak_mib', 0):,} | {r['ray']['peak_mib']:,} | {r['ray']['driver_peak_mib']:,} / "
-              f"{r['ray']['driver_anon_peak_mib']:,} |"
-              .replace("| 0 |", "| - |"))
+        print(
+            f"| {r['rows']:,} | {plain.get('rows_per_s', 0):,} | {r['ray']['rows_per_s']:,} | {ratio} "
+            f"| {plain.get('peak_mib', 0):,} | {r['ray']['peak_mib']:,} | {r['ray']['driver_peak_mib']:,} / "
+            f"{r['ray']['driver_anon_peak_mib']:,} |".replace("| 0 |", "| - |")
+        )
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 

@@ -24,8 +24,11 @@ import pyarrow.parquet as pq
 
 def make_inputs(out: Path, mb: int) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"long": out / f"long-{mb}.jsonl", "lines": out / f"lines-{mb}.jsonl",
-             "parquet": out / f"lines-{mb}.parquet"}
+    paths = {
+        "long": out / f"long-{mb}.jsonl",
+        "lines": out / f"lines-{mb}.jsonl",
+        "parquet": out / f"lines-{mb}.parquet",
+    }
     if not paths["long"].exists():
         paths["long"].write_text(json.dumps({"text": "x" * (mb << 20)}) + "\n")
     if not paths["lines"].exists():
@@ -54,8 +57,9 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default="bench-out/readers")
-    ap.add_argument("--skip-long", action="store_true",
-                    help="leave out the one long line (the old reader takes minutes)")
+    ap.add_argument(
+        "--skip-long", action="store_true", help="leave out the one long line (the old reader takes minutes)"
+    )
     args = ap.parse_args()
 
     from curation.io import fs as cfs

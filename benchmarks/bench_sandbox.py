@@ -54,6 +54,7 @@ def sandboxed(module) -> Callable[[bytes], None]:
     def one(data: bytes) -> None:
         r = module.run_code(CODE, data)
         assert r.ok, (r.reason, r.detail)
+
     return one
 
 
@@ -86,8 +87,10 @@ def main() -> None:
     ways = {"plain python -I": plain, "sandbox (this)": sandboxed(sandbox)}
     if args.compare_old:
         ways["sandbox (old)"] = sandboxed(load(args.compare_old, "old_sandbox"))
-    print(f"layers here: {', '.join(sandbox.check_sandbox().layers)}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"layers here: {', '.join(sandbox.check_sandbox().layers)}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     for fn in ways.values():  # warm the page cache and the probe
         fn(data)
     print(f"{'':18} {'workers':>7} {'wall s':>8} {'CPU s':>8} {'wall x':>7} {'CPU x':>7}")

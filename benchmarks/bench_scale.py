@@ -104,8 +104,9 @@ def measure(cmd: list[str], env: dict[str, str], also: list[int], server: list[i
     busy0 = _machine_busy_ticks()
     seen: dict[int, int] = {}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+    )
     done = threading.Event()
 
     def sample():
@@ -131,9 +132,14 @@ def measure(cmd: list[str], env: dict[str, str], also: list[int], server: list[i
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
     time.sleep(2)  # let the job's workers exit before the next measurement
-    return {"seconds": round(wall, 2), "peak_mib": round(peak / 1024, 1), "load_before": round(load, 2),
-            "cpu_s": round(ours / tick, 1), "server_cpu_s": round(server_cpu / tick, 1),
-            "others_cpu_s": round(max(0, busy - ours - server_cpu) / tick, 1)}
+    return {
+        "seconds": round(wall, 2),
+        "peak_mib": round(peak / 1024, 1),
+        "load_before": round(load, 2),
+        "cpu_s": round(ours / tick, 1),
+        "server_cpu_s": round(server_cpu / tick, 1),
+        "others_cpu_s": round(max(0, busy - ours - server_cpu) / tick, 1),
+    }
 
 
 def server_pids() -> list[int]:
@@ -155,20 +161,36 @@ def server_pids() -> list[int]:
 
 def run_cmd(corpus: str, out: str, address: str) -> list[str]:
     sets = [f"vars.corpus={corpus}", f"vars.out={out}", "output.report=false"]
-    return [sys.executable, "-m", "curation.cli", "run", str(RECIPE), "-q", "--overwrite", "--address", address,
-            *[a for s in sets for a in ("--set", s)]]
+    return [
+        sys.executable,
+        "-m",
+        "curation.cli",
+        "run",
+        str(RECIPE),
+        "-q",
+        "--overwrite",
+        "--address",
+        address,
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def best_of(runs: list[dict], stats: list[dict]) -> dict:
     """The fastest of ``runs`` with rows/s from its stats.json (rows in, pipeline seconds without process start)."""
     i = min(range(len(runs)), key=lambda k: runs[k]["seconds"])
     r, s = runs[i], stats[i]
-    return {**r, "rows_in": s["rows_in"], "rows_out": s["rows_out"],
-            "rows_per_s": round(s["rows_in"] / r["seconds"], 1),
-            "pipeline_seconds": s["elapsed_s"], "pipeline_rows_per_s": s["rows_per_s"],
-            "all_seconds": [x["seconds"] for x in runs], "all_cpu_s": [x["cpu_s"] for x in runs],
-            "all_server_cpu_s": [x["server_cpu_s"] for x in runs],
-            "all_others_cpu_s": [x["others_cpu_s"] for x in runs]}
+    return {
+        **r,
+        "rows_in": s["rows_in"],
+        "rows_out": s["rows_out"],
+        "rows_per_s": round(s["rows_in"] / r["seconds"], 1),
+        "pipeline_seconds": s["elapsed_s"],
+        "pipeline_rows_per_s": s["rows_per_s"],
+        "all_seconds": [x["seconds"] for x in runs],
+        "all_cpu_s": [x["cpu_s"] for x in runs],
+        "all_server_cpu_s": [x["server_cpu_s"] for x in runs],
+        "all_others_cpu_s": [x["others_cpu_s"] for x in runs],
+    }
 
 
 # ---------------------------------------------------------------- pools
@@ -179,11 +201,17 @@ def local_pool(pool: Path) -> dict:
     import pyarrow.parquet as pq
 
     shards = sorted((pool / "shards").iterdir())
-    return {"stats": json.loads((pool / "stats.json").read_text()),
-            "manifest": json.loads((pool / "manifest.json").read_text()),
-            "sha": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shards},
-            "ids": sorted(i for f in shards if f.suffix == ".parquet"
-                          for i in pq.read_table(f, columns=["id"])["id"].to_pylist())}
+    return {
+        "stats": json.loads((pool / "stats.json").read_text()),
+        "manifest": json.loads((pool / "manifest.json").read_text()),
+        "sha": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shards},
+        "ids": sorted(
+            i
+            for f in shards
+            if f.suffix == ".parquet"
+            for i in pq.read_table(f, columns=["id"])["id"].to_pylist()
+        ),
+    }
 
 
 def s3_pool(client, uri: str, local: Path) -> dict:
@@ -209,10 +237,18 @@ def s3_pool(client, uri: str, local: Path) -> dict:
             differ.add("(shard missing locally)")
             continue
         here = pq.read_table(here_path)
-        differ |= {c for c in set(here.column_names) | set(there.column_names)
-                   if c not in here.column_names or c not in there.column_names or not here[c].equals(there[c])}
-    return {"stats": json.loads(get("stats.json")), "manifest": manifest, "sha": sha, "ids": sorted(ids),
-            "differing_columns": sorted(differ)}
+        differ |= {
+            c
+            for c in set(here.column_names) | set(there.column_names)
+            if c not in here.column_names or c not in there.column_names or not here[c].equals(there[c])
+        }
+    return {
+        "stats": json.loads(get("stats.json")),
+        "manifest": manifest,
+        "sha": sha,
+        "ids": sorted(ids),
+        "differing_columns": sorted(differ),
+    }
 
 
 def upload(client, folder: Path, bucket: str, prefix: str) -> tuple[int, int, float]:
@@ -220,8 +256,12 @@ def upload(client, folder: Path, bucket: str, prefix: str) -> tuple[int, int, fl
     files = [f for part in CORPUS_PARTS for f in sorted((folder / part).rglob("*")) if f.is_file()]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda f: client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}"),
-                    files))
+        list(
+            ex.map(
+                lambda f: client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}"),
+                files,
+            )
+        )
     return len(files), sum(f.stat().st_size for f in files), round(time.perf_counter() - t0, 1)
 
 
@@ -233,7 +273,9 @@ def _sha_report(a: dict, b: dict) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 
-def run_one_node(corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpus: str | None = None) -> str | None:
+def run_one_node(
+    corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpus: str | None = None
+) -> str | None:
     """Repeat ``r`` on a fresh cluster of one node x 2 CPUs: local disk, then S3 when ``s3``; returns the S3 pool."""
     s3_out = None
     print(f"repeat {r + 1}: a Ray cluster of 1 node x 2 CPUs ...", file=sys.stderr)
@@ -249,8 +291,9 @@ def run_one_node(corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpu
 
             s3_out = f"{s3_corpus.rsplit('/', 1)[0]}/pool-{r}"  # a fresh prefix: no delete in the timing
             print("  S3 ...", file=sys.stderr)
-            m = measure(run_cmd(s3_corpus, s3_out, cluster.address), cluster.env, [cluster.proc.pid],
-                        server_pids())
+            m = measure(
+                run_cmd(s3_corpus, s3_out, cluster.address), cluster.env, [cluster.proc.pid], server_pids()
+            )
             client = boto3.client("s3", **s3.boto3_kwargs())
             bucket, prefix = s3_out.removeprefix("s3://").split("/", 1)
             stats = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/stats.json")["Body"].read())
@@ -269,7 +312,9 @@ def run_two_nodes(corpus: Path, work: Path, r: int, runs: dict) -> None:
         m = measure(run_cmd(str(corpus), str(out), cluster.address), cluster.env, [cluster.proc.pid])
         runs.setdefault("two_nodes", []).append((m, json.loads((out / "stats.json").read_text())))
         # Informational: how many nodes ran the unit pass (the task name is the runner's, and may change).
-        runs.setdefault("two_node_nodes_used", []).append(len(cluster.nodes_that_ran("MapBatches(_process_batch)")))
+        runs.setdefault("two_node_nodes_used", []).append(
+            len(cluster.nodes_that_ran("MapBatches(_process_batch)"))
+        )
 
 
 def bench(corpus: Path, work: Path, repeat: int, nodes: bool, s3=None, s3_corpus: str | None = None) -> dict:
@@ -281,15 +326,22 @@ def bench(corpus: Path, work: Path, repeat: int, nodes: bool, s3=None, s3_corpus
         s3_out = run_one_node(corpus, work, r, runs, s3, s3_corpus)
         if nodes:
             run_two_nodes(corpus, work, r, runs)
-    result: dict = {k: runs[k] for k in ("one_node_start_seconds", "two_node_start_seconds", "two_node_nodes_used")
-                    if k in runs}
+    result: dict = {
+        k: runs[k]
+        for k in ("one_node_start_seconds", "two_node_start_seconds", "two_node_nodes_used")
+        if k in runs
+    }
     for k in ("one_node", "two_nodes", "s3"):
         if k in runs:
             result[k] = best_of([m for m, _ in runs[k]], [st for _, st in runs[k]])
-    for k in ("two_nodes", "s3"):  # rows/s against the one-node local run of the same round (same rows: seconds)
+    for k in (
+        "two_nodes",
+        "s3",
+    ):  # rows/s against the one-node local run of the same round (same rows: seconds)
         if k in runs:
             result[f"{'nodes' if k == 'two_nodes' else 's3'}_ratio_by_round"] = [
-                round(a["seconds"] / b["seconds"], 3) for (a, _), (b, _) in zip(runs["one_node"], runs[k])]
+                round(a["seconds"] / b["seconds"], 3) for (a, _), (b, _) in zip(runs["one_node"], runs[k])
+            ]
     one = local_pool(work / "pool-1node")
     result["kept"] = len(one["ids"])
     if nodes:
@@ -300,19 +352,25 @@ def bench(corpus: Path, work: Path, repeat: int, nodes: bool, s3=None, s3_corpus
         result["nodes_check"] = {"same_ids": True, **check}
         result["nodes_ratio"] = round(result["two_nodes"]["rows_per_s"] / result["one_node"]["rows_per_s"], 3)
         # Less sensitive to other load on the machine: CPU seconds used, fewest of the runs, two nodes / one node.
-        result["nodes_cpu_ratio"] = round(min(result["two_nodes"]["all_cpu_s"])
-                                          / min(result["one_node"]["all_cpu_s"]), 3)
+        result["nodes_cpu_ratio"] = round(
+            min(result["two_nodes"]["all_cpu_s"]) / min(result["one_node"]["all_cpu_s"]), 3
+        )
     if s3:
         import boto3
 
         remote = s3_pool(boto3.client("s3", **s3.boto3_kwargs()), s3_out, work / "pool-1node")
         assert remote["ids"] == one["ids"], "the S3 pool and the local pool hold different ids"
-        result["s3_check"] = {"same_ids": True, **_sha_report(one, remote),
-                              "differing_columns": remote["differing_columns"]}
+        result["s3_check"] = {
+            "same_ids": True,
+            **_sha_report(one, remote),
+            "differing_columns": remote["differing_columns"],
+        }
         result["s3_ratio"] = round(result["s3"]["rows_per_s"] / result["one_node"]["rows_per_s"], 3)
         # CPU seconds of the pipeline's processes, and of the pipeline's plus the S3 server's, against local disk.
         s3_cpu = [a + b for a, b in zip(result["s3"]["all_cpu_s"], result["s3"]["all_server_cpu_s"])]
-        result["s3_cpu_ratio"] = round(min(result["s3"]["all_cpu_s"]) / min(result["one_node"]["all_cpu_s"]), 3)
+        result["s3_cpu_ratio"] = round(
+            min(result["s3"]["all_cpu_s"]) / min(result["one_node"]["all_cpu_s"]), 3
+        )
         result["s3_cpu_ratio_with_server"] = round(min(s3_cpu) / min(result["one_node"]["all_cpu_s"]), 3)
     return result
 
@@ -327,25 +385,38 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "date": datetime.date.today().isoformat()}
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def _row(name: str, r: dict, base: dict | None) -> str:
     ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}x" if base else "1.00x"
     server = f"{r['server_cpu_s']:,}" if r["server_cpu_s"] else "-"
-    return (f"| {name} | {r['seconds']} | {r['rows_per_s']:,} | {ratio} | {r['cpu_s']:,} | {server} "
-            f"| {r['others_cpu_s']:,} | {r['peak_mib']:,} | {', '.join(map(str, r['all_seconds']))} |")
+    return (
+        f"| {name} | {r['seconds']} | {r['rows_per_s']:,} | {ratio} | {r['cpu_s']:,} | {server} "
+        f"| {r['others_cpu_s']:,} | {r['peak_mib']:,} | {', '.join(map(str, r['all_seconds']))} |"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=50000, help="corpus rows (default 50000: about 20 s a run on 2 CPUs)")
+    ap.add_argument(
+        "--rows", type=int, default=50000, help="corpus rows (default 50000: about 20 s a run on 2 CPUs)"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"), help="corpus and pools go here")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds of runs on fresh clusters; the fastest is kept")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds of runs on fresh clusters; the fastest is kept"
+    )
     ap.add_argument("--skip-nodes", action="store_true", help="no two-node cluster")
     ap.add_argument("--skip-s3", action="store_true", help="no S3 runs")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and pools in --work")
@@ -379,19 +450,27 @@ def main() -> None:
                 print("uploading the corpus to S3 ...", file=sys.stderr)
                 n, size, secs = upload(client, corpus, bucket, "corpus")
                 results["upload"] = {"files": n, "mib": round(size / 2**20, 1), "seconds": secs}
-                results.update(bench(corpus, work, args.repeat, not args.skip_nodes, s3, f"s3://{bucket}/corpus"))
+                results.update(
+                    bench(corpus, work, args.repeat, not args.skip_nodes, s3, f"s3://{bucket}/corpus")
+                )
     finally:
         if not args.keep:
             for p in created:
                 shutil.rmtree(p, ignore_errors=True)
     results["load_at_end"] = os.getloadavg()[0]
 
-    print(f"\nmachine: {info['host']}: {info['cpu_count']} CPUs ({info['cpu']}), {info['memory_gib']:.0f} GiB, "
-          f"{info['platform']}, Python {info['python']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, {info['date']}")
-    print(f"corpus: {results['rows']:,} rows in, {results['kept']:,} kept; best of {args.repeat}; "
-          f"load average {results['load_at_start']:.2f} at start, {results['load_at_end']:.2f} at end\n")
-    print("| run | seconds | rows/s | vs one node, local disk | CPU s: driver + cluster | CPU s: S3 server "
-          "| CPU s: other processes | peak MiB (driver + cluster) | every run, s |")
+    print(
+        f"\nmachine: {info['host']}: {info['cpu_count']} CPUs ({info['cpu']}), {info['memory_gib']:.0f} GiB, "
+        f"{info['platform']}, Python {info['python']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, {info['date']}"
+    )
+    print(
+        f"corpus: {results['rows']:,} rows in, {results['kept']:,} kept; best of {args.repeat}; "
+        f"load average {results['load_at_start']:.2f} at start, {results['load_at_end']:.2f} at end\n"
+    )
+    print(
+        "| run | seconds | rows/s | vs one node, local disk | CPU s: driver + cluster | CPU s: S3 server "
+        "| CPU s: other processes | peak MiB (driver + cluster) | every run, s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = results["one_node"]
     print(_row("1 node x 2 CPUs, local disk", base, None))
@@ -402,20 +481,24 @@ def main() -> None:
     print()
     if "nodes_check" in results:
         c = results["nodes_check"]
-        print(f"one node vs two nodes: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same "
-              f"sha256 (identical: {c['identical']}); unit pass ran on {results['two_node_nodes_used']} node(s) "
-              f"(per round); two-node rows/s / one-node rows/s: {results['nodes_ratio']} (best runs), "
-              f"{results['nodes_ratio_by_round']} (round by round); CPU seconds, two nodes / one node: "
-              f"{results['nodes_cpu_ratio']}")
+        print(
+            f"one node vs two nodes: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same "
+            f"sha256 (identical: {c['identical']}); unit pass ran on {results['two_node_nodes_used']} node(s) "
+            f"(per round); two-node rows/s / one-node rows/s: {results['nodes_ratio']} (best runs), "
+            f"{results['nodes_ratio_by_round']} (round by round); CPU seconds, two nodes / one node: "
+            f"{results['nodes_cpu_ratio']}"
+        )
     if "s3_check" in results:
         c = results["s3_check"]
         u = results["upload"]
-        print(f"local vs S3: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same sha256 in "
-              f"the manifests (identical: {c['identical']}); Parquet columns that differ: "
-              f"{', '.join(c['differing_columns']) or 'none'}; S3 rows/s / local rows/s: {results['s3_ratio']} "
-              f"(best runs), {results['s3_ratio_by_round']} (round by round); CPU seconds, S3 / local: "
-              f"{results['s3_cpu_ratio']} (pipeline), {results['s3_cpu_ratio_with_server']} (with the server); "
-              f"upload (untimed in the runs): {u['files']:,} files, {u['mib']:,} MiB in {u['seconds']} s")
+        print(
+            f"local vs S3: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same sha256 in "
+            f"the manifests (identical: {c['identical']}); Parquet columns that differ: "
+            f"{', '.join(c['differing_columns']) or 'none'}; S3 rows/s / local rows/s: {results['s3_ratio']} "
+            f"(best runs), {results['s3_ratio_by_round']} (round by round); CPU seconds, S3 / local: "
+            f"{results['s3_cpu_ratio']} (pipeline), {results['s3_cpu_ratio_with_server']} (with the server); "
+            f"upload (untimed in the runs): {u['files']:,} files, {u['mib']:,} MiB in {u['seconds']} s"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))

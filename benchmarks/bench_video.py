@@ -78,17 +78,26 @@ def sampling(runs: int) -> None:
             kept = {fps: sum(len(sample_frames(v, fps=fps).frames) for v in vids) for fps in (1.0, 4.0)}
             methods = [("PyAV decode every frame, no conversion (baseline)", partial(decode_all, vids), None)]
             if ffmpeg:
-                methods.append(("`ffmpeg -threads 1 -i X -f null -` (a process per video)",
-                                partial(ffmpeg_all, ffmpeg, paths), None))
-            methods += [("sample_frames, 1 fps, JPEG q90 (the reader)", partial(sample_all, vids, 1.0), 1.0),
-                        ("sample_frames, 4 fps (as the index samples)", partial(sample_all, vids, 4.0), 4.0),
-                        ("VideoHashIndex.build (4 fps + pHash/dHash)", partial(build_all, vids), None)]
+                methods.append(
+                    (
+                        "`ffmpeg -threads 1 -i X -f null -` (a process per video)",
+                        partial(ffmpeg_all, ffmpeg, paths),
+                        None,
+                    )
+                )
+            methods += [
+                ("sample_frames, 1 fps, JPEG q90 (the reader)", partial(sample_all, vids, 1.0), 1.0),
+                ("sample_frames, 4 fps (as the index samples)", partial(sample_all, vids, 4.0), 4.0),
+                ("VideoHashIndex.build (4 fps + pHash/dHash)", partial(build_all, vids), None),
+            ]
             times = best_of_each(runs, [fn for _, fn, _ in methods])
             base = times[0]
             for (name, _, fps), t in zip(methods, times):
                 frames = f"{kept[fps] / t:,.0f}" if fps else ""
-                print(f"| {label} | {name} | {len(vids) / t:,.1f} | {seconds / t:,.0f} | {frames} | "
-                      f"{base / t:.2f}x |")
+                print(
+                    f"| {label} | {name} | {len(vids) / t:,.1f} | {seconds / t:,.0f} | {frames} | "
+                    f"{base / t:.2f}x |"
+                )
             sys.stdout.flush()
 
 
@@ -114,7 +123,9 @@ def build_all(vids: list[bytes]) -> None:
 
 
 def accuracy(n_bench: int, n_clean: int) -> None:
-    print(f"\n## VideoHashIndex: {n_bench} benchmark videos, {2 * n_bench} copies, {n_clean} unrelated videos\n")
+    print(
+        f"\n## VideoHashIndex: {n_bench} benchmark videos, {2 * n_bench} copies, {n_clean} unrelated videos\n"
+    )
     t = time.perf_counter()
     bench = [(f"b{i}", make_video(31, i)) for i in range(n_bench)]
     t_make = time.perf_counter() - t
@@ -122,9 +133,11 @@ def accuracy(n_bench: int, n_clean: int) -> None:
     index = VideoHashIndex.build(bench)
     t_build = time.perf_counter() - t
     blob = pickle.dumps(index)
-    print(f"- built in {t_build:.1f} s ({n_bench / t_build:.0f} videos/s; generating them took {t_make:.1f} s): "
-          f"{len(index.phashes):,} frames, pickled {len(blob) / 1024:.0f} KiB "
-          f"({len(blob) / len(index.phashes):.1f} bytes per frame)")
+    print(
+        f"- built in {t_build:.1f} s ({n_bench / t_build:.0f} videos/s; generating them took {t_make:.1f} s): "
+        f"{len(index.phashes):,} frames, pickled {len(blob) / 1024:.0f} KiB "
+        f"({len(blob) / len(index.phashes):.1f} bytes per frame)"
+    )
     copies = []
     t = time.perf_counter()
     for i, (key, data) in enumerate(bench):
@@ -132,7 +145,11 @@ def accuracy(n_bench: int, n_clean: int) -> None:
         d = probe(data).duration
         for two_generations in (False, True):
             a, b = rng.uniform(0, 0.3) * d, d - rng.uniform(0, 0.3) * d
-            copy = trim(reencode(data, rng), a, b) if two_generations else reencode(data, rng, start_s=a, end_s=b)
+            copy = (
+                trim(reencode(data, rng), a, b)
+                if two_generations
+                else reencode(data, rng, start_s=a, end_s=b)
+            )
             copies.append((key, a, sample_frames(copy)))
     print(f"- copies made and sampled in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
@@ -161,16 +178,30 @@ def accuracy(n_bench: int, n_clean: int) -> None:
         index.query_hashes(ph[ok], dh[ok], ts[ok])
     t_match = time.perf_counter() - t
     # the margin: how close unrelated videos come with the thresholds relaxed to 2 frames, any score
-    loose = VideoHashIndex(index.phashes, index.dhashes, index.ts, index.video, index.keys, index.durations,
-                           min_matches=2, min_score=0.0)
+    loose = VideoHashIndex(
+        index.phashes,
+        index.dhashes,
+        index.ts,
+        index.video,
+        index.keys,
+        index.durations,
+        min_matches=2,
+        min_score=0.0,
+    )
     near = sum(bool(loose.query_hashes(ph[ok], dh[ok], ts[ok])) for ph, dh, ok, ts in hashed)
     frame_distances(index, copies, hashed)
-    print(f"- recall: {found}/{len(copies)} = {found / len(copies):.4f}; score of the true video: "
-          f"min {min(scores):.2f}, 1st percentile {np.percentile(scores, 1):.2f}, median {np.median(scores):.2f}")
+    print(
+        f"- recall: {found}/{len(copies)} = {found / len(copies):.4f}; score of the true video: "
+        f"min {min(scores):.2f}, 1st percentile {np.percentile(scores, 1):.2f}, median {np.median(scores):.2f}"
+    )
     print(f"- false positives: {len(fp_rows)}/{n_clean} = {len(fp_rows) / n_clean:.4%} {fp_rows[:10]}")
-    print(f"- margin: unrelated videos with even 2 time-consistent matching frames (any score): {near}/{n_clean}")
-    print(f"- query (hash the row's JPEG frames + match): {n_clean / t_query:,.0f} rows/s "
-          f"({n_frames / n_clean:.1f} frames per row); match alone: {n_clean / t_match:,.0f} rows/s")
+    print(
+        f"- margin: unrelated videos with even 2 time-consistent matching frames (any score): {near}/{n_clean}"
+    )
+    print(
+        f"- query (hash the row's JPEG frames + match): {n_clean / t_query:,.0f} rows/s "
+        f"({n_frames / n_clean:.1f} frames per row); match alone: {n_clean / t_match:,.0f} rows/s"
+    )
 
 
 def frame_distances(index: VideoHashIndex, copies, hashed) -> None:
@@ -197,15 +228,19 @@ def frame_distances(index: VideoHashIndex, copies, hashed) -> None:
             clean_d.append(dd.min())
             clean_hit += bool(((dp <= index.radius) & (dd <= index.dhash_radius)).any())
     pct = (50, 99, 100)
-    print(f"- copies' frames vs their benchmark frame (n={len(true_p):,}): pHash distance p50/p99/max "
-          f"{'/'.join(str(int(np.percentile(true_p, q))) for q in pct)}, dHash "
-          f"{'/'.join(str(int(np.percentile(true_d, q))) for q in pct)}")
+    print(
+        f"- copies' frames vs their benchmark frame (n={len(true_p):,}): pHash distance p50/p99/max "
+        f"{'/'.join(str(int(np.percentile(true_p, q))) for q in pct)}, dHash "
+        f"{'/'.join(str(int(np.percentile(true_d, q))) for q in pct)}"
+    )
     pct = (0.1, 1, 50)
-    print(f"- unrelated frames vs the nearest index frame (n={len(clean_p):,}): pHash p0.1/p1/p50 "
-          f"{'/'.join(str(int(np.percentile(clean_p, q))) for q in pct)}, dHash "
-          f"{'/'.join(str(int(np.percentile(clean_d, q))) for q in pct)}; frames matching some index "
-          f"frame at radius {index.radius}/{index.dhash_radius}: {clean_hit / len(clean_p):.2%} "
-          "(what the time-offset vote and min_matches remove)")
+    print(
+        f"- unrelated frames vs the nearest index frame (n={len(clean_p):,}): pHash p0.1/p1/p50 "
+        f"{'/'.join(str(int(np.percentile(clean_p, q))) for q in pct)}, dHash "
+        f"{'/'.join(str(int(np.percentile(clean_d, q))) for q in pct)}; frames matching some index "
+        f"frame at radius {index.radius}/{index.dhash_radius}: {clean_hit / len(clean_p):.2%} "
+        "(what the time-offset vote and min_matches remove)"
+    )
 
 
 def query_all(index: VideoHashIndex, rows: list) -> None:
@@ -220,14 +255,27 @@ def scaling(runs: int) -> None:
     rng = np.random.default_rng(0)
     for n in (10_000, 100_000, 1_000_000):
         n_videos = max(1, n // 2400)
-        index = VideoHashIndex(rng.integers(0, 2**64, n, dtype=np.uint64), rng.integers(0, 2**64, n, dtype=np.uint64),
-                               rng.uniform(0, 600, n).astype(np.float32), rng.integers(0, n_videos, n).astype(np.int32),
-                               [f"v{k}" for k in range(n_videos)], np.full(n_videos, 600.0))
-        rows = [(rng.integers(0, 2**64, 8, dtype=np.uint64), rng.integers(0, 2**64, 8, dtype=np.uint64),
-                 np.arange(8.0)) for _ in range(200 if n < 1_000_000 else 50)]
+        index = VideoHashIndex(
+            rng.integers(0, 2**64, n, dtype=np.uint64),
+            rng.integers(0, 2**64, n, dtype=np.uint64),
+            rng.uniform(0, 600, n).astype(np.float32),
+            rng.integers(0, n_videos, n).astype(np.int32),
+            [f"v{k}" for k in range(n_videos)],
+            np.full(n_videos, 600.0),
+        )
+        rows = [
+            (
+                rng.integers(0, 2**64, 8, dtype=np.uint64),
+                rng.integers(0, 2**64, 8, dtype=np.uint64),
+                np.arange(8.0),
+            )
+            for _ in range(200 if n < 1_000_000 else 50)
+        ]
         t = best_of(runs, partial(query_all, index, rows))
         mib = len(pickle.dumps(index)) / 2**20
-        print(f"| {n:,} | {n / 4 / 3600:.1f} | {mib:.1f} | {len(rows) / t:,.0f} | {t / len(rows) * 1e3:.2f} |")
+        print(
+            f"| {n:,} | {n / 4 / 3600:.1f} | {mib:.1f} | {len(rows) / t:,.0f} | {t / len(rows) * 1e3:.2f} |"
+        )
 
 
 def main() -> None:
@@ -237,9 +285,11 @@ def main() -> None:
     ap.add_argument("--clean", type=int, default=2000)
     ap.add_argument("--skip", nargs="*", default=(), choices=("sampling", "accuracy", "scaling"))
     args = ap.parse_args()
-    print(f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
-          f"{platform.python_version()}, PyAV {av.__version__} (FFmpeg libavcodec "
-          f"{'.'.join(map(str, av.library_versions['libavcodec']))}), numpy {np.__version__}")
+    print(
+        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
+        f"{platform.python_version()}, PyAV {av.__version__} (FFmpeg libavcodec "
+        f"{'.'.join(map(str, av.library_versions['libavcodec']))}), numpy {np.__version__}"
+    )
     if "sampling" not in args.skip:
         sampling(args.runs)
     if "scaling" not in args.skip:

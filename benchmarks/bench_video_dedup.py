@@ -28,7 +28,9 @@ from curation.sample_video import make_video, reencode
 
 
 def hashes(videos: list[bytes]):
-    P, D, T = zip(*(frame_hashes(vf.frames, vf.ts) for vf in (sample_frames(v, fps=1, max_frames=32) for v in videos)))
+    P, D, T = zip(
+        *(frame_hashes(vf.frames, vf.ts) for vf in (sample_frames(v, fps=1, max_frames=32) for v in videos))
+    )
     return list(P), list(D), list(T)
 
 
@@ -48,7 +50,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=300)
     ap.add_argument("--scale", type=int, default=20000)
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
+    )
 
     rng = random.Random(7)
     t0 = time.perf_counter()
@@ -57,8 +61,11 @@ def main() -> None:
     for k in range(args.copies):
         i = rng.randrange(args.originals)
         kind = ("re-encoded", "whole-second trim", "fractional trim")[k % 3]
-        start = {"re-encoded": 0.0, "whole-second trim": float(rng.choice([1, 2])),
-                 "fractional trim": rng.uniform(0.2, 1.8)}[kind]
+        start = {
+            "re-encoded": 0.0,
+            "whole-second trim": float(rng.choice([1, 2])),
+            "fractional trim": rng.uniform(0.2, 1.8),
+        }[kind]
         end = None if rng.random() < 0.5 else start + rng.uniform(3.0, 5.0)
         kinds[len(videos)] = (kind, i)
         videos.append(reencode(videos[i], rng, start_s=start, end_s=end))
@@ -69,9 +76,11 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(f"sampled and hashed {frames} frames in {dt:.1f} s ({frames / dt:.0f} frames/s, sampling included)")
     print("\n1. accuracy (recall per kind of copy, false pairs)")
-    print(f"{'radius':>8} {'dhash':>6} {'min_m':>6} " + " ".join(f"{k:>18}" for k in
-                                                             ("re-encoded", "whole-second trim", "fractional trim"))
-          + f" {'false':>6} {'candidates':>11}")
+    print(
+        f"{'radius':>8} {'dhash':>6} {'min_m':>6} "
+        + " ".join(f"{k:>18}" for k in ("re-encoded", "whole-second trim", "fractional trim"))
+        + f" {'false':>6} {'candidates':>11}"
+    )
     for radius, dr, mm in ((12, 16, 3), (12, 16, 2), (14, 18, 2), (16, 20, 2)):
         pairs, facts = near_duplicate_pairs(P, D, T, radius=radius, dhash_radius=dr, min_matches=mm)
         found = {(a, b) for a, b, _, _ in pairs}
@@ -81,10 +90,15 @@ def main() -> None:
         cells = []
         for kind in ("re-encoded", "whole-second trim", "fractional trim"):
             mine = [(i, c) for c, (k, i) in kinds.items() if k == kind]
-            cells.append(f"{sum(p in found for p in mine):>8}/{len(mine):<4} {100 * np.mean([p in found for p in mine]):4.0f}%")
+            cells.append(
+                f"{sum(p in found for p in mine):>8}/{len(mine):<4} {100 * np.mean([p in found for p in mine]):4.0f}%"
+            )
         mark = "  <- stage defaults" if (radius, dr, mm) == (14, 18, 2) else ""
-        print(f"{radius:>8} {dr:>6} {mm:>6} " + " ".join(f"{c:>18}" for c in cells)
-              + f" {len(found - true):>6} {facts['candidate_pairs']:>11}{mark}")
+        print(
+            f"{radius:>8} {dr:>6} {mm:>6} "
+            + " ".join(f"{c:>18}" for c in cells)
+            + f" {len(found - true):>6} {facts['candidate_pairs']:>11}{mark}"
+        )
 
     print("\n2. pair search vs all pairs (same check, stage defaults)")
     t0 = time.perf_counter()
@@ -95,9 +109,11 @@ def main() -> None:
     t_all = time.perf_counter() - t0
     got, base = {(a, b) for a, b, _, _ in banded}, set(brute)
     n = len(P)
-    print(f"all pairs: {n * (n - 1) // 2:,} checks in {t_all:.2f} s; bands: {facts['candidate_pairs']:,} checks in "
-          f"{t_band:.2f} s: {t_all / t_band:.1f}x faster; pairs found {len(got)} vs {len(base)} "
-          f"(missed by bands: {len(base - got)})")
+    print(
+        f"all pairs: {n * (n - 1) // 2:,} checks in {t_all:.2f} s; bands: {facts['candidate_pairs']:,} checks in "
+        f"{t_band:.2f} s: {t_all / t_band:.1f}x faster; pairs found {len(got)} vs {len(base)} "
+        f"(missed by bands: {len(base - got)})"
+    )
 
     print("\n   the same at 32-bit bands (the default above 250,000 frames)")
     pairs, facts = near_duplicate_pairs(P, D, T, radius=14, dhash_radius=18, min_matches=2, band_bits=32)
@@ -108,15 +124,23 @@ def main() -> None:
 
     print(f"\n3. scale: videos x 16 random frame hashes (no true pairs), up to {args.scale:,}")
     g = np.random.default_rng(0)
-    for n, bits in ((args.scale // 4, 16), (args.scale // 2, 16), (args.scale, 16), (args.scale, 32),
-                    (args.scale * 5, 32), (args.scale * 25, 32)):
+    for n, bits in (
+        (args.scale // 4, 16),
+        (args.scale // 2, 16),
+        (args.scale, 16),
+        (args.scale, 32),
+        (args.scale * 5, 32),
+        (args.scale * 25, 32),
+    ):
         P2 = [g.integers(0, 2**63, 16, dtype=np.uint64) for _ in range(n)]
         T2 = [np.arange(16, dtype=float) for _ in range(n)]
         t0 = time.perf_counter()
         pairs, facts = near_duplicate_pairs(P2, P2, T2, band_bits=bits)
         dt = time.perf_counter() - t0
-        print(f"{n:>9,} videos, {bits}-bit bands: {dt:7.2f} s ({n / dt:,.0f} videos/s), "
-              f"{facts['candidate_pairs']:,} candidates, {len(pairs)} pairs")
+        print(
+            f"{n:>9,} videos, {bits}-bit bands: {dt:7.2f} s ({n / dt:,.0f} videos/s), "
+            f"{facts['candidate_pairs']:,} candidates, {len(pairs)} pairs"
+        )
 
 
 if __name__ == "__main__":

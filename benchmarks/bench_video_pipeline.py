@@ -38,8 +38,9 @@ from pathlib import Path
 from curation.sample_video import _X264, _encode, video_frames
 
 
-def write_corpus(root: Path, n: int, size: tuple[int, int], seconds: float, shots: bool,
-                 preset: str = "ultrafast") -> list[Path]:
+def write_corpus(
+    root: Path, n: int, size: tuple[int, int], seconds: float, shots: bool, preset: str = "ultrafast"
+) -> list[Path]:
     clips = root / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
@@ -51,7 +52,9 @@ def write_corpus(root: Path, n: int, size: tuple[int, int], seconds: float, shot
             for j in range(parts):
                 part, _, _ = video_frames(11, i * 4 + j, size=size, seconds=seconds / parts, fps=30)
                 frames += list(part)
-            path.write_bytes(_encode(frames, *size, 30, "libx264", "mp4", dict(_X264, crf="23", preset=preset)))
+            path.write_bytes(
+                _encode(frames, *size, 30, "libx264", "mp4", dict(_X264, crf="23", preset=preset))
+            )
         paths.append(path)
         lines.append(json.dumps({"video": f"clips/{path.name}", "caption": f"video {i}"}))
     (root / "videos.jsonl").write_text("\n".join(lines) + "\n")
@@ -73,11 +76,20 @@ def pipeline(root: Path, out: Path, shots: bool, clip: bool) -> tuple[float, dic
     from curation.runner import run_pipeline
 
     shutil.rmtree(out, ignore_errors=True)
-    raw = {"name": "bench-video", "sources": [
-        {"name": "videos", "format": "jsonl", "modality": "video", "paths": [str(root / "videos.jsonl")],
-         "video": {"shots": shots, "clip": clip}}],
+    raw = {
+        "name": "bench-video",
+        "sources": [
+            {
+                "name": "videos",
+                "format": "jsonl",
+                "modality": "video",
+                "paths": [str(root / "videos.jsonl")],
+                "video": {"shots": shots, "clip": clip},
+            }
+        ],
         "stages": [{"video_motion": {"min_motion": 0.0}}],
-        "output": {"path": str(out), "report": False}}
+        "output": {"path": str(out), "report": False},
+    }
     result = run_pipeline(pipeline_from_dict(raw), progress=False)
     return result.stats["elapsed_s"], result.stats
 
@@ -91,16 +103,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--shots", action="store_true", help="three shots per video, split at ingest")
     ap.add_argument("--clip", action="store_true", help="keep the video (each shot re-encoded) in the pool")
-    ap.add_argument("--preset", default="ultrafast", choices=["ultrafast", "veryfast"],
-                    help="x264 preset of the corpus: veryfast places keyframes at the cuts")
+    ap.add_argument(
+        "--preset",
+        default="ultrafast",
+        choices=["ultrafast", "veryfast"],
+        help="x264 preset of the corpus: veryfast places keyframes at the cuts",
+    )
     ap.add_argument("--work", default="/tmp/bench-video-pipeline")
     args = ap.parse_args()
     ffmpeg = shutil.which("ffmpeg")
     if not ffmpeg:
         raise SystemExit("needs the ffmpeg CLI (apt-get install ffmpeg)")
     size = tuple(int(x) for x in args.size.split("x"))
-    root = Path(args.work) / (f"corpus-{args.videos}-{args.size}-{args.seconds:g}{'-shots' if args.shots else ''}"
-                              f"-{args.preset}")
+    root = Path(args.work) / (
+        f"corpus-{args.videos}-{args.size}-{args.seconds:g}{'-shots' if args.shots else ''}-{args.preset}"
+    )
     t0 = time.perf_counter()
     paths = write_corpus(root, args.videos, size, args.seconds, args.shots, args.preset)
     made = time.perf_counter() - t0
@@ -117,22 +134,39 @@ def main() -> None:
     ray.shutdown()
     import polars as pl
 
-    pool = pl.read_parquet(Path(args.work) / "pool" / "shards" / "*.parquet", columns=["frame_ts", "clip_start", "meta"])
+    pool = pl.read_parquet(
+        Path(args.work) / "pool" / "shards" / "*.parquet", columns=["frame_ts", "clip_start", "meta"]
+    )
     how = pool["meta"].str.json_path_match("$.clip").value_counts().to_dicts() if args.clip else []
     frames = int(pool["frame_ts"].list.len().sum())
     video_s = args.videos * args.seconds
-    print(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "videos": args.videos, "size": args.size, "seconds_each": args.seconds, "fps": 30, "shots": args.shots, "clip": args.clip,
-        "cores": args.cores, "corpus_build_s": round(made, 1),
-        "ffmpeg_null_s": round(best_ff, 2), "pipeline_s": round(best_pipe, 2),
-        "ratio_vs_ffmpeg": round(best_ff / best_pipe, 3),
-        "pipeline_rows": pool.height, "frames_sampled": frames, "preset": args.preset,
-        "clips": {str(d["meta"]): d["count"] for d in how},
-        "frames_sampled_per_s": round(frames / best_pipe, 1), "video_s_per_s": round(video_s / best_pipe, 1),
-        "ffmpeg_video_s_per_s": round(video_s / best_ff, 1),
-        "stage_seconds": {st["name"]: st["seconds"] for st in stats.get("stages", [])},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "videos": args.videos,
+                "size": args.size,
+                "seconds_each": args.seconds,
+                "fps": 30,
+                "shots": args.shots,
+                "clip": args.clip,
+                "cores": args.cores,
+                "corpus_build_s": round(made, 1),
+                "ffmpeg_null_s": round(best_ff, 2),
+                "pipeline_s": round(best_pipe, 2),
+                "ratio_vs_ffmpeg": round(best_ff / best_pipe, 3),
+                "pipeline_rows": pool.height,
+                "frames_sampled": frames,
+                "preset": args.preset,
+                "clips": {str(d["meta"]): d["count"] for d in how},
+                "frames_sampled_per_s": round(frames / best_pipe, 1),
+                "video_s_per_s": round(video_s / best_pipe, 1),
+                "ffmpeg_video_s_per_s": round(video_s / best_ff, 1),
+                "stage_seconds": {st["name"]: st["seconds"] for st in stats.get("stages", [])},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

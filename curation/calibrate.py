@@ -25,16 +25,35 @@ import pyarrow.dataset as pads
 from curation.report import _CSS, _card, _esc, _n, _write_atomic, svg_histogram
 
 DEFAULT_KEEP = (0.9, 0.7, 0.5, 0.3, 0.1)
-_CARD_COLUMNS = ["id", "source", "modality", "text", "texts", "image", "images", "frames", "width", "height",
-                 "lang"]
+_CARD_COLUMNS = [
+    "id",
+    "source",
+    "modality",
+    "text",
+    "texts",
+    "image",
+    "images",
+    "frames",
+    "width",
+    "height",
+    "lang",
+]
 
 
 def _files(pool: Path) -> list[str]:
     return [str(p) for d in ("shards", "rejects") for p in sorted((pool / d).glob("*.parquet"))]
 
 
-def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (), keep: Sequence[float] = (),
-              examples: int = 6, thumb_px: int = 112, bins: int = 40) -> tuple[Path, Path]:
+def calibrate(
+    pool: str | Path,
+    score: str,
+    *,
+    thresholds: Sequence[float] = (),
+    keep: Sequence[float] = (),
+    examples: int = 6,
+    thumb_px: int = 112,
+    bins: int = 40,
+) -> tuple[Path, Path]:
     """Write the calibration page for ``score`` of a local pool; return (html, json) paths.
 
     ``thresholds`` are used as given; ``keep`` fractions become the thresholds that keep them (the score
@@ -56,7 +75,7 @@ def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (),
     cuts: list[dict[str, Any]] = []
     for t in thresholds:
         cuts.append({"threshold": float(t), "asked": "threshold"})
-    for f in (keep or (DEFAULT_KEEP if not thresholds else ())):
+    for f in keep or (DEFAULT_KEEP if not thresholds else ()):
         if not 0 < f <= 1:
             raise ValueError(f"--keep {f}: expected a fraction in (0, 1]")
         cuts.append({"threshold": float(desc[math.ceil(f * len(desc)) - 1]), "asked": f"keep {100 * f:g}%"})
@@ -65,14 +84,23 @@ def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (),
     asc = desc[::-1]
     for c in cuts:
         kept = int((values >= c["threshold"]).sum())
-        c.update(kept=kept, kept_fraction=kept / n,
-                 below=_borderline(ds, score, asc, c["threshold"], examples, below=True),
-                 above=_borderline(ds, score, asc, c["threshold"], examples, below=False))
+        c.update(
+            kept=kept,
+            kept_fraction=kept / n,
+            below=_borderline(ds, score, asc, c["threshold"], examples, below=True),
+            above=_borderline(ds, score, asc, c["threshold"], examples, below=False),
+        )
     counts, edges = np.histogram(values, bins=bins)
-    data = {"pool": str(pool), "score": score, "rows_scored": n,
-            "quantiles": {f"p{q}": float(np.quantile(values, q / 100)) for q in (1, 5, 10, 25, 50, 75, 90, 95, 99)},
-            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
-            "cuts": [{k: v for k, v in c.items() if k not in ("below", "above")} for c in cuts]}
+    data = {
+        "pool": str(pool),
+        "score": score,
+        "rows_scored": n,
+        "quantiles": {
+            f"p{q}": float(np.quantile(values, q / 100)) for q in (1, 5, 10, 25, 50, 75, 90, 95, 99)
+        },
+        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "cuts": [{k: v for k, v in c.items() if k not in ("below", "above")} for c in cuts],
+    }
     stem = f"calibrate-{score}"
     json_path, html_path = pool / f"{stem}.json", pool / f"{stem}.html"
     _write_atomic(json_path, json.dumps(data, indent=2))
@@ -80,37 +108,51 @@ def calibrate(pool: str | Path, score: str, *, thresholds: Sequence[float] = (),
     return html_path, json_path
 
 
-def _borderline(ds: pads.Dataset, score: str, asc: np.ndarray, threshold: float, k: int, below: bool) -> list[dict]:
+def _borderline(
+    ds: pads.Dataset, score: str, asc: np.ndarray, threshold: float, k: int, below: bool
+) -> list[dict]:
     """The ``k`` rows closest to the threshold on one side: what the cut decides about.
 
     ``asc`` (every score, sorted) gives the score range of those rows, so only they are read with their media.
     """
     cut = int(np.searchsorted(asc, threshold, side="left"))
-    wanted = asc[max(0, cut - k):cut] if below else asc[cut:cut + k]
+    wanted = asc[max(0, cut - k) : cut] if below else asc[cut : cut + k]
     if not len(wanted):
         return []
     cond = pc.field(score) < threshold if below else pc.field(score) >= threshold
     cols = [c for c in _CARD_COLUMNS if c in ds.schema.names] + [score]
     lo, hi = float(wanted.min()), float(wanted.max())
-    rows = ds.to_table(columns=cols, filter=cond & (pc.field(score) >= lo) & (pc.field(score) <= hi)).to_pylist()
+    rows = ds.to_table(
+        columns=cols, filter=cond & (pc.field(score) >= lo) & (pc.field(score) <= hi)
+    ).to_pylist()
     rows.sort(key=lambda r: r[score], reverse=below)
     return rows[:k]
 
 
 def _html(data: dict, cuts: list[dict], edges: np.ndarray, counts: np.ndarray, px: int) -> str:
     score = data["score"]
-    hist = svg_histogram(edges.tolist(), counts.tolist(), f"{score}: {data['rows_scored']:,} scored rows",
-                         width=760, height=200)
+    hist = svg_histogram(
+        edges.tolist(),
+        counts.tolist(),
+        f"{score}: {data['rows_scored']:,} scored rows",
+        width=760,
+        height=200,
+    )
     # mark the thresholds on the histogram (same geometry as svg_histogram: 44 px left pad, 8 right)
     lo, hi = float(edges[0]), float(edges[-1])
     marks = "".join(
         f'<line x1="{44 + (760 - 52) * (c["threshold"] - lo) / ((hi - lo) or 1):.1f}" y1="20" '
         f'x2="{44 + (760 - 52) * (c["threshold"] - lo) / ((hi - lo) or 1):.1f}" y2="178" '
         f'style="stroke:#e0803a;stroke-width:2"><title>{c["threshold"]:.4g}: keeps '
-        f'{100 * c["kept_fraction"]:.1f}%</title></line>' for c in cuts)
+        f"{100 * c['kept_fraction']:.1f}%</title></line>"
+        for c in cuts
+    )
     hist = hist.replace("</svg>", marks + "</svg>")
-    rows = "".join(f"<tr><td class=r>{c['threshold']:.4g}</td><td>{_esc(c['asked'])}</td><td class=r>"
-                   f"{_n(c['kept'])}</td><td class=r>{100 * c['kept_fraction']:.1f}%</td></tr>" for c in cuts)
+    rows = "".join(
+        f"<tr><td class=r>{c['threshold']:.4g}</td><td>{_esc(c['asked'])}</td><td class=r>"
+        f"{_n(c['kept'])}</td><td class=r>{100 * c['kept_fraction']:.1f}%</td></tr>"
+        for c in cuts
+    )
     sections = []
     for c in cuts:
         below = "".join(_card(r, px, False) for r in c["below"]) or "<p class=meta>none</p>"
@@ -118,12 +160,13 @@ def _html(data: dict, cuts: list[dict], edges: np.ndarray, counts: np.ndarray, p
         sections.append(
             f"<h2>{_esc(score)} ≥ {c['threshold']:.4g} keeps {100 * c['kept_fraction']:.1f}% "
             f"({_n(c['kept'])} rows)</h2><h3>just above: kept</h3><div class=grid>{above}</div>"
-            f"<h3>just below: dropped</h3><div class=grid>{below}</div>")
+            f"<h3>just below: dropped</h3><div class=grid>{below}</div>"
+        )
     q = " · ".join(f"{k} {v:.4g}" for k, v in data["quantiles"].items())
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calibrate {_esc(score)}</title>
 <style>{_CSS}</style></head><body><h1>Calibrate {_esc(score)}</h1>
-<p class="meta">{_esc(data['pool'])} · {data['rows_scored']:,} rows scored (shards and rejects) · {_esc(q)}</p>
+<p class="meta">{_esc(data["pool"])} · {data["rows_scored"]:,} rows scored (shards and rejects) · {_esc(q)}</p>
 <div class="hists">{hist}</div>
 <table><thead><tr><th class=r>threshold</th><th>from</th><th class=r>rows kept</th><th class=r>kept</th></tr></thead>
-<tbody>{rows}</tbody></table>{''.join(sections)}</body></html>
+<tbody>{rows}</tbody></table>{"".join(sections)}</body></html>
 """

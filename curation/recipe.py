@@ -94,7 +94,9 @@ class OutputSpec:
 @dataclass
 class ExecutionSpec:
     batch_rows: int = bounded(256, 1, 1_000_000)  # rows per stage call: bounds worker memory
-    unit_rows: int = bounded(20_000, 1, 100_000_000)  # Parquet inputs are split into units of at most this many rows
+    unit_rows: int = bounded(
+        20_000, 1, 100_000_000
+    )  # Parquet inputs are split into units of at most this many rows
     num_workers: int | None = bounded(None, 1, 100_000)  # default: the cluster's CPUs
     num_cpus: int | None = bounded(None, 1, 100_000)  # local Ray only: CPUs to start it with (default: all)
     # Rows of index columns one task holds while building a global index that splits by id (exact dedup):
@@ -177,8 +179,12 @@ class _SafeLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) or key is None:
                 if key in seen:
-                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                            f"found the key {key!r} twice", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found the key {key!r} twice",
+                        key_node.start_mark,
+                    )
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -219,8 +225,9 @@ def load_yaml(path: str | Path, overrides: list[str] = (), what: str = "a mappin
         raise RecipeError(file, problems)
     variables = raw.get("vars") or {}
     if not isinstance(variables, dict):
-        problems.append(f"vars: expected a mapping of names to values, like {{corpus: ./sample}}, "
-                        f"got {_kind(variables)}")
+        problems.append(
+            f"vars: expected a mapping of names to values, like {{corpus: ./sample}}, got {_kind(variables)}"
+        )
         variables = {}
     raw = _interpolate(raw, variables, "", problems)
     _check_credentials(raw, "", problems)
@@ -236,9 +243,11 @@ def _check_credentials(node: Any, where: str, problems: list[str]) -> None:
         for k, v in node.items() if isinstance(node, dict) else enumerate(node):
             _check_credentials(v, f"{where}.{k}".lstrip("."), problems)
     elif isinstance(node, str) and has_userinfo(node):
-        problems.append(f"{where}: a URI with credentials in it ({redact(node)!r}): put credentials in the "
-                        "environment or a profile (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a "
-                        "backend's api_key_env), not in the URI")
+        problems.append(
+            f"{where}: a URI with credentials in it ({redact(node)!r}): put credentials in the "
+            "environment or a profile (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a "
+            "backend's api_key_env), not in the URI"
+        )
 
 
 class _ShapeError(Exception):
@@ -254,8 +263,9 @@ def _check_shape(raw: dict, problems: list[str]) -> None:
         if not isinstance(node, (dict, list)):
             return 1
         if id(node) in inside:
-            raise _ShapeError(f"{where or 'the top level'}: an alias (*name) refers to a structure that "
-                              "contains it")
+            raise _ShapeError(
+                f"{where or 'the top level'}: an alias (*name) refers to a structure that contains it"
+            )
         if id(node) in sizes:
             return sizes[id(node)]
         if depth > MAX_DEPTH:
@@ -266,12 +276,16 @@ def _check_shape(raw: dict, problems: list[str]) -> None:
             here = f"{where}.{k}".lstrip(".")
             if isinstance(node, dict) and not isinstance(k, str) and here not in keys:
                 keys.add(here)
-                problems.append(f"{here}: the key {k!r} is not a string (YAML reads yes/no/on/off as booleans, "
-                                f"and numbers and dates as such): quote it")
+                problems.append(
+                    f"{here}: the key {k!r} is not a string (YAML reads yes/no/on/off as booleans, "
+                    f"and numbers and dates as such): quote it"
+                )
             total += size(v, here, depth + 1, inside)
             if total > MAX_VALUES:
-                raise _ShapeError(f"{where or 'the recipe'}: more than {MAX_VALUES:,} values once its aliases "
-                                  "(*name) are expanded: a recipe needs far fewer (is it an alias bomb?)")
+                raise _ShapeError(
+                    f"{where or 'the recipe'}: more than {MAX_VALUES:,} values once its aliases "
+                    "(*name) are expanded: a recipe needs far fewer (is it an alias bomb?)"
+                )
         inside.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -282,8 +296,7 @@ def _check_shape(raw: dict, problems: list[str]) -> None:
         problems.append(str(e))
 
 
-def check_paths_exist(paths: list[str], where: str, problems: list[str],
-                      on_bad_name: str = "error") -> None:
+def check_paths_exist(paths: list[str], where: str, problems: list[str], on_bad_name: str = "error") -> None:
     """One problem per path (local glob or ``s3://`` URI) that matches no file, or holds a file name that is not
     UTF-8 (unless ``on_bad_name`` is ``skip``)."""
     from curation.io.fs import expand
@@ -291,8 +304,10 @@ def check_paths_exist(paths: list[str], where: str, problems: list[str],
     for j, p in enumerate(paths):
         try:
             if not expand(p, on_bad_name):
-                problems.append(f"{where}.{j}: no file matches '{p}' (check the path, "
-                                f"or pass --set vars.<name>=... if it comes from a variable)")
+                problems.append(
+                    f"{where}.{j}: no file matches '{p}' (check the path, "
+                    f"or pass --set vars.<name>=... if it comes from a variable)"
+                )
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
             problems.append(f"{where}.{j}: cannot list {p!r}: {e}")
 
@@ -300,11 +315,14 @@ def check_paths_exist(paths: list[str], where: str, problems: list[str],
 def load_pipeline(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> PipelineRecipe:
     """Load, override, interpolate and validate a pipeline recipe; raise :class:`RecipeError`."""
     file = str(path)
-    return pipeline_from_dict(load_yaml(path, overrides, "a mapping with sources, stages and output"), file,
-                              check_paths)
+    return pipeline_from_dict(
+        load_yaml(path, overrides, "a mapping with sources, stages and output"), file, check_paths
+    )
 
 
-def pipeline_from_dict(raw: dict[str, Any], file: str = "<recipe>", check_paths: bool = True) -> PipelineRecipe:
+def pipeline_from_dict(
+    raw: dict[str, Any], file: str = "<recipe>", check_paths: bool = True
+) -> PipelineRecipe:
     """Validate a pipeline given as a mapping (commands such as ``curation audit`` compose one)."""
     problems: list[str] = []
     _check_credentials(raw, "", problems)
@@ -328,7 +346,7 @@ def _apply_override(tree: dict, item: str, problems: list[str]) -> None:
             if isinstance(node, dict):
                 nxt = node[part] = {}
             else:
-                problems.append(f"--set {key}: '{'.'.join(parts[:i + 1])}' does not exist")
+                problems.append(f"--set {key}: '{'.'.join(parts[: i + 1])}' does not exist")
                 return
         node = nxt
     try:
@@ -360,30 +378,39 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def _interpolate(node: Any, variables: dict, where: str, problems: list[str]) -> Any:
     if isinstance(node, dict):
-        return {k: (v if k == "vars" else _interpolate(v, variables, f"{where}.{k}".lstrip("."), problems))
-                for k, v in node.items()}
+        return {
+            k: (v if k == "vars" else _interpolate(v, variables, f"{where}.{k}".lstrip("."), problems))
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_interpolate(v, variables, f"{where}.{i}", problems) for i, v in enumerate(node)]
     if isinstance(node, str):
+
         def sub(m: re.Match) -> str:
             if m.group(1) not in variables:
-                problems.append(f"{where}: unknown variable ${{{m.group(1)}}} (define it under vars:, "
-                                f"or pass --set vars.{m.group(1)}=...)")
+                problems.append(
+                    f"{where}: unknown variable ${{{m.group(1)}}} (define it under vars:, "
+                    f"or pass --set vars.{m.group(1)}=...)"
+                )
                 return m.group(0)
             return str(variables[m.group(1)])
+
         for _ in range(10):  # variables may refer to variables
             names = [m.group(1) for m in _VAR.finditer(node)]
             if len(node) + sum(len(str(variables.get(n, ""))) for n in names) > MAX_CHARS:
-                problems.append(f"{where}: its variables expand to more than {MAX_CHARS:,} characters "
-                                f"(do they refer to themselves?)")
+                problems.append(
+                    f"{where}: its variables expand to more than {MAX_CHARS:,} characters "
+                    f"(do they refer to themselves?)"
+                )
                 return node
             expanded = _VAR.sub(sub, node)
             if expanded == node:
                 return node
             node = expanded
         if any(m.group(1) in variables for m in _VAR.finditer(node)):
-            problems.append(f"{where}: variables refer to each other in a loop (or more than 10 deep): "
-                            f"{node[:80]!r}")
+            problems.append(
+                f"{where}: variables refer to each other in a loop (or more than 10 deep): {node[:80]!r}"
+            )
         return node
     return node
 
@@ -411,9 +438,13 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
             problems.append(f"sources.{i}.name: '{spec.name}' is used twice; source names must be unique")
         seen_names.add(spec.name)
         if spec.format not in FORMATS:
-            problems.append(f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})")
+            problems.append(
+                f"sources.{i}.format: '{spec.format}' is not a format (expected one of {', '.join(FORMATS)})"
+            )
         if spec.modality not in MODALITIES and not (spec.format == "pool" and spec.modality == "mixed"):
-            problems.append(f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})")
+            problems.append(
+                f"sources.{i}.modality: '{spec.modality}' (expected one of {', '.join(MODALITIES)})"
+            )
         _check_sft_source(spec, f"sources.{i}", problems)
         _check_video_options(spec, f"sources.{i}.video", problems)
         _check_references(spec, f"sources.{i}", problems, check_paths)
@@ -439,18 +470,26 @@ def _validate(raw: dict, file: str, problems: list[str], check_paths: bool) -> P
             if fmt not in OUTPUT_FORMATS:
                 problems.append(f"output.formats: '{fmt}' (expected a list of {', '.join(OUTPUT_FORMATS)})")
         if "://" in output.path and not output.path.startswith(("s3://", "file://")):
-            problems.append(f"output.path: '{output.path.split('://', 1)[0]}://' is not a place to write (expected a "
-                            f"local folder or s3://bucket/prefix)")
+            problems.append(
+                f"output.path: '{output.path.split('://', 1)[0]}://' is not a place to write (expected a "
+                f"local folder or s3://bucket/prefix)"
+            )
         if output.video not in ("auto", "frames", "clip", "both"):
             problems.append(f"output.video: {output.video!r} (expected frames, clip, both or auto)")
         elif output.video == "clip":
-            frames_only = [s.name for s in sources if s.modality == "video" and not (s.video or {}).get("clip")]
+            frames_only = [
+                s.name for s in sources if s.modality == "video" and not (s.video or {}).get("clip")
+            ]
             if frames_only:
-                problems.append(f"output.video: clip keeps no frames, but source(s) {', '.join(frames_only)} keep no "
-                                "clip: add video: {clip: true} to them, or use output.video: both")
+                problems.append(
+                    f"output.video: clip keeps no frames, but source(s) {', '.join(frames_only)} keep no "
+                    "clip: add video: {clip: true} to them, or use output.video: both"
+                )
     execution = build(ExecutionSpec, raw.get("execution") or {}, "execution", problems)
     limits = build(LimitsSpec, raw.get("limits") or {}, "limits", problems)
-    resolved = redact_tree(json.loads(json.dumps(raw, default=str)))  # written next to outputs: no credentials
+    resolved = redact_tree(
+        json.loads(json.dumps(raw, default=str))
+    )  # written next to outputs: no credentials
     return PipelineRecipe(
         name=str(raw.get("name") or Path(file).stem),
         sources=sources,
@@ -489,11 +528,29 @@ def frame_bounds(options: dict[str, Any]) -> dict[str, int]:
 #: Largest value of each numeric video option: past these a source would decode for days or hold frames in the
 #: gigabytes (``max_frames: 1e12``, ``fps: 1e9``), which is never what a recipe meant.
 VIDEO_LIMITS: dict[str, float] = {
-    "fps": 240, "max_frames": 10_000, "max_side": 16_384, "factor": 1_024, "min_pixels": 1 << 28,
-    "max_pixels": 1 << 28, "shot_threshold": 1, "shot_contrast": 1_000, "min_shot_s": 86_400, "timeout_s": 86_400,
+    "fps": 240,
+    "max_frames": 10_000,
+    "max_side": 16_384,
+    "factor": 1_024,
+    "min_pixels": 1 << 28,
+    "max_pixels": 1 << 28,
+    "shot_threshold": 1,
+    "shot_contrast": 1_000,
+    "min_shot_s": 86_400,
+    "timeout_s": 86_400,
 }
 
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
 
 
 def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> None:
@@ -511,15 +568,22 @@ def _check_video_options(spec: SourceSpec, where: str, problems: list[str]) -> N
         elif key == "clip_preset":
             if value not in X264_PRESETS:
                 problems.append(f"{where}.{key}: expected one of {', '.join(X264_PRESETS)}, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                value == 0 and key != "min_shot_s"):
+        elif (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < 0
+            or (value == 0 and key != "min_shot_s")
+        ):
             problems.append(f"{where}.{key}: expected a positive number, got {value!r}")
         elif expected := out_of_range(value, 0, VIDEO_LIMITS[key]):
             problems.append(f"{where}.{key}: expected {expected}, got {value!r}")
         elif key in ("max_side", "factor", "min_pixels", "max_pixels", "max_frames") and value != int(value):
             problems.append(f"{where}.{key}: expected a whole number, got {value!r}")
     o = {**VIDEO_OPTIONS, **{k: v for k, v in spec.video.items() if k in VIDEO_OPTIONS}}
-    if all(isinstance(o[k], (int, float)) for k in ("min_pixels", "max_pixels")) and o["min_pixels"] > o["max_pixels"]:
+    if (
+        all(isinstance(o[k], (int, float)) for k in ("min_pixels", "max_pixels"))
+        and o["min_pixels"] > o["max_pixels"]
+    ):
         problems.append(f"{where}: min_pixels ({o['min_pixels']}) is above max_pixels ({o['max_pixels']})")
     if spec.video.get("shots") and spec.modality != "video":
         problems.append(f"{where}.shots: shot splitting applies to modality video")
@@ -531,12 +595,16 @@ def _check_references(spec: SourceSpec, where: str, problems: list[str], check_p
 
     for scheme in spec.schemes:
         if scheme not in SCHEMES:
-            problems.append(f"{where}.schemes: '{scheme}' is not a scheme rows may name (expected a list of "
-                            f"{', '.join(SCHEMES)}; file:// and schemes whose file systems take options from "
-                            f"the URI are never allowed)")
+            problems.append(
+                f"{where}.schemes: '{scheme}' is not a scheme rows may name (expected a list of "
+                f"{', '.join(SCHEMES)}; file:// and schemes whose file systems take options from "
+                f"the URI are never allowed)"
+            )
     for j, root in enumerate(spec.media_roots):
         if "://" in root and not root.startswith(("s3://", "file://")):
-            problems.append(f"{where}.media_roots.{j}: '{root}' is neither a local folder nor an s3:// prefix")
+            problems.append(
+                f"{where}.media_roots.{j}: '{root}' is neither a local folder nor an s3:// prefix"
+            )
         elif check_paths and "://" not in root and not Path(root).expanduser().is_dir():
             problems.append(f"{where}.media_roots.{j}: no folder '{root}'")
 
@@ -546,16 +614,20 @@ def _check_sft_source(spec: SourceSpec, where: str, problems: list[str]) -> None
     if spec.format in SFT_FORMATS and spec.modality != "sft":
         problems.append(f"{where}.modality: format {spec.format} makes conversations: use modality: sft")
     if spec.modality == "sft" and spec.format not in (*SFT_FORMATS, "pool"):
-        problems.append(f"{where}.format: modality sft is read with format {' or '.join(SFT_FORMATS)} "
-                        f"(or pool, for rows already in the pool schema), not {spec.format}")
+        problems.append(
+            f"{where}.format: modality sft is read with format {' or '.join(SFT_FORMATS)} "
+            f"(or pool, for rows already in the pool schema), not {spec.format}"
+        )
     if spec.mode is not None and (spec.modality != "sft" or spec.mode not in MODES):
         problems.append(f"{where}.mode: '{spec.mode}' (expected one of {', '.join(MODES)}, on an sft source)")
     if spec.format in SFT_FORMATS:
         known = (*SOURCE_FIELDS[spec.format], *FIELD_OPTIONS)
         for key in spec.fields:
             if key not in known:
-                problems.append(f"{where}.fields.{key}: unknown field for format {spec.format} "
-                                f"(expected one of {', '.join(known)})")
+                problems.append(
+                    f"{where}.fields.{key}: unknown field for format {spec.format} "
+                    f"(expected one of {', '.join(known)})"
+                )
 
 
 def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
@@ -570,28 +642,36 @@ def _build_stages(raw_stages: Any, problems: list[str]) -> list[Stage]:
         if isinstance(entry, str):
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
-            problems.append(f"stages.{i}: expected a mapping with one stage name, like '- image_size: {{min_side: 32}}'")
+            problems.append(
+                f"stages.{i}: expected a mapping with one stage name, like '- image_size: {{min_side: 32}}'"
+            )
             continue
-        (name, params), = entry.items()
+        ((name, params),) = entry.items()
         cls = registry.get(name)
         if cls is None:
-            problems.append(f"stages.{i}: unknown stage '{name}' (known: {', '.join(sorted(registry))}; "
-                            f"`curation stages` lists them with their parameters)")
+            problems.append(
+                f"stages.{i}: unknown stage '{name}' (known: {', '.join(sorted(registry))}; "
+                f"`curation stages` lists them with their parameters)"
+            )
             continue
         stage = build(cls, params if params is not None else {}, f"stages.{i}.{name}", problems)
         if stage is None:
             continue
         kf = getattr(stage, "keep_fraction", None)
         if kf is not None and not getattr(stage, "ranks", False):
-            problems.append(f"stages.{i}.{name}.keep_fraction: '{name}' scores are not a quality ranking; keep_fraction "
-                            f"applies to stages whose higher score is better (e.g. clip_score, caption_language)")
+            problems.append(
+                f"stages.{i}.{name}.keep_fraction: '{name}' scores are not a quality ranking; keep_fraction "
+                f"applies to stages whose higher score is better (e.g. clip_score, caption_language)"
+            )
         elif kf is not None and not 0 < kf <= 1:
             problems.append(f"stages.{i}.{name}.keep_fraction: expected a fraction in (0, 1], got {kf:g}")
         label_problem = name_problem(stage.label, f"stages.{i}.{name}.instance")  # it names files in the pool
         if label_problem:
             problems.append(label_problem)
         if stage.label in labels:
-            problems.append(f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>")
+            problems.append(
+                f"stages.{i}.{name}: a second '{stage.label}' needs its own name: add instance: <name>"
+            )
         labels.add(stage.label)
         stages.append(stage)
     return stages
@@ -611,7 +691,9 @@ def build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             ok = False
             continue
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):  # nested parameters (resources, match thresholds), checked the same way
+        if dataclasses.is_dataclass(
+            hint
+        ):  # nested parameters (resources, match thresholds), checked the same way
             res = build(hint, value, f"{where}.{key}", problems)
             ok &= res is not None
             kwargs[key] = res
@@ -642,7 +724,8 @@ def _check_type(value: Any, hint: Any) -> tuple[Any, str | None]:
     """Return (value converted, None) or (value, description of what was expected)."""
     if not fits(value):  # whatever the type: no integer past 64 bits, no .inf or .nan (curation.bounds)
         return value, "64-bit integers and finite numbers" if isinstance(value, (dict, list)) else (
-            "a finite number" if isinstance(value, float) else "an integer of at most 64 bits")
+            "a finite number" if isinstance(value, float) else "an integer of at most 64 bits"
+        )
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -662,7 +745,9 @@ def _check_type(value: Any, hint: Any) -> tuple[Any, str | None]:
     if hint is bool:
         return (value, None) if isinstance(value, bool) else (value, "true or false")
     if hint is int:
-        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else (value, "an integer")
+        return (
+            (value, None) if isinstance(value, int) and not isinstance(value, bool) else (value, "an integer")
+        )
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
@@ -698,5 +783,12 @@ def _hint_name(hint: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)

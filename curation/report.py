@@ -36,8 +36,22 @@ log = logging.getLogger(__name__)
 MAX_PREVIEW_PIXELS = 50_000_000
 """Refuse to decode images above this many pixels: a 30000x30000 PNG is 2.7 GB of RGB once decoded."""
 CAPTION_CHARS = 300
-_ROW_COLUMNS = ("id", "source", "modality", "text", "texts", "image", "images", "frames", "width", "height",
-                "lang", "reject_stage", "reject_reason", "reject_detail")
+_ROW_COLUMNS = (
+    "id",
+    "source",
+    "modality",
+    "text",
+    "texts",
+    "image",
+    "images",
+    "frames",
+    "width",
+    "height",
+    "lang",
+    "reject_stage",
+    "reject_reason",
+    "reject_detail",
+)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
@@ -87,32 +101,43 @@ def _caption(row: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- svg
-def svg_histogram(edges: list[float], counts: list[int], title: str = "", width: int = 360,
-                  height: int = 150) -> str:
+def svg_histogram(
+    edges: list[float], counts: list[int], title: str = "", width: int = 360, height: int = 150
+) -> str:
     """A bar chart as inline SVG; each bar carries a native ``<title>`` tooltip (no JS needed)."""
     pad_l, pad_r, pad_t, pad_b = 44, 8, 20, 22
     pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
-    out = [(f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">'),
-           f'<text x="{pad_l}" y="13" class="t">{_esc(title)}</text>']
+    out = [
+        (
+            f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">'
+        ),
+        f'<text x="{pad_l}" y="13" class="t">{_esc(title)}</text>',
+    ]
     counts = [int(c or 0) for c in counts or []]
     if len(edges or []) != len(counts) + 1:
         edges = list(range(len(counts) + 1))  # contract says n+1 edges; label bins by index otherwise
     top = max(counts, default=0)
     if not top:
-        out.append(f'<text x="{pad_l + pw / 2}" y="{pad_t + ph / 2}" text-anchor="middle">no data</text></svg>')
+        out.append(
+            f'<text x="{pad_l + pw / 2}" y="{pad_t + ph / 2}" text-anchor="middle">no data</text></svg>'
+        )
         return "".join(out)
     bw = pw / len(counts)
     for i, c in enumerate(counts):
         h = ph * c / top
-        out.append(f'<rect x="{pad_l + i * bw:.2f}" y="{pad_t + ph - h:.2f}" width="{max(bw - 1, 0.5):.2f}" '
-                   f'height="{h:.2f}"><title>[{_num(edges[i])}, {_num(edges[i + 1])}): {c:,}</title></rect>')
+        out.append(
+            f'<rect x="{pad_l + i * bw:.2f}" y="{pad_t + ph - h:.2f}" width="{max(bw - 1, 0.5):.2f}" '
+            f'height="{h:.2f}"><title>[{_num(edges[i])}, {_num(edges[i + 1])}): {c:,}</title></rect>'
+        )
     base = pad_t + ph
-    out += [f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + pw}" y2="{base}"/>',
-            f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top:,}</text>',
-            f'<text x="{pad_l - 4}" y="{base}" text-anchor="end">0</text>',
-            f'<text x="{pad_l}" y="{height - 6}">{_num(edges[0])}</text>',
-            f'<text x="{pad_l + pw}" y="{height - 6}" text-anchor="end">{_num(edges[-1])}</text></svg>']
+    out += [
+        f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + pw}" y2="{base}"/>',
+        f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top:,}</text>',
+        f'<text x="{pad_l - 4}" y="{base}" text-anchor="end">0</text>',
+        f'<text x="{pad_l}" y="{height - 6}">{_num(edges[0])}</text>',
+        f'<text x="{pad_l + pw}" y="{height - 6}" text-anchor="end">{_num(edges[-1])}</text></svg>',
+    ]
     return "".join(out)
 
 
@@ -221,8 +246,9 @@ def _pick_rejects(paths: list[Path], per_key: int, expected: set[tuple[str, str]
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
                 d = batch.to_pydict()
                 none = [None] * batch.num_rows
-                for i, (rid, stage, reason) in enumerate(zip(d.get("id", none), d.get("reject_stage", none),
-                                                             d.get("reject_reason", none))):
+                for i, (rid, stage, reason) in enumerate(
+                    zip(d.get("id", none), d.get("reject_stage", none), d.get("reject_reason", none))
+                ):
                     key = (stage or "?", reason or "unknown")
                     seen[key] = seen.get(key, 0) + 1
                     lst = picks.setdefault(key, [])
@@ -291,19 +317,31 @@ def _report_data(pool: Path, manifest: dict, stats: dict, examples: list[dict], 
     stages = []
     for s in stats.get("stages", []):
         ri, ro = s.get("rows_in"), s.get("rows_out")
-        stages.append({"name": s.get("name"), "rows_in": ri, "rows_out": ro,
-                       "kept_pct": round(100.0 * ro / ri, 1) if ri and ro is not None else None,
-                       "drops": dict(s.get("drops") or {}), "outcomes": dict(s.get("outcomes") or {}),
-                       "seconds": s.get("seconds"),
-                       "histograms": s.get("histograms") or {}})
+        stages.append(
+            {
+                "name": s.get("name"),
+                "rows_in": ri,
+                "rows_out": ro,
+                "kept_pct": round(100.0 * ro / ri, 1) if ri and ro is not None else None,
+                "drops": dict(s.get("drops") or {}),
+                "outcomes": dict(s.get("outcomes") or {}),
+                "seconds": s.get("seconds"),
+                "histograms": s.get("histograms") or {},
+            }
+        )
     return {
         "format": "curation.report/1",
         "pool": str(pool),
         "recipe_hash": manifest.get("recipe_hash"),
-        "totals": {"rows_in": rows_in, "rows_out": stats.get("rows_out"),
-                   "rows_rejected": stats.get("rows_rejected", mt.get("rejected")),
-                   "shards": mt.get("shards", len(shards)), "bytes": nbytes,
-                   "elapsed_s": elapsed, "rows_per_s": rps},
+        "totals": {
+            "rows_in": rows_in,
+            "rows_out": stats.get("rows_out"),
+            "rows_rejected": stats.get("rows_rejected", mt.get("rejected")),
+            "shards": mt.get("shards", len(shards)),
+            "bytes": nbytes,
+            "elapsed_s": elapsed,
+            "rows_per_s": rps,
+        },
         "stages": stages,
         "rejects": [{k: e[k] for k in ("stage", "reason", "count", "ids")} for e in examples],
         "kept_examples": [r.get("id") for r in kept],
@@ -338,11 +376,16 @@ text-align:center;font-size:12px;padding:6px;box-sizing:border-box}
 
 def _card(row: dict, px: int, rejected: bool) -> str:
     uri, why = _row_thumbnail(row, px)
-    pic = (f'<img src="{uri}" alt="{_esc(row.get("id"))}" loading="lazy">' if uri else
-           f'<div class="ph" style="width:{px}px;height:{px}px">{_esc(why)}</div>')
+    pic = (
+        f'<img src="{uri}" alt="{_esc(row.get("id"))}" loading="lazy">'
+        if uri
+        else f'<div class="ph" style="width:{px}px;height:{px}px">{_esc(why)}</div>'
+    )
     info = [f'<div class="id" title="{_esc(row.get("id"))}">{_esc(str(row.get("id"))[:16])}…</div>']
     if rejected:
-        info.append(f'<div class="k">{_esc(row.get("reject_stage"))} / {_esc(row.get("reject_reason"))}</div>')
+        info.append(
+            f'<div class="k">{_esc(row.get("reject_stage"))} / {_esc(row.get("reject_reason"))}</div>'
+        )
         if row.get("reject_detail"):
             info.append(f'<div class="k">{_esc(row["reject_detail"])}</div>')
     info.append(f'<div class="cap">{_esc(_caption(row)) or "<i>(no caption)</i>"}</div>')
@@ -356,48 +399,74 @@ def _card(row: dict, px: int, rejected: bool) -> str:
 
 def _html(data: dict, examples: list[dict], kept: list[dict], px: int) -> str:
     t = data["totals"]
-    tot = [("rows in", _n(t["rows_in"])), ("rows out", f'{_n(t["rows_out"])} ({_pct(t["rows_out"], t["rows_in"])})'),
-           ("rejected", f'{_n(t["rows_rejected"])} ({_pct(t["rows_rejected"], t["rows_in"])})'),
-           ("shards", _n(t["shards"])), ("bytes", _bytes(t["bytes"])),
-           ("elapsed", f'{_n(t["elapsed_s"])} s'), ("rows/s", _n(t["rows_per_s"]))]
+    tot = [
+        ("rows in", _n(t["rows_in"])),
+        ("rows out", f"{_n(t['rows_out'])} ({_pct(t['rows_out'], t['rows_in'])})"),
+        ("rejected", f"{_n(t['rows_rejected'])} ({_pct(t['rows_rejected'], t['rows_in'])})"),
+        ("shards", _n(t["shards"])),
+        ("bytes", _bytes(t["bytes"])),
+        ("elapsed", f"{_n(t['elapsed_s'])} s"),
+        ("rows/s", _n(t["rows_per_s"])),
+    ]
     anchors = {(e["stage"], e["reason"]): f"reject-{i}" for i, e in enumerate(examples)}
     first_in = (data["stages"][0]["rows_in"] if data["stages"] else None) or t["rows_in"]
     rows = []
     for s in data["stages"]:
-        drops = "".join(f'<a class="pill" href="#{anchors.get((s["name"], r), "")}">{_esc(r)}: {_n(c)}</a>'
-                        for r, c in sorted(s["drops"].items(), key=lambda kv: -kv[1]))
+        drops = "".join(
+            f'<a class="pill" href="#{anchors.get((s["name"], r), "")}">{_esc(r)}: {_n(c)}</a>'
+            for r, c in sorted(s["drops"].items(), key=lambda kv: -kv[1])
+        )
         if s["outcomes"]:  # what happened to the rows it kept
-            drops += "".join(f'<span class="pill kept">{_esc(v)}: {_n(c)}</span>' for v, c in s["outcomes"].items())
+            drops += "".join(
+                f'<span class="pill kept">{_esc(v)}: {_n(c)}</span>' for v, c in s["outcomes"].items()
+            )
         width = 100.0 * (s["rows_out"] or 0) / first_in if first_in else 0
-        dropped = s["rows_in"] - s["rows_out"] if s["rows_in"] is not None and s["rows_out"] is not None else None
-        rows.append(f'<tr><td>{_esc(s["name"])}</td><td class="r">{_n(s["rows_in"])}</td>'
-                    f'<td class="r">{_n(s["rows_out"])}</td><td class="r">{_pct(s["rows_out"], s["rows_in"])}</td>'
-                    f'<td><div class="bar"><i style="width:{width:.1f}%"></i></div></td>'
-                    f'<td class="r">{_n(dropped)}</td><td>{drops}</td><td class="r">{_n(s["seconds"])}</td></tr>')
-    hists = [svg_histogram(h.get("edges") or [], h.get("counts") or [], f'{s["name"]} · {name}')
-             for s in data["stages"] for name, h in sorted(s["histograms"].items())]
+        dropped = (
+            s["rows_in"] - s["rows_out"] if s["rows_in"] is not None and s["rows_out"] is not None else None
+        )
+        rows.append(
+            f'<tr><td>{_esc(s["name"])}</td><td class="r">{_n(s["rows_in"])}</td>'
+            f'<td class="r">{_n(s["rows_out"])}</td><td class="r">{_pct(s["rows_out"], s["rows_in"])}</td>'
+            f'<td><div class="bar"><i style="width:{width:.1f}%"></i></div></td>'
+            f'<td class="r">{_n(dropped)}</td><td>{drops}</td><td class="r">{_n(s["seconds"])}</td></tr>'
+        )
+    hists = [
+        svg_histogram(h.get("edges") or [], h.get("counts") or [], f"{s['name']} · {name}")
+        for s in data["stages"]
+        for name, h in sorted(s["histograms"].items())
+    ]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Curation report: {_esc(Path(data['pool']).name)}</title><style>{_CSS}</style></head><body>",
-        (f'<header><h1>Curation report</h1><div class="meta">pool <code>{_esc(data["pool"])}</code> · '
-         f'recipe <code>{_esc(data["recipe_hash"])}</code></div><div class="totals">'),
+        (
+            f'<header><h1>Curation report</h1><div class="meta">pool <code>{_esc(data["pool"])}</code> · '
+            f'recipe <code>{_esc(data["recipe_hash"])}</code></div><div class="totals">'
+        ),
         *(f'<div class="tot"><span class="meta">{k}</span><b>{v}</b></div>' for k, v in tot),
         "</div></header>",
-        ('<section id="stages"><h2>Stages</h2><table><thead><tr><th>stage</th><th class="r">rows in</th>'
-         '<th class="r">rows out</th><th class="r">kept</th><th>funnel</th><th class="r">dropped</th>'
-         '<th>drops by reason (green: outcomes of kept rows)</th><th class="r">seconds</th></tr></thead><tbody>'),
-        *rows, "</tbody></table></section>",
+        (
+            '<section id="stages"><h2>Stages</h2><table><thead><tr><th>stage</th><th class="r">rows in</th>'
+            '<th class="r">rows out</th><th class="r">kept</th><th>funnel</th><th class="r">dropped</th>'
+            '<th>drops by reason (green: outcomes of kept rows)</th><th class="r">seconds</th></tr></thead><tbody>'
+        ),
+        *rows,
+        "</tbody></table></section>",
         '<section id="histograms"><h2>Histograms</h2><div class="hists">',
-        *(hists or ['<p class="meta">No histograms in stats.json.</p>']), "</div></section>",
+        *(hists or ['<p class="meta">No histograms in stats.json.</p>']),
+        "</div></section>",
         f'<section id="kept"><h2>Kept samples ({len(kept)} from the first shards)</h2><div class="grid">',
-        *(_card(r, px, False) for r in kept), "</div></section>",
+        *(_card(r, px, False) for r in kept),
+        "</div></section>",
         '<section id="rejects"><h2>Rejected samples</h2>',
     ]
     for e in examples:
-        parts.append(f'<section class="reason" id="{anchors[(e["stage"], e["reason"])]}" '
-                     f'data-reason="{_esc(e["reason"])}" data-stage="{_esc(e["stage"])}">'
-                     f'<h3>{_esc(e["reason"])} <span class="meta">(stage {_esc(e["stage"])}, '
-                     f'{_n(e["count"])} rows; {len(e["rows"])} shown)</span></h3><div class="grid">')
+        parts.append(
+            f'<section class="reason" id="{anchors[(e["stage"], e["reason"])]}" '
+            f'data-reason="{_esc(e["reason"])}" data-stage="{_esc(e["stage"])}">'
+            f'<h3>{_esc(e["reason"])} <span class="meta">(stage {_esc(e["stage"])}, '
+            f'{_n(e["count"])} rows; {len(e["rows"])} shown)</span></h3><div class="grid">'
+        )
         parts += [_card(r, px, True) for r in e["rows"]]
         parts.append("</div></section>")
     parts.append("</section></body></html>\n")
@@ -411,8 +480,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(pool: str | Path, *, thumbs_per_reason: int = 8, thumbs_kept: int = 16,
-                 thumb_px: int = 128) -> tuple[Path, Path]:
+def write_report(
+    pool: str | Path, *, thumbs_per_reason: int = 8, thumbs_kept: int = 16, thumb_px: int = 128
+) -> tuple[Path, Path]:
     """Write POOL/report.html and POOL/report.json from the pool's manifest.json, stats.json, shards
     and rejects. Returns their paths ``(html, json)``."""
     pool = Path(pool).resolve()
@@ -434,13 +504,25 @@ def write_report(pool: str | Path, *, thumbs_per_reason: int = 8, thumbs_kept: i
     examples = []
     for key in [*expected, *(k for k in picks if k not in expected)]:
         lst = picks.get(key, [])
-        examples.append({"stage": key[0], "reason": key[1], "count": expected.get(key, seen.get(key)),
-                         "ids": [i for _, _, i in lst], "rows": [fetched[(p, i)] for p, i, _ in lst]})
+        examples.append(
+            {
+                "stage": key[0],
+                "reason": key[1],
+                "count": expected.get(key, seen.get(key)),
+                "ids": [i for _, _, i in lst],
+                "rows": [fetched[(p, i)] for p, i, _ in lst],
+            }
+        )
 
     data = _report_data(pool, manifest, stats, examples, kept)
     html_path, json_path = pool / "report.html", pool / "report.json"
     _write_atomic(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     _write_atomic(html_path, _html(data, examples, kept, thumb_px))
-    log.info("wrote %s and %s (%d kept, %d reject examples)", html_path, json_path, len(kept),
-             sum(len(e["rows"]) for e in examples))
+    log.info(
+        "wrote %s and %s (%d kept, %d reject examples)",
+        html_path,
+        json_path,
+        len(kept),
+        sum(len(e["rows"]) for e in examples),
+    )
     return html_path, json_path

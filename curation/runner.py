@@ -124,8 +124,13 @@ def apply_stages(table: pa.Table, stages: list[Stage], counters: dict[str, dict]
             from curation.stage import mark_rejected
 
             live = pc.indices_nonzero(pc.is_null(table["reject_reason"]))
-            table = mark_rejected(table, live, stage.label, pa.array(["stage_error"] * len(live)),
-                                  pa.array([f"{type(e).__name__}: {e}"[:500]] * len(live)))
+            table = mark_rejected(
+                table,
+                live,
+                stage.label,
+                pa.array(["stage_error"] * len(live)),
+                pa.array([f"{type(e).__name__}: {e}"[:500]] * len(live)),
+            )
         c["seconds"] += time.perf_counter() - t0
         _count_drops(c, table, stage.label)
         alive = _alive(table)
@@ -143,8 +148,18 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     t_start, started_at = time.perf_counter(), time.time()
     schema = job.schema
     shard_schema = pa.schema([f for f in schema if f.name not in REJECT_COLUMNS])
-    sink = UnitSink(job.root, unit.index, shard_schema, schema, job.formats, job.shard_rows, job.shard_bytes,
-                    job.write_rejects, job.video, reject_media=job.reject_media)
+    sink = UnitSink(
+        job.root,
+        unit.index,
+        shard_schema,
+        schema,
+        job.formats,
+        job.shard_rows,
+        job.shard_bytes,
+        job.write_rejects,
+        job.video,
+        reject_media=job.reject_media,
+    )
     counters = {INGEST: _new_counter(), **{s.label: _new_counter() for s in job.stages}}
     errors: list[str] = []
     write_s = 0.0
@@ -161,7 +176,8 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
         _count_drops(ingest, table, INGEST)
         ingest["rows_out"] += _alive(table)
         errors += table.filter(pc.is_in(table["reject_reason"], pa.array(["unreadable_file", UNIT_FAILED])))[
-            "reject_detail"].to_pylist()
+            "reject_detail"
+        ].to_pylist()
         if hash_col is None or len(hash_col) != table.num_rows:
             hash_col = pa.array([job.recipe_hash] * table.num_rows, pa.string())
         table = table.set_column(table.schema.get_field_index("recipe_hash"), "recipe_hash", hash_col)
@@ -176,10 +192,17 @@ def process_unit(unit: Unit, job: UnitJob) -> dict[str, Any]:
     with _storage(unit, job, sink):
         outputs = sink.close()
     record = {
-        "unit": unit.index, "uri": unit.uri, "source": unit.source, "recipe_hash": job.recipe_hash,
-        "counters": counters, "errors": errors, "started_at": started_at, "seconds": time.perf_counter() - t_start,
+        "unit": unit.index,
+        "uri": unit.uri,
+        "source": unit.source,
+        "recipe_hash": job.recipe_hash,
+        "counters": counters,
+        "errors": errors,
+        "started_at": started_at,
+        "seconds": time.perf_counter() - t_start,
         "write_seconds": write_s,
-        "worker": f"{os.uname().nodename}:{os.getpid()}", **outputs,
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+        **outputs,
     }
     with _storage(unit, job, sink):
         commit_done(job.root, record)
@@ -227,8 +250,10 @@ def _stops_cleanly(root: str) -> Iterator[None]:
 
 
 def _stopped(e: BaseException, root: str) -> cfs.StorageError:
-    out = cfs.StorageError(f"{_storage_failure(e)}\nThe run stopped. Units finished before the failure are kept in {root}; free space "
-                           "(or fix the store) and run the same command again: it resumes where it stopped.")
+    out = cfs.StorageError(
+        f"{_storage_failure(e)}\nThe run stopped. Units finished before the failure are kept in {root}; free space "
+        "(or fix the store) and run the same command again: it resumes where it stopped."
+    )
     out.partial = True
     return out
 
@@ -243,14 +268,18 @@ def split_at_cuts(stages: list[Stage]) -> tuple[list[Stage], dict[str, list[Stag
     cuts = [i for i, s in enumerate(stages) if isinstance(s, ScoreFilter) and s.cuts]
     if not cuts:
         return list(stages), {}
-    for s in stages[cuts[0] + 1:]:
+    for s in stages[cuts[0] + 1 :]:
         if isinstance(s, IndexedFilter) and s.index_columns:
-            raise ValueError(f"stage '{s.label}' indexes the whole corpus before filtering it, so it must come before "
-                             f"'{stages[cuts[0]].label}', whose cut runs after every row is scored: "
-                             f"move it up the stages list")
+            raise ValueError(
+                f"stage '{s.label}' indexes the whole corpus before filtering it, so it must come before "
+                f"'{stages[cuts[0]].label}', whose cut runs after every row is scored: "
+                f"move it up the stages list"
+            )
     bounds = cuts + [len(stages) - 1]
-    return (list(stages[:cuts[0] + 1]),
-            {stages[c].label: list(stages[c + 1:nxt + 1]) for c, nxt in zip(cuts, bounds[1:])})
+    return (
+        list(stages[: cuts[0] + 1]),
+        {stages[c].label: list(stages[c + 1 : nxt + 1]) for c, nxt in zip(cuts, bounds[1:])},
+    )
 
 
 def _tail(job: UnitJob, index_refs: list):
@@ -260,8 +289,10 @@ def _tail(job: UnitJob, index_refs: list):
 
     def run(table: pa.Table) -> tuple[pa.Table, dict]:
         counters = {s.label: _new_counter() for s in job.stages}
-        parts = [apply_stages(pa.Table.from_batches([b], table.schema), job.stages, counters)
-                 for b in table.to_batches(max_chunksize=job.batch_rows)]
+        parts = [
+            apply_stages(pa.Table.from_batches([b], table.schema), job.stages, counters)
+            for b in table.to_batches(max_chunksize=job.batch_rows)
+        ]
         out = pa.concat_tables([conform(p, schema) for p in parts]) if parts else schema.empty_table()
         return out, counters
 
@@ -374,8 +405,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                                  configure_logging=True)
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True
+    )
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -394,23 +426,37 @@ class RunResult:
     report: str | None
 
 
-def run_pipeline(recipe: PipelineRecipe, *, address: str | None = None, overwrite: bool = False,
-                 progress: bool = True) -> RunResult:
+def run_pipeline(
+    recipe: PipelineRecipe, *, address: str | None = None, overwrite: bool = False, progress: bool = True
+) -> RunResult:
     """Run a validated pipeline recipe as a Ray Data job and write its pool.
 
     Before anything is read, refuses (:class:`curation.io.outputs.OutputError`) an output that overlaps a
     source, or a folder this tool did not write; from when the pool is prepared until it is written, holds the
     output's lock, so a second run on it is refused naming this one."""
     root = recipe.output.path if cfs.is_uri(recipe.output.path) else os.path.abspath(recipe.output.path)
-    outputs.check_overlap(root, [(f"sources.{i}.{key}", p) for i, s in enumerate(recipe.sources)
-                                 for key in ("paths", "media_roots") for p in getattr(s, key)])
+    outputs.check_overlap(
+        root,
+        [
+            (f"sources.{i}.{key}", p)
+            for i, s in enumerate(recipe.sources)
+            for key in ("paths", "media_roots")
+            for p in getattr(s, key)
+        ],
+    )
     outputs.check_writable(root, "pool", overwrite)
     with contextlib.ExitStack() as held:
         return _run_pipeline(recipe, root, address, overwrite, progress, held)
 
 
-def _run_pipeline(recipe: PipelineRecipe, root: str, address: str | None, overwrite: bool, progress: bool,
-                  held: contextlib.ExitStack) -> RunResult:
+def _run_pipeline(
+    recipe: PipelineRecipe,
+    root: str,
+    address: str | None,
+    overwrite: bool,
+    progress: bool,
+    held: contextlib.ExitStack,
+) -> RunResult:
     """:func:`run_pipeline` once its output is checked; ``held`` keeps the output's lock until it returns."""
     for stage in recipe.stages:  # before any data is read: packages, weights, endpoints, GPUs
         stage.check_requirements()
@@ -441,41 +487,70 @@ def _run_pipeline(recipe: PipelineRecipe, root: str, address: str | None, overwr
             if done:
                 log.info("resuming: %d of %d units already done", len(done), len(units))
             index_refs = _build_indexes(recipe, head, units, root, workers, progress) if pending else []
-            job = UnitJob(head, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
-                          recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
-                          token=uuid.uuid4().hex, schema_stages=recipe.stages,
-                          video="both" if tails else video_payload_of(recipe), reject_media=recipe.output.reject_media)  # after a cut, the last cut writes it
+            job = UnitJob(
+                head,
+                root,
+                recipe.hash,
+                recipe.output.formats,
+                recipe.output.shard_rows,
+                recipe.output.shard_bytes,
+                recipe.output.write_rejects,
+                recipe.execution.batch_rows,
+                token=uuid.uuid4().hex,
+                schema_stages=recipe.stages,
+                video="both" if tails else video_payload_of(recipe),
+                reject_media=recipe.output.reject_media,
+            )  # after a cut, the last cut writes it
             if pending:
                 bar = progress_bar(len(pending), "units", progress)
                 rows = 0
                 # About four units per task: each task costs ~0.15 s to schedule on a busy 2-CPU node, a unit
                 # ~0.4 s of work; at least 8 tasks per worker keep the tail short.
                 tasks = min(len(pending), max(workers * 8, len(pending) // 4))
-                for batch in _map_units(pending, _process_batch, {"job": job, "index_refs": index_refs}, workers,
-                                        tasks, cpus_per_task, gpus_per_task):
+                for batch in _map_units(
+                    pending,
+                    _process_batch,
+                    {"job": job, "index_refs": index_refs},
+                    workers,
+                    tasks,
+                    cpus_per_task,
+                    gpus_per_task,
+                ):
                     for rec in batch["record"]:
                         rec = json.loads(rec)
                         done[rec["unit"]] = rec
                         rows += rec["counters"][INGEST]["rows_in"]
-                        bar.set_postfix_str(f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
+                        bar.set_postfix_str(
+                            f"{rows:,} rows, {rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s"
+                        )
                         bar.update(1)
                 bar.close()
             records = [done[u.index] for u in units]
-            replaced, extra_rejects, global_stats, tail_counters = _global_cuts(recipe, records, root, tails, units,
-                                                                                 progress)
+            replaced, extra_rejects, global_stats, tail_counters = _global_cuts(
+                recipe, records, root, tails, units, progress
+            )
             pool.sweep_temp()  # every task is done: what is left under a temp name was a killed worker's
             t_end = time.perf_counter()
     ray_stop_s = time.perf_counter() - t_end
     lineage = {s.label: s.lineage() for s in recipe.stages if s.lineage()}
     with _stops_cleanly(root):  # the manifest is one object, written last: a pool has all of it or none
         manifest = pool.write_manifest(recipe.resolved, records, replaced, extra_rejects, lineage)
-        stats = _stats(records, recipe.stages, root, t_end - t0, tail_counters, global_stats,
-                       rows_out=manifest["totals"]["rows"])
+        stats = _stats(
+            records,
+            recipe.stages,
+            root,
+            t_end - t0,
+            tail_counters,
+            global_stats,
+            rows_out=manifest["totals"]["rows"],
+        )
         stats["ray_start_s"], stats["ray_stop_s"] = round(t0 - t_start, 3), round(ray_stop_s, 3)
         pool.write_json("stats.json", stats)
     report = None
     if recipe.output.report and cfs.is_uri(root):
-        log.warning("report.html is written for local pools only; run `curation report` on a local copy of %s", root)
+        log.warning(
+            "report.html is written for local pools only; run `curation report` on a local copy of %s", root
+        )
     elif recipe.output.report:
         from curation.report import write_report
 
@@ -483,8 +558,14 @@ def _run_pipeline(recipe: PipelineRecipe, root: str, address: str | None, overwr
     return RunResult(root, manifest, stats, report)
 
 
-def _global_cuts(recipe: PipelineRecipe, records: list[dict], root: str, tails: dict[str, list[Stage]],
-                 units: list[Unit], progress: bool) -> tuple[dict[str, dict], list[dict], list[dict], list[dict]]:
+def _global_cuts(
+    recipe: PipelineRecipe,
+    records: list[dict],
+    root: str,
+    tails: dict[str, list[Stage]],
+    units: list[Unit],
+    progress: bool,
+) -> tuple[dict[str, dict], list[dict], list[dict], list[dict]]:
     """Pool-wide decisions, in stage order: for each score filter with ``keep_fraction``, keep the top fraction
     of all rows it scored (DataComp's "top 30%"), not per batch; for each :class:`GlobalFilter`, what its
     ``decide_global`` rejects (near-duplicate clusters).
@@ -513,31 +594,57 @@ def _global_cuts(recipe: PipelineRecipe, records: list[dict], root: str, tails: 
             with fs.open_input_stream(rec_path) as f:
                 rec = json.loads(f.read())
         else:
-            files = [f"{path}/{replaced.get(s['name'], s)['parquet']['path']}" for r in records for s in r["shards"]]
+            files = [
+                f"{path}/{replaced.get(s['name'], s)['parquet']['path']}"
+                for r in records
+                for s in r["shards"]
+            ]
             files += [f"{path}/{r['rejects']['path']}" for r in records if r.get("rejects")]
             files += [f"{path}/{r['path']}" for r in extra_rejects]
-            rec = (_decide_threshold(stage, files, fs, schema) if stage.keep_fraction is not None
-                   else _decide_global(stage, files, fs, schema))
+            rec = (
+                _decide_threshold(stage, files, fs, schema)
+                if stage.keep_fraction is not None
+                else _decide_global(stage, files, fs, schema)
+            )
             fs.create_dir(f"{path}/_work/global", recursive=True)
             _commit_bytes(fs, rec_path, json.dumps(rec).encode())
         cut, what, entry_stats = _cut_of(stage, rec)
         entries = [replaced.get(s["name"], s) for r in records for s in r["shards"]]
         original = {e["name"]: s["name"] for e, s in zip(entries, (s for r in records for s in r["shards"]))}
-        kwargs = {"root": root, "cut": cut, "schema": shard_schema, "reject_schema": schema,
-                  "formats": recipe.output.formats, "video": video_payload_of(recipe) if stage is stages[-1] else "both"}
+        kwargs = {
+            "root": root,
+            "cut": cut,
+            "schema": shard_schema,
+            "reject_schema": schema,
+            "formats": recipe.output.formats,
+            "video": video_payload_of(recipe) if stage is stages[-1] else "both",
+        }
         tail = tails.get(stage.label) or []
         cpus, gpus = task_resources(tail) if tail else (1.0, 0.0)
         workers = _workers(recipe, tail, cpus, gpus)
         tail_job = None
         if tail:
-            tail_job = UnitJob(tail, root, recipe.hash, recipe.output.formats, recipe.output.shard_rows,
-                               recipe.output.shard_bytes, recipe.output.write_rejects, recipe.execution.batch_rows,
-                               token=uuid.uuid4().hex, schema_stages=recipe.stages)
+            tail_job = UnitJob(
+                tail,
+                root,
+                recipe.hash,
+                recipe.output.formats,
+                recipe.output.shard_rows,
+                recipe.output.shard_bytes,
+                recipe.output.write_rejects,
+                recipe.execution.batch_rows,
+                token=uuid.uuid4().hex,
+                schema_stages=recipe.stages,
+            )
             kwargs["tail_job"] = tail_job
             kwargs["index_refs"] = _build_indexes(recipe, tail, units, root, workers, progress)
         moved: dict[str, int] = {}
-        bar = progress_bar(len(entries), "shards", progress,
-                           what + (f", then {', '.join(s.label for s in tail)}" if tail else ""))
+        bar = progress_bar(
+            len(entries),
+            "shards",
+            progress,
+            what + (f", then {', '.join(s.label for s in tail)}" if tail else ""),
+        )
         tasks = min(len(entries), workers * 4) or 1
         for batch in map_items(entries, _cut_batch, kwargs, workers, tasks, cpus, gpus):
             for r in batch["record"]:
@@ -553,9 +660,16 @@ def _global_cuts(recipe: PipelineRecipe, records: list[dict], root: str, tails: 
         bar.close()
         extra_rejects.sort(key=lambda r: r["path"])  # tasks finish in any order; the manifest does not
         kept_before = sum(e["rows"] for e in entries)
-        out_stats.append({"rows_in": kept_before, "rows_out": kept_before - sum(moved.values()),
-                          "drops": dict(sorted(moved.items(), key=lambda kv: -kv[1])), "seconds": 0.0,
-                          "histograms": {}, **entry_stats})
+        out_stats.append(
+            {
+                "rows_in": kept_before,
+                "rows_out": kept_before - sum(moved.values()),
+                "drops": dict(sorted(moved.items(), key=lambda kv: -kv[1])),
+                "seconds": 0.0,
+                "histograms": {},
+                **entry_stats,
+            }
+        )
     return replaced, extra_rejects, out_stats, tail_counters
 
 
@@ -566,8 +680,13 @@ def video_payload_of(recipe: PipelineRecipe) -> str:
     return "both" if any((s.video or {}).get("clip") for s in recipe.sources) else "frames"
 
 
-def scan_columns(fs: pafs.FileSystem, files: list[str], columns: list[str], schema: pa.Schema | None = None,
-                 batch_rows: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+def scan_columns(
+    fs: pafs.FileSystem,
+    files: list[str],
+    columns: list[str],
+    schema: pa.Schema | None = None,
+    batch_rows: int = 1 << 16,
+) -> Iterator[pa.RecordBatch]:
     """Batches of ``columns`` from each Parquet file in turn; a column a file lacks (an older pool, an earlier
     cut's rejects) is null, typed by ``schema``. One file's footer is held at a time: a pyarrow dataset over
     the whole pool keeps every file's, about 150 KB each, so 500 MB for a pool of a million rows."""
@@ -578,8 +697,14 @@ def scan_columns(fs: pafs.FileSystem, files: list[str], columns: list[str], sche
             for b in pf.iter_batches(columns=[c for c in columns if c in have], batch_size=batch_rows):
                 if any(c not in have for c in columns):
                     b = pa.RecordBatch.from_arrays(
-                        [b.column(c) if c in have else pa.nulls(b.num_rows, schema.field(c).type if schema else None)
-                         for c in columns], names=columns)
+                        [
+                            b.column(c)
+                            if c in have
+                            else pa.nulls(b.num_rows, schema.field(c).type if schema else None)
+                            for c in columns
+                        ],
+                        names=columns,
+                    )
                 yield b
 
 
@@ -591,7 +716,9 @@ def _decide_threshold(stage: ScoreFilter, files: list[str], fs, schema: pa.Schem
 
     col = stage.score_name
     # Only the scores are held (8 bytes a row), then the lineage of the rows tied at the cut, read again.
-    values = [b.column(0).drop_null().to_numpy(zero_copy_only=False) for b in scan_columns(fs, files, [col], schema)]
+    values = [
+        b.column(0).drop_null().to_numpy(zero_copy_only=False) for b in scan_columns(fs, files, [col], schema)
+    ]
     values = np.sort(np.concatenate(values) if values else np.empty(0))[::-1]
     k = math.ceil(stage.keep_fraction * len(values))
     threshold = float(values[k - 1]) if k else math.inf
@@ -599,10 +726,19 @@ def _decide_threshold(stage: ScoreFilter, files: list[str], fs, schema: pa.Schem
     # offset: unique per row, unlike ids, which exact duplicates share) up to exactly k.
     above = int((values > threshold).sum())
     lineage = ["source_uri", "source_offset", "clip_start", col]
-    tied = sorted(k for b in scan_columns(fs, files, lineage, schema)
-                  for k in lineage_keys(pa.Table.from_batches([b]).filter(pc.equal(b.column(3), threshold))))
-    return {"column": col, "keep_fraction": stage.keep_fraction, "scored": len(values), "threshold": threshold,
-            "keep": k, "tied_kept": tied[: k - above]}
+    tied = sorted(
+        k
+        for b in scan_columns(fs, files, lineage, schema)
+        for k in lineage_keys(pa.Table.from_batches([b]).filter(pc.equal(b.column(3), threshold)))
+    )
+    return {
+        "column": col,
+        "keep_fraction": stage.keep_fraction,
+        "scored": len(values),
+        "threshold": threshold,
+        "keep": k,
+        "tied_kept": tied[: k - above],
+    }
 
 
 def _decide_global(stage: GlobalFilter, files: list[str], fs, schema: pa.Schema) -> dict:
@@ -610,16 +746,30 @@ def _decide_global(stage: GlobalFilter, files: list[str], fs, schema: pa.Schema)
     col = stage.score_name
     columns = list(dict.fromkeys(["source_uri", "source_offset", "clip_start", col, *stage.global_columns]))
     # only the rows that reached the stage
-    parts = [pa.Table.from_batches([b.filter(pc.is_valid(b.column(col)))])
-             for b in scan_columns(fs, files, columns, schema)]
-    table = (pa.concat_tables(parts, promote_options="permissive") if parts
-             else pa.schema([schema.field(c) for c in columns]).empty_table())
+    parts = [
+        pa.Table.from_batches([b.filter(pc.is_valid(b.column(col)))])
+        for b in scan_columns(fs, files, columns, schema)
+    ]
+    table = (
+        pa.concat_tables(parts, promote_options="permissive")
+        if parts
+        else pa.schema([schema.field(c) for c in columns]).empty_table()
+    )
     t = time.perf_counter()
     rejected, facts = stage.decide_global(table)
-    log.info("%s: %d of %d scored rows rejected (%.1f s)", stage.label, len(rejected), table.num_rows,
-             time.perf_counter() - t)
-    return {"scored": table.num_rows, "rejected": {k: list(v) for k, v in sorted(rejected.items())}, "facts": facts,
-            "seconds": round(time.perf_counter() - t, 3)}
+    log.info(
+        "%s: %d of %d scored rows rejected (%.1f s)",
+        stage.label,
+        len(rejected),
+        table.num_rows,
+        time.perf_counter() - t,
+    )
+    return {
+        "scored": table.num_rows,
+        "rejected": {k: list(v) for k, v in sorted(rejected.items())},
+        "facts": facts,
+        "seconds": round(time.perf_counter() - t, 3),
+    }
 
 
 def _cut_of(stage: ScoreFilter, rec: dict):
@@ -628,21 +778,44 @@ def _cut_of(stage: ScoreFilter, rec: dict):
 
     if stage.keep_fraction is not None:
         col = rec["column"]
-        log.info("%s: keeping the top %.1f%% of %d scored rows: %s >= %.4f", stage.label,
-                 100 * rec["keep_fraction"], rec["scored"], col, rec["threshold"])
-        detail = (f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
-                  f"{rec['scored']:,} scored rows")
+        log.info(
+            "%s: keeping the top %.1f%% of %d scored rows: %s >= %.4f",
+            stage.label,
+            100 * rec["keep_fraction"],
+            rec["scored"],
+            col,
+            rec["threshold"],
+        )
+        detail = (
+            f"{col} below {rec['threshold']:.4f}, the cut for the top {100 * rec['keep_fraction']:g}% of "
+            f"{rec['scored']:,} scored rows"
+        )
         cut = ThresholdCut(stage.label, col, rec["threshold"], tuple(rec["tied_kept"]), detail)
-        return (cut, f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%",
-                {"name": f"{stage.label} (keep_fraction)", "threshold": rec["threshold"], "scored": rec["scored"]})
+        return (
+            cut,
+            f"{stage.label}: keep top {100 * rec['keep_fraction']:g}%",
+            {
+                "name": f"{stage.label} (keep_fraction)",
+                "threshold": rec["threshold"],
+                "scored": rec["scored"],
+            },
+        )
     cut = KeyCut(stage.label, {k: tuple(v) for k, v in rec["rejected"].items()})
-    return (cut, f"{stage.label}: {len(rec['rejected']):,} rows out",
-            {"name": f"{stage.label} (pool-wide)", "scored": rec["scored"], "seconds": rec.get("seconds", 0.0),
-             **rec.get("facts", {})})
+    return (
+        cut,
+        f"{stage.label}: {len(rec['rejected']):,} rows out",
+        {
+            "name": f"{stage.label} (pool-wide)",
+            "scored": rec["scored"],
+            "seconds": rec.get("seconds", 0.0),
+            **rec.get("facts", {}),
+        },
+    )
 
 
-def _cut_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, index_refs: list = (),
-               **kwargs) -> dict[str, np.ndarray]:
+def _cut_batch(
+    batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, index_refs: list = (), **kwargs
+) -> dict[str, np.ndarray]:
     from curation.io.pool import cut_shard
 
     tail = _tail(tail_job, list(index_refs)) if tail_job is not None else None
@@ -654,8 +827,9 @@ def _cut_batch(batch: dict[str, np.ndarray], tail_job: UnitJob | None = None, in
     return {"record": np.array(out, dtype=object)}
 
 
-def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit], root: str, workers: int,
-                   progress: bool) -> list:
+def _build_indexes(
+    recipe: PipelineRecipe, stages: list[Stage], units: list[Unit], root: str, workers: int, progress: bool
+) -> list:
     """Pre-pass for the index-then-query ``stages``: index columns of every unit (cached), one index per stage."""
     import ray
 
@@ -666,9 +840,11 @@ def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit
     columns = tuple(dict.fromkeys(c for s in indexed for c in s.index_columns))
     if not columns:  # every index comes from elsewhere (a benchmark registry): no corpus pre-pass
         return [ray.put(stage.build_index(None)) for stage in indexed]
-    cached = {int(i.base_name.split(".")[0]) for i in fs.get_file_info(
-        pafs.FileSelector(f"{path}/_work/index", allow_not_found=True))
-        if i.base_name.endswith(".parquet")}
+    cached = {
+        int(i.base_name.split(".")[0])
+        for i in fs.get_file_info(pafs.FileSelector(f"{path}/_work/index", allow_not_found=True))
+        if i.base_name.endswith(".parquet")
+    }
     todo = [u for u in units if u.index not in cached]
     counts: dict[int, int] = {}
     if todo:
@@ -714,8 +890,15 @@ def _build_indexes(recipe: PipelineRecipe, stages: list[Stage], units: list[Unit
     return [ray.put(built[i]) for i in range(len(indexed))]
 
 
-def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
-               num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
+def _map_units(
+    units: list[Unit],
+    fn,
+    fn_kwargs: dict,
+    workers: int,
+    tasks: int,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+) -> Iterator[dict]:
     """Both passes of a pipeline: ``fn`` over blocks of units (``batch["item"]`` holds them as JSON).
 
     Input is untrusted, and a reader can take its process down with it (a native decoder's abort, memory
@@ -733,8 +916,11 @@ def _map_units(units: list[Unit], fn, fn_kwargs: dict, workers: int, tasks: int,
     except Exception as e:  # noqa: BLE001 - sorted out here: storage stops the run, the rest is isolated
         if _storage_failure(e) is not None:
             raise
-        log.warning("a task failed after %d retries (%s); running its units one per task to find the one that "
-                    "fails", TASK_RETRIES, _failure(e))
+        log.warning(
+            "a task failed after %d retries (%s); running its units one per task to find the one that fails",
+            TASK_RETRIES,
+            _failure(e),
+        )
     yield from _isolated(units, fn, fn_kwargs, num_cpus, num_gpus)
 
 
@@ -755,8 +941,10 @@ def _isolated(units: list[Unit], fn, fn_kwargs: dict, num_cpus: float, num_gpus:
         except Exception as e:  # noqa: BLE001 - whatever killed it, this unit is given up on, not the run
             if _storage_failure(e) is not None or unit.failed:
                 raise
-            why = (f"reading this unit failed {TASK_RETRIES + 2} times ({_failure(e)}); its rows are left out. "
-                   f"Check the file with the tools of its format, or remove it from the source")
+            why = (
+                f"reading this unit failed {TASK_RETRIES + 2} times ({_failure(e)}); its rows are left out. "
+                f"Check the file with the tools of its format, or remove it from the source"
+            )
             log.error("unit %d (%s): %s", unit.index, unit.label, why)
             waiting[remote.remote(replace(unit, failed=why))] = unit
 
@@ -771,8 +959,10 @@ def _failure(e: BaseException) -> str:
 
 def task_resources(stages: list[Stage]) -> tuple[float, float]:
     """(CPUs, GPUs) one unit task asks for: the most any of its fused stages needs."""
-    return (max([s.resources.num_cpus for s in stages] or [1.0]),
-            max([s.resources.num_gpus for s in stages] or [0.0]))
+    return (
+        max([s.resources.num_cpus for s in stages] or [1.0]),
+        max([s.resources.num_gpus for s in stages] or [0.0]),
+    )
 
 
 def check_gpus(stages: list[Stage], cluster_gpus: float) -> None:
@@ -782,7 +972,8 @@ def check_gpus(stages: list[Stage], cluster_gpus: float) -> None:
             raise NotReady(
                 f"stage '{s.label}' asks for {s.resources.num_gpus:g} GPU(s) per worker but the Ray cluster has "
                 f"{cluster_gpus:g}; run on a GPU cluster (--address), or set stages.<i>.{s.name}.resources.num_gpus: 0 "
-                f"to run it on CPU")
+                f"to run it on CPU"
+            )
 
 
 def _workers(recipe: PipelineRecipe, stages: list[Stage], cpus_per_task: float, gpus_per_task: float) -> int:
@@ -807,15 +998,24 @@ def in_worker(fn):
     """``fn`` as it runs in a Ray worker: credentials masked in what the worker logs (:mod:`curation.secrets`;
     its logs go to files people share) before any of our code runs. Keeps ``fn``'s name, which names the task.
     (Ray's ``worker_process_setup_hook`` would do the same through a runtime env, at ~1.5 s a job.)"""
+
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         secrets.install()
         return fn(*args, **kwargs)
+
     return run
 
 
-def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, tasks: int,
-              num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[dict]:
+def map_items(
+    items: list[dict[str, Any]],
+    fn,
+    fn_kwargs: dict,
+    workers: int,
+    tasks: int,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+) -> Iterator[dict]:
     """The Ray Data plan of every workflow here: ``items`` split into ``tasks`` blocks of consecutive
     items, ``fn(batch, **fn_kwargs)`` over each block on at most ``workers`` concurrent tasks; yields
     ``fn``'s outputs (numpy batches) as they complete. ``batch["item"]`` holds the items as JSON strings.
@@ -827,11 +1027,20 @@ def map_items(items: list[dict[str, Any]], fn, fn_kwargs: dict, workers: int, ta
     # would otherwise become a float column with NaNs.
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=tasks)
     fn = in_worker(fn)
-    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_retries yet; the dict still works
+    with (
+        warnings.catch_warnings()
+    ):  # Ray 2.60 has no named parameter for max_retries yet; the dict still works
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, num_cpus=num_cpus, num_gpus=num_gpus or None,
-                            compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)), max_retries=TASK_RETRIES)
+        ds = ds.map_batches(
+            fn,
+            fn_kwargs=fn_kwargs,
+            batch_size=None,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+            compute=ray.data.TaskPoolStrategy(size=min(workers, tasks)),
+            max_retries=TASK_RETRIES,
+        )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 
 
@@ -856,12 +1065,26 @@ def progress_bar(total: int, unit: str, enabled: bool, desc: str | None = None):
 
     # In a terminal, redraw twice a second; in a log (ray job logs, CI) a line every 30 s is enough.
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                mininterval=interval)
+    return tqdm(
+        total=total,
+        unit=unit,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=interval,
+    )
 
 
-def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, tail_counters: list[dict] = (),
-           cuts: list[dict] = (), rows_out: int | None = None) -> dict[str, Any]:
+def _stats(
+    records: list[dict],
+    stages: list[Stage],
+    root: str,
+    elapsed: float,
+    tail_counters: list[dict] = (),
+    cuts: list[dict] = (),
+    rows_out: int | None = None,
+) -> dict[str, Any]:
     """Merge the counters of the units and of the stages after global cuts (``tail_counters``); the cuts'
     own entries (``cuts``) follow their stage; add score histograms read from the shards and rejects."""
     names = [INGEST] + [s.label for s in stages]
@@ -884,35 +1107,57 @@ def _stats(records: list[dict], stages: list[Stage], root: str, elapsed: float, 
     hist = _histograms(stages, root, rows=rows_in)
     if rows_out is None:
         rows_out = merged[names[-1]]["rows_out"]
-    entries = [{"name": n, **merged[n], "seconds": round(merged[n]["seconds"], 3),
-                "drops": dict(sorted(merged[n]["drops"].items(), key=lambda kv: -kv[1])),
-                "outcomes": dict(sorted(merged[n]["outcomes"].items(), key=lambda kv: -kv[1])),
-                "histograms": hist.get(n, {})} for n in names]
+    entries = [
+        {
+            "name": n,
+            **merged[n],
+            "seconds": round(merged[n]["seconds"], 3),
+            "drops": dict(sorted(merged[n]["drops"].items(), key=lambda kv: -kv[1])),
+            "outcomes": dict(sorted(merged[n]["outcomes"].items(), key=lambda kv: -kv[1])),
+            "histograms": hist.get(n, {}),
+        }
+        for n in names
+    ]
     for cut in cuts:  # right after the stage whose score it cuts
-        at = next(i for i, e in enumerate(entries)
-                  if e["name"] == cut["name"].removesuffix(" (keep_fraction)").removesuffix(" (pool-wide)"))
+        at = next(
+            i
+            for i, e in enumerate(entries)
+            if e["name"] == cut["name"].removesuffix(" (keep_fraction)").removesuffix(" (pool-wide)")
+        )
         entries.insert(at + 1, cut)
     return {
-        "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_in - rows_out,
-        "elapsed_s": round(elapsed, 3), "rows_per_s": round(rows_in / elapsed, 1) if elapsed else None,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_rejected": rows_in - rows_out,
+        "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(rows_in / elapsed, 1) if elapsed else None,
         "write_seconds": round(write_s, 3),
         "stages": entries,
     }
 
 
-def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 100_000,
-                rows: int | None = None) -> dict[str, dict]:
+def _histograms(
+    stages: list[Stage], root: str, bins: int = 30, sample: int = 100_000, rows: int | None = None
+) -> dict[str, dict]:
     """Score histograms over every row of the pool (shards and rejects), streamed: two passes over the score
     columns, a batch at a time, so the driver's memory does not grow with the pool. The first pass takes the
     range and an evenly strided sample of about ``sample`` of the pool's ``rows`` (the run's count; counted
     from the footers when not given), the same rows on every run, whose 0.5% and 99.5% quantiles bound the
     bins; the second counts every value into them."""
     fs, path = cfs.filesystem(root)
-    files = sorted(i.path for d in ("shards", "rejects") for i in fs.get_file_info(
-        pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
-        if i.path.endswith(".parquet"))
-    wanted = {s.label: [f.name for f in s.output_fields() if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
-              for s in stages if isinstance(s, ScoreFilter)}
+    files = sorted(
+        i.path
+        for d in ("shards", "rejects")
+        for i in fs.get_file_info(pafs.FileSelector(f"{path}/{d}", allow_not_found=True))
+        if i.path.endswith(".parquet")
+    )
+    wanted = {
+        s.label: [
+            f.name for f in s.output_fields() if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
+        ]
+        for s in stages
+        if isinstance(s, ScoreFilter)
+    }
     cols = sorted({c for v in wanted.values() for c in v})
     if not files or not cols:
         return {}
@@ -922,8 +1167,17 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
             with fs.open_input_file(name) as f:
                 rows += pq.read_metadata(f).num_rows
     stride = max(1, math.ceil(rows / sample))
-    schema = pa.schema(list({f.name: f for s in stages if isinstance(s, ScoreFilter)
-                             for f in s.output_fields() if f.name in cols}.values()))
+    schema = pa.schema(
+        list(
+            {
+                f.name: f
+                for s in stages
+                if isinstance(s, ScoreFilter)
+                for f in s.output_fields()
+                if f.name in cols
+            }.values()
+        )
+    )
 
     low = {c: math.inf for c in cols}
     high = {c: -math.inf for c in cols}
@@ -963,8 +1217,12 @@ def _histograms(stages: list[Stage], root: str, bins: int = 30, sample: int = 10
             if c in edges:
                 lo, hi = edges[c]
                 out.setdefault(label, {})[c] = {
-                    "edges": [round(float(e), 6) for e in np.linspace(lo, hi, bins + 1)], "counts": counts[c].tolist(),
-                    "min": low[c], "max": high[c], "outside_range": clipped[c]}
+                    "edges": [round(float(e), 6) for e in np.linspace(lo, hi, bins + 1)],
+                    "counts": counts[c].tolist(),
+                    "min": low[c],
+                    "max": high[c],
+                    "outside_range": clipped[c],
+                }
     return out
 
 
@@ -976,7 +1234,11 @@ def summary_table(stats: dict[str, Any]) -> str:
         reasons = ", ".join(f"{r}={k:,}" for r, k in s["drops"].items()) or "-"
         if s.get("outcomes"):
             reasons += "; kept: " + ", ".join(f"{v}={k:,}" for v, k in s["outcomes"].items())
-        lines.append(f"{s['name']:<22}{s['rows_in']:>10,}{s['rows_out']:>10,}{dropped:>9,}{s['seconds']:>8.1f}  {reasons}")
-    lines.append(f"{'total':<22}{stats['rows_in']:>10,}{stats['rows_out']:>10,}{stats['rows_rejected']:>9,}"
-                 f"{stats['elapsed_s']:>8.1f}  {stats['rows_per_s']:,} rows/s (wall clock, Ray start-up excluded)")
+        lines.append(
+            f"{s['name']:<22}{s['rows_in']:>10,}{s['rows_out']:>10,}{dropped:>9,}{s['seconds']:>8.1f}  {reasons}"
+        )
+    lines.append(
+        f"{'total':<22}{stats['rows_in']:>10,}{stats['rows_out']:>10,}{stats['rows_rejected']:>9,}"
+        f"{stats['elapsed_s']:>8.1f}  {stats['rows_per_s']:,} rows/s (wall clock, Ray start-up excluded)"
+    )
     return "\n".join(lines)

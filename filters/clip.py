@@ -137,15 +137,21 @@ class ClipScore(ScoreFilter):
 
         wants_gpu = self.resources.num_gpus > 0
         if self.device == "cuda" and not wants_gpu:
-            raise NotReady(f"stage '{self.label}': device: cuda needs resources.num_gpus > 0 (Ray gives a "
-                           f"worker a GPU only when the stage asks for one)")
+            raise NotReady(
+                f"stage '{self.label}': device: cuda needs resources.num_gpus > 0 (Ray gives a "
+                f"worker a GPU only when the stage asks for one)"
+            )
         if wants_gpu and torch.version.cuda is None and torch.version.hip is None:
-            raise NotReady(f"stage '{self.label}' asks for resources.num_gpus: {self.resources.num_gpus:g} but "
-                           f"torch {torch.__version__} is a CPU build and cannot use a GPU; install a CUDA build "
-                           f"of torch, or set resources.num_gpus: 0 to score on CPU")
+            raise NotReady(
+                f"stage '{self.label}' asks for resources.num_gpus: {self.resources.num_gpus:g} but "
+                f"torch {torch.__version__} is a CPU build and cannot use a GPU; install a CUDA build "
+                f"of torch, or set resources.num_gpus: 0 to score on CPU"
+            )
         if wants_gpu and not torch.cuda.is_available():
-            log.warning("stage %s: no GPU visible on the driver; the workers' GPUs are checked when Ray starts",
-                        self.label)
+            log.warning(
+                "stage %s: no GPU visible on the driver; the workers' GPUs are checked when Ray starts",
+                self.label,
+            )
         try:
             self._weights = resolve_clip(self.model, self.allow_download, self.cache_dir)
         except (FileNotFoundError, ValueError) as e:
@@ -166,16 +172,22 @@ class ClipScore(ScoreFilter):
         if device == "auto":
             device = "cuda" if self.resources.num_gpus > 0 else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise NotReady(f"stage '{self.label}': this worker has no usable GPU (torch {torch.__version__}, "
-                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise NotReady(
+                f"stage '{self.label}': this worker has no usable GPU (torch {torch.__version__}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         from curation.models.clip import resolve_clip
 
         # resolved again here: a tag's weights are in this node's cache, which is not the driver's
         weights = resolve_clip(self.model, self.allow_download, self.cache_dir)
         stat = os.stat(weights.checkpoint)  # a checkpoint rewritten in place is a new model
         self._clip = _shared_model(weights, device, self.precision, (stat.st_size, stat.st_mtime_ns))
-        threads = self.decode_threads if self.decode_threads is not None else max(1, round(self.resources.num_cpus))
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.label}-decode") if threads else None
+        threads = (
+            self.decode_threads if self.decode_threads is not None else max(1, round(self.resources.num_cpus))
+        )
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix=f"{self.label}-decode") if threads else None
+        )
         side = min(self._clip.image_size)
         self._draft = (side, side)
 
@@ -213,10 +225,15 @@ class ClipScore(ScoreFilter):
                 scores[i] = values[0]
             else:
                 parts[i] = values.tolist()
-                scores[i] = values.max() if cols["modality"][i] == "video" and self.video_reduce == "max" \
+                scores[i] = (
+                    values.max()
+                    if cols["modality"][i] == "video" and self.video_reduce == "max"
                     else values.mean()
-        return {self.score_name: pa.array(scores, mask=np.isnan(scores)),
-                self.parts_name: pa.array(parts, pa.list_(pa.float64()))}
+                )
+        return {
+            self.score_name: pa.array(scores, mask=np.isnan(scores)),
+            self.parts_name: pa.array(parts, pa.list_(pa.float64())),
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """As :class:`ScoreFilter`; with ``keep_fraction`` (decided later by the runner's global cut, which keeps
@@ -240,7 +257,9 @@ class ClipScore(ScoreFilter):
     def _unscorable(self) -> tuple[pa.Array, pa.Array]:
         """Reasons and details of the last scored batch's rows that have no score (null: scored)."""
         parts = [(e or "").partition(":") for e in self._errors]
-        return pa.array([p[0] or None for p in parts], pa.string()), pa.array([p[2] or None for p in parts], pa.string())
+        return pa.array([p[0] or None for p in parts], pa.string()), pa.array(
+            [p[2] or None for p in parts], pa.string()
+        )
 
     def _pairs(self, cols: dict[str, list], i: int) -> tuple[list[tuple[bytes, str]], str | None]:
         """The (image bytes, text) pairs of row ``i``, or none and the reason it cannot be scored."""
@@ -258,7 +277,11 @@ class ClipScore(ScoreFilter):
             return [], "no_caption:"
         if modality == "video":
             frames = [f for f in cols["frames"][i] or [] if f is not None]
-            return ([(f, cols["text"][i]) for f in frames], None) if frames else ([], "no_image:no sampled frames")
+            return (
+                ([(f, cols["text"][i]) for f in frames], None)
+                if frames
+                else ([], "no_image:no sampled frames")
+            )
         if cols["image"][i] is None:
             return [], "no_image:"
         return [(cols["image"][i], cols["text"][i])], None
@@ -281,18 +304,21 @@ class ClipScore(ScoreFilter):
 
         def submit(b: int) -> None:
             if self._pool is not None and b < len(starts):
-                pending[b] = [self._pool.submit(self._load, d) for d in images[starts[b]:starts[b] + bs]]
+                pending[b] = [self._pool.submit(self._load, d) for d in images[starts[b] : starts[b] + bs]]
 
         for b in range(PREFETCH):
             submit(b)
         unique = list(dict.fromkeys(texts))
-        text_emb = torch.cat([self._clip.encode_texts(unique[s:s + bs]) for s in range(0, len(unique), bs)])
+        text_emb = torch.cat([self._clip.encode_texts(unique[s : s + bs]) for s in range(0, len(unique), bs)])
         position = {t: j for j, t in enumerate(unique)}
         text_idx = torch.as_tensor([position[t] for t in texts])
         for b, start in enumerate(starts):
             submit(b + PREFETCH)
-            loaded = [f.result() for f in pending.pop(b)] if self._pool is not None \
-                else [self._load(d) for d in images[start:start + bs]]
+            loaded = (
+                [f.result() for f in pending.pop(b)]
+                if self._pool is not None
+                else [self._load(d) for d in images[start : start + bs]]
+            )
             ok = []
             for k, (pixels, err) in enumerate(loaded, start):
                 if err is None:
@@ -314,7 +340,9 @@ class ClipScore(ScoreFilter):
             w, h = img.size
             if w * h > Image.MAX_IMAGE_PIXELS:
                 return None, f"{w}x{h} is above Pillow's decompression-bomb limit"
-            img.draft(img.mode, self._draft)  # JPEG: decode at the smallest 1/2^k scale still >= the model's size
+            img.draft(
+                img.mode, self._draft
+            )  # JPEG: decode at the smallest 1/2^k scale still >= the model's size
             return self._clip.prepare(img), None
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
             return None, _ADDRESS.sub("", f"{type(e).__name__}: {e}")

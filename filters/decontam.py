@@ -65,8 +65,17 @@ class Decontaminate(IndexedFilter):
     """
 
     name: ClassVar[str] = "decontaminate"
-    reads: ClassVar[tuple[str, ...]] = ("text", "texts", "messages", "image", "images", "frames", "frame_ts", "video",
-                                        "video_bytes")
+    reads: ClassVar[tuple[str, ...]] = (
+        "text",
+        "texts",
+        "messages",
+        "image",
+        "images",
+        "frames",
+        "frame_ts",
+        "video",
+        "video_bytes",
+    )
     index_columns: ClassVar[tuple[str, ...]] = ()  # the index comes from the registry: no corpus pre-pass
 
     benchmarks: str = ""  # registry YAML
@@ -90,7 +99,9 @@ class Decontaminate(IndexedFilter):
     def build_index(self, rows: pa.Table | None):
         from curation.dedup.index import BenchmarkIndex
 
-        self.index = BenchmarkIndex.build(self.benchmarks, self.registry_set, self.match)  # the driver keeps it
+        self.index = BenchmarkIndex.build(
+            self.benchmarks, self.registry_set, self.match
+        )  # the driver keeps it
         return self.index
 
     def use_index(self, index: Any) -> None:
@@ -100,8 +111,11 @@ class Decontaminate(IndexedFilter):
         cols = {c: batch[c].to_pylist() for c in self.reads}
         n = batch.num_rows
         texts = [row_text(cols["text"][i], cols["texts"][i], cols["messages"][i]) for i in range(n)]
-        images = [([cols["image"][i]] if cols["image"][i] is not None else [])
-                  + [x for x in (cols["images"][i] or []) if x is not None] for i in range(n)]
+        images = [
+            ([cols["image"][i]] if cols["image"][i] is not None else [])
+            + [x for x in (cols["images"][i] or []) if x is not None]
+            for i in range(n)
+        ]
         frames = [cols["frames"][i] or [] for i in range(n)]
         ts = [cols["frame_ts"][i] or [] for i in range(n)]
         policy = refs.RefPolicy(tuple(refs.normalize_root(r) for r in self.media_roots), allow_absolute=True)

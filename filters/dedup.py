@@ -39,14 +39,21 @@ class ExactDedup(IndexedFilter):
             .group_by("id", maintain_order=True)
             .agg(pl.len().alias("copies"), pl.col("source_uri").first(), pl.col("source_offset").first())
             .filter(pl.col("copies") > 1)
-            .select("id", pl.col("copies").cast(pl.Float64),
-                    pl.concat_str([pl.col("source_uri"), pl.lit("#"), pl.col("source_offset").cast(pl.Utf8)]).alias("winner"))
+            .select(
+                "id",
+                pl.col("copies").cast(pl.Float64),
+                pl.concat_str(
+                    [pl.col("source_uri"), pl.lit("#"), pl.col("source_offset").cast(pl.Utf8)]
+                ).alias("winner"),
+            )
         )
         return {name: dups[name].to_arrow() for name in ("id", "copies", "winner")}
 
     def merge_index(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
-        return {name: pa.concat_arrays([pa.array([], typ)] + [pa.array(p[name]).cast(typ) for p in parts])
-                for name, typ in (("id", pa.string()), ("copies", pa.float64()), ("winner", pa.string()))}
+        return {
+            name: pa.concat_arrays([pa.array([], typ)] + [pa.array(p[name]).cast(typ) for p in parts])
+            for name, typ in (("id", pa.string()), ("copies", pa.float64()), ("winner", pa.string()))
+        }
 
     def use_index(self, index: dict[str, Any]) -> None:
         self._ids = pa.array(index["id"]).cast(pa.string())
@@ -59,8 +66,9 @@ class ExactDedup(IndexedFilter):
         return {self.score_name: pc.fill_null(pc.take(self._copies, pos), 1.0)}
 
     def decide(self, batch, scores):
-        here = pc.binary_join_element_wise(batch["source_uri"], pa.scalar("#"),
-                                           batch["source_offset"].cast(pa.string()), "")
+        here = pc.binary_join_element_wise(
+            batch["source_uri"], pa.scalar("#"), batch["source_offset"].cast(pa.string()), ""
+        )
         winner = pc.take(self._winner, self._pos)
         loser = pc.and_(pc.is_valid(winner), pc.not_equal(winner, here))
         detail = pc.binary_join_element_wise(pa.scalar("duplicate of "), winner, "")
@@ -116,8 +124,10 @@ class VideoNearDedup(GlobalFilter):
         return ("frame_ts", "clip_start", "clip_end", "meta", *self.hash_names)
 
     def output_fields(self) -> list[pa.Field]:
-        return [pa.field(self.score_name, pa.float64()),
-                *(pa.field(n, pa.list_(pa.uint64())) for n in self.hash_names)]
+        return [
+            pa.field(self.score_name, pa.float64()),
+            *(pa.field(n, pa.list_(pa.uint64())) for n in self.hash_names),
+        ]
 
     def score(self, batch):
         from curation.dedup.image import hash_batch
@@ -131,9 +141,11 @@ class VideoNearDedup(GlobalFilter):
             ph_out.append([int(p) if v else None for p, v in zip(ph[span], ok[span])])
             dh_out.append([int(d) if v else None for d, v in zip(dh[span], ok[span])])
             counts.append(float(ok[span].sum()))
-        return {self.score_name: pa.array(counts, pa.float64()),
-                self.hash_names[0]: pa.array(ph_out, pa.list_(pa.uint64())),
-                self.hash_names[1]: pa.array(dh_out, pa.list_(pa.uint64()))}
+        return {
+            self.score_name: pa.array(counts, pa.float64()),
+            self.hash_names[0]: pa.array(ph_out, pa.list_(pa.uint64())),
+            self.hash_names[1]: pa.array(dh_out, pa.list_(pa.uint64())),
+        }
 
     def decide_global(self, rows):
         import json
@@ -151,24 +163,37 @@ class VideoNearDedup(GlobalFilter):
             phs.append(np.array([ph[i] for i in ok], np.uint64))
             dhs.append(np.array([dh[i] for i in ok], np.uint64))
             tss.append(np.array([ts[i] for i in ok], np.float64))
-        pairs, facts = near_duplicate_pairs(phs, dhs, tss, radius=self.radius, dhash_radius=self.dhash_radius,
-                                            offset_tolerance=self.offset_tolerance, min_matches=self.min_matches,
-                                            min_score=self.min_score, max_bucket=self.max_bucket,
-                                            band_bits=self.band_bits)
+        pairs, facts = near_duplicate_pairs(
+            phs,
+            dhs,
+            tss,
+            radius=self.radius,
+            dhash_radius=self.dhash_radius,
+            offset_tolerance=self.offset_tolerance,
+            min_matches=self.min_matches,
+            min_score=self.min_score,
+            max_bucket=self.max_bucket,
+            band_bits=self.band_bits,
+        )
         root = clusters(len(keys), ((a, b) for a, b, _, _ in pairs))
         # what each video is worth keeping: longer, then larger, then earlier in input order
         starts, ends, metas = (rows[c].to_pylist() for c in ("clip_start", "clip_end", "meta"))
         length, pixels = [], []
         for s, e, m, ts in zip(starts, ends, metas, tss):
             meta = json.loads(m) if m else {}
-            length.append(e - s if s is not None and e is not None else
-                          meta.get("duration") or (float(ts[-1] - ts[0]) if len(ts) > 1 else 0.0))
+            length.append(
+                e - s
+                if s is not None and e is not None
+                else meta.get("duration") or (float(ts[-1] - ts[0]) if len(ts) > 1 else 0.0)
+            )
             pixels.append((meta.get("video_width") or 0) * (meta.get("video_height") or 0))
         order = sorted(range(len(keys)), key=lambda i: keys[i])
         position = {i: p for p, i in enumerate(order)}
-        rank = {"longest": lambda i: (-length[i], -pixels[i], position[i]),
-                "largest": lambda i: (-pixels[i], -length[i], position[i]),
-                "first": lambda i: (position[i],)}[self.keep]
+        rank = {
+            "longest": lambda i: (-length[i], -pixels[i], position[i]),
+            "largest": lambda i: (-pixels[i], -length[i], position[i]),
+            "first": lambda i: (position[i],),
+        }[self.keep]
         members: dict[int, list[int]] = {}
         for i, r in enumerate(root):
             members.setdefault(int(r), []).append(i)
@@ -187,9 +212,13 @@ class VideoNearDedup(GlobalFilter):
             for i in group:
                 if i != winner:
                     partner, score, off = link[i]
-                    rejected[keys[i]] = ("near_duplicate", (
-                        f"near duplicate of {keys[winner]} (kept: {self.keep}; a cluster of {len(group)} videos): "
-                        f"{score:.0%} of its frames match {keys[partner]} at {off:+.2f} s"))
+                    rejected[keys[i]] = (
+                        "near_duplicate",
+                        (
+                            f"near duplicate of {keys[winner]} (kept: {self.keep}; a cluster of {len(group)} videos): "
+                            f"{score:.0%} of its frames match {keys[partner]} at {off:+.2f} s"
+                        ),
+                    )
         facts.update(verified_pairs=len(pairs), clusters=len(sizes), largest_cluster=max(sizes, default=0))
         return rejected, facts
 

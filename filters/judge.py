@@ -50,8 +50,10 @@ from curation.stage import ScoreFilter, mark_rejected, register
 
 log = logging.getLogger(__name__)
 
-_ANSWER = ('Answer with only a JSON object, no other text: {"score": <integer from 1 to 5>, '
-           '"reason": "<one short sentence>"}')
+_ANSWER = (
+    'Answer with only a JSON object, no other text: {"score": <integer from 1 to 5>, '
+    '"reason": "<one short sentence>"}'
+)
 
 _RUBRIC = """Rate the sample from 1 to 5 for training a vision-language model:
 5 = accurate, specific and detailed; clearly useful to learn from
@@ -84,8 +86,10 @@ Caption: {{caption}}
 
 {_ANSWER}""",
 }
-REPAIR = ("Your answer could not be read ({error}). Reply again with only the JSON object, nothing else: "
-          '{{"score": <number from {lo:g} to {hi:g}>, "reason": "<one short sentence>"}}')
+REPAIR = (
+    "Your answer could not be read ({error}). Reply again with only the JSON object, nothing else: "
+    '{{"score": <number from {lo:g} to {hi:g}>, "reason": "<one short sentence>"}}'
+)
 PLACEHOLDERS = ("caption", "num_images", "timestamps")
 _PLACEHOLDER = re.compile(r"\{(%s)\}" % "|".join(PLACEHOLDERS))  # noqa: UP031 - braces are literal here
 MAX_RAW = 2000  # characters of an unparsed answer kept in the reject detail
@@ -122,8 +126,9 @@ def parse_judgement(text: str, lo: float = 1, hi: float = 5) -> tuple[float, str
             found = {"score": obj}
             break
     if found is None:
-        m = (re.search(r"\b(?:score|rating)\b\W{0,3}\s*(-?\d+(?:\.\d+)?)", text, re.IGNORECASE)
-             or re.fullmatch(r"\W*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?\W*", text))  # "4/5", "**4**."
+        m = re.search(
+            r"\b(?:score|rating)\b\W{0,3}\s*(-?\d+(?:\.\d+)?)", text, re.IGNORECASE
+        ) or re.fullmatch(r"\W*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+)?\W*", text)  # "4/5", "**4**."
         if m is None:
             raise ParseError("no score in the answer")
         r = re.search(r"\breason\b\W{0,3}\s*(.+)", text, re.IGNORECASE)
@@ -138,7 +143,9 @@ def parse_judgement(text: str, lo: float = 1, hi: float = 5) -> tuple[float, str
     if not lo <= score <= hi:  # also rejects NaN
         raise ParseError(f"score {score:g} is outside [{lo:g}, {hi:g}]")
     reason = found.get("reason")
-    return score, reason.strip() if isinstance(reason, str) else ("" if reason is None else json.dumps(reason))
+    return score, reason.strip() if isinstance(reason, str) else (
+        "" if reason is None else json.dumps(reason)
+    )
 
 
 def _json_objects(text: str):
@@ -169,8 +176,11 @@ class VLMJudge(ScoreFilter):
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text",)
     ranks: ClassVar[bool] = True  # higher is better: keep_fraction may cut at a pool-wide quantile
 
-    backend: BackendConfig = field(default_factory=lambda: BackendConfig(base_url="http://127.0.0.1:8000/v1",
-                                                                         model="Kwai-Keye/Keye-VL-8B-Preview"))
+    backend: BackendConfig = field(
+        default_factory=lambda: BackendConfig(
+            base_url="http://127.0.0.1:8000/v1", model="Kwai-Keye/Keye-VL-8B-Preview"
+        )
+    )
     prompt: str | None = None  # one template for every modality (default: a rubric per modality)
     min_score: float = 3.0
     score_range: list[float] = field(default_factory=lambda: [1.0, 5.0])  # a valid answer's score lies here
@@ -182,17 +192,23 @@ class VLMJudge(ScoreFilter):
 
     def __post_init__(self):
         if self.max_attempts < 1 or self.images_per_request < 1 or self.max_image_side < 0:
-            raise ValueError("max_attempts and images_per_request must be positive, max_image_side not negative")
+            raise ValueError(
+                "max_attempts and images_per_request must be positive, max_image_side not negative"
+            )
         if len(self.score_range) != 2 or self.score_range[0] >= self.score_range[1]:
             raise ValueError(f"score_range: expected [low, high] with low < high, got {self.score_range}")
         for modality in self._modalities():
             if self.prompt is None and modality not in DEFAULT_PROMPTS:
-                raise ValueError(f"modalities: no default prompt for {modality!r} (have {', '.join(DEFAULT_PROMPTS)}); "
-                                 f"give a prompt")
+                raise ValueError(
+                    f"modalities: no default prompt for {modality!r} (have {', '.join(DEFAULT_PROMPTS)}); "
+                    f"give a prompt"
+                )
         unknown = set(re.findall(r"\{([A-Za-z_]\w*)\}", self.prompt or "")) - set(PLACEHOLDERS)
         if unknown:
-            raise ValueError(f"prompt: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
-                             f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})")
+            raise ValueError(
+                f"prompt: unknown placeholder(s) {', '.join(f'{{{u}}}' for u in sorted(unknown))} "
+                f"(known: {', '.join(f'{{{p}}}' for p in PLACEHOLDERS)})"
+            )
         self.resources = engine_resources(self.backend, self.resources)
         self._backend = None
 
@@ -220,10 +236,13 @@ class VLMJudge(ScoreFilter):
     def lineage(self) -> dict[str, Any]:
         templates = {m: self._template(m) for m in sorted(self._modalities())}
         prompts = json.dumps({"templates": templates, "repair": REPAIR}, sort_keys=True)
-        return {**make_backend(self.backend).lineage(),
-                "prompt_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
-                "max_new_tokens": self.backend.max_new_tokens, "temperature": self.backend.temperature,
-                "score_range": list(self.score_range)}
+        return {
+            **make_backend(self.backend).lineage(),
+            "prompt_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
+            "max_new_tokens": self.backend.max_new_tokens,
+            "temperature": self.backend.temperature,
+            "score_range": list(self.score_range),
+        }
 
     def setup(self) -> None:
         if self._backend is None:
@@ -260,16 +279,25 @@ class VLMJudge(ScoreFilter):
             except ParseError as e:
                 self._reject[i], self._detail[i] = "judge_failure", (resp.text or "(empty answer)")[:MAX_RAW]
                 return _repaired(requests[i], resp, str(e), lo, hi) if may_retry else None
-            self._reject[i], self._detail[i] = (("score_below_min", reasons[i]) if scores[i] < self.min_score
-                                                else (None, None))
+            self._reject[i], self._detail[i] = (
+                ("score_below_min", reasons[i]) if scores[i] < self.min_score else (None, None)
+            )
             return None
 
         converse(self._backend, requests, self.max_attempts, answer)
         failed = sum(r == "judge_failure" for r in self._reject)
         if failed:
-            log.info("%s: %d of %d answers did not parse after %d attempt(s)", self.label, failed, n, self.max_attempts)
-        return {self.score_name: pa.array(scores, mask=np.isnan(scores)),
-                self.reason_name: pa.array(reasons, pa.string())}
+            log.info(
+                "%s: %d of %d answers did not parse after %d attempt(s)",
+                self.label,
+                failed,
+                n,
+                self.max_attempts,
+            )
+        return {
+            self.score_name: pa.array(scores, mask=np.isnan(scores)),
+            self.reason_name: pa.array(reasons, pa.string()),
+        }
 
     def decide(self, batch, scores):
         return pa.array(self._reject, pa.string()), pa.array(self._detail, pa.string())
@@ -285,7 +313,9 @@ class VLMJudge(ScoreFilter):
             return out
         reasons = [None if r == "score_below_min" else r for r in self._reject]
         details = [d if r else None for r, d in zip(reasons, self._detail)]
-        return mark_rejected(out, active, self.label, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
+        return mark_rejected(
+            out, active, self.label, pa.array(reasons, pa.string()), pa.array(details, pa.string())
+        )
 
     def _request(self, row: dict[str, Any]) -> Request | str:
         """The chat for one row, or a reject reason when there is nothing to look at."""
@@ -310,12 +340,20 @@ class VLMJudge(ScoreFilter):
             frames, ts = row["frames"] or [], row["frame_ts"] or []
             if not frames:
                 return "missing_frames"
-            pick = np.unique(np.linspace(0, len(frames) - 1, min(self.images_per_request, len(frames))).round().astype(int))
+            pick = np.unique(
+                np.linspace(0, len(frames) - 1, min(self.images_per_request, len(frames))).round().astype(int)
+            )
             parts = [image_part(frames[k], self.max_image_side) for k in pick]
-            fill.update(num_images=str(len(pick)),
-                        timestamps=", ".join(f"{ts[k]:.1f}" for k in pick) if len(ts) == len(frames) else "unknown")
+            fill.update(
+                num_images=str(len(pick)),
+                timestamps=", ".join(f"{ts[k]:.1f}" for k in pick) if len(ts) == len(frames) else "unknown",
+            )
         else:
-            images = [row["image"]] if row["image"] is not None else [x for x in row["images"] or [] if x is not None]
+            images = (
+                [row["image"]]
+                if row["image"] is not None
+                else [x for x in row["images"] or [] if x is not None]
+            )
             if not images:
                 return "missing_image"
             parts = [image_part(x, self.max_image_side) for x in images[: self.images_per_request]]
@@ -326,5 +364,10 @@ class VLMJudge(ScoreFilter):
 
 def _repaired(request: Request, answer: Response, error: str, lo: float, hi: float) -> Request:
     """The chat so far, the unreadable answer, and a request for the JSON alone."""
-    return Request([*request.messages, {"role": "assistant", "content": answer.text or ""},
-                    {"role": "user", "content": REPAIR.format(error=error, lo=lo, hi=hi)}])
+    return Request(
+        [
+            *request.messages,
+            {"role": "assistant", "content": answer.text or ""},
+            {"role": "user", "content": REPAIR.format(error=error, lo=lo, hi=hi)},
+        ]
+    )

@@ -104,7 +104,9 @@ class Ocr(ScoreFilter):
         if self.engine not in ENGINES:
             problems.append(f"engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.det_limit_type not in LIMIT_TYPES:
-            problems.append(f"det_limit_type: expected one of {', '.join(LIMIT_TYPES)}, got {self.det_limit_type!r}")
+            problems.append(
+                f"det_limit_type: expected one of {', '.join(LIMIT_TYPES)}, got {self.det_limit_type!r}"
+            )
         if self.min_side < 1 or self.det_limit_side_len < 32:
             problems.append("min_side must be positive and det_limit_side_len at least 32")
         for key in ("min_line_confidence", "retry_below"):
@@ -140,8 +142,12 @@ class Ocr(ScoreFilter):
         return self.status_name
 
     def output_fields(self) -> list[pa.Field]:
-        return [pa.field(self.score_name, pa.float64()), pa.field(self.lines_name, pa.string()),
-                pa.field(self.confidence_name, pa.float64()), pa.field(self.status_name, pa.string())]
+        return [
+            pa.field(self.score_name, pa.float64()),
+            pa.field(self.lines_name, pa.string()),
+            pa.field(self.confidence_name, pa.float64()),
+            pa.field(self.status_name, pa.string()),
+        ]
 
     # ------------------------------------------------------------ driver: before any data is read
 
@@ -173,9 +179,14 @@ class Ocr(ScoreFilter):
     def setup(self) -> None:
         from curation.models.ocr import OcrOptions, load_ocr
 
-        opts = OcrOptions(threads=max(1, round(self.resources.num_cpus)), angle=self.angle,
-                          det_limit_side_len=self.det_limit_side_len, det_limit_type=self.det_limit_type,
-                          min_line_confidence=self.min_line_confidence, retry_below=self.retry_below)
+        opts = OcrOptions(
+            threads=max(1, round(self.resources.num_cpus)),
+            angle=self.angle,
+            det_limit_side_len=self.det_limit_side_len,
+            det_limit_type=self.det_limit_type,
+            min_line_confidence=self.min_line_confidence,
+            retry_below=self.retry_below,
+        )
         self._engine = load_ocr(self._resolve(), opts)
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
@@ -216,7 +227,9 @@ class Ocr(ScoreFilter):
             self.status_name: pa.array(status, pa.string()),
         }
 
-    def _read(self, images: list[tuple[int | None, bytes]], once: bool = False) -> tuple[str | None, dict[str, Any]]:
+    def _read(
+        self, images: list[tuple[int | None, bytes]], once: bool = False
+    ) -> tuple[str | None, dict[str, Any]]:
         """One row's images (position in the document or None, bytes), read one at a time (a batch of large
         images is never decoded at once): ("reason:detail", {}) or (None, the row's annotation). ``once``: a
         line already read from an earlier image is not repeated in the text (video frames)."""
@@ -246,20 +259,30 @@ class Ocr(ScoreFilter):
                 parts.append("\n".join(lines))
             for ln in (x for row in rows for x in row):
                 found.append(ln)
-                entry = {"box": [[round(x, 1), round(y, 1)] for x, y in ln.box], "text": ln.text,
-                         "confidence": round(ln.confidence, 4)}
+                entry = {
+                    "box": [[round(x, 1), round(y, 1)] for x, y in ln.box],
+                    "text": ln.text,
+                    "confidence": round(ln.confidence, 4),
+                }
                 entries.append(entry if j is None else {**entry, "image": j})
         if not px:
             return None, {"status": "too_small" if small else "no_image"}
         row = {"ratio": text_px / px, "lines": json.dumps(entries, ensure_ascii=False)}
         if not found:
             return None, {**row, "text": "", "status": "no_text"}
-        return None, {**row, "text": "\n\n".join(parts), "confidence": mean_confidence(found), "status": "text"}
+        return None, {
+            **row,
+            "text": "\n\n".join(parts),
+            "confidence": mean_confidence(found),
+            "status": "text",
+        }
 
     def decide(self, batch, scores):
         parts = [e.split(":", 1) if e else (None, None) for e in self._errors]
-        return (pa.array([p[0] for p in parts], pa.string()),
-                pa.array([p[1] or None for p in parts], pa.string()))
+        return (
+            pa.array([p[0] for p in parts], pa.string()),
+            pa.array([p[1] or None for p in parts], pa.string()),
+        )
 
 
 def _decode(data: bytes) -> tuple[np.ndarray | None, str | None]:
@@ -348,7 +371,11 @@ class TextRich(ScoreFilter):
     """
 
     name: ClassVar[str] = "text_rich"
-    reads: ClassVar[tuple[str, ...]] = ("score_ocr", "ocr_confidence", "ocr_status")  # of the stage named by ocr:
+    reads: ClassVar[tuple[str, ...]] = (
+        "score_ocr",
+        "ocr_confidence",
+        "ocr_status",
+    )  # of the stage named by ocr:
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "interleaved")
     ranks: ClassVar[bool] = True  # more text is richer: keep_fraction keeps the most text-rich share
 
@@ -360,8 +387,10 @@ class TextRich(ScoreFilter):
 
     def __post_init__(self):
         if not 0.0 <= self.min_text_area <= self.max_text_area <= 1.0:
-            raise ValueError(f"min_text_area and max_text_area: expected 0 <= min <= max <= 1, got "
-                             f"{self.min_text_area} and {self.max_text_area}")
+            raise ValueError(
+                f"min_text_area and max_text_area: expected 0 <= min <= max <= 1, got "
+                f"{self.min_text_area} and {self.max_text_area}"
+            )
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence: expected 0..1, got {self.min_confidence}")
 
@@ -380,9 +409,11 @@ class TextRich(ScoreFilter):
         names = (f"score_{self.ocr}", f"{self.ocr}_confidence", f"{self.ocr}_status")
         missing = [c for c in names if c not in batch.column_names]
         if missing:
-            raise ValueError(f"stage '{self.label}' needs the columns of an '{self.ocr}' stage earlier in the "
-                             f"pipeline (missing: {', '.join(missing)}); add - ocr: {{}} before it, or set ocr: "
-                             f"to that stage's instance name")
+            raise ValueError(
+                f"stage '{self.label}' needs the columns of an '{self.ocr}' stage earlier in the "
+                f"pipeline (missing: {', '.join(missing)}); add - ocr: {{}} before it, or set ocr: "
+                f"to that stage's instance name"
+            )
         return tuple(batch[c] for c in names)
 
     def score(self, batch):

@@ -73,12 +73,19 @@ def questions(lines: list[dict], tasks: list[str], seed: int) -> list[tuple[str,
             n = len(lines)
             out.append(("How many lines of text are in the image?", f"{n} line{'s' if n != 1 else ''}."))
         elif task == "locate_word":
-            words = [(m.start(), m.end(), m.group(0), line) for line in lines for m in _WORD.finditer(line["text"])]
+            words = [
+                (m.start(), m.end(), m.group(0), line) for line in lines for m in _WORD.finditer(line["text"])
+            ]
             if words:
                 start, end, word, line = words[(seed >> 8) % len(words)]
                 box = word_box(line["box"], line["text"], start, end)
-                out.append((f'Where is the word "{word}" in the image? Answer with its bounding box '
-                            f"[x0, y0, x1, y1] in pixels.", str(box)))
+                out.append(
+                    (
+                        f'Where is the word "{word}" in the image? Answer with its bounding box '
+                        f"[x0, y0, x1, y1] in pixels.",
+                        str(box),
+                    )
+                )
         elif task == "read_all":
             out.append(("Read all the text in the image, line by line.", "\n".join(x["text"] for x in lines)))
     return out
@@ -107,15 +114,19 @@ class OcrQA(Stage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         column = f"{self.ocr}_lines"
         if column not in batch.column_names:
-            raise ValueError(f"ocr_qa needs the '{column}' column: put an '{self.ocr}' stage before it "
-                             f"(or set ocr: to its instance name)")
+            raise ValueError(
+                f"ocr_qa needs the '{column}' column: put an '{self.ocr}' stage before it "
+                f"(or set ocr: to its instance name)"
+            )
         mask = self.applies(batch)
         idx = pc.indices_nonzero(mask).to_pylist()
         if not idx:
             return batch
         rows = batch.take(pa.array(idx, pa.int64())).to_pylist()
-        cols = {c: batch.column(c).to_pylist() for c in ("id", "modality", "messages", "mode", "images", "image",
-                                                          "text", "meta")}
+        cols = {
+            c: batch.column(c).to_pylist()
+            for c in ("id", "modality", "messages", "mode", "images", "image", "text", "meta")
+        }
         rejected, reasons, details = [], [], []
         for i, row in zip(idx, rows):
             problem, result = self._convert(row, column)
@@ -127,10 +138,17 @@ class OcrQA(Stage):
             for k, v in result.items():
                 cols[k][i] = v
         for k, values in cols.items():
-            batch = batch.set_column(batch.schema.get_field_index(k), k, pa.array(values, batch.schema.field(k).type))
+            batch = batch.set_column(
+                batch.schema.get_field_index(k), k, pa.array(values, batch.schema.field(k).type)
+            )
         if rejected:
-            batch = mark_rejected(batch, pa.array(rejected, pa.int64()), self.label, pa.array(reasons, pa.string()),
-                                  pa.array(details, pa.string()))
+            batch = mark_rejected(
+                batch,
+                pa.array(rejected, pa.int64()),
+                self.label,
+                pa.array(reasons, pa.string()),
+                pa.array(details, pa.string()),
+            )
         return batch
 
     def _convert(self, row: dict[str, Any], column: str) -> tuple[tuple[str, str] | None, dict[str, Any]]:
@@ -140,9 +158,15 @@ class OcrQA(Stage):
             raw = json.loads(row.get(column) or "[]")
         except ValueError as e:
             return ("bad_ocr_lines", f"{column} is not JSON: {e}"), {}
-        lines = [{"text": str(x["text"]).strip(), "box": _box(x["box"])} for x in raw
-                 if isinstance(x, dict) and x.get("text") and x.get("box")
-                 and float(x.get("confidence", 0)) >= self.min_confidence and str(x["text"]).strip()]
+        lines = [
+            {"text": str(x["text"]).strip(), "box": _box(x["box"])}
+            for x in raw
+            if isinstance(x, dict)
+            and x.get("text")
+            and x.get("box")
+            and float(x.get("confidence", 0)) >= self.min_confidence
+            and str(x["text"]).strip()
+        ]
         if not lines:
             return ("no_confident_text", f"no line read with confidence >= {self.min_confidence}"), {}
         lines = lines[: self.max_lines]
@@ -158,6 +182,13 @@ class OcrQA(Stage):
         meta["ocr_qa_from"] = row["id"]
         if row.get("text"):
             meta["caption"] = row["text"]
-        return None, {"id": row_id("sft", text, [row["image"]]), "modality": "sft", "messages": text,
-                      "mode": "non_thinking", "images": [row["image"]], "image": None, "text": None,
-                      "meta": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
+        return None, {
+            "id": row_id("sft", text, [row["image"]]),
+            "modality": "sft",
+            "messages": text,
+            "mode": "non_thinking",
+            "images": [row["image"]],
+            "image": None,
+            "text": None,
+            "meta": json.dumps(meta, sort_keys=True, ensure_ascii=False),
+        }

@@ -57,15 +57,22 @@ class SftValidate(ScoreFilter):
         n_frames = pc.fill_null(pc.list_value_length(batch["frames"]), 0).to_pylist()
         self._verdicts = [
             check_row(m, mode, ni, nf, ngram=self.ngram, min_bytes=self.min_bytes)
-            for m, mode, ni, nf in zip(batch["messages"].to_pylist(), batch["mode"].to_pylist(), n_images, n_frames)
+            for m, mode, ni, nf in zip(
+                batch["messages"].to_pylist(), batch["mode"].to_pylist(), n_images, n_frames
+            )
         ]
         return {self.score_name: pa.array([v.repeat for v in self._verdicts], pa.float64())}
 
     def decide(self, batch, scores):
         reasons, details = [], []
         for v in self._verdicts:
-            found = (v.reason, v.detail) if v.reason else degenerate(
-                v, ngram=self.ngram, max_repeat=self.max_repeat, min_compression=self.min_compression)
+            found = (
+                (v.reason, v.detail)
+                if v.reason
+                else degenerate(
+                    v, ngram=self.ngram, max_repeat=self.max_repeat, min_compression=self.min_compression
+                )
+            )
             reasons.append(found[0] if found else None)
             details.append(found[1] if found else None)
         return pa.array(reasons, pa.string()), pa.array(details, pa.string())

@@ -54,7 +54,9 @@ class CaptionLength(ScoreFilter):
 
     def decide(self, batch, scores):
         s = scores[self.score_name]
-        return first_reason(reason_where(pc.less(s, self.min), "too_short"), reason_where(pc.greater(s, self.max), "too_long"))
+        return first_reason(
+            reason_where(pc.less(s, self.min), "too_short"), reason_where(pc.greater(s, self.max), "too_long")
+        )
 
 
 @register
@@ -76,7 +78,7 @@ class CaptionRepetition(ScoreFilter):
         out = np.zeros(batch.num_rows)
         for i, t in enumerate(_texts(batch)):
             words = t.lower().split()
-            grams = [tuple(words[j:j + self.n]) for j in range(len(words) - self.n + 1)]
+            grams = [tuple(words[j : j + self.n]) for j in range(len(words) - self.n + 1)]
             if grams:
                 counts = Counter(grams)
                 out[i] = sum(c for c in counts.values() if c > 1) / len(grams)
@@ -88,12 +90,18 @@ class CaptionRepetition(ScoreFilter):
 
 DEFAULT_BOILERPLATE = [
     # calls to action and shop text
-    r"\bclick here\b", r"\b(free )?download (now|here)\b", r"\bbuy now\b", r"\bsubscribe\b",
+    r"\bclick here\b",
+    r"\b(free )?download (now|here)\b",
+    r"\bbuy now\b",
+    r"\bsubscribe\b",
     r"\bview (full|larger) (size|image|version)\b",
     # stock-site and copyright notices
-    r"\bstock (photo|image|picture)s?\b", r"\ball rights reserved\b", r"\bsubject to copyright\b",
+    r"\bstock (photo|image|picture)s?\b",
+    r"\ball rights reserved\b",
+    r"\bsubject to copyright\b",
     # placeholders: missing images, empty alt texts, camera file names
-    r"\bimage (not found|not available|unavailable)\b", r"\bno description( available)?\b",
+    r"\bimage (not found|not available|unavailable)\b",
+    r"\bno description( available)?\b",
     r"^\s*(untitled|image|photo|picture|thumbnail|placeholder|loading)( image| photo)?[.\s]*$",
     r"^\s*(img|dsc|dscn|pxl|photo)[_-]?\d+(\.(jpe?g|png|gif|webp|heic))?\s*$",
 ]
@@ -170,7 +178,9 @@ class CaptionLanguage(ScoreFilter):
 
     def decide(self, batch, scores):
         lang = scores["lang"]
-        allowed = pc.is_in(lang, pa.array(self.languages, pa.string())) if self.languages else pc.is_valid(lang)
+        allowed = (
+            pc.is_in(lang, pa.array(self.languages, pa.string())) if self.languages else pc.is_valid(lang)
+        )
         return first_reason(
             reason_where(pc.invert(pc.fill_null(allowed, False)), "language_not_allowed"),
             reason_where(pc.less(scores[self.score_name], self.min_score), "low_language_confidence"),

@@ -30,8 +30,10 @@ def thumbnails(frames: list[bytes] | None) -> tuple[list[np.ndarray], list[int]]
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.draft("L", (THUMB, THUMB))
-                out.append(np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR),
-                                      np.float32) / 255.0)
+                out.append(
+                    np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR), np.float32)
+                    / 255.0
+                )
         except (OSError, ValueError, Image.DecompressionBombError):
             bad.append(j)
     return out, bad
@@ -67,16 +69,23 @@ class VideoBounds(ScoreFilter):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: expected a non-negative number or null, got {value}")
-        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
-            raise ValueError(f"min_duration ({self.min_duration}) is above max_duration ({self.max_duration})")
+        if (
+            self.min_duration is not None
+            and self.max_duration is not None
+            and self.min_duration > self.max_duration
+        ):
+            raise ValueError(
+                f"min_duration ({self.min_duration}) is above max_duration ({self.max_duration})"
+            )
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
         metas = [_meta(m) for m in batch["meta"].to_pylist()]
         nan = float("nan")
         self._facts = {
             "duration": np.array([m.get("duration") or nan for m in metas], np.float64),
-            "side": np.array([min(m.get("video_width") or 0, m.get("video_height") or 0) or nan for m in metas],
-                             np.float64),
+            "side": np.array(
+                [min(m.get("video_width") or 0, m.get("video_height") or 0) or nan for m in metas], np.float64
+            ),
             "fps": np.array([m.get("fps") or nan for m in metas], np.float64),
             "known": np.array([bool(m.get("duration") or m.get("video_width")) for m in metas]),
         }
@@ -140,8 +149,10 @@ class VideoMotion(ScoreFilter):
     def decide(self, batch, scores):
         m = scores[self.score_name].to_numpy(zero_copy_only=False)
         few = np.isnan(m)
-        checks = [reason_where(pa.array(few), "too_few_frames"),
-                  reason_where(pa.array(~few & (m < self.min_motion)), "static")]
+        checks = [
+            reason_where(pa.array(few), "too_few_frames"),
+            reason_where(pa.array(~few & (m < self.min_motion)), "static"),
+        ]
         if self.max_motion is not None:
             checks.append(reason_where(pa.array(~few & (m > self.max_motion)), "too_much_motion"))
         detail = [None if np.isnan(x) else f"motion {x:.4f} (min {self.min_motion:g})" for x in m]
@@ -191,13 +202,16 @@ class VideoBlank(ScoreFilter):
             share[i] = len(blank) / len(f)
             ts = stamps[i] or []
             blank_ts[i] = sorted(ts[j] for j in blank if j < len(ts))
-        return {self.score_name: pa.array(share, mask=np.isnan(share)),
-                self.frames_name: pa.array(blank_ts, pa.list_(pa.float64()))}
+        return {
+            self.score_name: pa.array(share, mask=np.isnan(share)),
+            self.frames_name: pa.array(blank_ts, pa.list_(pa.float64())),
+        }
 
     def decide(self, batch, scores):
         s = scores[self.score_name].to_numpy(zero_copy_only=False)
         none = np.isnan(s)
         detail = [None if np.isnan(x) else f"{x:.0%} of the sampled frames are blank" for x in s]
-        return first_reason(reason_where(pa.array(none), "no_frames"),
-                            reason_where(pa.array(~none & (s > self.max_blank_fraction)), "mostly_blank")
-                            ), pa.array(detail, pa.string())
+        return first_reason(
+            reason_where(pa.array(none), "no_frames"),
+            reason_where(pa.array(~none & (s > self.max_blank_fraction)), "mostly_blank"),
+        ), pa.array(detail, pa.string())

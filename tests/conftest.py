@@ -19,8 +19,13 @@ def ray_local():
     """A local Ray for the whole session (each start costs seconds): 2 CPUs, a small object store."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=300 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -55,15 +60,35 @@ def tiny_corpus(tmp_path: Path) -> Path:
     good = jpeg(96, 80, "red", "circle")
     samples = [
         {"__key__": "000", "jpg": good, "txt": b"A red circle on a white background."},
-        {"__key__": "001", "jpg": jpeg(96, 80, "blue", "square"), "txt": b"A blue square on a white background."},
-        {"__key__": "002", "jpg": good, "txt": b"A red circle on a white background."},  # exact duplicate of 000
+        {
+            "__key__": "001",
+            "jpg": jpeg(96, 80, "blue", "square"),
+            "txt": b"A blue square on a white background.",
+        },
+        {
+            "__key__": "002",
+            "jpg": good,
+            "txt": b"A red circle on a white background.",
+        },  # exact duplicate of 000
         {"__key__": "003", "jpg": b"not an image at all", "txt": b"A green circle in the middle."},  # corrupt
-        {"__key__": "004", "jpg": jpeg(96, 80, "green")[:300], "txt": b"A green circle in the middle."},  # truncated
+        {
+            "__key__": "004",
+            "jpg": jpeg(96, 80, "green")[:300],
+            "txt": b"A green circle in the middle.",
+        },  # truncated
         {"__key__": "005", "jpg": jpeg(20, 16), "txt": b"A tiny red circle on white."},  # too small
         {"__key__": "006", "jpg": jpeg(400, 50), "txt": b"A long thin banner with a red circle."},  # aspect
         {"__key__": "007", "jpg": jpeg(96, 80, "blue"), "txt": "Un cercle bleu sur un fond blanc.".encode()},
-        {"__key__": "008", "jpg": jpeg(96, 80, "pink"), "txt": "A pink circle caf\xe9 sign.".encode("latin-1")},
-        {"__key__": "009", "jpg": jpeg(96, 80, "black"), "txt": b"best price best price best price best price"},
+        {
+            "__key__": "008",
+            "jpg": jpeg(96, 80, "pink"),
+            "txt": "A pink circle caf\xe9 sign.".encode("latin-1"),
+        },
+        {
+            "__key__": "009",
+            "jpg": jpeg(96, 80, "black"),
+            "txt": b"best price best price best price best price",
+        },
         {"__key__": "010", "jpg": jpeg(96, 80, "grey"), "txt": b"  "},
         {"__key__": "011", "jpg": jpeg(96, 80, "purple"), "txt": b"Click here to download this stock photo"},
         {"__key__": "012", "txt": b"A caption whose image member is missing."},
@@ -74,7 +99,9 @@ def tiny_corpus(tmp_path: Path) -> Path:
     lines = [
         json.dumps({"caption": "An orange circle on a white background.", "image": "images/a.jpg"}).encode(),
         b'{"caption": "truncated json',
-        json.dumps({"caption": "A picture that is not there at all.", "image": "images/missing.jpg"}).encode(),
+        json.dumps(
+            {"caption": "A picture that is not there at all.", "image": "images/missing.jpg"}
+        ).encode(),
     ]
     (root / "jsonl" / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (root / "text").mkdir()
@@ -137,13 +164,27 @@ def train_mixtures(tmp_path_factory, ray_local) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("train")
     write_sample_corpus(tmp / "corpus", rows=300, seed=5, progress=False, workers=2)
     for name in ("demo", "coldstart"):
-        run_pipeline(load_pipeline(root / "pipelines" / f"{name}.yaml",
-                                   [f"vars.corpus={tmp / 'corpus'}", f"vars.out={tmp / 'pools' / name}"]),
-                     progress=False)
-    sets = [f"vars.pools={tmp / 'pools'}", f"vars.out={tmp / 'mix'}", f"vars.tokenizer={packaged_tokenizer_json()}",
-            "output.shard_rows=60"]
-    for recipe, extra in (("stage0_vision", ["vars.budget=auto"]), ("stage2_multitask", ["vars.budget=auto"]),
-                          ("stage3_anneal", ["vars.budget=auto"]), ("coldstart", [])):
+        run_pipeline(
+            load_pipeline(
+                root / "pipelines" / f"{name}.yaml",
+                [f"vars.corpus={tmp / 'corpus'}", f"vars.out={tmp / 'pools' / name}"],
+            ),
+            progress=False,
+        )
+    sets = [
+        f"vars.pools={tmp / 'pools'}",
+        f"vars.out={tmp / 'mix'}",
+        f"vars.tokenizer={packaged_tokenizer_json()}",
+        "output.shard_rows=60",
+    ]
+    for recipe, extra in (
+        ("stage0_vision", ["vars.budget=auto"]),
+        ("stage2_multitask", ["vars.budget=auto"]),
+        ("stage3_anneal", ["vars.budget=auto"]),
+        ("coldstart", []),
+    ):
         build_mixtures(load_mix_recipe(root / "mixtures" / f"{recipe}.yaml", sets + extra), progress=False)
-    return {name: tmp / "mix" / name for name in ("stage0", "stage2", "anneal_text_heavy", "anneal_vision_heavy",
-                                                  "coldstart")}
+    return {
+        name: tmp / "mix" / name
+        for name in ("stage0", "stage2", "anneal_text_heavy", "anneal_vision_heavy", "coldstart")
+    }

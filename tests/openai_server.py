@@ -60,8 +60,14 @@ def _process(args: list[str], url: str, timeout: float, env: dict | None = None)
     work = Path(tempfile.mkdtemp(prefix="oai-"))
     log = work / "server.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, cwd=work)
+        proc = subprocess.Popen(
+            args,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=work,
+        )
     try:
         _wait(url, proc, timeout, log)
         yield log
@@ -79,7 +85,9 @@ def canned_server(expected_key: str | None = None) -> Iterator[str]:
     """Start the canned server; yield its base URL (``http://127.0.0.1:<port>/v1``)."""
     port = free_port()
     env = {"CANNED_KEY": expected_key} if expected_key else {}
-    with _process([sys.executable, __file__, "canned", str(port)], f"http://127.0.0.1:{port}/v1/models", 20, env):
+    with _process(
+        [sys.executable, __file__, "canned", str(port)], f"http://127.0.0.1:{port}/v1/models", 20, env
+    ):
         yield f"http://127.0.0.1:{port}/v1"
 
 
@@ -90,18 +98,37 @@ def smollm2_cache(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def transformers_serve(cache: Path, timeout: float = 120, extra_args: list[str] = (), threads: int = 1
-                       ) -> Iterator[str]:
+def transformers_serve(
+    cache: Path, timeout: float = 120, extra_args: list[str] = (), threads: int = 1
+) -> Iterator[str]:
     """``transformers serve`` of :data:`SMOLLM2_ID` from ``cache``, offline; yield its base URL.
 
     ``threads``: torch's threads per operation. One by default: on a busy 2-core machine two threads wait
     on each other (a judge request measured 0.8 s with one thread, 2.5-12 s with two).
     """
     port = free_port()
-    args = [sys.executable, __file__, "serve", SMOLLM2_ID, "--host", "127.0.0.1", "--port", str(port),
-            "--device", "cpu", "--dtype", "float32", *extra_args]
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_CACHE": str(cache),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": str(threads)}
+    args = [
+        sys.executable,
+        __file__,
+        "serve",
+        SMOLLM2_ID,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        *extra_args,
+    ]
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "OMP_NUM_THREADS": str(threads),
+    }
     with _process(args, f"http://127.0.0.1:{port}/v1/models", timeout, env):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -156,9 +183,15 @@ def _canned(port: int) -> None:
     stats = {"requests": {}, "in_flight": {}, "max_in_flight": {}, "auth_ok": 0, "auth_bad": 0}  # by mode
 
     def completion(text: str) -> dict:
-        return {"id": "x", "object": "chat.completion", "model": "canned",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "canned",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        }
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -194,10 +227,16 @@ def _canned(port: int) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if key is not None:
                 with lock:
-                    stats["auth_ok" if self.headers.get("Authorization") == f"Bearer {key}" else "auth_bad"] += 1
+                    stats[
+                        "auth_ok" if self.headers.get("Authorization") == f"Bearer {key}" else "auth_bad"
+                    ] += 1
             users = [m for m in body["messages"] if m["role"] == "user"]
             first = users[0]["content"]
-            text = first if isinstance(first, str) else " ".join(p.get("text", "") for p in first if p["type"] == "text")
+            text = (
+                first
+                if isinstance(first, str)
+                else " ".join(p.get("text", "") for p in first if p["type"] == "text")
+            )
             mode = text.split("[[", 1)[1].split("]]", 1)[0] if "[[" in text else "good"
             images = 0 if isinstance(first, str) else sum(p["type"] == "image_url" for p in first)
             with lock:
@@ -210,7 +249,7 @@ def _canned(port: int) -> None:
                 elif mode == "low":
                     self.reply(200, completion('{"score": 1, "reason": "unrelated"}'))
                 elif mode == "prose":
-                    self.reply(200, completion("Sure!\n```json\n{\"score\": 5, \"reason\": \"exact\"}\n```"))
+                    self.reply(200, completion('Sure!\n```json\n{"score": 5, "reason": "exact"}\n```'))
                 elif mode == "garbage":
                     self.reply(200, completion("I think this picture is lovely."))
                 elif mode == "fix_on_retry":

@@ -48,19 +48,47 @@ class LocalCluster:
     """The child process running :func:`serve`, and the environment (``env``) a driver needs to join it.
     ``extra_env`` goes to the cluster and the drivers (AWS_* for an S3 server; the caller's are left out)."""
 
-    def __init__(self, nodes: int = 2, num_cpus: int = 1, object_store_memory: int = 200 * 1024**2,
-                 memory: int = 2 * 1024**3, extra_env: dict[str, str] | None = None, start_timeout: float = 180):
+    def __init__(
+        self,
+        nodes: int = 2,
+        num_cpus: int = 1,
+        object_store_memory: int = 200 * 1024**2,
+        memory: int = 2 * 1024**3,
+        extra_env: dict[str, str] | None = None,
+        start_timeout: float = 180,
+    ):
         self.nodes = nodes
         self.tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's Unix socket paths live under it
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("RAY_AUTH", "AWS_")) and k != "RAY_ADDRESS"}
-        self.env.update(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-                        **(extra_env or {}))
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RAY_AUTH", "AWS_")) and k != "RAY_ADDRESS"
+        }
+        self.env.update(
+            RAY_TMPDIR=self.tmp,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(16),
+            **(extra_env or {}),
+        )
         t0 = time.perf_counter()
         with open(Path(self.tmp) / "serve.log", "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, __file__, "serve", str(nodes), str(num_cpus), str(object_store_memory), str(memory)],
-                env=self.env, cwd=REPO, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+                [
+                    sys.executable,
+                    __file__,
+                    "serve",
+                    str(nodes),
+                    str(num_cpus),
+                    str(object_store_memory),
+                    str(memory),
+                ],
+                env=self.env,
+                cwd=REPO,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         try:
             self.address = json.loads(self._readline(start_timeout))["address"]
         except BaseException:
@@ -73,7 +101,9 @@ class LocalCluster:
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout) or not (line := self.proc.stdout.readline()):
             log = (Path(self.tmp) / "serve.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the {self.nodes}-node Ray cluster did not answer within {timeout:.0f} s:\n{log}")
+            raise RuntimeError(
+                f"the {self.nodes}-node Ray cluster did not answer within {timeout:.0f} s:\n{log}"
+            )
         return line
 
     def nodes_that_ran(self, task: str) -> set[str]:

@@ -40,12 +40,20 @@ class S3Server(NamedTuple):
 
     def env(self) -> dict[str, str]:
         """The AWS_* variables a user exports to point every AWS client (and ``curation``) at this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": REGION}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": REGION,
+        }
 
     def boto3_kwargs(self) -> dict[str, str]:
-        return {"endpoint_url": self.endpoint_url, "aws_access_key_id": self.access_key,
-                "aws_secret_access_key": self.secret_key, "region_name": REGION}
+        return {
+            "endpoint_url": self.endpoint_url,
+            "aws_access_key_id": self.access_key,
+            "aws_secret_access_key": self.secret_key,
+            "region_name": REGION,
+        }
 
 
 def weed_binary() -> str | None:
@@ -80,8 +88,11 @@ def _answers(server: S3Server) -> bool:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", **server.boto3_kwargs(),
-                          config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}))
+    client = boto3.client(
+        "s3",
+        **server.boto3_kwargs(),
+        config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}),
+    )
     try:
         client.list_buckets()
         return True
@@ -102,20 +113,47 @@ class SeaweedFS:
         self.work = work = Path(tempfile.mkdtemp(prefix="weed-"))
         (work / "tmp").mkdir()
         server = S3Server("", f"TEST{secrets.token_hex(8).upper()}", secrets.token_urlsafe(24))
-        (work / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "tester", "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        (work / "s3.json").write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "tester",
+                            "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         self.ports = _free_ports(10)
         (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = self.ports
         self.server = server._replace(endpoint_url=f"http://127.0.0.1:{s3}")
         self.args = [
-            weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.telemetry=false",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_g}", "-volume.preStopSeconds=0",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_g}", f"-filer.localSocket={work / 'filer.sock'}",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.localSocket={work / 's3.sock'}",
-            f"-s3.config={work / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-admin.port={admin}", f"-admin.port.grpc={admin_g}", "-admin.ui=false", "-webdav=false",
+            weed,
+            "mini",
+            f"-dir={work / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_g}",
+            "-master.telemetry=false",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_g}",
+            "-volume.preStopSeconds=0",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_g}",
+            f"-filer.localSocket={work / 'filer.sock'}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_g}",
+            f"-s3.localSocket={work / 's3.sock'}",
+            f"-s3.config={work / 's3.json'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin_g}",
+            "-admin.ui=false",
+            "-webdav=false",
         ]
         self.log_path = work / "weed.log"
         self.proc: subprocess.Popen | None = None
@@ -127,16 +165,26 @@ class SeaweedFS:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["TMPDIR"] = str(self.work / "tmp")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=self.work)
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.work,
+            )
         deadline = time.monotonic() + self.start_timeout
         while not _answers(self.server):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with code {self.proc.returncode} before S3 answered; "
-                                   f"log tail:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"weed mini exited with code {self.proc.returncode} before S3 answered; "
+                    f"log tail:\n{_tail(self.log_path)}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"weed mini: S3 did not answer on {self.server.endpoint_url} within "
-                                   f"{self.start_timeout:.0f} s; log tail:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"weed mini: S3 did not answer on {self.server.endpoint_url} within "
+                    f"{self.start_timeout:.0f} s; log tail:\n{_tail(self.log_path)}"
+                )
             time.sleep(0.2)
         return self.server
 

@@ -33,8 +33,9 @@ def _corpus_paths(corpus: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def audit(planted, ray_local, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("audit") / "out"
-    result = run_audit(REGISTRY, _corpus_paths(planted), str(out), registry_set=[f"vars.corpus={planted}"],
-                       progress=False)
+    result = run_audit(
+        REGISTRY, _corpus_paths(planted), str(out), registry_set=[f"vars.corpus={planted}"], progress=False
+    )
     return {"out": out, "data": result.data, "corpus": planted}
 
 
@@ -53,17 +54,32 @@ def _joined(audit: dict) -> pl.DataFrame:
 def test_recall_on_every_kind_of_planted_copy(audit):
     df = _joined(audit)
     plants = df.filter(pl.col("dirt") == "benchmark_copy")
-    assert plants.height >= 250 and set(plants["source"]) == {"wds", "parquet", "jsonl", "interleaved", "text", "video"}
+    assert plants.height >= 250 and set(plants["source"]) == {
+        "wds",
+        "parquet",
+        "jsonl",
+        "interleaved",
+        "text",
+        "video",
+    }
     per_source = plants.group_by("source").agg((pl.col("found").list.len() > 0).mean().alias("recall"))
     recall = (plants["found"].list.len() > 0).mean()
     assert recall >= 0.99, per_source
     # and the match names the planted item itself, not only a look-alike
-    named = plants.filter(pl.col("found").list.len() > 0).select(
-        pl.struct("bench_item", "found").map_elements(lambda r: r["bench_item"] in r["found"], pl.Boolean)).to_series()
+    named = (
+        plants.filter(pl.col("found").list.len() > 0)
+        .select(
+            pl.struct("bench_item", "found").map_elements(lambda r: r["bench_item"] in r["found"], pl.Boolean)
+        )
+        .to_series()
+    )
     assert named.mean() >= 0.99
     # and, nearly always, only it: template questions shared by many items do not drag their siblings in
-    only = plants.select(pl.struct("bench_item", "found").map_elements(
-        lambda r: set(r["found"]) == {r["bench_item"]}, pl.Boolean)).to_series()
+    only = plants.select(
+        pl.struct("bench_item", "found").map_elements(
+            lambda r: set(r["found"]) == {r["bench_item"]}, pl.Boolean
+        )
+    ).to_series()
     assert only.mean() >= 0.97, plants.filter(~only).select("source", "bench_item", "found")
 
 
@@ -114,27 +130,54 @@ def test_a_pool_is_audited_like_its_sources(planted, audit, ray_local, tmp_path)
 sources: [{{name: t, format: jsonl, modality: text, paths: ["{planted}/text/*.jsonl"]}},
           {{name: d, format: jsonl, modality: interleaved, paths: ["{planted}/interleaved/*.jsonl"]}}]
 stages: [{{caption_length: {{annotate_only: true}}}}]
-output: {{path: "{tmp_path / 'pool'}", formats: [parquet], report: false}}
+output: {{path: "{tmp_path / "pool"}", formats: [parquet], report: false}}
 """)
     run_pipeline(load_pipeline(recipe), progress=False)
-    result = run_audit(REGISTRY, [str(tmp_path / "pool")], str(tmp_path / "audit"),
-                       registry_set=[f"vars.corpus={planted}"], progress=False)
-    from_pool = {(m["sample_id"], m["benchmark_item"], m["method"]) for b in result.data["benchmarks"].values()
-                 for m in b["matches"]}
-    direct = {(m["sample_id"], m["benchmark_item"], m["method"]) for b in audit["data"]["benchmarks"].values()
-              for m in b["matches"] if m["row_modality"] in ("text", "interleaved")}
+    result = run_audit(
+        REGISTRY,
+        [str(tmp_path / "pool")],
+        str(tmp_path / "audit"),
+        registry_set=[f"vars.corpus={planted}"],
+        progress=False,
+    )
+    from_pool = {
+        (m["sample_id"], m["benchmark_item"], m["method"])
+        for b in result.data["benchmarks"].values()
+        for m in b["matches"]
+    }
+    direct = {
+        (m["sample_id"], m["benchmark_item"], m["method"])
+        for b in audit["data"]["benchmarks"].values()
+        for m in b["matches"]
+        if m["row_modality"] in ("text", "interleaved")
+    }
     assert from_pool == direct and from_pool
 
 
 def test_bad_benchmark_files_are_named_and_listed(planted, ray_local, tmp_path, capsys):
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "good.jsonl").write_text(json.dumps({"id": "g1", "question": "Which river flows through the old "
-                                                  "harbour town of Valparaiso according to the guide?"}) + "\n")
-    (bench / "noq.jsonl").write_text(json.dumps({"id": "n1", "prompt": "a question under another name"}) + "\n")
-    (bench / "img.jsonl").write_text(json.dumps({"id": "i1", "question": "What is shown in this picture of the "
-                                                 "market?", "image": "missing.png"}) + "\n"
-                                     + json.dumps({"id": "i2", "question": "What?", "image": "broken.png"}) + "\n")
+    (bench / "good.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "g1",
+                "question": "Which river flows through the old "
+                "harbour town of Valparaiso according to the guide?",
+            }
+        )
+        + "\n"
+    )
+    (bench / "noq.jsonl").write_text(
+        json.dumps({"id": "n1", "prompt": "a question under another name"}) + "\n"
+    )
+    (bench / "img.jsonl").write_text(
+        json.dumps(
+            {"id": "i1", "question": "What is shown in this picture of the market?", "image": "missing.png"}
+        )
+        + "\n"
+        + json.dumps({"id": "i2", "question": "What?", "image": "broken.png"})
+        + "\n"
+    )
     (bench / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (bench / "items.csv").write_text("id,question\n1,hello\n")
     reg = tmp_path / "reg.yaml"
@@ -144,14 +187,28 @@ def test_bad_benchmark_files_are_named_and_listed(planted, ray_local, tmp_path, 
   - {{name: images, paths: ["{bench}/img.jsonl"], fields: {{id: id, question: question, image: image}}}}
   - {{name: csv, paths: ["{bench}/items.csv"], fields: {{id: id, question: question}}}}
 """)
-    code = main(["audit", "--benchmarks", str(reg), "--corpus", str(planted / "text"), "--out", str(tmp_path / "o"),
-                 "-q"])
+    code = main(
+        [
+            "audit",
+            "--benchmarks",
+            str(reg),
+            "--corpus",
+            str(planted / "text"),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ]
+    )
     assert code == 0
     data = json.loads((tmp_path / "o" / "report.json").read_text())
     b = data["benchmarks"]
     assert b["good"]["items"] == 1 and not b["good"]["not_indexed"] and not b["good"]["partially_indexed"]
     (x,) = b["renamed"]["not_indexed"]
-    assert "noq.jsonl" in x["item"] and "fields.question -> 'question'" in x["reason"] and "prompt" in x["reason"]
+    assert (
+        "noq.jsonl" in x["item"]
+        and "fields.question -> 'question'" in x["reason"]
+        and "prompt" in x["reason"]
+    )
     # i1 keeps its text: its missing image is a part not indexed; i2 ("What?", broken image) has nothing left
     partly = {(x["item"], x["part"]): x["reason"] for x in b["images"]["partially_indexed"]}
     assert set(partly) == {("i1", "image 0")} and "file not found" in partly[("i1", "image 0")]
@@ -166,8 +223,20 @@ def test_bad_benchmark_files_are_named_and_listed(planted, ray_local, tmp_path, 
 
 def test_audit_refuses_what_it_cannot_read(tmp_path, planted, capsys):
     (tmp_path / "weird.jsonl").write_text(json.dumps({"foo": 1}) + "\n")
-    code = main(["audit", "--benchmarks", REGISTRY, "--set", f"vars.corpus={planted}", "--corpus",
-                 str(tmp_path / "weird.jsonl"), "--out", str(tmp_path / "o"), "-q"])
+    code = main(
+        [
+            "audit",
+            "--benchmarks",
+            REGISTRY,
+            "--set",
+            f"vars.corpus={planted}",
+            "--corpus",
+            str(tmp_path / "weird.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "weird.jsonl" in err and "foo" in err
 
@@ -180,8 +249,13 @@ def test_at_scale_with_a_500_item_benchmark(ray_local, tmp_path):
 
     corpus = tmp_path / "corpus"
     write_sample_corpus(corpus, rows=50_000, seed=2, progress=False)
-    result = run_audit(REGISTRY, _corpus_paths(corpus), str(tmp_path / "out"), registry_set=[f"vars.corpus={corpus}"],
-                       progress=False)
+    result = run_audit(
+        REGISTRY,
+        _corpus_paths(corpus),
+        str(tmp_path / "out"),
+        registry_set=[f"vars.corpus={corpus}"],
+        progress=False,
+    )
     df = _joined({"corpus": corpus, "data": result.data})
     plants = df.filter(pl.col("dirt") == "benchmark_copy")
     assert plants.height >= 400 and (plants["found"].list.len() > 0).mean() >= 0.99
@@ -190,8 +264,28 @@ def test_at_scale_with_a_500_item_benchmark(ray_local, tmp_path):
 
 
 def test_bad_match_options_are_named_as_on_the_command_line(planted, tmp_path, capsys):
-    code = main(["audit", "--benchmarks", REGISTRY, "--set", f"vars.corpus={planted}", "--corpus", str(planted / "text"),
-                 "--out", str(tmp_path / "o"), "--match", "bogus=1", "--match", "text_threshold=high", "-q"])
+    code = main(
+        [
+            "audit",
+            "--benchmarks",
+            REGISTRY,
+            "--set",
+            f"vars.corpus={planted}",
+            "--corpus",
+            str(planted / "text"),
+            "--out",
+            str(tmp_path / "o"),
+            "--match",
+            "bogus=1",
+            "--match",
+            "text_threshold=high",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "--match bogus: unknown key" in err and "--match text_threshold: expected a number" in err
+    assert (
+        code == 2
+        and "--match bogus: unknown key" in err
+        and "--match text_threshold: expected a number" in err
+    )
     assert not (tmp_path / "o").exists()

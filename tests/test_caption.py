@@ -22,12 +22,14 @@ from curation.models.vlm import BackendConfig
 from curation.schema import from_rows
 from curation.stage import load_registry
 
-GOOD = ("A bright red circle sits in the centre of a plain white canvas. Its edges are smooth and it fills "
-        "about half of the frame. Nothing else is drawn, and the background is evenly lit without shadows.")
+GOOD = (
+    "A bright red circle sits in the centre of a plain white canvas. Its edges are smooth and it fills "
+    "about half of the frame. Nothing else is drawn, and the background is evenly lit without shadows."
+)
 SHORT = "A red circle."
 LOOP = "a red circle on white " * 15
 
-SERVER = r'''
+SERVER = r"""
 import json, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -75,7 +77,7 @@ class Handler(BaseHTTPRequestHandler):
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
 server.daemon_threads = True
 server.serve_forever()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +100,31 @@ def seen(url: str) -> list[dict]:
 
 
 def rows(*rs, modality="image_text"):
-    return from_rows([{"id": str(i), "modality": modality, "source_uri": "mem", "source_offset": i,
-                       "image": jpeg(), **r} for i, r in enumerate(rs)])
+    return from_rows(
+        [
+            {
+                "id": str(i),
+                "modality": modality,
+                "source_uri": "mem",
+                "source_offset": i,
+                "image": jpeg(),
+                **r,
+            }
+            for i, r in enumerate(rs)
+        ]
+    )
 
 
 def stage(url: str, **kw) -> DenseCaption:
-    backend = {"kind": "openai", "base_url": url, "model": "canned", "max_retries": 1, "backoff_s": 0.01,
-               "timeout_s": 2.0, **kw.pop("backend", {})}
+    backend = {
+        "kind": "openai",
+        "base_url": url,
+        "model": "canned",
+        "max_retries": 1,
+        "backoff_s": 0.01,
+        "timeout_s": 2.0,
+        **kw.pop("backend", {}),
+    }
     return DenseCaption(backend=BackendConfig(**backend), **kw)
 
 
@@ -122,8 +142,13 @@ def test_a_good_caption_is_written_with_its_word_count(server):
 
 
 def test_the_hints_reach_the_model(server):
-    stage(server)(rows({"text": "a red circle on white", "ocr_text": "OPEN 24 HOURS"}, {"text": "blue square"},
-                       {"text": "", "ocr_text": "EXIT"}))
+    stage(server)(
+        rows(
+            {"text": "a red circle on white", "ocr_text": "OPEN 24 HOURS"},
+            {"text": "blue square"},
+            {"text": "", "ocr_text": "EXIT"},
+        )
+    )
     prompts = [r["users"][0] for r in seen(server)]
     assert len(prompts) == 3
     assert "Original caption: (none)" in next(p for p in prompts if "EXIT" in p)
@@ -171,7 +196,9 @@ def test_an_empty_answer_is_a_failure(server):
 
 
 def test_echo_measure():
-    prompt = DEFAULT_PROMPT.replace("{caption}", "a red circle on a white background").replace("{ocr_text}", "(none)")
+    prompt = DEFAULT_PROMPT.replace("{caption}", "a red circle on a white background").replace(
+        "{ocr_text}", "(none)"
+    )
     assert echo(prompt, prompt, 8) == 1.0
     assert echo(GOOD, prompt, 8) == 0.0
     quoting = "The picture matches its caption, a red circle on a white background, and shows " + GOOD
@@ -197,8 +224,10 @@ def test_rows_with_a_caption_are_skipped_unless_overwrite(server):
 
 
 def test_other_rows_keep_their_values(server):
-    batch = rows({"text": "a", "reject_stage": "x", "reject_reason": "earlier", "dense_caption": "old"},
-                 {"text": "no image", "image": None})
+    batch = rows(
+        {"text": "a", "reject_stage": "x", "reject_reason": "earlier", "dense_caption": "old"},
+        {"text": "no image", "image": None},
+    )
     out = stage(server)(batch)
     assert out["dense_caption"].to_pylist() == ["old", None]
     assert out["reject_reason"].to_pylist() == ["earlier", "missing_image"]
@@ -213,14 +242,17 @@ def test_lineage_names_the_model_and_hashes_the_prompt(server):
     assert a["prompt_sha256"] != hashlib.sha256(b"").hexdigest()
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"prompt": "Describe {image}"}, r"unknown placeholder\(s\) \{image\}"),
-    ({"max_attempts": 0}, "positive"),
-    ({"max_echo": 1.5}, "between 0 and 1"),
-    ({"modalities": ["text"]}, "image_text and video"),
-    ({"video_prompt": "Describe {clip}"}, r"video_prompt: unknown placeholder\(s\) \{clip\}"),
-    ({"frames_per_request": 0}, "positive number of frames"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"prompt": "Describe {image}"}, r"unknown placeholder\(s\) \{image\}"),
+        ({"max_attempts": 0}, "positive"),
+        ({"max_echo": 1.5}, "between 0 and 1"),
+        ({"modalities": ["text"]}, "image_text and video"),
+        ({"video_prompt": "Describe {clip}"}, r"video_prompt: unknown placeholder\(s\) \{clip\}"),
+        ({"frames_per_request": 0}, "positive number of frames"),
+    ],
+)
 def test_parameters_are_validated(kw, message):
     with pytest.raises(ValueError, match=message):
         stage("http://127.0.0.1:1/v1", **kw)
@@ -228,9 +260,20 @@ def test_parameters_are_validated(kw, message):
 
 def test_a_video_is_captioned_from_frames_with_their_times(server):
     frames = [jpeg() for _ in range(12)]
-    video = from_rows([{"id": "v", "modality": "video", "source_uri": "mem", "source_offset": 0, "text": "a clip",
-                        "frames": frames, "frame_ts": [float(t) for t in range(12)]},
-                       {"id": "w", "modality": "video", "source_uri": "mem", "source_offset": 1, "text": "no frames"}])
+    video = from_rows(
+        [
+            {
+                "id": "v",
+                "modality": "video",
+                "source_uri": "mem",
+                "source_offset": 0,
+                "text": "a clip",
+                "frames": frames,
+                "frame_ts": [float(t) for t in range(12)],
+            },
+            {"id": "w", "modality": "video", "source_uri": "mem", "source_offset": 1, "text": "no frames"},
+        ]
+    )
     out = stage(server, frames_per_request=4)(video)
     assert out["dense_caption"].to_pylist() == [GOOD, None]
     assert out["reject_reason"].to_pylist() == [None, "missing_frames"]

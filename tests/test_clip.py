@@ -31,9 +31,11 @@ from curation.schema import from_rows
 from curation.stage import NotReady
 
 # A ViT and a text transformer of two layers each: 3.4M parameters, most of them the token embedding.
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +92,24 @@ def test_arch_and_plain_state_dict_path(tmp_path, tiny_ckpt):
     assert clip.name == f"tiny-json:{(tmp_path / 'epoch_3.pt').resolve()}"
     pixels = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(clip.encode_images(pixels), tiny_ckpt[1].encode_image(pixels, normalize=True))
+        torch.testing.assert_close(
+            clip.encode_images(pixels), tiny_ckpt[1].encode_image(pixels, normalize=True)
+        )
     with pytest.raises(ValueError, match="does not record its architecture.*ARCH:"):
         resolve_clip(str(tmp_path / "epoch_3.pt"))
 
 
-@pytest.mark.parametrize("spec, error, words", [
-    ("/nowhere/model.pt", FileNotFoundError, "no such checkpoint file /nowhere/model.pt"),
-    ("NoSuchArch-B-32:laion2b", ValueError, "unknown open_clip architecture 'NoSuchArch-B-32'"),
-    ("ViT-B-32:no_such_tag", FileNotFoundError, "neither a pretrained tag of ViT-B-32"),
-    ("ViT-B-32:datacomp_xl_s13b_b90k", FileNotFoundError, "not in the local cache; set allow_download"),
-    ("hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", ValueError, "local-dir:"),
-    ("local-dir:/nowhere", FileNotFoundError, "no open_clip_config.json"),
-])
+@pytest.mark.parametrize(
+    "spec, error, words",
+    [
+        ("/nowhere/model.pt", FileNotFoundError, "no such checkpoint file /nowhere/model.pt"),
+        ("NoSuchArch-B-32:laion2b", ValueError, "unknown open_clip architecture 'NoSuchArch-B-32'"),
+        ("ViT-B-32:no_such_tag", FileNotFoundError, "neither a pretrained tag of ViT-B-32"),
+        ("ViT-B-32:datacomp_xl_s13b_b90k", FileNotFoundError, "not in the local cache; set allow_download"),
+        ("hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", ValueError, "local-dir:"),
+        ("local-dir:/nowhere", FileNotFoundError, "no open_clip_config.json"),
+    ],
+)
 def test_spec_errors_name_the_spec(spec, error, words, tmp_path):
     with pytest.raises(error, match=words) as e:
         resolve_clip(spec, cache_dir=str(tmp_path))  # an empty cache: nothing is downloaded
@@ -157,9 +164,16 @@ def test_torchvision_fix_only_when_its_ops_are_missing():
 
 
 def test_image_text_scores_persist_and_equal_the_direct_computation(tiny_ckpt, tiny):
-    rows = [{"id": str(i), "modality": "image_text", "text": t, "image": jpeg(96, 80, c, s)}
-            for i, (t, c, s) in enumerate([("a red circle", "red", "circle"), ("a blue square", "blue", "square"),
-                                           ("green", "green", "circle")])]
+    rows = [
+        {"id": str(i), "modality": "image_text", "text": t, "image": jpeg(96, 80, c, s)}
+        for i, (t, c, s) in enumerate(
+            [
+                ("a red circle", "red", "circle"),
+                ("a blue square", "blue", "square"),
+                ("green", "green", "circle"),
+            ]
+        )
+    ]
     out = run(rows, model=str(tiny_ckpt[0]))
     for r, row in zip(out, rows):
         assert -1.0 <= r["score_clip_score"] <= 1.0 and r["reject_reason"] is None
@@ -180,7 +194,9 @@ def test_interleaved_image_is_compared_with_its_nearest_text(tiny_ckpt, tiny):
     images = [None, x, None, y, None, z, None, None]
     # x at 1: texts at 0 and 2 tie -> the one before; y at 3: 2 (4 is blank); z at 5: 7 is nearer than 2
     want = [direct(tiny, x, texts[0]), direct(tiny, y, texts[2]), direct(tiny, z, texts[7])]
-    [r] = run([{"id": "d", "modality": "interleaved", "texts": texts, "images": images}], model=str(tiny_ckpt[0]))
+    [r] = run(
+        [{"id": "d", "modality": "interleaved", "texts": texts, "images": images}], model=str(tiny_ckpt[0])
+    )
     np.testing.assert_allclose(r["clip_score_parts"], want, atol=1e-5)
     assert r["score_clip_score"] == pytest.approx(np.mean(want), abs=1e-6)
     # and it is not just any pairing: the other texts give other scores
@@ -190,8 +206,13 @@ def test_interleaved_image_is_compared_with_its_nearest_text(tiny_ckpt, tiny):
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_video_frames_against_the_caption(tiny_ckpt, tiny, reduce):
     frames = [jpeg(64, 48, c) for c in ("red", "blue", "green")]
-    row = {"id": "v", "modality": "video", "text": "A red ball rolls away.", "frames": frames,
-           "frame_ts": [0.0, 1.0, 2.0]}
+    row = {
+        "id": "v",
+        "modality": "video",
+        "text": "A red ball rolls away.",
+        "frames": frames,
+        "frame_ts": [0.0, 1.0, 2.0],
+    }
     [r] = run([row], model=str(tiny_ckpt[0]), video_reduce=reduce)
     want = [direct(tiny, f, row["text"]) for f in frames]
     np.testing.assert_allclose(r["clip_score_parts"], want, atol=1e-5)
@@ -202,21 +223,46 @@ def test_rows_that_cannot_be_scored_are_rejected_with_their_reason(tiny_ckpt):
     good = jpeg()
     rows = [
         {"id": "corrupt", "modality": "image_text", "text": "a circle", "image": b"not an image"},
-        {"id": "truncated", "modality": "image_text", "text": "a circle", "image": jpeg(96, 80, "green")[:300]},
+        {
+            "id": "truncated",
+            "modality": "image_text",
+            "text": "a circle",
+            "image": jpeg(96, 80, "green")[:300],
+        },
         {"id": "blank", "modality": "image_text", "text": "  ", "image": good},
         {"id": "noimage", "modality": "image_text", "text": "a circle"},
-        {"id": "doc_bad", "modality": "interleaved", "texts": ["a", None, None], "images": [None, good, b"xx"]},
+        {
+            "id": "doc_bad",
+            "modality": "interleaved",
+            "texts": ["a", None, None],
+            "images": [None, good, b"xx"],
+        },
         {"id": "doc_noimg", "modality": "interleaved", "texts": ["only words"], "images": [None]},
         {"id": "doc_notext", "modality": "interleaved", "texts": [None], "images": [good]},
-        {"id": "vid_bad", "modality": "video", "text": "a clip", "frames": [b"junk", good], "frame_ts": [0.0, 1.0]},
+        {
+            "id": "vid_bad",
+            "modality": "video",
+            "text": "a clip",
+            "frames": [b"junk", good],
+            "frame_ts": [0.0, 1.0],
+        },
         {"id": "vid_none", "modality": "video", "text": "a clip", "frames": [], "frame_ts": []},
         {"id": "ok", "modality": "image_text", "text": "a red circle", "image": good},
     ]
     out = {r["id"]: r for r in run(rows, model=str(tiny_ckpt[0]))}
     reasons = {k: r["reject_reason"] for k, r in out.items()}
-    assert reasons == {"corrupt": "unreadable_image", "truncated": "unreadable_image", "blank": "no_caption",
-                       "noimage": "no_image", "doc_bad": "unreadable_image", "doc_noimg": "no_image",
-                       "doc_notext": "no_caption", "vid_bad": "unreadable_image", "vid_none": "no_image", "ok": None}
+    assert reasons == {
+        "corrupt": "unreadable_image",
+        "truncated": "unreadable_image",
+        "blank": "no_caption",
+        "noimage": "no_image",
+        "doc_bad": "unreadable_image",
+        "doc_noimg": "no_image",
+        "doc_notext": "no_caption",
+        "vid_bad": "unreadable_image",
+        "vid_none": "no_image",
+        "ok": None,
+    }
     assert out["corrupt"]["reject_detail"].startswith("UnidentifiedImageError")
     assert out["doc_bad"]["reject_detail"].startswith("image 1: ")  # the document's second image
     assert out["vid_bad"]["reject_detail"].startswith("frame 0: ")
@@ -231,8 +277,14 @@ def test_modalities_and_earlier_rejects_are_left_alone(tiny_ckpt):
         {"id": "t", "modality": "text", "text": "plain text"},
         {"id": "s", "modality": "sft", "messages": "[]", "image": jpeg()},
         {"id": "i", "modality": "image_text", "text": "a circle", "image": jpeg()},
-        {"id": "r", "modality": "image_text", "text": "a circle", "image": b"bad", "reject_stage": "image_decode",
-         "reject_reason": "undecodable"},
+        {
+            "id": "r",
+            "modality": "image_text",
+            "text": "a circle",
+            "image": b"bad",
+            "reject_stage": "image_decode",
+            "reject_reason": "undecodable",
+        },
     ]
     out = {r["id"]: r for r in run(rows, model=str(tiny_ckpt[0]))}
     assert out["i"]["score_clip_score"] is not None
@@ -243,9 +295,17 @@ def test_modalities_and_earlier_rejects_are_left_alone(tiny_ckpt):
 
 
 def test_thresholds(tiny_ckpt):
-    rows = [{"id": str(i), "modality": "image_text", "text": t, "image": jpeg(96, 80, c)}
-            for i, (t, c) in enumerate([("red", "red"), ("a blue circle on white", "blue"),
-                                        ("green things", "green"), ("orange", "orange")])]
+    rows = [
+        {"id": str(i), "modality": "image_text", "text": t, "image": jpeg(96, 80, c)}
+        for i, (t, c) in enumerate(
+            [
+                ("red", "red"),
+                ("a blue circle on white", "blue"),
+                ("green things", "green"),
+                ("orange", "orange"),
+            ]
+        )
+    ]
     scores = [r["score_clip_score"] for r in run(rows, model=str(tiny_ckpt[0]))]
     cut = float(np.median(scores))
     out = run(rows, model=str(tiny_ckpt[0]), min_score=cut)
@@ -259,14 +319,17 @@ def test_thresholds(tiny_ckpt):
     assert [r["score_clip_score"] for r in out[:-1]] == scores
 
 
-@pytest.mark.parametrize("params, words", [
-    ({}, "model: required"),
-    ({"model": "m", "min_score": 0.2, "keep_fraction": 0.3}, "not both"),
-    ({"model": "m", "min_score": 2.0}, "min_score"),
-    ({"model": "m", "video_reduce": "median"}, "video_reduce: expected one of mean, max"),
-    ({"model": "m", "device": "tpu"}, "device"),
-    ({"model": "m", "precision": "int8"}, "precision"),
-])
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({}, "model: required"),
+        ({"model": "m", "min_score": 0.2, "keep_fraction": 0.3}, "not both"),
+        ({"model": "m", "min_score": 2.0}, "min_score"),
+        ({"model": "m", "video_reduce": "median"}, "video_reduce: expected one of mean, max"),
+        ({"model": "m", "device": "tpu"}, "device"),
+        ({"model": "m", "precision": "int8"}, "precision"),
+    ],
+)
 def test_bad_parameters(params, words):
     with pytest.raises(ValueError, match=words):
         ClipScore(**params)
@@ -274,15 +337,31 @@ def test_bad_parameters(params, words):
 
 def test_batch_size_and_decode_threads_do_not_change_scores(tiny_ckpt):
     colours = ["red", "blue", "green", "orange", "purple", "black", "pink"]
-    rows = [{"id": f"i{k}", "modality": "image_text", "text": f"a {c} circle", "image": jpeg(90 + k, 70, c)}
-            for k, c in enumerate(colours)]
-    rows += [{"id": "doc", "modality": "interleaved", "texts": ["red", None, "blue", None],
-              "images": [None, jpeg(64, 64, "red"), None, jpeg(64, 64, "blue")]},
-             {"id": "vid", "modality": "video", "text": "things", "frames": [jpeg(), jpeg(64, 64, "blue")],
-              "frame_ts": [0.0, 1.0]}]
+    rows = [
+        {"id": f"i{k}", "modality": "image_text", "text": f"a {c} circle", "image": jpeg(90 + k, 70, c)}
+        for k, c in enumerate(colours)
+    ]
+    rows += [
+        {
+            "id": "doc",
+            "modality": "interleaved",
+            "texts": ["red", None, "blue", None],
+            "images": [None, jpeg(64, 64, "red"), None, jpeg(64, 64, "blue")],
+        },
+        {
+            "id": "vid",
+            "modality": "video",
+            "text": "things",
+            "frames": [jpeg(), jpeg(64, 64, "blue")],
+            "frame_ts": [0.0, 1.0],
+        },
+    ]
 
     def scores(**params):
-        return [(r["score_clip_score"], r["clip_score_parts"]) for r in run(rows, model=str(tiny_ckpt[0]), **params)]
+        return [
+            (r["score_clip_score"], r["clip_score_parts"])
+            for r in run(rows, model=str(tiny_ckpt[0]), **params)
+        ]
 
     inline = scores(batch_size=3, decode_threads=0)
     assert scores(batch_size=3, decode_threads=2) == inline  # the prefetch path: identical, bit for bit
@@ -300,8 +379,11 @@ def test_preflight_and_lineage(tiny_ckpt, tmp_path):
     stage = ClipScore(model=str(path))
     stage.check_requirements()
     stage.preflight()
-    assert stage.lineage() == {"model": f"tiny-test:{path.resolve()}", "precision": "fp32",
-                               "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert stage.lineage() == {
+        "model": f"tiny-test:{path.resolve()}",
+        "precision": "fp32",
+        "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     with pytest.raises(NotReady, match=f"clip_score.*no such checkpoint file {tmp_path / 'gone.pt'}"):
         ClipScore(model=str(tmp_path / "gone.pt")).preflight()
     with pytest.raises(NotReady, match="device: cuda needs resources.num_gpus"):
@@ -319,10 +401,19 @@ def test_gpu_stage_on_a_machine_without_gpus_stops_before_any_data(tiny_ckpt, tm
 
     (tmp_path / "in").mkdir()
     write_tar(tmp_path / "in" / "00000.tar", [{"__key__": "0", "jpg": jpeg(), "txt": b"a red circle"}])
-    raw = {"name": "gpu", "sources": [{"name": "w", "format": "webdataset", "modality": "image_text",
-                                       "paths": [str(tmp_path / "in" / "*.tar")]}],
-           "stages": [{"clip_score": {"model": str(tiny_ckpt[0]), "resources": {"num_gpus": 1}}}],
-           "output": {"path": str(tmp_path / "pool")}}
+    raw = {
+        "name": "gpu",
+        "sources": [
+            {
+                "name": "w",
+                "format": "webdataset",
+                "modality": "image_text",
+                "paths": [str(tmp_path / "in" / "*.tar")],
+            }
+        ],
+        "stages": [{"clip_score": {"model": str(tiny_ckpt[0]), "resources": {"num_gpus": 1}}}],
+        "output": {"path": str(tmp_path / "pool")},
+    }
     with pytest.raises(NotReady, match="num_gpus: 1 but torch .* CPU build"):
         run_pipeline(pipeline_from_dict(raw), progress=False)
     assert not (tmp_path / "pool").exists()  # nothing read, nothing written
@@ -337,11 +428,20 @@ def test_pipeline_image_decode_then_clip_score(ray_local, tiny_ckpt, tiny_corpus
     from curation.recipe import pipeline_from_dict
     from curation.runner import run_pipeline
 
-    raw = {"name": "clip", "sources": [
-        {"name": "wds", "format": "webdataset", "modality": "image_text", "paths": [f"{tiny_corpus}/wds/*.tar"]},
-        {"name": "docs", "format": "jsonl", "modality": "text", "paths": [f"{tiny_corpus}/text/*.jsonl"]}],
+    raw = {
+        "name": "clip",
+        "sources": [
+            {
+                "name": "wds",
+                "format": "webdataset",
+                "modality": "image_text",
+                "paths": [f"{tiny_corpus}/wds/*.tar"],
+            },
+            {"name": "docs", "format": "jsonl", "modality": "text", "paths": [f"{tiny_corpus}/text/*.jsonl"]},
+        ],
         "stages": [{"image_decode": {}}, {"clip_score": {"model": str(tiny_ckpt[0]), "batch_size": 4}}],
-        "output": {"path": str(tmp_path / "pool"), "report": False}}
+        "output": {"path": str(tmp_path / "pool"), "report": False},
+    }
     result = run_pipeline(pipeline_from_dict(raw), progress=False)
     stages = {s["name"]: s for s in result.stats["stages"]}
     assert stages["image_decode"]["drops"] == {"undecodable": 2, "missing_image": 1}
@@ -359,8 +459,10 @@ def test_pipeline_image_decode_then_clip_score(ray_local, tiny_ckpt, tiny_corpus
     assert "score_clip_score" in stages["clip_score"]["histograms"]
     manifest = json.loads((tmp_path / "pool" / "manifest.json").read_text())
     assert manifest["stages"]["clip_score"] == {
-        "model": f"tiny-test:{tiny_ckpt[0].resolve()}", "precision": "fp32",
-        "checkpoint_sha256": hashlib.sha256(tiny_ckpt[0].read_bytes()).hexdigest()}
+        "model": f"tiny-test:{tiny_ckpt[0].resolve()}",
+        "precision": "fp32",
+        "checkpoint_sha256": hashlib.sha256(tiny_ckpt[0].read_bytes()).hexdigest(),
+    }
 
 
 def test_pipeline_keep_fraction_is_a_global_cut(ray_local, tiny_ckpt, tiny_corpus, tmp_path):
@@ -369,16 +471,29 @@ def test_pipeline_keep_fraction_is_a_global_cut(ray_local, tiny_ckpt, tiny_corpu
     from curation.recipe import pipeline_from_dict
     from curation.runner import run_pipeline
 
-    raw = {"name": "clip", "sources": [
-        {"name": "wds", "format": "webdataset", "modality": "image_text", "paths": [f"{tiny_corpus}/wds/*.tar"]}],
+    raw = {
+        "name": "clip",
+        "sources": [
+            {
+                "name": "wds",
+                "format": "webdataset",
+                "modality": "image_text",
+                "paths": [f"{tiny_corpus}/wds/*.tar"],
+            }
+        ],
         "stages": [{"image_decode": {}}, {"clip_score": {"model": str(tiny_ckpt[0]), "keep_fraction": 0.5}}],
         "output": {"path": str(tmp_path / "pool"), "report": False},
-        "execution": {"batch_rows": 3}}  # several batches: a per-batch cut would keep other rows
+        "execution": {"batch_rows": 3},
+    }  # several batches: a per-batch cut would keep other rows
     run_pipeline(pipeline_from_dict(raw), progress=False)
     kept = pl.read_parquet(tmp_path / "pool" / "shards" / "*.parquet")
-    rejects = pl.read_parquet(tmp_path / "pool" / "rejects" / "*.parquet").filter(pl.col("reject_stage") == "clip_score")
+    rejects = pl.read_parquet(tmp_path / "pool" / "rejects" / "*.parquet").filter(
+        pl.col("reject_stage") == "clip_score"
+    )
     below = rejects.filter(pl.col("reject_reason") == "below_keep_fraction")
-    assert rejects.filter(pl.col("reject_reason") == "no_caption").height == 1  # still rejected in the unit pass
+    assert (
+        rejects.filter(pl.col("reject_reason") == "no_caption").height == 1
+    )  # still rejected in the unit pass
     assert kept.height == below.height == 4  # 8 scored rows, the top half kept
     assert kept["score_clip_score"].min() > below["score_clip_score"].max()
 
@@ -388,8 +503,11 @@ def test_pipeline_keep_fraction_is_a_global_cut(ray_local, tiny_ckpt, tiny_corpu
 
 def _clean_pairs(root) -> list[tuple[bytes, str]]:
     """(image, caption) of the corpus's clean WebDataset and Parquet rows (truth.parquet: no dirt)."""
-    clean = {(r["source"], r["key"]) for r in pq.read_table(root / "truth.parquet").to_pylist()
-             if r["dirt"] == "clean"}
+    clean = {
+        (r["source"], r["key"])
+        for r in pq.read_table(root / "truth.parquet").to_pylist()
+        if r["dirt"] == "clean"
+    }
     pairs = []
     for path in sorted((root / "image_text" / "wds").glob("*.tar")):
         members: dict[str, dict[str, bytes]] = {}
@@ -397,9 +515,15 @@ def _clean_pairs(root) -> list[tuple[bytes, str]]:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        pairs += [(m.get("jpg") or m["png"], m["txt"].decode()) for k, m in members.items() if ("wds", k) in clean]
+        pairs += [
+            (m.get("jpg") or m["png"], m["txt"].decode()) for k, m in members.items() if ("wds", k) in clean
+        ]
     for path in sorted((root / "image_text" / "parquet").glob("*.parquet")):
-        pairs += [(r["image"], r["caption"]) for r in pq.read_table(path).to_pylist() if ("parquet", r["key"]) in clean]
+        pairs += [
+            (r["image"], r["caption"])
+            for r in pq.read_table(path).to_pylist()
+            if ("parquet", r["key"]) in clean
+        ]
     return pairs
 
 
@@ -424,7 +548,9 @@ def train_tiny_clip(pairs, cfg, steps: int, batch: int = 128, lr: float = 4e-3, 
         return preprocess(img)
 
     images = torch.stack([pixels(d) for d, _ in pairs])
-    tokens = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])([t for _, t in pairs])
+    tokens = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])(
+        [t for _, t in pairs]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -452,9 +578,11 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-QUALITY = {"embed_dim": 64,
-           "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+QUALITY = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def test_trained_model_scores_matched_pairs_above_mismatched(tmp_path):
@@ -472,12 +600,16 @@ def test_trained_model_scores_matched_pairs_above_mismatched(tmp_path):
     path = save_clip(model, QUALITY, tmp_path / "trained.pt", name="tiny-shapes")
 
     shuffled = [t for _, t in held_out[1:] + held_out[:1]]  # every image with its neighbour's caption
-    rows = [{"id": f"m{i}", "modality": "image_text", "image": d, "text": t} for i, (d, t) in enumerate(held_out)]
-    rows += [{"id": f"x{i}", "modality": "image_text", "image": d, "text": t}
-             for i, ((d, _), t) in enumerate(zip(held_out, shuffled))]
+    rows = [
+        {"id": f"m{i}", "modality": "image_text", "image": d, "text": t} for i, (d, t) in enumerate(held_out)
+    ]
+    rows += [
+        {"id": f"x{i}", "modality": "image_text", "image": d, "text": t}
+        for i, ((d, _), t) in enumerate(zip(held_out, shuffled))
+    ]
     stage = ClipScore(model=str(path), batch_size=128)
     stage.preflight()
     out = stage(from_rows(rows))
     scores = np.array(out["score_clip_score"].to_pylist())
-    matched, mismatched = scores[: len(held_out)], scores[len(held_out):]
+    matched, mismatched = scores[: len(held_out)], scores[len(held_out) :]
     assert auc(matched, mismatched) >= 0.9, (auc(matched, mismatched), matched.mean(), mismatched.mean())

@@ -38,7 +38,11 @@ def _sha(path: Path) -> str:
 
 def _rows(pool: Path) -> tuple[list[str], dict[str, list[str]]]:
     """(sorted kept ids, {reject reason: sorted ids})."""
-    kept = sorted(i for f in (pool / "shards").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
+    kept = sorted(
+        i
+        for f in (pool / "shards").glob("*.parquet")
+        for i in pq.read_table(f, columns=["id"])["id"].to_pylist()
+    )
     rejected: dict[str, list[str]] = {}
     for f in (pool / "rejects").glob("*.parquet"):
         for r in pq.read_table(f, columns=["id", "reject_reason"]).to_pylist():
@@ -50,9 +54,26 @@ def test_two_node_cluster_writes_the_same_pool_as_a_local_run(ray_local, two_nod
     local = Path(run_pipeline(load_pipeline(tiny_recipe), progress=False).pool)
 
     out = tmp_path / "pool_cluster"
-    proc = subprocess.run([sys.executable, "-m", "curation.cli", "run", str(tiny_recipe), "-q",
-                           "--address", two_nodes.address, "--set", f"vars.out={out}"],
-                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "run",
+            str(tiny_recipe),
+            "-q",
+            "--address",
+            two_nodes.address,
+            "--set",
+            f"vars.out={out}",
+        ],
+        check=False,
+        env=two_nodes.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     assert _rows(out) == _rows(local)
@@ -82,30 +103,71 @@ def test_two_node_cluster_audits_and_mixes_like_a_local_run(ray_local, two_nodes
 
     registry = str(REPO / "pipelines" / "benchmarks.yaml")
     corpus = [str(sample_corpus / "text"), str(sample_corpus / "interleaved")]
-    local = run_audit(registry, corpus, str(tmp_path / "audit_local"), registry_set=[f"vars.corpus={sample_corpus}"],
-                      progress=False)
-    proc = subprocess.run([sys.executable, "-m", "curation.cli", "audit", "--benchmarks", registry, "--set",
-                           f"vars.corpus={sample_corpus}", "--corpus", *corpus, "--out", str(tmp_path / "audit_cluster"),
-                           "-q", "--address", two_nodes.address],
-                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    local = run_audit(
+        registry,
+        corpus,
+        str(tmp_path / "audit_local"),
+        registry_set=[f"vars.corpus={sample_corpus}"],
+        progress=False,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "audit",
+            "--benchmarks",
+            registry,
+            "--set",
+            f"vars.corpus={sample_corpus}",
+            "--corpus",
+            *corpus,
+            "--out",
+            str(tmp_path / "audit_cluster"),
+            "-q",
+            "--address",
+            two_nodes.address,
+        ],
+        check=False,
+        env=two_nodes.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = json.loads((tmp_path / "audit_cluster" / "report.json").read_text())
 
     def matches(d: dict) -> set:
-        return {(m["sample_id"], m["benchmark_item"], m["method"]) for b in d["benchmarks"].values() for m in b["matches"]}
+        return {
+            (m["sample_id"], m["benchmark_item"], m["method"])
+            for b in d["benchmarks"].values()
+            for m in b["matches"]
+        }
 
     assert matches(remote) == matches(local.data) and matches(remote)
 
     pool = make_pool(tmp_path / "pool", [text_row(i, 5 + i % 40) for i in range(600)], shard_rows=40)
-    raw = {"pools": {"p": str(pool)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
-           "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 30},
-           "mixtures": {"m": {"budget": 6000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}}}
+    raw = {
+        "pools": {"p": str(pool)},
+        "tokenizer": str(packaged_tokenizer_json()),
+        "seed": 3,
+        "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 30},
+        "mixtures": {"m": {"budget": 6000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}},
+    }
     (built,) = build_mixtures(mix_recipe_from_dict(raw), progress=False)
     raw["output"]["path"] = str(tmp_path / "mix_cluster")
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q", "--address", two_nodes.address],
-                          check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q", "--address", two_nodes.address],
+        check=False,
+        env=two_nodes.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     here, there = Path(built.path) / "shards", tmp_path / "mix_cluster" / "m" / "shards"
     names = sorted(p.name for p in here.iterdir())
@@ -138,26 +200,64 @@ def test_the_whole_flow_on_a_two_node_cluster_matches_local(ray_local, two_nodes
     from curation.train.config import load_config
     from curation.train.train import train
 
-    proc = subprocess.run([sys.executable, "-m", "curation.cli", "sample", str(tmp_path / "corpus"), "--rows", "240",
-                           "--seed", "5", "-q"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "sample",
+            str(tmp_path / "corpus"),
+            "--rows",
+            "240",
+            "--seed",
+            "5",
+            "-q",
+        ],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     clip = save_clip(import_open_clip().CLIP(**TINY).eval(), TINY, tmp_path / "tiny.pt", name="tiny-test")
 
     with canned_server() as url:
-        sets = [f"vars.corpus={tmp_path / 'corpus'}", f"vars.clip={clip}", f"vars.vlm_url={url}",
-                "vars.vlm_model=canned"]
-        recipe = load_pipeline(REPO / "pipelines" / "quality.yaml", [*sets, f"vars.out={tmp_path / 'q_local'}"])
+        sets = [
+            f"vars.corpus={tmp_path / 'corpus'}",
+            f"vars.clip={clip}",
+            f"vars.vlm_url={url}",
+            "vars.vlm_model=canned",
+        ]
+        recipe = load_pipeline(
+            REPO / "pipelines" / "quality.yaml", [*sets, f"vars.out={tmp_path / 'q_local'}"]
+        )
         caption = [s.name for s in recipe.stages].index("dense_caption")
         sets.append(f"stages.{caption}.dense_caption.min_words=3")  # the canned answer is 6 words
-        local = Path(run_pipeline(load_pipeline(REPO / "pipelines" / "quality.yaml",
-                                                [*sets, f"vars.out={tmp_path / 'q_local'}"]), progress=False).pool)
-        args = [sys.executable, "-m", "curation.cli", "run", str(REPO / "pipelines" / "quality.yaml"), "-q",
-                "--address", two_nodes.address]
+        local = Path(
+            run_pipeline(
+                load_pipeline(
+                    REPO / "pipelines" / "quality.yaml", [*sets, f"vars.out={tmp_path / 'q_local'}"]
+                ),
+                progress=False,
+            ).pool
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "run",
+            str(REPO / "pipelines" / "quality.yaml"),
+            "-q",
+            "--address",
+            two_nodes.address,
+        ]
         for s in [*sets, f"vars.out={tmp_path / 'q_cluster'}"]:
             args += ["--set", s]
-        proc = subprocess.run(args, check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            args, check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     there = tmp_path / "q_cluster"
     assert _rows(there) == _rows(local) and len(_rows(local)[0]) > 10
@@ -167,27 +267,53 @@ def test_the_whole_flow_on_a_two_node_cluster_matches_local(ray_local, two_nodes
         rows = {}
         for f in sorted((pool / "shards").glob("*.parquet")):
             for r in pq.read_table(f).to_pylist():
-                rows[(r["source_uri"], r["source_offset"])] = (r["score_clip_score"], r["ocr_text"], r["ocr_status"],
-                                                               r["score_vlm_judge"], r["dense_caption"])
+                rows[(r["source_uri"], r["source_offset"])] = (
+                    r["score_clip_score"],
+                    r["ocr_text"],
+                    r["ocr_status"],
+                    r["score_vlm_judge"],
+                    r["dense_caption"],
+                )
         return rows
 
     a, b = columns(local), columns(there)
     assert a.keys() == b.keys()
     assert all(v[0] is not None and v[3] == 4 for v in a.values())  # every kept row went through the models
     assert any(v[4] for v in a.values()) and any(v[2] for v in a.values())
-    for k in a:  # model outputs: the same scores (CPU float, a batch may pair differently: tolerance), texts equal
+    for k in (
+        a
+    ):  # model outputs: the same scores (CPU float, a batch may pair differently: tolerance), texts equal
         assert (a[k][0] is None) == (b[k][0] is None) and abs((a[k][0] or 0) - (b[k][0] or 0)) < 1e-4, k
         assert a[k][1:] == b[k][1:], k
 
-    raw = {"pools": {"q": str(local)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
-           "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 16},
-           "mixtures": {"m": {"budget": "auto", "sources": {"all": {"pool": "q", "weight": 1.0}}}}}
+    raw = {
+        "pools": {"q": str(local)},
+        "tokenizer": str(packaged_tokenizer_json()),
+        "seed": 3,
+        "output": {"path": str(tmp_path / "mix_local"), "shard_rows": 16},
+        "mixtures": {"m": {"budget": "auto", "sources": {"all": {"pool": "q", "weight": 1.0}}}},
+    }
     (built,) = build_mixtures(mix_recipe_from_dict(raw), progress=False)
     raw["pools"]["q"], raw["output"]["path"] = str(there), str(tmp_path / "mix_cluster")
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "curation.cli", "mix", str(tmp_path / "mix.yaml"), "-q", "--address",
-                           two_nodes.address], check=False, env=two_nodes.env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "mix",
+            str(tmp_path / "mix.yaml"),
+            "-q",
+            "--address",
+            two_nodes.address,
+        ],
+        check=False,
+        env=two_nodes.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     here, far = Path(built.path), tmp_path / "mix_cluster" / "m"
     names = sorted(p.name for p in (here / "shards").iterdir())
@@ -195,8 +321,19 @@ def test_the_whole_flow_on_a_two_node_cluster_matches_local(ray_local, two_nodes
     assert {n: _sha(far / "shards" / n) for n in names} == {n: _sha(here / "shards" / n) for n in names}
 
     def losses(mixture: Path, out: Path) -> list:
-        train(load_config(None, [f"mixture={mixture}", f"out={out}", "stage=2", "steps=3", "data.num_workers=0",
-                                 "log_every=100"]))
+        train(
+            load_config(
+                None,
+                [
+                    f"mixture={mixture}",
+                    f"out={out}",
+                    "stage=2",
+                    "steps=3",
+                    "data.num_workers=0",
+                    "log_every=100",
+                ],
+            )
+        )
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
     ran_local, ran_cluster = losses(here, tmp_path / "t_local"), losses(far, tmp_path / "t_cluster")
@@ -209,8 +346,17 @@ def test_the_whole_flow_on_a_two_node_cluster_matches_local(ray_local, two_nodes
 
 def test_ray_cluster_yaml_has_what_the_launcher_needs():
     config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
-    for key in ("cluster_name", "provider", "auth", "head_node_type", "available_node_types", "file_mounts",
-                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "auth",
+        "head_node_type",
+        "available_node_types",
+        "file_mounts",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in config, key
     assert config["provider"]["type"] and config["provider"].get("region")
     types = config["available_node_types"]
@@ -232,6 +378,9 @@ def test_ray_cluster_yaml_has_what_the_launcher_needs():
         flags = dict(re.findall(r"--(num-cpus|memory|object-store-memory)=(\d+)", start))
         for name in names:
             res = types[name]["resources"]
-            assert flags == {"num-cpus": str(res["CPU"]), "memory": str(res["memory"]),
-                             "object-store-memory": str(res["object_store_memory"])}, (key, name)
+            assert flags == {
+                "num-cpus": str(res["CPU"]),
+                "memory": str(res["memory"]),
+                "object-store-memory": str(res["object_store_memory"]),
+            }, (key, name)
     assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])

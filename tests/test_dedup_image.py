@@ -58,8 +58,9 @@ def crop(img: Image.Image, rng: random.Random, total: float | None = None) -> Im
     w, h = img.size
     cx, cy = (rng.uniform(0, 0.1), rng.uniform(0, 0.1)) if total is None else (total, total)
     ux, uy = rng.random(), rng.random()
-    return img.crop((round(w * cx * ux), round(h * cy * uy), w - round(w * cx * (1 - ux)),
-                     h - round(h * cy * (1 - uy))))
+    return img.crop(
+        (round(w * cx * ux), round(h * cy * uy), w - round(w * cx * (1 - ux)), h - round(h * cy * (1 - uy)))
+    )
 
 
 def brighten(img: Image.Image, rng: random.Random) -> Image.Image:

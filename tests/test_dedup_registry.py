@@ -24,7 +24,11 @@ def test_shipped_registry_covers_the_sample_benchmarks(corpus):
     items = list(read_items(vqa))
     assert len(items) == expected >= 20
     first = items[0]
-    assert first.benchmark == "sample_vqa" and first.item_id.startswith("vqa-") and first.key == f"sample_vqa:{first.item_id}"
+    assert (
+        first.benchmark == "sample_vqa"
+        and first.item_id.startswith("vqa-")
+        and first.key == f"sample_vqa:{first.item_id}"
+    )
     assert first.images and first.images[0][:4] == b"\x89PNG"
     assert first.question in first.segments and first.answer in first.options and len(first.options) >= 2
     text_items = list(read_items(qa))
@@ -58,19 +62,28 @@ extra: 1
         load_benchmarks(reg)
     text = str(info.value)
     assert str(reg) in text
-    for expected in ("benchmarks.0.paths.0: no file matches '/nowhere/*.parquet'",
-                     "benchmarks.0.fields.imagez: unknown role", "benchmarks.1.name: 'a' is used twice",
-                     "benchmarks.1.fields.id: required", "benchmarks.1.format: 'csv'", "extra: unknown key"):
+    for expected in (
+        "benchmarks.0.paths.0: no file matches '/nowhere/*.parquet'",
+        "benchmarks.0.fields.imagez: unknown role",
+        "benchmarks.1.name: 'a' is used twice",
+        "benchmarks.1.fields.id: required",
+        "benchmarks.1.format: 'csv'",
+        "extra: unknown key",
+    ):
         assert expected in text, expected
 
 
 def test_broken_rows_are_skipped_and_reported(tmp_path):
-    (tmp_path / "b.jsonl").write_text('{"id": "1", "question": "What is shown?"}\n'
-                                      '{"id": "2"}\n'
-                                      'not json\n'
-                                      '{"id": "4", "question": "Which colour?", "image": "missing.png"}\n')
+    (tmp_path / "b.jsonl").write_text(
+        '{"id": "1", "question": "What is shown?"}\n'
+        '{"id": "2"}\n'
+        "not json\n"
+        '{"id": "4", "question": "Which colour?", "image": "missing.png"}\n'
+    )
     reg = tmp_path / "r.yaml"
-    reg.write_text(f'benchmarks: [{{name: b, paths: ["{tmp_path}/b.jsonl"], fields: {{id: id, question: question, image: image}}}}]\n')
+    reg.write_text(
+        f'benchmarks: [{{name: b, paths: ["{tmp_path}/b.jsonl"], fields: {{id: id, question: question, image: image}}}}]\n'
+    )
     problems: list = []
     items = list(read_items(load_benchmarks(reg)[0], problems))
     # item 4 keeps its text; its image is listed as not indexed, naming the file it looked for

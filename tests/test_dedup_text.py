@@ -161,20 +161,25 @@ def test_containment_index_for_10k_items_is_compact():
 # ---------------------------------------------------------------- batch scan (ContainmentIndex.scan)
 
 
-
 def test_batch_tokenizer_equals_tokens_on_random_unicode():
     """The vectorised tokenizer (ASCII fast path, ASCII forms, normalize) hashes exactly `tokens(text)`."""
     rng = random.Random(7)
-    tricky = list("aZ09 -\n\t\r\x0b\x0c\x1c\x1f\x00\x01_.,'–—’“”…é\u0301ßﬁＡ１"
-                  "\u00ad\u200b\u2010\u2011\u00a0東京タワーا안녕²™½Ǆ")
+    tricky = list(
+        "aZ09 -\n\t\r\x0b\x0c\x1c\x1f\x00\x01_.,'–—’“”…é\u0301ßﬁＡ１"
+        "\u00ad\u200b\u2010\u2011\u00a0東京タワーا안녕²™½Ǆ"
+    )
     texts = []
     for _ in range(3000):
         k = rng.randint(0, 40)
         if rng.random() < 0.4:
             texts.append("".join(rng.choice(tricky[:14]) for _ in range(k)))  # ASCII only
         elif rng.random() < 0.9:
-            texts.append("".join(rng.choice(tricky) if rng.random() < 0.85
-                                 else chr(rng.randint(0x80, 0x2FFFF)) for _ in range(k)))
+            texts.append(
+                "".join(
+                    rng.choice(tricky) if rng.random() < 0.85 else chr(rng.randint(0x80, 0x2FFFF))
+                    for _ in range(k)
+                )
+            )
         else:
             texts.append(None)
     for text, got in zip(texts, _split(*_token_stream(texts)), strict=True):
@@ -185,8 +190,10 @@ def test_every_ascii_form_tokenises_like_normalize():
     """Each BMP character that the fast path replaces by ASCII, in contexts that exercise the hyphen join."""
     chars = [chr(c) for c in range(0x80, 0x10000) if _ASCII_FORM[chr(c)] is not None]
     assert {"é", "’", "—", "\u00a0", "ﬁ", "\u2010"} <= set(chars) and "\u200b" not in chars  # ZWSP is deleted
-    texts = [f"ab{c}cd ab-{c}cd xy{c}-cd a-{c} {c}-b x-\n{c}y 1{c}2 {c}{c} é{c} {c}É A{c}B p{c}-{d}q"
-             for c, d in zip(chars, chars[1:] + chars[:1])]
+    texts = [
+        f"ab{c}cd ab-{c}cd xy{c}-cd a-{c} {c}-b x-\n{c}y 1{c}2 {c}{c} é{c} {c}É A{c}B p{c}-{d}q"
+        for c, d in zip(chars, chars[1:] + chars[:1])
+    ]
     got = _split(*_token_stream(texts))
     assert [t for t, g in zip(texts, got) if g.tolist() != _token_hashes(tokens(t)).tolist()] == []
 
@@ -220,8 +227,12 @@ def test_scan_equals_per_document_query(cindex, items):
 
 def test_segments_make_a_labelled_copy_score_one():
     q = "Which of the four regions showed the largest relative increase in average rainfall over the decade"
-    options = ["the northern coastal plain region", "the southern highlands",
-               "the eastern river delta and its islands", "the west"]
+    options = [
+        "the northern coastal plain region",
+        "the southern highlands",
+        "the eastern river delta and its islands",
+        "the west",
+    ]
     rng = random.Random(9)
     leaked = words(rng, 300) + "\n" + _quiz(q, options, options[2]) + "\n" + words(rng, 300)
     joined = ContainmentIndex([("x", " ".join([q, *options, options[2]]))])
@@ -235,12 +246,17 @@ def test_segments_make_a_labelled_copy_score_one():
 
 
 def test_short_segments_min_tokens_and_skipping():
-    idx = ContainmentIndex([
-        ("q", ["What colour is the bus?", "red", "blue"]),  # 5 tokens: n-grams of 5 from the question only
-        ("short", ["Name the bus", "a red one"]),  # longest 3 < min(n, min_tokens): skipped
-        ("few", ["bus", "red"]),  # 2 tokens in all < min_tokens
-        ("four", ["what is the bus", "red"]),  # longest 4 = min_tokens: one 4-gram
-    ])
+    idx = ContainmentIndex(
+        [
+            (
+                "q",
+                ["What colour is the bus?", "red", "blue"],
+            ),  # 5 tokens: n-grams of 5 from the question only
+            ("short", ["Name the bus", "a red one"]),  # longest 3 < min(n, min_tokens): skipped
+            ("few", ["bus", "red"]),  # 2 tokens in all < min_tokens
+            ("four", ["what is the bus", "red"]),  # longest 4 = min_tokens: one 4-gram
+        ]
+    )
     assert idx.ids == ["q", "four"] and idx.skipped == ["short", "few"]
     assert idx.query("Q: what colour is the bus? A) red B) blue") == [("q", 1.0)]
     assert idx.query("so, What is the BUS?") == [("four", 1.0)]

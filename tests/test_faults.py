@@ -39,7 +39,9 @@ def test_a_worker_killed_mid_run_is_retried_and_the_pool_is_unchanged(tmp_path):
     _corpus(tmp_path / "corpus", tars=24, per_tar=16)
     ref_recipe, recipe = tmp_path / "ref.yaml", tmp_path / "r.yaml"
     # two workers, so the run goes on while one is killed; no resume: the same process must finish the pool
-    body = RECIPE.replace("execution: {{num_workers: 1, num_cpus: 1}}", "execution: {{num_workers: 2, num_cpus: 2}}")
+    body = RECIPE.replace(
+        "execution: {{num_workers: 1, num_cpus: 1}}", "execution: {{num_workers: 2, num_cpus: 2}}"
+    )
     ref_recipe.write_text(body.format(corpus=tmp_path / "corpus", out=tmp_path / "ref"))
     recipe.write_text(body.format(corpus=tmp_path / "corpus", out=tmp_path / "pool"))
     assert _run(ref_recipe).wait(timeout=300) == 0
@@ -78,20 +80,34 @@ def test_a_worker_killed_mid_mix_is_retried_and_the_mixture_is_unchanged(tmp_pat
     outs = {}
     for name in ("ref", "killed"):
         recipe = tmp_path / f"{name}.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "pools": {"p": str(pool)}, "tokenizer": str(packaged_tokenizer_json()), "seed": 3,
-            "output": {"path": str(tmp_path / name), "shard_rows": 50},
-            "mixtures": {"m": {"budget": 80000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}}}))
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "pools": {"p": str(pool)},
+                    "tokenizer": str(packaged_tokenizer_json()),
+                    "seed": 3,
+                    "output": {"path": str(tmp_path / name), "shard_rows": 50},
+                    "mixtures": {"m": {"budget": 80000, "sources": {"docs": {"pool": "p", "weight": 1.0}}}},
+                }
+            )
+        )
         env = dict(os.environ, RAY_ACCEPT_CALLABLE_NAMESPACES="1")
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen([sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "curation.cli", "mix", str(recipe), "-q"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if name == "killed":
             _kill_one(proc, "_gather_batch")  # writing the output shards
         log = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, log
         folder = tmp_path / name / "m"
-        outs[name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((folder / "shards").iterdir())}
+        outs[name] = {
+            f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((folder / "shards").iterdir())
+        }
         assert not [n for n in outs[name] if ".tmp" in n]
     assert outs["killed"] == outs["ref"] and len(outs["ref"]) > 10
 
@@ -103,8 +119,13 @@ def small_disk(tmp_path):
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False,
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False, capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
@@ -159,17 +180,37 @@ def test_a_worker_killed_mid_audit_is_retried_and_the_report_is_unchanged(tmp_pa
     from curation.sample import write_sample_corpus
 
     corpus = tmp_path / "corpus"
-    write_sample_corpus(corpus, rows=2400, seed=4, shard_rows=100, progress=False)  # many units to kill one in
+    write_sample_corpus(
+        corpus, rows=2400, seed=4, shard_rows=100, progress=False
+    )  # many units to kill one in
     reports = {}
     for name in ("ref", "killed"):
         env = dict(os.environ, RAY_ACCEPT_CALLABLE_NAMESPACES="1")
         env.pop("RAY_ADDRESS", None)
         root = Path(__file__).resolve().parents[1]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "curation.cli", "audit", "--benchmarks", str(root / "pipelines" / "benchmarks.yaml"),
-             "--set", f"vars.corpus={corpus}", "--corpus", str(corpus / "image_text" / "wds"), str(corpus / "text"),
-             str(corpus / "interleaved"), "--out", str(tmp_path / name), "-q"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "curation.cli",
+                "audit",
+                "--benchmarks",
+                str(root / "pipelines" / "benchmarks.yaml"),
+                "--set",
+                f"vars.corpus={corpus}",
+                "--corpus",
+                str(corpus / "image_text" / "wds"),
+                str(corpus / "text"),
+                str(corpus / "interleaved"),
+                "--out",
+                str(tmp_path / name),
+                "-q",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if name == "killed":
             _kill_one(proc, "_process_batch")
         log = proc.communicate(timeout=300)[0].decode()
@@ -177,8 +218,11 @@ def test_a_worker_killed_mid_audit_is_retried_and_the_report_is_unchanged(tmp_pa
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
 
     def matches(report: dict) -> list:
-        return sorted((m["sample_id"], m["benchmark_item"], m["method"])
-                      for b in report["benchmarks"].values() for m in b["matches"])
+        return sorted(
+            (m["sample_id"], m["benchmark_item"], m["method"])
+            for b in report["benchmarks"].values()
+            for m in b["matches"]
+        )
 
     assert matches(reports["killed"]) == matches(reports["ref"]) and len(matches(reports["ref"])) > 10
     assert reports["killed"]["corpus"] == reports["ref"]["corpus"]
@@ -215,8 +259,13 @@ def test_an_object_store_that_goes_away_mid_run_fails_cleanly_and_a_rerun_resume
         env.update(server.env(), RAY_TMPDIR=ray_tmp, CURATION_S3_MAX_ATTEMPTS="2")
 
         def run() -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "curation.cli", "run", str(recipe), "-q"], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-m", "curation.cli", "run", str(recipe), "-q"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         def done_units() -> int:
             listed = client.list_objects_v2(Bucket="pools", Prefix="pool/_work/done/").get("Contents", [])
@@ -235,11 +284,17 @@ def test_an_object_store_that_goes_away_mid_run_fails_cleanly_and_a_rerun_resume
         assert server.secret_key not in log
 
         weed.start()
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="pools", Prefix="pool/")
-                for o in page.get("Contents", [])]
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket="pools", Prefix="pool/")
+            for o in page.get("Contents", [])
+        ]
         assert "pool/manifest.json" not in keys
-        records = [json.loads(client.get_object(Bucket="pools", Key=k)["Body"].read())
-                   for k in keys if k.startswith("pool/_work/done/") and k.endswith(".json")]
+        records = [
+            json.loads(client.get_object(Bucket="pools", Key=k)["Body"].read())
+            for k in keys
+            if k.startswith("pool/_work/done/") and k.endswith(".json")
+        ]
         assert 3 <= len(records) < 48, "the run must stop in the middle: make the corpus larger"
         for rec in records:  # what a manifest would list is whole
             for shard in rec["shards"]:
@@ -250,11 +305,19 @@ def test_an_object_store_that_goes_away_mid_run_fails_cleanly_and_a_rerun_resume
         proc = run()
         log = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, log
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="pools", Prefix="pool/")
-                for o in page.get("Contents", [])]
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket="pools", Prefix="pool/")
+            for o in page.get("Contents", [])
+        ]
         assert not [k for k in keys if ".tmp-" in k]  # the rerun swept what the failed units could not delete
-        got = {k.removeprefix("pool/"): hashlib.sha256(client.get_object(Bucket="pools", Key=k)["Body"].read())
-               .hexdigest() for k in keys if k.startswith(("pool/shards/", "pool/rejects/")) and not k.endswith("/")}
+        got = {
+            k.removeprefix("pool/"): hashlib.sha256(
+                client.get_object(Bucket="pools", Key=k)["Body"].read()
+            ).hexdigest()
+            for k in keys
+            if k.startswith(("pool/shards/", "pool/rejects/")) and not k.endswith("/")
+        }
         ref = {n: s for n, (s, _) in _files(tmp_path / "ref").items()}
         assert got == ref and len(ref) > 10
         manifest = json.loads(client.get_object(Bucket="pools", Key="pool/manifest.json")["Body"].read())

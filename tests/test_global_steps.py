@@ -37,11 +37,15 @@ def test_id_ranges_cover_every_id_exactly_once():
         ranges = id_ranges(parts)
         assert len(ranges) == parts and ranges[0][0] is None and ranges[-1][1] is None
         for i in ids:
-            inside = [k for k, (lo, hi) in enumerate(ranges) if (lo is None or i >= lo) and (hi is None or i < hi)]
+            inside = [
+                k for k, (lo, hi) in enumerate(ranges) if (lo is None or i >= lo) and (hi is None or i < hi)
+            ]
             assert len(inside) == 1, (i, parts, inside)
     # hex digests spread evenly: no range of 7 holds more than twice its share of 3000 random ids
     ranges = id_ranges(7)
-    sizes = [sum(1 for i in ids[:3000] if (lo is None or i >= lo) and (hi is None or i < hi)) for lo, hi in ranges]
+    sizes = [
+        sum(1 for i in ids[:3000] if (lo is None or i >= lo) and (hi is None or i < hi)) for lo, hi in ranges
+    ]
     assert sum(sizes) == 3000 and max(sizes) < 2 * 3000 / 7
 
 
@@ -49,8 +53,14 @@ def test_exact_dedup_index_merged_from_id_ranges_equals_the_whole_index():
     rng = random.Random(1)
     pool = [f"{rng.getrandbits(128):032x}" for _ in range(400)]
     ids = [rng.choice(pool) for _ in range(2000)]  # about 1,600 repeats
-    rows = pa.table({"id": ids, "unit": [rng.randrange(20) for _ in ids],
-                     "source_uri": [f"file{rng.randrange(5)}" for _ in ids], "source_offset": list(range(len(ids)))})
+    rows = pa.table(
+        {
+            "id": ids,
+            "unit": [rng.randrange(20) for _ in ids],
+            "source_uri": [f"file{rng.randrange(5)}" for _ in ids],
+            "source_offset": list(range(len(ids))),
+        }
+    )
     stage = load_registry()["exact_dedup"]()
     whole = stage.build_index(rows)
 
@@ -70,7 +80,9 @@ def test_exact_dedup_index_merged_from_id_ranges_equals_the_whole_index():
 def _outcome(pool: Path) -> tuple[list, dict]:
     """(sorted lineage of kept rows, {reject reason: sorted lineage}): lineage, since copies share an id."""
     kept = pl.read_parquet(pool / "shards" / "*.parquet", columns=["source_uri", "source_offset"])
-    rejects = pl.read_parquet(pool / "rejects" / "*.parquet", columns=["source_uri", "source_offset", "reject_reason"])
+    rejects = pl.read_parquet(
+        pool / "rejects" / "*.parquet", columns=["source_uri", "source_offset", "reject_reason"]
+    )
     by_reason = {}
     for reason, group in rejects.group_by("reject_reason"):
         by_reason[reason[0]] = sorted(group.select("source_uri", "source_offset").iter_rows())
@@ -81,7 +93,9 @@ def test_dedup_index_and_quantile_cut_are_the_same_over_many_workers_and_index_p
     from curation.sample import write_sample_corpus
 
     corpus = tmp_path / "corpus"
-    write_sample_corpus(corpus, rows=800, seed=9, shard_rows=40, progress=False)  # files of 40 rows: many units
+    write_sample_corpus(
+        corpus, rows=800, seed=9, shard_rows=40, progress=False
+    )  # files of 40 rows: many units
 
     def run(name: str, execution: str) -> tuple[list, dict]:
         recipe = tmp_path / f"{name}.yaml"
@@ -105,8 +119,12 @@ def test_index_partition_rows_is_checked(tmp_path, sample_corpus):
     from curation.recipe import RecipeError
 
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "p", execution="{index_partition_rows: 0}"))
-    with pytest.raises(RecipeError, match="execution.index_partition_rows: expected a positive integer between 1 and"):
+    recipe.write_text(
+        RECIPE.format(corpus=sample_corpus, out=tmp_path / "p", execution="{index_partition_rows: 0}")
+    )
+    with pytest.raises(
+        RecipeError, match="execution.index_partition_rows: expected a positive integer between 1 and"
+    ):
         load_pipeline(recipe)
 
 
@@ -127,13 +145,20 @@ def test_score_histograms_stream_over_the_pool_and_count_every_row(tmp_path):
         scores = pa.array(chunk).cast(pa.float64())
         if i == 3:  # nulls: rows the stage did not score
             scores = pa.array([None if j % 5 == 0 else v for j, v in enumerate(chunk.tolist())], pa.float64())
-        pq.write_table(pa.table({col: scores}), tmp_path / ("rejects" if i == 6 else "shards") / f"{i:05d}.parquet")
-    seen = np.concatenate([pq.read_table(f)[col].drop_null().to_numpy() for f in sorted(tmp_path.rglob("*.parquet"))])
+        pq.write_table(
+            pa.table({col: scores}), tmp_path / ("rejects" if i == 6 else "shards") / f"{i:05d}.parquet"
+        )
+    seen = np.concatenate(
+        [pq.read_table(f)[col].drop_null().to_numpy() for f in sorted(tmp_path.rglob("*.parquet"))]
+    )
     h = _histograms([stage], str(tmp_path), bins=20, sample=1000)[stage.label][col]
     assert sum(h["counts"]) == len(seen) and h["max"] == 10_000.0 and h["min"] == seen.min()
     lo, hi = h["edges"][0], h["edges"][-1]
-    assert 20 < lo < 30 and 70 < hi < 80  # near the 0.5% and 99.5% quantiles of the bulk, not stretched to 10,000
+    assert (
+        20 < lo < 30 and 70 < hi < 80
+    )  # near the 0.5% and 99.5% quantiles of the bulk, not stretched to 10,000
     assert h["outside_range"] == int(((seen < lo) | (seen > hi)).sum()) > 0
     assert h["counts"] == np.histogram(np.clip(seen, lo, hi), bins=20, range=(lo, hi))[0].tolist()
-    assert _histograms([stage], str(tmp_path), bins=20, sample=1000) == _histograms([stage], str(tmp_path), bins=20,
-                                                                                     sample=1000)
+    assert _histograms([stage], str(tmp_path), bins=20, sample=1000) == _histograms(
+        [stage], str(tmp_path), bins=20, sample=1000
+    )

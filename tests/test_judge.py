@@ -35,8 +35,16 @@ from PIL import Image
 
 from conftest import jpeg, write_tar
 from curation.filters.judge import DEFAULT_PROMPTS, ParseError, VLMJudge, parse_judgement
-from curation.models.vlm import (BackendConfig, OpenAIBackend, Request, TransformersBackend, VLLMBackend,
-                                 data_url, make_backend, resolve_model_path)
+from curation.models.vlm import (
+    BackendConfig,
+    OpenAIBackend,
+    Request,
+    TransformersBackend,
+    VLLMBackend,
+    data_url,
+    make_backend,
+    resolve_model_path,
+)
 from curation.recipe import RecipeError, pipeline_from_dict
 from curation.schema import from_rows
 from curation.runner import check_gpus
@@ -47,13 +55,24 @@ REG = load_registry()
 
 
 def batch(*rows, modality="image_text"):
-    return from_rows([{"id": str(i), "modality": modality, "source_uri": "mem", "source_offset": i, **r}
-                      for i, r in enumerate(rows)])
+    return from_rows(
+        [
+            {"id": str(i), "modality": modality, "source_uri": "mem", "source_offset": i, **r}
+            for i, r in enumerate(rows)
+        ]
+    )
 
 
 def judge(url: str, **kw) -> VLMJudge:
-    backend = {"kind": "openai", "base_url": url, "model": "canned", "max_retries": 2, "backoff_s": 0.01,
-               "timeout_s": 5.0, **kw.pop("backend", {})}
+    backend = {
+        "kind": "openai",
+        "base_url": url,
+        "model": "canned",
+        "max_retries": 2,
+        "backoff_s": 0.01,
+        "timeout_s": 5.0,
+        **kw.pop("backend", {}),
+    }
     return VLMJudge(backend=BackendConfig(**backend), **kw)
 
 
@@ -77,27 +96,46 @@ def stats(url: str) -> dict:
 # ---------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"score": 4, "reason": "good"}', (4.0, "good")),
-    ('  {"Score": "5", "Reason": "exact"} ', (5.0, "exact")),
-    ('Here you go:\n```json\n{"score": 2, "reason": "vague"}\n```\nHope it helps', (2.0, "vague")),
-    ('I rate it {"score": 3.5, "reason": "ok"} overall.', (3.5, "ok")),
-    ('{"other": 1} then {"score": 1, "reason": "spam"}', (1.0, "spam")),
-    ("Score: 4\nReason: the caption names the red circle.", (4.0, "the caption names the red circle.")),
-    ("**Score**: 3/5", (3.0, "")),
-    ("<think>The caption says red. {\"score\": 1}</think>\n{\"score\": 5, \"reason\": \"matches\"}", (5.0, "matches")),
-    ('{"score": 4}', (4.0, "")),
-    ("5", (5.0, "")), ("4/5.", (4.0, "")), ('{"rating": 2, "reason": "meh"}', (2.0, "meh")), ("Rating: 3", (3.0, "")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"score": 4, "reason": "good"}', (4.0, "good")),
+        ('  {"Score": "5", "Reason": "exact"} ', (5.0, "exact")),
+        ('Here you go:\n```json\n{"score": 2, "reason": "vague"}\n```\nHope it helps', (2.0, "vague")),
+        ('I rate it {"score": 3.5, "reason": "ok"} overall.', (3.5, "ok")),
+        ('{"other": 1} then {"score": 1, "reason": "spam"}', (1.0, "spam")),
+        ("Score: 4\nReason: the caption names the red circle.", (4.0, "the caption names the red circle.")),
+        ("**Score**: 3/5", (3.0, "")),
+        (
+            '<think>The caption says red. {"score": 1}</think>\n{"score": 5, "reason": "matches"}',
+            (5.0, "matches"),
+        ),
+        ('{"score": 4}', (4.0, "")),
+        ("5", (5.0, "")),
+        ("4/5.", (4.0, "")),
+        ('{"rating": 2, "reason": "meh"}', (2.0, "meh")),
+        ("Rating: 3", (3.0, "")),
+    ],
+)
 def test_parse_accepts_json_prose_fences_and_score_lines(text, expected):
     assert parse_judgement(text) == expected
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "empty"), ("I like it.", "no score"), ("4 of the 5 objects match", "no score"), ("7", "outside"), ('{"score": 6, "reason": "x"}', r"outside \[1, 5\]"),
-    ('{"score": 0}', "outside"), ('{"score": true}', "not a number"), ('{"score": "high"}', "not a number"),
-    ('{"score": NaN}', "outside"), ("<think>unfinished thoughts, score: 4", "empty"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty"),
+        ("I like it.", "no score"),
+        ("4 of the 5 objects match", "no score"),
+        ("7", "outside"),
+        ('{"score": 6, "reason": "x"}', r"outside \[1, 5\]"),
+        ('{"score": 0}', "outside"),
+        ('{"score": true}', "not a number"),
+        ('{"score": "high"}', "not a number"),
+        ('{"score": NaN}', "outside"),
+        ("<think>unfinished thoughts, score: 4", "empty"),
+    ],
+)
 def test_parse_rejects_what_has_no_valid_score(text, why):
     with pytest.raises(ParseError, match=why):
         parse_judgement(text)
@@ -110,18 +148,24 @@ def test_parse_honours_a_custom_range():
 # ---------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"kind": "ollama", "model": "m"}, "expected one of openai, transformers, vllm"),
-    ({"kind": "openai", "model": "m"}, "base_url: required"),
-    ({"kind": "openai", "model": "", "base_url": "http://x"}, "model: required"),
-    ({"kind": "openai", "model": "m", "base_url": "ftp://x"}, "http"),
-    ({"kind": "openai", "model": "m", "base_url": "http://x", "gguf_file": "a.gguf"}, "gguf_file: applies to kind transformers"),
-    ({"kind": "transformers", "model": "m", "base_url": "http://x"}, "base_url: applies to kind openai"),
-    ({"kind": "transformers", "model": "m", "replicas": 2}, "replicas: applies to kind vllm"),
-    ({"kind": "transformers", "model": "m", "timeout_s": 5}, "timeout_s: applies to kind openai"),
-    ({"kind": "vllm", "model": "m", "replicas": 0}, "positive"),
-    ({"kind": "openai", "model": "m", "base_url": "http://x", "max_concurrency": 0}, "positive"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"kind": "ollama", "model": "m"}, "expected one of openai, transformers, vllm"),
+        ({"kind": "openai", "model": "m"}, "base_url: required"),
+        ({"kind": "openai", "model": "", "base_url": "http://x"}, "model: required"),
+        ({"kind": "openai", "model": "m", "base_url": "ftp://x"}, "http"),
+        (
+            {"kind": "openai", "model": "m", "base_url": "http://x", "gguf_file": "a.gguf"},
+            "gguf_file: applies to kind transformers",
+        ),
+        ({"kind": "transformers", "model": "m", "base_url": "http://x"}, "base_url: applies to kind openai"),
+        ({"kind": "transformers", "model": "m", "replicas": 2}, "replicas: applies to kind vllm"),
+        ({"kind": "transformers", "model": "m", "timeout_s": 5}, "timeout_s: applies to kind openai"),
+        ({"kind": "vllm", "model": "m", "replicas": 0}, "positive"),
+        ({"kind": "openai", "model": "m", "base_url": "http://x", "max_concurrency": 0}, "positive"),
+    ],
+)
 def test_backend_config_is_validated(kw, message):
     with pytest.raises(ValueError, match=message):
         BackendConfig(**kw)
@@ -136,19 +180,33 @@ def test_a_key_pasted_as_api_key_env_is_refused_without_being_echoed():
 
 def test_recipe_validates_the_stage_and_its_backend(tmp_path):
     def recipe(params):
-        return {"name": "j", "sources": [{"name": "s", "format": "jsonl", "modality": "image_text",
-                                          "paths": [str(tmp_path / "x.jsonl")]}],
-                "stages": [{"vlm_judge": params}], "output": {"path": str(tmp_path / "out")}}
+        return {
+            "name": "j",
+            "sources": [
+                {
+                    "name": "s",
+                    "format": "jsonl",
+                    "modality": "image_text",
+                    "paths": [str(tmp_path / "x.jsonl")],
+                }
+            ],
+            "stages": [{"vlm_judge": params}],
+            "output": {"path": str(tmp_path / "out")},
+        }
 
-    ok = pipeline_from_dict(recipe({"backend": {"kind": "openai", "base_url": "http://h:8000", "model": "m"},
-                                    "min_score": 4}), check_paths=False)
+    ok = pipeline_from_dict(
+        recipe({"backend": {"kind": "openai", "base_url": "http://h:8000", "model": "m"}, "min_score": 4}),
+        check_paths=False,
+    )
     assert ok.stages[0].backend.model == "m" and ok.stages[0].min_score == 4
     with pytest.raises(RecipeError) as e:
-        pipeline_from_dict(recipe({"backend": {"kind": "openai", "base_url": "http://h", "model": "m", "modle": "x"}}),
-                           check_paths=False)
+        pipeline_from_dict(
+            recipe({"backend": {"kind": "openai", "base_url": "http://h", "model": "m", "modle": "x"}}),
+            check_paths=False,
+        )
     assert "stages.0.vlm_judge.backend.modle: unknown key" in str(e.value)
     with pytest.raises(RecipeError, match="unknown placeholder.*captoin"):
-        pipeline_from_dict(recipe({"prompt": "Rate {captoin}. Reply {\"score\": 1}"}), check_paths=False)
+        pipeline_from_dict(recipe({"prompt": 'Rate {captoin}. Reply {"score": 1}'}), check_paths=False)
     with pytest.raises(RecipeError, match="no default prompt for 'text'"):
         pipeline_from_dict(recipe({"modalities": ["text"]}), check_paths=False)
 
@@ -160,7 +218,9 @@ def test_lineage_names_model_and_hashes_prompt_and_checkpoint(tmp_path):
     lin = a.lineage()
     assert lin["backend"] == "transformers" and lin["model"] == str(gguf)
     assert lin["checkpoint_sha256"] and len(lin["prompt_sha256"]) == 64
-    b = VLMJudge(backend=BackendConfig(kind="transformers", model=str(gguf)), prompt="Rate {caption}: JSON score")
+    b = VLMJudge(
+        backend=BackendConfig(kind="transformers", model=str(gguf)), prompt="Rate {caption}: JSON score"
+    )
     assert b.lineage()["prompt_sha256"] != lin["prompt_sha256"]
     gguf.write_bytes(b"other weights")
     assert a.lineage()["checkpoint_sha256"] != lin["checkpoint_sha256"]
@@ -179,25 +239,40 @@ def test_requests_for_each_modality():
     assert [p["type"] for p in parts] == ["image", "text"]
     assert "Caption: A red circle." in parts[1]["text"] and "{caption}" not in parts[1]["text"]
     assert Image.open(io.BytesIO(parts[0]["image"])).size == (64, 32)  # downscaled before sending
-    assert j._request({"modality": "image_text", "text": "x", "image": None, "images": None}) == "missing_image"
+    assert (
+        j._request({"modality": "image_text", "text": "x", "image": None, "images": None}) == "missing_image"
+    )
 
-    doc = {"modality": "interleaved", "text": None, "texts": ["Intro.", None, "Middle.", None, None],
-           "images": [None, jpeg(), None, jpeg(), jpeg()]}
+    doc = {
+        "modality": "interleaved",
+        "text": None,
+        "texts": ["Intro.", None, "Middle.", None, None],
+        "images": [None, jpeg(), None, jpeg(), jpeg()],
+    }
     parts = j._request(doc).messages[0]["content"]
     assert [p["type"] for p in parts] == ["text", "image", "text", "image", "text", "text"]
     assert parts[4]["text"] == "(1 more image(s) not shown)" and "the 2 image(s)" in parts[5]["text"]
 
     frames = [jpeg(32, 32, c) for c in ("red", "green", "blue", "black", "white")]
-    video = {"modality": "video", "text": "A ball rolls.", "frames": frames, "frame_ts": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    video = {
+        "modality": "video",
+        "text": "A ball rolls.",
+        "frames": frames,
+        "frame_ts": [0.0, 1.0, 2.0, 3.0, 4.0],
+    }
     parts = j._request(video).messages[0]["content"]
     assert [p["image"] for p in parts[:2]] == [frames[0], frames[4]]  # spread over the whole video
     assert "at 0.0, 4.0 seconds" in parts[2]["text"] and "Caption: A ball rolls." in parts[2]["text"]
-    assert j._request({"modality": "video", "text": "x", "frames": None, "frame_ts": None}) == "missing_frames"
+    assert (
+        j._request({"modality": "video", "text": "x", "frames": None, "frame_ts": None}) == "missing_frames"
+    )
 
 
 def test_custom_prompt_keeps_literal_braces():
     j = VLMJudge(prompt='Caption: {caption}. Reply {"score": 1-5}')
-    text = j._request({"modality": "image_text", "text": "hi", "image": jpeg(), "images": None}).messages[0]["content"][1]["text"]
+    text = j._request({"modality": "image_text", "text": "hi", "image": jpeg(), "images": None}).messages[0][
+        "content"
+    ][1]["text"]
     assert text == 'Caption: hi. Reply {"score": 1-5}'
     assert set(DEFAULT_PROMPTS) == {"image_text", "interleaved", "video"}
 
@@ -213,14 +288,33 @@ def test_images_go_as_data_urls():
 
 
 def test_judge_scores_reasons_and_every_failure_kind(canned):
-    modes = ["good", "low", "prose", "garbage", "fix_on_retry", "out_of_range", "busy_then_ok", "down",
-             "bad_request", "garbled"]
+    modes = [
+        "good",
+        "low",
+        "prose",
+        "garbage",
+        "fix_on_retry",
+        "out_of_range",
+        "busy_then_ok",
+        "down",
+        "bad_request",
+        "garbled",
+    ]
     rows = [{"text": f"A caption [[{m}]]", "image": jpeg()} for m in modes] + [{"text": "no image [[good]]"}]
     stage = judge(canned, min_score=3)
     stage.setup()
     out = stage(batch(*rows))
-    got = dict(zip(modes + ["no_image"], zip(out["score_vlm_judge"].to_pylist(), out["vlm_judge_reason"].to_pylist(),
-                                             out["reject_reason"].to_pylist(), out["reject_detail"].to_pylist())))
+    got = dict(
+        zip(
+            modes + ["no_image"],
+            zip(
+                out["score_vlm_judge"].to_pylist(),
+                out["vlm_judge_reason"].to_pylist(),
+                out["reject_reason"].to_pylist(),
+                out["reject_detail"].to_pylist(),
+            ),
+        )
+    )
     assert got["good"] == (4.0, "saw 1 image(s)", None, None)  # the image went as an image_url part
     assert got["low"] == (1.0, "unrelated", "score_below_min", "unrelated")
     assert got["prose"][:3] == (5.0, "exact", None)
@@ -289,8 +383,13 @@ def test_api_key_is_sent_and_never_logged(monkeypatch, caplog):
     with canned_server(expected_key=secret) as url:
         stage = judge(url, backend={"api_key_env": "JUDGE_TEST_KEY", "max_retries": 1})
         stage.preflight()
-        out = stage(batch({"text": "[[good]]", "image": jpeg()}, {"text": "[[down]]", "image": jpeg()},
-                          {"text": "[[bad_request]]", "image": jpeg()}))
+        out = stage(
+            batch(
+                {"text": "[[good]]", "image": jpeg()},
+                {"text": "[[down]]", "image": jpeg()},
+                {"text": "[[bad_request]]", "image": jpeg()},
+            )
+        )
         assert stats(url)["auth_ok"] == 4 and stats(url)["auth_bad"] == 0  # good, down twice, bad_request
         monkeypatch.setenv("JUDGE_TEST_KEY", "wrong")
         stage = judge(url, backend={"api_key_env": "JUDGE_TEST_KEY", "max_retries": 0})
@@ -299,6 +398,7 @@ def test_api_key_is_sent_and_never_logged(monkeypatch, caplog):
     everything = " ".join([caplog.text, json.dumps(out.drop_columns(["image"]).to_pylist()), repr(stage)])
     assert secret not in everything
     import pickle
+
     assert secret.encode() not in pickle.dumps(stage)  # what travels to workers
 
 
@@ -324,20 +424,50 @@ def test_pipeline_run_counts_reasons_and_writes_lineage(ray_local, canned, tmp_p
     from curation.runner import run_pipeline
 
     modes = ["good", "good", "low", "garbage", "down"]
-    write_tar(tmp_path / "00000.tar", [{"__key__": f"{i:03d}", "jpg": jpeg(48, 48), "txt": f"Caption {i} [[{m}]]".encode()}
-                                       for i, m in enumerate(modes)])
-    recipe = pipeline_from_dict({
-        "name": "judge", "sources": [{"name": "wds", "format": "webdataset", "modality": "image_text",
-                                      "paths": [str(tmp_path / "*.tar")]}],
-        "stages": [{"vlm_judge": {"backend": {"kind": "openai", "base_url": canned, "model": "canned",
-                                              "max_retries": 1, "backoff_s": 0.01}}}],
-        "output": {"path": str(tmp_path / "pool")}})
+    write_tar(
+        tmp_path / "00000.tar",
+        [
+            {"__key__": f"{i:03d}", "jpg": jpeg(48, 48), "txt": f"Caption {i} [[{m}]]".encode()}
+            for i, m in enumerate(modes)
+        ],
+    )
+    recipe = pipeline_from_dict(
+        {
+            "name": "judge",
+            "sources": [
+                {
+                    "name": "wds",
+                    "format": "webdataset",
+                    "modality": "image_text",
+                    "paths": [str(tmp_path / "*.tar")],
+                }
+            ],
+            "stages": [
+                {
+                    "vlm_judge": {
+                        "backend": {
+                            "kind": "openai",
+                            "base_url": canned,
+                            "model": "canned",
+                            "max_retries": 1,
+                            "backoff_s": 0.01,
+                        }
+                    }
+                }
+            ],
+            "output": {"path": str(tmp_path / "pool")},
+        }
+    )
     result = run_pipeline(recipe, progress=False)
     (stage,) = [s for s in result.stats["stages"] if s["name"] == "vlm_judge"]
     assert stage["rows_in"] == 5 and stage["rows_out"] == 2
     assert stage["drops"] == {"score_below_min": 1, "judge_failure": 1, "judge_unreachable": 1}
     lineage = json.loads((Path(result.pool) / "manifest.json").read_text())["stages"]["vlm_judge"]
-    assert lineage["backend"] == "openai" and lineage["model"] == "canned" and len(lineage["prompt_sha256"]) == 64
+    assert (
+        lineage["backend"] == "openai"
+        and lineage["model"] == "canned"
+        and len(lineage["prompt_sha256"]) == 64
+    )
 
 
 # ---------------------------------------------------------------- local transformers backend
@@ -361,18 +491,44 @@ def tiny_lm(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-lm")
-    words = ["<unk>", "<s>", "</s>", "user", "assistant", "{", "}", '"score"', ":", "4", "caption", "image", "red"]
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "user",
+        "assistant",
+        "{",
+        "}",
+        '"score"',
+        ":",
+        "4",
+        "caption",
+        "image",
+        "red",
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
@@ -382,9 +538,16 @@ def test_transformers_backend_runs_a_local_model(tiny_lm, caplog):
     backend.preflight()
     backend.setup()
     caplog.set_level(logging.WARNING)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": jpeg()}, {"type": "text", "text": "red caption"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": jpeg()}, {"type": "text", "text": "red caption"}],
+        }
+    ]
     a, b = backend.generate([Request(msgs), Request(msgs)])
-    assert a.error is None and 1 <= a.completion_tokens <= 5 and a.prompt_tokens > 5 and isinstance(a.text, str)
+    assert (
+        a.error is None and 1 <= a.completion_tokens <= 5 and a.prompt_tokens > 5 and isinstance(a.text, str)
+    )
     assert caplog.text.count("text-only model") == 1  # warned once, not per request
     assert a.text == b.text  # greedy by default: the same answer every time
     assert backend.lineage()["checkpoint_sha256"]
@@ -399,29 +562,85 @@ def tiny_vlm(tmp_path_factory) -> Path:
     ensure_torchvision()
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     out = tmp_path_factory.mktemp("tiny-vlm")
-    words = ["<unk>", "<s>", "</s>", "<image>", "user", "assistant", "{", "}", '"score"', ":", "4", "caption", "red"]
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<image>",
+        "user",
+        "assistant",
+        "{",
+        "}",
+        '"score"',
+        ":",
+        "4",
+        "caption",
+        "red",
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}<s> {{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }} "
-                "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} "
-                "{% endif %}{% endfor %}{% endif %}</s> {% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}")
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-                   tokenizer=fast, patch_size=14, vision_feature_select_strategy="default", chat_template=template,
-                   num_additional_image_tokens=1).save_pretrained(out)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }} "
+        "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} "
+        "{% endif %}{% endfor %}{% endif %}</s> {% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=fast,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=template,
+        num_additional_image_tokens=1,
+    ).save_pretrained(out)
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=2)
-    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=3,
-                                              vision_feature_select_strategy="default")).save_pretrained(out)
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=3,
+            vision_feature_select_strategy="default",
+        )
+    ).save_pretrained(out)
     return out
 
 
@@ -429,21 +648,35 @@ def test_transformers_backend_gives_images_to_a_vlm(tiny_vlm, caplog):
     backend = make_backend(BackendConfig(kind="transformers", model=str(tiny_vlm), max_new_tokens=3))
     backend.setup()
     assert backend.vision
-    msgs = [{"role": "user", "content": [{"type": "image", "image": jpeg()}, {"type": "text", "text": "red caption"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": jpeg()}, {"type": "text", "text": "red caption"}],
+        }
+    ]
     inputs = backend._inputs(msgs)
     assert inputs["pixel_values"].shape == (1, 3, 28, 28)  # the image itself reaches the model
     assert int((inputs["input_ids"] == 3).sum()) == 4  # as 2x2 patch tokens
     [r] = backend.generate([Request(msgs)])
-    assert r.error is None and r.prompt_tokens == inputs["input_ids"].shape[1] and 1 <= r.completion_tokens <= 3
-    [bad] = backend.generate([Request([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}])])
+    assert (
+        r.error is None and r.prompt_tokens == inputs["input_ids"].shape[1] and 1 <= r.completion_tokens <= 3
+    )
+    [bad] = backend.generate(
+        [Request([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}])]
+    )
     assert bad.text is None and bad.error_kind == "rejected" and "UnidentifiedImageError" in bad.error
     assert "text-only" not in caplog.text
 
 
 def test_judge_with_a_local_model_scores_or_records_raw_text(tiny_lm):
     stage = VLMJudge(backend=BackendConfig(kind="transformers", model=str(tiny_lm), max_new_tokens=4))
-    out = stage(batch({"text": "red", "image": jpeg()}, {"text": "caption", "image": jpeg()},
-                      {"text": "4 red", "image": jpeg()}))
+    out = stage(
+        batch(
+            {"text": "red", "image": jpeg()},
+            {"text": "caption", "image": jpeg()},
+            {"text": "4 red", "image": jpeg()},
+        )
+    )
     _check_every_row_accounted_for(out)  # random weights: whatever comes out is a score or on record
 
 
@@ -452,8 +685,9 @@ def test_transformers_preflight_says_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         TransformersBackend(BackendConfig(kind="transformers", model=str(tmp_path / "nowhere"))).preflight()
     with pytest.raises(ValueError, match="GGUF file .*missing.gguf does not exist"):
-        TransformersBackend(BackendConfig(kind="transformers", model=str(tmp_path),
-                                          gguf_file="missing.gguf")).preflight()
+        TransformersBackend(
+            BackendConfig(kind="transformers", model=str(tmp_path), gguf_file="missing.gguf")
+        ).preflight()
     with pytest.raises(ValueError, match="holds no weights"):
         TransformersBackend(BackendConfig(kind="transformers", model=str(tmp_path))).preflight()
     with pytest.raises(ValueError, match="not in the Hugging Face cache"):
@@ -481,7 +715,9 @@ def test_vllm_backend_engines_are_the_stage_workers_and_fail_clearly_without_gpu
     pinned = VLMJudge(backend=cfg, resources=Resources(num_cpus=4, num_gpus=1, concurrency=1))
     assert pinned.resources.num_gpus == 1 and pinned.resources.concurrency == 1
     # ... and other backends ask for no GPU.
-    assert VLMJudge(backend=BackendConfig(base_url="http://127.0.0.1:1/v1", model="m")).resources.num_gpus == 0
+    assert (
+        VLMJudge(backend=BackendConfig(base_url="http://127.0.0.1:1/v1", model="m")).resources.num_gpus == 0
+    )
     assert stage.lineage()["backend"] == "vllm" and stage.lineage()["checkpoint_sha256"]
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(MissingDependency, match=r"pip install vllm.*needs 4 GPU\(s\)"):
@@ -519,14 +755,18 @@ def smollm2_server(tmp_path_factory):
 
 
 def _captioned_rows():
-    return [{"text": "A red circle on a white background.", "image": jpeg(96, 80, "red")},
-            {"text": "A blue square on a white background.", "image": jpeg(96, 80, "blue", "square")},
-            {"text": "Click here to download this stock photo", "image": jpeg(96, 80, "green")}]
+    return [
+        {"text": "A red circle on a white background.", "image": jpeg(96, 80, "red")},
+        {"text": "A blue square on a white background.", "image": jpeg(96, 80, "blue", "square")},
+        {"text": "Click here to download this stock photo", "image": jpeg(96, 80, "green")},
+    ]
 
 
 def _check_every_row_accounted_for(out: pa.Table) -> None:
     scores = out["score_vlm_judge"].to_pylist()
-    for score, reason, detail in zip(scores, out["reject_reason"].to_pylist(), out["reject_detail"].to_pylist()):
+    for score, reason, detail in zip(
+        scores, out["reject_reason"].to_pylist(), out["reject_detail"].to_pylist()
+    ):
         if score is None:  # a small text-only model may ramble: then the raw answer is on record
             assert reason == "judge_failure" and detail
         else:
@@ -535,8 +775,12 @@ def _check_every_row_accounted_for(out: pa.Table) -> None:
 
 @pytest.mark.slow
 def test_judge_against_transformers_serve_smollm2(smollm2_server):
-    stage = VLMJudge(backend=BackendConfig(base_url=smollm2_server, model=SMOLLM2_ID, max_new_tokens=32,
-                                           max_concurrency=2, timeout_s=120), max_attempts=2)
+    stage = VLMJudge(
+        backend=BackendConfig(
+            base_url=smollm2_server, model=SMOLLM2_ID, max_new_tokens=32, max_concurrency=2, timeout_s=120
+        ),
+        max_attempts=2,
+    )
     stage.preflight()
     with pytest.raises(ValueError, match=f"it serves: {SMOLLM2_ID}"):
         VLMJudge(backend=BackendConfig(base_url=smollm2_server, model="Keye-VL")).preflight()
@@ -552,7 +796,10 @@ def test_judge_with_local_smollm2_gguf():
     stage = VLMJudge(backend=BackendConfig(kind="transformers", model=SMOLLM2_PACKAGE, max_new_tokens=32))
     stage.preflight()
     gguf = Path(resolve_model_path(SMOLLM2_PACKAGE))
-    assert stage.lineage()["checkpoint_sha256"] == hashlib.sha256(gguf.name.encode() + b"\0" + gguf.read_bytes()).hexdigest()
+    assert (
+        stage.lineage()["checkpoint_sha256"]
+        == hashlib.sha256(gguf.name.encode() + b"\0" + gguf.read_bytes()).hexdigest()
+    )
     out = stage(batch(*_captioned_rows()))
     _check_every_row_accounted_for(out)
     assert np.isfinite([s for s in out["score_vlm_judge"].to_pylist() if s is not None]).all()

@@ -78,14 +78,18 @@ def test_cutting_a_shard_survives_a_crash_before_its_record(ray_local, sample_co
     import curation.io.pool as pool_mod
 
     path = tmp_path / "annotated.yaml"
-    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "base", fraction=0.3)
-                    .replace("caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"))
+    path.write_text(
+        RECIPE.format(corpus=sample_corpus, out=tmp_path / "base", fraction=0.3).replace(
+            "caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"
+        )
+    )
     base = Path(run_pipeline(load_pipeline(path), progress=False).pool)
     entry = json.loads((base / "manifest.json").read_text())["shards"][0]
     table = pq.read_table(base / entry["parquet"]["path"])
     schema = table.schema
-    reject_schema = pa.schema(list(schema) + [pa.field(c, pa.string()) for c in
-                                              ("reject_stage", "reject_reason", "reject_detail")])
+    reject_schema = pa.schema(
+        list(schema) + [pa.field(c, pa.string()) for c in ("reject_stage", "reject_reason", "reject_detail")]
+    )
     threshold = float(pl.from_arrow(table)["score_caption_language"].median())
 
     def cut(root: Path) -> dict:
@@ -119,9 +123,14 @@ def test_cutting_a_shard_survives_a_crash_before_its_record(ray_local, sample_co
 
 def test_keep_fraction_only_for_ranking_scores(tmp_path, sample_corpus):
     path = tmp_path / "bad.yaml"
-    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3)
-                    .replace("caption_language: {keep_fraction: 0.3}", "image_size: {keep_fraction: 0.3}"))
-    with pytest.raises(RecipeError, match="stages.1.image_size.keep_fraction: 'image_size' scores are not a quality"):
+    path.write_text(
+        RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3).replace(
+            "caption_language: {keep_fraction: 0.3}", "image_size: {keep_fraction: 0.3}"
+        )
+    )
+    with pytest.raises(
+        RecipeError, match="stages.1.image_size.keep_fraction: 'image_size' scores are not a quality"
+    ):
         load_pipeline(path)
     with pytest.raises(RecipeError, match=r"keep_fraction: expected a fraction in \(0, 1\], got 1.5"):
         load_pipeline(_recipe(tmp_path, sample_corpus, 1.5, "bad2.yaml"))
@@ -132,13 +141,20 @@ def test_calibrate_shows_kept_fractions_and_borderline_rows(ray_local, sample_co
     from curation.cli import main
 
     path = tmp_path / "annotated.yaml"
-    path.write_text(RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3)
-                    .replace("caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"))
+    path.write_text(
+        RECIPE.format(corpus=sample_corpus, out=tmp_path / "pool", fraction=0.3).replace(
+            "caption_language: {keep_fraction: 0.3}", "caption_language: {annotate_only: true}"
+        )
+    )
     pool = Path(run_pipeline(load_pipeline(path), progress=False).pool)
     html, js = calibrate(pool, "score_caption_language", thresholds=[0.5], keep=[0.8, 0.3])
     data = json.loads(js.read_text())
-    scores = pl.concat([pl.read_parquet(pool / d / "*.parquet").select("score_caption_language")
-                        for d in ("shards", "rejects")])["score_caption_language"].drop_nulls()
+    scores = pl.concat(
+        [
+            pl.read_parquet(pool / d / "*.parquet").select("score_caption_language")
+            for d in ("shards", "rejects")
+        ]
+    )["score_caption_language"].drop_nulls()
     assert data["rows_scored"] == scores.len()
     cuts = data["cuts"]
     assert [c["threshold"] for c in cuts] == sorted(c["threshold"] for c in cuts)
@@ -171,8 +187,14 @@ def test_stages_after_a_cut_see_only_the_rows_it_kept(ray_local, sample_corpus, 
     result = run_pipeline(load_pipeline(path), progress=False)
     stats = {s["name"]: s for s in result.stats["stages"]}
     assert [s["name"] for s in result.stats["stages"]] == [
-        "ingest", "image_decode", "caption_language", "caption_language (keep_fraction)", "caption_length",
-        "lang_again", "lang_again (keep_fraction)"]
+        "ingest",
+        "image_decode",
+        "caption_language",
+        "caption_language (keep_fraction)",
+        "caption_length",
+        "lang_again",
+        "lang_again (keep_fraction)",
+    ]
     first = stats["caption_language (keep_fraction)"]
     assert first["rows_out"] == math.ceil(0.6 * first["scored"])
     # caption_length ran on the rows the first cut kept, not on every row

@@ -41,19 +41,38 @@ def make_pool(root: Path, rows: list[dict], shard_rows: int = 40) -> Path:
     (root / "shards").mkdir(parents=True)
     shards = []
     for k, start in enumerate(range(0, len(rows), shard_rows)):
-        table = from_rows(rows[start:start + shard_rows])
+        table = from_rows(rows[start : start + shard_rows])
         if "quality" in rows[0]:  # an extra score column, as stages add them
             import pyarrow as pa
 
-            table = table.append_column("score_quality", pa.array([r["quality"] for r in rows[start:start + shard_rows]],
-                                                                   pa.float64()))
+            table = table.append_column(
+                "score_quality",
+                pa.array([r["quality"] for r in rows[start : start + shard_rows]], pa.float64()),
+            )
         path = root / "shards" / f"00000_{k:04d}.parquet"
         pq.write_table(table, path)
-        shards.append({"name": path.stem, "unit": 0, "rows": table.num_rows,
-                       "parquet": {"path": f"shards/{path.name}", "bytes": path.stat().st_size,
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}})
-    (root / "manifest.json").write_text(json.dumps({"format": "curation.pool/1", "recipe_hash": "test",
-                                                    "shards": shards, "totals": {"rows": len(rows)}}))
+        shards.append(
+            {
+                "name": path.stem,
+                "unit": 0,
+                "rows": table.num_rows,
+                "parquet": {
+                    "path": f"shards/{path.name}",
+                    "bytes": path.stat().st_size,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                },
+            }
+        )
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "curation.pool/1",
+                "recipe_hash": "test",
+                "shards": shards,
+                "totals": {"rows": len(rows)},
+            }
+        )
+    )
     return root
 
 
@@ -65,14 +84,31 @@ def text_row(i: int, n_words: int, **extra) -> dict:
 def image_row(i: int, side: int) -> dict:
     blob = _jpeg(side, side, i)
     caption = "a small red cat"
-    return {"id": row_id("image_text", caption, [blob]), "source": "pairs", "modality": "image_text",
-            "text": caption, "image": blob, "width": side, "height": side}
+    return {
+        "id": row_id("image_text", caption, [blob]),
+        "source": "pairs",
+        "modality": "image_text",
+        "text": caption,
+        "image": blob,
+        "width": side,
+        "height": side,
+    }
 
 
 def sft_row(i: int, mode: str) -> dict:
-    messages = json.dumps([{"role": "user", "content": f"question {i} /think"},
-                           {"role": "assistant", "content": f"<think>because {i}</think>\n\nanswer {i}"}])
-    return {"id": row_id("sft", messages), "source": "cold", "modality": "sft", "messages": messages, "mode": mode}
+    messages = json.dumps(
+        [
+            {"role": "user", "content": f"question {i} /think"},
+            {"role": "assistant", "content": f"<think>because {i}</think>\n\nanswer {i}"},
+        ]
+    )
+    return {
+        "id": row_id("sft", messages),
+        "source": "cold",
+        "modality": "sft",
+        "messages": messages,
+        "mode": mode,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +122,31 @@ def pools(tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     docs = [text_row(i, int(rng.integers(5, 60)), quality=float(rng.random())) for i in range(150)]
     pairs = [image_row(i, int(rng.choice([56, 112, 168, 224]))) for i in range(60)]
-    modes = ["non_thinking"] * 33 + ["thinking"] * 23 + ["auto_think"] * 4 + ["think_with_image"] * 10 + ["video"] * 5
+    modes = (
+        ["non_thinking"] * 33
+        + ["thinking"] * 23
+        + ["auto_think"] * 4
+        + ["think_with_image"] * 10
+        + ["video"] * 5
+    )
     cold = [sft_row(i, m) for i, m in enumerate(modes)]
-    return {"docs": make_pool(base / "docs", docs), "pairs": make_pool(base / "pairs", pairs, shard_rows=25),
-            "cold": make_pool(base / "cold", cold)}
+    return {
+        "docs": make_pool(base / "docs", docs),
+        "pairs": make_pool(base / "pairs", pairs, shard_rows=25),
+        "cold": make_pool(base / "cold", cold),
+    }
 
 
 def recipe(pools: dict[str, Path], out: Path, tokenizer: str, mixtures: dict, **top) -> dict:
-    return {"name": "t", "pools": {k: str(v) for k, v in pools.items()}, "tokenizer": tokenizer, "seed": 7,
-            "output": {"path": str(out), "formats": ["parquet", "webdataset"], "shard_rows": 50},
-            "mixtures": mixtures, **top}
+    return {
+        "name": "t",
+        "pools": {k: str(v) for k, v in pools.items()},
+        "tokenizer": tokenizer,
+        "seed": 7,
+        "output": {"path": str(out), "formats": ["parquet", "webdataset"], "shard_rows": 50},
+        "mixtures": mixtures,
+        **top,
+    }
 
 
 def build(raw: dict, **kw):
@@ -115,26 +166,66 @@ def test_amounts():
     assert parse_amount("lots") is None and parse_amount(True) is None
 
 
-@pytest.mark.parametrize("mixtures,expected", [
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 0.5}, "b": {"pool": "docs", "weight": 0.4}}}},
-     "mixtures.m.sources: weights sum to 0.9"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "nope", "weight": 1.0}}}},
-     "mixtures.m.sources.a.pool: unknown pool 'nope'"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "mode": "dreaming", "weight": 1.0}}}},
-     "mixtures.m.sources.a.mode: unknown mode 'dreaming'"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "modality": "smell", "weight": 1.0}}}},
-     "mixtures.m.sources.a.modality: unknown modality 'smell'"),
-    ({"m": {"budget": "lots", "sources": {"a": {"pool": "docs", "weight": 1.0}}}}, "mixtures.m.budget: expected"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0, "budget": 5}}}},
-     "mixtures.m.sources.a: give exactly one of weight"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0, "where": "modality = = 'x'"}}}},
-     "mixtures.m.sources.a.where: not a valid SQL predicate"),
-    ({"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0, "colour": 1}}}},
-     "mixtures.m.sources.a.colour: unknown key"),
-    ({"m": {"budget": 10, "sources": {"a": {"pool": "docs", "budget": 20}, "b": {"pool": "docs", "weight": 1.0}}}},
-     "mixtures.m.budget: 10 tokens is less than the sources' own budgets"),
-    ({"m": {"unit": "bytes", "sources": {"a": {"pool": "docs", "weight": 1.0}}}}, "mixtures.m.unit: 'bytes'"),
-])
+@pytest.mark.parametrize(
+    "mixtures,expected",
+    [
+        (
+            {
+                "m": {
+                    "budget": 100,
+                    "sources": {"a": {"pool": "docs", "weight": 0.5}, "b": {"pool": "docs", "weight": 0.4}},
+                }
+            },
+            "mixtures.m.sources: weights sum to 0.9",
+        ),
+        (
+            {"m": {"budget": 100, "sources": {"a": {"pool": "nope", "weight": 1.0}}}},
+            "mixtures.m.sources.a.pool: unknown pool 'nope'",
+        ),
+        (
+            {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "mode": "dreaming", "weight": 1.0}}}},
+            "mixtures.m.sources.a.mode: unknown mode 'dreaming'",
+        ),
+        (
+            {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "modality": "smell", "weight": 1.0}}}},
+            "mixtures.m.sources.a.modality: unknown modality 'smell'",
+        ),
+        (
+            {"m": {"budget": "lots", "sources": {"a": {"pool": "docs", "weight": 1.0}}}},
+            "mixtures.m.budget: expected",
+        ),
+        (
+            {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0, "budget": 5}}}},
+            "mixtures.m.sources.a: give exactly one of weight",
+        ),
+        (
+            {
+                "m": {
+                    "budget": 100,
+                    "sources": {"a": {"pool": "docs", "weight": 1.0, "where": "modality = = 'x'"}},
+                }
+            },
+            "mixtures.m.sources.a.where: not a valid SQL predicate",
+        ),
+        (
+            {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0, "colour": 1}}}},
+            "mixtures.m.sources.a.colour: unknown key",
+        ),
+        (
+            {
+                "m": {
+                    "budget": 10,
+                    "sources": {"a": {"pool": "docs", "budget": 20}, "b": {"pool": "docs", "weight": 1.0}},
+                }
+            },
+            "mixtures.m.budget: 10 tokens is less than the sources' own budgets",
+        ),
+        (
+            {"m": {"unit": "bytes", "sources": {"a": {"pool": "docs", "weight": 1.0}}}},
+            "mixtures.m.unit: 'bytes'",
+        ),
+    ],
+)
 def test_bad_recipes_name_the_key(pools, tmp_path, tokenizer_path, mixtures, expected):
     with pytest.raises(RecipeError) as e:
         mix_recipe_from_dict(recipe(pools, tmp_path / "out", tokenizer_path, mixtures))
@@ -143,17 +234,28 @@ def test_bad_recipes_name_the_key(pools, tmp_path, tokenizer_path, mixtures, exp
 
 
 def test_every_problem_is_reported_at_once(pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {
-        "a": {"budget": 100, "sources": {"x": {"pool": "nope", "weight": 1.0}}},
-        "b": {"budget": 100, "sources": {"y": {"pool": "docs", "mode": "bad", "weight": 1.0}}}}, extra_key=1)
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "a": {"budget": 100, "sources": {"x": {"pool": "nope", "weight": 1.0}}},
+            "b": {"budget": 100, "sources": {"y": {"pool": "docs", "mode": "bad", "weight": 1.0}}},
+        },
+        extra_key=1,
+    )
     with pytest.raises(RecipeError) as e:
         mix_recipe_from_dict(raw)
     assert len(e.value.problems) == 3
 
 
 def test_budget_larger_than_the_pool_fails_before_writing(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {
-        "m": {"budget": "1M", "sources": {"docs": {"pool": "docs", "weight": 1.0}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {"m": {"budget": "1M", "sources": {"docs": {"pool": "docs", "weight": 1.0}}}},
+    )
     with pytest.raises(RecipeError) as e:
         build(raw)
     msg = str(e.value)
@@ -163,20 +265,36 @@ def test_budget_larger_than_the_pool_fails_before_writing(ray_local, pools, tmp_
 
 
 def test_unknown_column_in_where_and_prefer_fails_before_writing(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {"m": {"budget": 100, "sources": {
-        "a": {"pool": "docs", "where": "score_clip > 0.3", "weight": 0.5},
-        "b": {"pool": "docs", "prefer": "text", "weight": 0.5}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "m": {
+                "budget": 100,
+                "sources": {
+                    "a": {"pool": "docs", "where": "score_clip > 0.3", "weight": 0.5},
+                    "b": {"pool": "docs", "prefer": "text", "weight": 0.5},
+                },
+            }
+        },
+    )
     with pytest.raises(RecipeError) as e:
         build(raw)
     assert "mixtures.m.sources.a.where: column 'score_clip' is not in pool 'docs'" in str(e.value)
-    assert "mixtures.m.sources.b.prefer: column 'text' is large_string" in str(e.value) or \
-        "mixtures.m.sources.b.prefer: column 'text' is string, not a number" in str(e.value)
+    assert "mixtures.m.sources.b.prefer: column 'text' is large_string" in str(
+        e.value
+    ) or "mixtures.m.sources.b.prefer: column 'text' is string, not a number" in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_pool_folder_names_the_pool(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe({**pools, "docs": tmp_path / "gone"}, tmp_path / "out", tokenizer_path,
-                 {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0}}}})
+    raw = recipe(
+        {**pools, "docs": tmp_path / "gone"},
+        tmp_path / "out",
+        tokenizer_path,
+        {"m": {"budget": 100, "sources": {"a": {"pool": "docs", "weight": 1.0}}}},
+    )
     with pytest.raises(RecipeError, match=r"pools.docs: no pool at .*gone \(no manifest.json"):
         build(raw)
 
@@ -214,8 +332,20 @@ def test_apportion_adds_up():
 
 
 def test_token_budgets_are_met_within_one_row_and_counts_are_real(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {"m": {"budget": 3000, "sources": {
-        "docs": {"pool": "docs", "weight": 0.6}, "pairs": {"pool": "pairs", "weight": 0.4}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "m": {
+                "budget": 3000,
+                "sources": {
+                    "docs": {"pool": "docs", "weight": 0.6},
+                    "pairs": {"pool": "pairs", "weight": 0.4},
+                },
+            }
+        },
+    )
     (res,) = build(raw)
     m = res.manifest
     assert m["sources"]["docs"]["target"] == 1800 and m["sources"]["pairs"]["target"] == 1200
@@ -231,17 +361,27 @@ def test_token_budgets_are_met_within_one_row_and_counts_are_real(ray_local, poo
     pairs = out.filter(pl.col("modality") == "image_text")
     assert (pairs["visual_tokens"] == (pairs["width"] // 28) * (pairs["height"] // 28)).all()
     # the manifest agrees with the shards and with an independent recount of the written rows
-    recount = row_tokens(pq.read_table(Path(res.path) / "shards" / "00000.parquet"), Tokenizer.load(tokenizer_path))
+    recount = row_tokens(
+        pq.read_table(Path(res.path) / "shards" / "00000.parquet"), Tokenizer.load(tokenizer_path)
+    )
     first = out.slice(0, 50)
     assert recount["total"].tolist() == first["tokens"].to_list()
     assert sum(s["tokens"]["total"] for s in m["shards"]) == m["totals"]["tokens"] == out["tokens"].sum()
     assert m["totals"]["rows"] == out.height == sum(s["rows"] for s in m["shards"])
-    assert m["modalities"]["text"]["tokens"] + m["modalities"]["image_text"]["tokens"] == m["totals"]["tokens"]
+    assert (
+        m["modalities"]["text"]["tokens"] + m["modalities"]["image_text"]["tokens"] == m["totals"]["tokens"]
+    )
 
 
-def test_same_recipe_and_seed_give_the_same_bytes_whatever_the_workers(ray_local, pools, tmp_path, tokenizer_path):
-    mixtures = {"m": {"budget": 2500, "sources": {"docs": {"pool": "docs", "weight": 0.5},
-                                                   "pairs": {"pool": "pairs", "weight": 0.5}}}}
+def test_same_recipe_and_seed_give_the_same_bytes_whatever_the_workers(
+    ray_local, pools, tmp_path, tokenizer_path
+):
+    mixtures = {
+        "m": {
+            "budget": 2500,
+            "sources": {"docs": {"pool": "docs", "weight": 0.5}, "pairs": {"pool": "pairs", "weight": 0.5}},
+        }
+    }
     (a,) = build(recipe(pools, tmp_path / "a", tokenizer_path, mixtures))
     (b,) = build(recipe(pools, tmp_path / "b", tokenizer_path, mixtures, execution={"num_workers": 1}))
     assert shard_hashes(Path(a.path)) == shard_hashes(Path(b.path))
@@ -273,14 +413,26 @@ def test_upsampling_only_when_allowed_with_an_epoch_ledger(ray_local, pools, tmp
     assert src["repeated_rows"] == out.height - out["id"].n_unique()
     import webdataset as wds
 
-    keys = [s["__key__"] for tar in sorted((Path(res.path) / "shards").glob("*.tar"))
-            for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    keys = [
+        s["__key__"]
+        for tar in sorted((Path(res.path) / "shards").glob("*.tar"))
+        for s in wds.WebDataset(str(tar), shardshuffle=False)
+    ]
     assert sorted(keys) == sorted(out["key"].to_list())
 
 
 def test_prefer_takes_the_best_rows_first(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {"m": {"budget": 1000, "sources": {
-        "best": {"pool": "docs", "prefer": "score_quality", "weight": 1.0}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "m": {
+                "budget": 1000,
+                "sources": {"best": {"pool": "docs", "prefer": "score_quality", "weight": 1.0}},
+            }
+        },
+    )
     (res,) = build(raw)
     out = pl.read_parquet(Path(res.path) / "shards" / "*.parquet")
     allq = pl.read_parquet(pools["docs"] / "shards" / "*.parquet")["score_quality"].sort(descending=True)
@@ -291,11 +443,23 @@ def test_prefer_takes_the_best_rows_first(ray_local, pools, tmp_path, tokenizer_
 
 def test_rows_unit_scales_mode_budgets_to_the_pools(ray_local, pools, tmp_path, tokenizer_path):
     """The cold-start recipe's shape: the report's counts per mode, scaled to what the pools hold."""
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {"coldstart": {"unit": "rows", "budget": "auto", "sources": {
-        "non_thinking": {"pool": "cold", "mode": "non_thinking", "budget": "330k"},
-        "thinking": {"pool": "cold", "mode": "thinking", "budget": "230k"},
-        "auto_think": {"pool": "cold", "mode": "auto_think", "budget": "20k"},
-        "think_with_image": {"pool": "cold", "mode": "think_with_image", "budget": "100k"}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "coldstart": {
+                "unit": "rows",
+                "budget": "auto",
+                "sources": {
+                    "non_thinking": {"pool": "cold", "mode": "non_thinking", "budget": "330k"},
+                    "thinking": {"pool": "cold", "mode": "thinking", "budget": "230k"},
+                    "auto_think": {"pool": "cold", "mode": "auto_think", "budget": "20k"},
+                    "think_with_image": {"pool": "cold", "mode": "think_with_image", "budget": "100k"},
+                },
+            }
+        },
+    )
     (res,) = build(raw)
     m = res.manifest
     # the pool holds 33 / 23 / 4 / 10 rows: non_thinking, thinking and think_with_image are equally scarce
@@ -310,8 +474,12 @@ def test_rows_unit_scales_mode_budgets_to_the_pools(ray_local, pools, tmp_path, 
 
 
 def test_outputs_resume_and_refuse_another_recipe(ray_local, pools, tmp_path, tokenizer_path):
-    mixtures = {"m": {"budget": 2500, "sources": {"docs": {"pool": "docs", "weight": 0.5},
-                                                   "pairs": {"pool": "pairs", "weight": 0.5}}}}
+    mixtures = {
+        "m": {
+            "budget": 2500,
+            "sources": {"docs": {"pool": "docs", "weight": 0.5}, "pairs": {"pool": "pairs", "weight": 0.5}},
+        }
+    }
     raw = recipe(pools, tmp_path / "out", tokenizer_path, mixtures)
     (res,) = build(raw)
     folder = Path(res.path)
@@ -337,14 +505,30 @@ def test_outputs_resume_and_refuse_another_recipe(ray_local, pools, tmp_path, to
 
 
 def test_cli_mix_and_its_errors(ray_local, pools, tmp_path, tokenizer_path):
-    raw = recipe(pools, tmp_path / "out", tokenizer_path, {"m": {"budget": 1000, "sources": {
-        "docs": {"pool": "docs", "weight": 0.7}, "pairs": {"pool": "pairs", "weight": 0.2}}}})
+    raw = recipe(
+        pools,
+        tmp_path / "out",
+        tokenizer_path,
+        {
+            "m": {
+                "budget": 1000,
+                "sources": {
+                    "docs": {"pool": "docs", "weight": 0.7},
+                    "pairs": {"pool": "pairs", "weight": 0.2},
+                },
+            }
+        },
+    )
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "curation.cli", "mix", str(path), "-q"]
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2 and "weights sum to 0.9" in bad.stderr
-    ok = subprocess.run(cmd + ["--set", "mixtures.m.sources.pairs.weight=0.3", "--dry-run"], capture_output=True,
-                        text=True, env={**__import__("os").environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    ok = subprocess.run(
+        cmd + ["--set", "mixtures.m.sources.pairs.weight=0.3", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+    )
     assert ok.returncode == 0, ok.stderr
     assert "dry run, nothing written" in ok.stdout and not (tmp_path / "out").exists()

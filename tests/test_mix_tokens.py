@@ -261,8 +261,9 @@ def test_row_tokens_every_modality():
     assert all(len(v) == 0 for v in empty.values())
 
     # template markup: 1 per row, 5 per message, 2 per image (c has two), 2 per video with frames (d only)
-    marked = row_tokens(from_rows(rows), Words(), VisionConfig(), Markup(per_row=1, per_message=5, per_image=2,
-                                                                         per_video=2))
+    marked = row_tokens(
+        from_rows(rows), Words(), VisionConfig(), Markup(per_row=1, per_message=5, per_image=2, per_video=2)
+    )
     assert (marked["text_tokens"] - out["text_tokens"]).tolist() == [3, 3, 5, 3, 1, 1, 1 + 4 * 5 + 2, 1]
     assert marked["visual_tokens"].tolist() == out["visual_tokens"].tolist()
 

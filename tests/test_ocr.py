@@ -31,22 +31,41 @@ FONTS = {
     "bold": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
     "cjk": "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
 }
-EN = ["The quick brown fox jumps over the lazy dog", "Data curation for vision-language models",
-      "Invoice No. 4821, total $1,250.00", "Open daily from 9am to 6pm", "Kwai Keye-VL technical report 2025",
-      "Call 555-0134 for free delivery"]
-ZH = ["多模态数据清洗与筛选", "今天天气很好，我们去公园散步", "视觉语言模型的预训练数据", "北京市海淀区中关村大街",
-      "欢迎光临本店，全场八折", "文字识别测试样例"]
+EN = [
+    "The quick brown fox jumps over the lazy dog",
+    "Data curation for vision-language models",
+    "Invoice No. 4821, total $1,250.00",
+    "Open daily from 9am to 6pm",
+    "Kwai Keye-VL technical report 2025",
+    "Call 555-0134 for free delivery",
+]
+ZH = [
+    "多模态数据清洗与筛选",
+    "今天天气很好，我们去公园散步",
+    "视觉语言模型的预训练数据",
+    "北京市海淀区中关村大街",
+    "欢迎光临本店，全场八折",
+    "文字识别测试样例",
+]
 # (foreground, background) pairs: dark on light, light on dark, colour on colour
-COLOURS = [("black", "white"), ("navy", "lightyellow"), ("white", "black"), ("darkred", "#ddeeff"),
-           ("#1a6b1a", "#f4f4f4"), ("yellow", "#333366")]
+COLOURS = [
+    ("black", "white"),
+    ("navy", "lightyellow"),
+    ("white", "black"),
+    ("darkred", "#ddeeff"),
+    ("#1a6b1a", "#f4f4f4"),
+    ("yellow", "#333366"),
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def fonts():
     missing = [p for p in FONTS.values() if not Path(p).is_file()]
     if missing:
-        pytest.fail(f"fonts missing: {missing}; apt-get install fonts-dejavu-core fonts-wqy-microhei "
-                    f"(scripts/setup.sh installs them)")
+        pytest.fail(
+            f"fonts missing: {missing}; apt-get install fonts-dejavu-core fonts-wqy-microhei "
+            f"(scripts/setup.sh installs them)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +75,18 @@ def ocr():
     return stage
 
 
-def render(lines: list[str], font: str, size: int, fg="black", bg="white", pad=20, angle=0, noise=0.0,
-           blur=0.0, fmt="PNG") -> bytes:
+def render(
+    lines: list[str],
+    font: str,
+    size: int,
+    fg="black",
+    bg="white",
+    pad=20,
+    angle=0,
+    noise=0.0,
+    blur=0.0,
+    fmt="PNG",
+) -> bytes:
     """Lines of text drawn with a TrueType font, then turned, noised or blurred; encoded as ``fmt``."""
     f = ImageFont.truetype(FONTS[font], size)
     step = int(size * 1.6)
@@ -82,8 +111,11 @@ def normalise(s: str) -> str:
     """NFKC (full-width punctuation as ASCII), runs of whitespace as one space, none next to a CJK character."""
     s = " ".join(unicodedata.normalize("NFKC", s).split())
     wide = [unicodedata.east_asian_width(c) in ("W", "F") for c in s]
-    return "".join(c for i, c in enumerate(s)
-                   if not (c == " " and ((i > 0 and wide[i - 1]) or (i + 1 < len(s) and wide[i + 1]))))
+    return "".join(
+        c
+        for i, c in enumerate(s)
+        if not (c == " " and ((i > 0 and wide[i - 1]) or (i + 1 < len(s) and wide[i + 1])))
+    )
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -98,12 +130,18 @@ def edit_distance(a: str, b: str) -> int:
 
 def cer(pairs: list[tuple[str, str]]) -> float:
     """Character error rate over (read, truth) pairs: edit distance over truth length, summed."""
-    return sum(edit_distance(normalise(g), normalise(t)) for g, t in pairs) / sum(len(normalise(t)) for _, t in pairs)
+    return sum(edit_distance(normalise(g), normalise(t)) for g, t in pairs) / sum(
+        len(normalise(t)) for _, t in pairs
+    )
 
 
 def batch(*rows, modality="image_text"):
-    return from_rows([{"id": str(i), "modality": modality, "source_uri": "mem", "source_offset": i, **r}
-                      for i, r in enumerate(rows)])
+    return from_rows(
+        [
+            {"id": str(i), "modality": modality, "source_uri": "mem", "source_offset": i, **r}
+            for i, r in enumerate(rows)
+        ]
+    )
 
 
 def read(stage, images: list[bytes]) -> pa.Table:
@@ -125,12 +163,36 @@ def clean_set() -> list[tuple[str, bytes]]:
     for v in range(2):
         for k, t in enumerate(EN):
             fg, bg = COLOURS[(k + 3 * v) % 6]
-            out.append((t, render([t], ("sans", "serif", "mono", "bold")[(k + v) % 4], (16, 24, 32, 48)[(k + v) % 4],
-                                  fg, bg, pad=(8, 20, 40, 60)[(k + 2 * v) % 4], fmt=("PNG", "JPEG")[v])))
+            out.append(
+                (
+                    t,
+                    render(
+                        [t],
+                        ("sans", "serif", "mono", "bold")[(k + v) % 4],
+                        (16, 24, 32, 48)[(k + v) % 4],
+                        fg,
+                        bg,
+                        pad=(8, 20, 40, 60)[(k + 2 * v) % 4],
+                        fmt=("PNG", "JPEG")[v],
+                    ),
+                )
+            )
         for k, t in enumerate(ZH):
             fg, bg = COLOURS[(5 - k + 3 * v) % 6]
-            out.append((t, render([t], "cjk", (18, 26, 36, 48)[(k + v) % 4], fg, bg, pad=(60, 40, 20, 8)[(k + v) % 4],
-                                  fmt=("JPEG", "PNG")[v])))
+            out.append(
+                (
+                    t,
+                    render(
+                        [t],
+                        "cjk",
+                        (18, 26, 36, 48)[(k + v) % 4],
+                        fg,
+                        bg,
+                        pad=(60, 40, 20, 8)[(k + v) % 4],
+                        fmt=("JPEG", "PNG")[v],
+                    ),
+                )
+            )
     # a three-line JPEG mixing scripts: two Latin lines, then a Chinese line
     img = Image.new("RGB", (760, 200), "#fafafa")
     d = ImageDraw.Draw(img)
@@ -149,8 +211,12 @@ def test_clean_lines_read_with_at_most_5_percent_cer(ocr, capsys):
     got = out["ocr_text"].to_pylist()
     latin = [(g, t) for g, (t, _) in zip(got, cases) if t in EN]
     chinese = [(g, t) for g, (t, _) in zip(got, cases) if t in ZH]
-    rates = {"latin": cer(latin), "chinese": cer(chinese), "mixed 3-line": cer([(got[-1], cases[-1][0])]),
-             "all": cer(list(zip(got, (t for t, _ in cases))))}
+    rates = {
+        "latin": cer(latin),
+        "chinese": cer(chinese),
+        "mixed 3-line": cer([(got[-1], cases[-1][0])]),
+        "all": cer(list(zip(got, (t for t, _ in cases)))),
+    }
     report(capsys, f"OCR CER, clean lines ({len(cases)} images)", rates)
     assert rates["latin"] <= 0.05 and rates["chinese"] <= 0.05 and rates["all"] <= 0.05, list(zip(got, cases))
     assert got[-1].count("\n") == 2  # three rows, in reading order
@@ -191,9 +257,17 @@ def test_hard_cases_cer_is_reported(ocr, capsys):
 
 @pytest.mark.slow
 def test_extreme_cases_cer_is_reported(ocr, capsys):
-    rates = hard_cer(ocr, {"small 6px": {"size": 6}, "very low contrast": {"size": 24, "fg": "#b0b0b0", "bg": "#b9b9b9"},
-                           "noisy (sigma 150)": {"size": 24, "noise": 150}, "blurred (4 px)": {"size": 24, "blur": 4},
-                           "rotated 45": {"size": 24, "angle": 45}, "rotated 270": {"size": 24, "angle": 270}})
+    rates = hard_cer(
+        ocr,
+        {
+            "small 6px": {"size": 6},
+            "very low contrast": {"size": 24, "fg": "#b0b0b0", "bg": "#b9b9b9"},
+            "noisy (sigma 150)": {"size": 24, "noise": 150},
+            "blurred (4 px)": {"size": 24, "blur": 4},
+            "rotated 45": {"size": 24, "angle": 45},
+            "rotated 270": {"size": 24, "angle": 270},
+        },
+    )
     report(capsys, "OCR CER, extreme cases", rates)
     # Tripwires where the engine still reads (measured: 0% turned, 12.5% at 6 px, 7% noisy); the very low
     # contrast (about 100%) and 4-px blur (about 94%) are past what it reads, and only reported.
@@ -241,10 +315,21 @@ def blank(w: int, h: int, fmt="PNG", photo=False) -> bytes:
 
 def test_no_text_tiny_corrupt_and_missing_images_never_fail_the_batch(ocr):
     text = render(["Hello world"], "sans", 28)
-    out = ocr(batch({"image": blank(200, 150)}, {"image": blank(320, 240, "JPEG", photo=True)},
-                    {"image": blank(8, 8)}, {"image": b"not an image"}, {"image": None}, {"image": text}))
+    out = ocr(
+        batch(
+            {"image": blank(200, 150)},
+            {"image": blank(320, 240, "JPEG", photo=True)},
+            {"image": blank(8, 8)},
+            {"image": b"not an image"},
+            {"image": None},
+            {"image": text},
+        )
+    )
     assert out["reject_reason"].to_pylist() == [None, None, None, "undecodable", "missing_image", None]
-    assert out["reject_stage"].to_pylist()[3] == "ocr" and "UnidentifiedImageError" in out["reject_detail"][3].as_py()
+    assert (
+        out["reject_stage"].to_pylist()[3] == "ocr"
+        and "UnidentifiedImageError" in out["reject_detail"][3].as_py()
+    )
     assert out["ocr_status"].to_pylist() == ["no_text", "no_text", "too_small", None, None, "text"]
     assert out["ocr_text"].to_pylist() == ["", "", None, None, None, "Hello world"]
     assert out["score_ocr"].to_pylist()[:3] == [0.0, 0.0, None]  # no text: area 0; too small: not measured
@@ -269,11 +354,15 @@ def test_an_engine_error_rejects_only_its_image(ocr, monkeypatch):
 
 
 def test_interleaved_documents_read_every_image(ocr):
-    docs = batch({"texts": ["intro", None, None], "images": [None, render(["First page"], "sans", 26),
-                                                              render(["第二页"], "cjk", 30)]},
-                 {"texts": ["no images here"], "images": [None]},
-                 {"texts": [None, None], "images": [render(["Fine"], "sans", 26), b"broken"]},
-                 modality="interleaved")
+    docs = batch(
+        {
+            "texts": ["intro", None, None],
+            "images": [None, render(["First page"], "sans", 26), render(["第二页"], "cjk", 30)],
+        },
+        {"texts": ["no images here"], "images": [None]},
+        {"texts": [None, None], "images": [render(["Fine"], "sans", 26), b"broken"]},
+        modality="interleaved",
+    )
     out = ocr(docs)
     assert out["ocr_text"].to_pylist()[0] == "First page\n\n第二页"
     assert [ln["image"] for ln in json.loads(out["ocr_lines"][0].as_py())] == [1, 2]
@@ -298,7 +387,9 @@ def test_models_come_from_the_wheel_and_lineage_hashes_them():
     import rapidocr
 
     models = resolve_ocr("rapidocr")
-    assert {Path(p).parent for p in models.files.values()} == {Path(rapidocr.__file__).resolve().parent / "models"}
+    assert {Path(p).parent for p in models.files.values()} == {
+        Path(rapidocr.__file__).resolve().parent / "models"
+    }
     assert Path(models.files["rec"]).name == "PP-OCRv6_rec_small.onnx"  # Chinese, English, Japanese in one
     lin = REG["ocr"]().lineage()
     assert lin["engine"] == "rapidocr" and lin["version"] == models.version and lin["onnxruntime"]
@@ -325,8 +416,11 @@ def test_paddleocr_backend_resolves_local_model_folders(tmp_path):
         (tmp_path / name / "inference.yml").write_text(f"Global:\n  model_name: {name}\n")
         (tmp_path / name / "inference.pdiparams").write_bytes(name.encode())
     models = resolve_ocr("paddleocr", str(tmp_path))
-    assert models.names == {"det": "PP-OCRv5_mobile_det", "rec": "PP-OCRv5_mobile_rec",
-                            "cls": "PP-LCNet_x1_0_textline_ori"}
+    assert models.names == {
+        "det": "PP-OCRv5_mobile_det",
+        "rec": "PP-OCRv5_mobile_rec",
+        "cls": "PP-LCNet_x1_0_textline_ori",
+    }
     lin = models.lineage()["models"]
     assert lin["det"]["file"] == "PP-OCRv5_mobile_det/inference.pdiparams" and lin["det"]["model_name"]
     (tmp_path / "PP-LCNet_x1_0_textline_ori" / "inference.yml").unlink()
@@ -358,14 +452,28 @@ def ocr_columns(rows: list[tuple]) -> pa.Table:
     return b.append_column("ocr_status", pa.array([r[0] for r in rows], pa.string()))
 
 
-ROWS = [("text", 0.30, 0.95), ("text", 0.01, 0.99), ("text", 0.30, 0.60), ("no_text", 0.0, None),
-        ("too_small", None, None), ("text", 0.97, 0.99), ("no_image", None, None)]
+ROWS = [
+    ("text", 0.30, 0.95),
+    ("text", 0.01, 0.99),
+    ("text", 0.30, 0.60),
+    ("no_text", 0.0, None),
+    ("too_small", None, None),
+    ("text", 0.97, 0.99),
+    ("no_image", None, None),
+]
 
 
 def test_text_rich_decisions_follow_its_thresholds():
     out = REG["text_rich"](min_text_area=0.02, max_text_area=0.9, min_confidence=0.8)(ocr_columns(ROWS))
-    assert out["reject_reason"].to_pylist() == [None, "text_area_below_min", "low_confidence", "no_text",
-                                                "too_small_for_ocr", "text_area_above_max", "no_image"]
+    assert out["reject_reason"].to_pylist() == [
+        None,
+        "text_area_below_min",
+        "low_confidence",
+        "no_text",
+        "too_small_for_ocr",
+        "text_area_above_max",
+        "no_image",
+    ]
     assert out["is_text_rich"].to_pylist() == [True, False, False, False, False, False, False]
     assert out["score_text_rich"].to_pylist()[:2] == [0.30, 0.01]
     looser = REG["text_rich"](min_text_area=0.005, min_confidence=0.5)(ocr_columns(ROWS))
@@ -402,7 +510,9 @@ def test_pipeline_writes_ocr_columns_counts_outcomes_and_lineage(ray_local, tmp_
         ("tiny", blank(8, 8), "an icon"),
         ("corrupt", b"\xff\xd8 not really a jpeg", "broken bytes"),
     ]
-    write_tar(corpus / "00000.tar", [{"__key__": k, "png": img, "txt": cap.encode()} for k, img, cap in samples])
+    write_tar(
+        corpus / "00000.tar", [{"__key__": k, "png": img, "txt": cap.encode()} for k, img, cap in samples]
+    )
     recipe = tmp_path / "ocr.yaml"
     recipe.write_text(f"""
 name: ocr-test
@@ -411,7 +521,7 @@ sources:
 stages:
   - ocr: {{}}
   - text_rich: {{min_text_area: 0.02, min_confidence: 0.8}}
-output: {{path: "{tmp_path / 'pool'}", report: false}}
+output: {{path: "{tmp_path / "pool"}", report: false}}
 """)
     result = run_pipeline(load_pipeline(recipe), progress=False)
     pool = Path(result.pool)
@@ -425,7 +535,11 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     assert normalise(kept_rows["en"]["ocr_text"]) == "Fresh bread every morning"
     assert kept_rows["zh"]["ocr_text"] == "欢迎光临本店" and kept_rows["zh"]["is_text_rich"]
     assert {k: r["reject_reason"] for k, r in rejected.items()} == {
-        "sparse": "text_area_below_min", "blank": "no_text", "tiny": "too_small_for_ocr", "corrupt": "undecodable"}
+        "sparse": "text_area_below_min",
+        "blank": "no_text",
+        "tiny": "too_small_for_ocr",
+        "corrupt": "undecodable",
+    }
     assert rejected["blank"]["ocr_status"] == "no_text" and rejected["tiny"]["ocr_status"] == "too_small"
     stages = {s["name"]: s for s in result.stats["stages"]}
     assert stages["ocr"]["drops"] == {"undecodable": 1} and stages["ocr"]["rows_out"] == 5

@@ -21,8 +21,17 @@ def line(text: str, x0: int, y0: int, x1: int, y1: int, conf: float = 0.99) -> d
 
 
 def batch(*ocr_lines, modality="image_text") -> pa.Table:
-    rows = [{"id": f"{i:032x}", "modality": modality, "image": JPEG, "text": "a sign", "source_uri": "mem",
-             "source_offset": i} for i in range(len(ocr_lines))]
+    rows = [
+        {
+            "id": f"{i:032x}",
+            "modality": modality,
+            "image": JPEG,
+            "text": "a sign",
+            "source_uri": "mem",
+            "source_offset": i,
+        }
+        for i in range(len(ocr_lines))
+    ]
     table = from_rows(rows)
     values = [lines if isinstance(lines, str) or lines is None else json.dumps(lines) for lines in ocr_lines]
     return table.append_column("ocr_lines", pa.array(values, pa.string()))
@@ -42,8 +51,11 @@ def qa_pairs(messages: list[dict]) -> dict[str, str]:
 
 
 def test_lines_become_a_grounded_conversation():
-    lines = [line("OPEN DAILY", 10, 10, 210, 40), line("Fresh bread 7am", 10, 60, 310, 90),
-             line("blurry", 10, 100, 60, 110, conf=0.3)]
+    lines = [
+        line("OPEN DAILY", 10, 10, 210, 40),
+        line("Fresh bread 7am", 10, 60, 310, 90),
+        line("blurry", 10, 100, 60, 110, conf=0.3),
+    ]
     out = REG["ocr_qa"]()(batch(lines))
     row = out.to_pylist()[0]
     assert row["modality"] == "sft" and row["mode"] == "non_thinking" and row["reject_reason"] is None
@@ -56,7 +68,7 @@ def test_lines_become_a_grounded_conversation():
     assert qa["How many lines of text are in the image?"] == "2 lines."  # the unsure line is left out
     assert qa["Read all the text in the image, line by line."] == "OPEN DAILY\nFresh bread 7am"
     region = next(q for q in qa if q.startswith("What text is in the region"))
-    box = ast.literal_eval(region[len("What text is in the region "):-1])
+    box = ast.literal_eval(region[len("What text is in the region ") : -1])
     assert (box, qa[region]) in (([10, 10, 210, 40], "OPEN DAILY"), ([10, 60, 310, 90], "Fresh bread 7am"))
     where = next(q for q in qa if q.startswith("Where is the word"))
     word = where.split('"')[1]
@@ -73,7 +85,12 @@ def test_task_choice_and_bad_rows():
     only = REG["ocr_qa"](tasks=["count_lines"])(batch(lines))
     assert qa_pairs(conversation(only)) == {"How many lines of text are in the image?": "1 line."}
     out = REG["ocr_qa"]()(batch([], [line("??", 0, 0, 5, 5, conf=0.1)], "{not json", lines))
-    assert out["reject_reason"].to_pylist() == ["no_confident_text", "no_confident_text", "bad_ocr_lines", None]
+    assert out["reject_reason"].to_pylist() == [
+        "no_confident_text",
+        "no_confident_text",
+        "bad_ocr_lines",
+        None,
+    ]
     assert out["reject_stage"].to_pylist()[:3] == ["ocr_qa"] * 3
     with pytest.raises(ValueError, match="tasks: expected some of"):
         REG["ocr_qa"](tasks=["translate"])
@@ -88,8 +105,19 @@ def test_real_ocr_then_ocr_qa_gives_rows_the_cold_start_validator_accepts():
     ocr = REG["ocr"]()
     ocr.setup()
     image = render(["OPEN DAILY", "Fresh bread"], "sans", 32)
-    table = ocr(from_rows([{"id": "a" * 32, "modality": "image_text", "image": image, "source_uri": "mem",
-                            "source_offset": 0}]))
+    table = ocr(
+        from_rows(
+            [
+                {
+                    "id": "a" * 32,
+                    "modality": "image_text",
+                    "image": image,
+                    "source_uri": "mem",
+                    "source_offset": 0,
+                }
+            ]
+        )
+    )
     out = REG["ocr_qa"]()(table)
     assert out["reject_reason"][0].as_py() is None, out["reject_detail"][0].as_py()
     qa = qa_pairs(conversation(out))
@@ -103,5 +131,7 @@ def test_shipped_pipeline_is_valid():
 
     from curation.recipe import load_pipeline
 
-    recipe = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "ocr_qa.yaml", check_paths=False)
+    recipe = load_pipeline(
+        Path(__file__).resolve().parents[1] / "pipelines" / "ocr_qa.yaml", check_paths=False
+    )
     assert [s.name for s in recipe.stages][-2:] == ["ocr_qa", "exact_dedup"]

@@ -47,8 +47,12 @@ def _tiny_recipe(tmp_path: Path, corpus: Path, out: Path | str) -> Path:
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", "/abs", "a\0b", ".hidden", "x" * 129, ""])
 def test_a_mixture_name_that_is_not_a_plain_folder_name_is_a_recipe_error(name, tmp_path):
-    raw = {"pools": {"p": str(tmp_path / "p")}, "tokenizer": "t.json", "output": {"path": str(tmp_path / "out")},
-           "mixtures": {name: {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}}}
+    raw = {
+        "pools": {"p": str(tmp_path / "p")},
+        "tokenizer": "t.json",
+        "output": {"path": str(tmp_path / "out")},
+        "mixtures": {name: {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}},
+    }
     with pytest.raises(RecipeError) as e:
         mix_recipe_from_dict(raw)
     assert f"mixtures.{name}: " in str(e.value) and "cannot be a folder name" in str(e.value)
@@ -59,10 +63,16 @@ def test_mix_overwrite_with_a_mixture_named_dotdot_deletes_nothing(tmp_path, cap
     (tmp_path / "pools" / "p").mkdir(parents=True)
     (tmp_path / "pools" / "p" / "manifest.json").write_text("{}")
     recipe = tmp_path / "mix.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "pools": {"p": str(tmp_path / "pools" / "p")}, "tokenizer": "t.json",
-        "output": {"path": str(tmp_path / "out")},
-        "mixtures": {"..": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "pools": {"p": str(tmp_path / "pools" / "p")},
+                "tokenizer": "t.json",
+                "output": {"path": str(tmp_path / "out")},
+                "mixtures": {"..": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}},
+            }
+        )
+    )
     assert main(["mix", str(recipe), "--overwrite", "-q"]) == 2
     assert "mixtures...: '..' cannot be a folder name" in capsys.readouterr().err
     assert recipe.exists() and (tmp_path / "pools" / "p" / "manifest.json").exists()
@@ -102,21 +112,29 @@ def test_overwrite_empties_an_own_output_and_says_what_it_deletes(tmp_path, capl
     assert f"deleting the pool in {pool}" in caplog.text and "shards/" in caplog.text
 
 
-@pytest.mark.parametrize("files,kind", [
-    ({"_work/recipe.json": {"recipe_hash": "abc", "recipe": {}}, "shards/a.parquet": None}, "pool"),
-    ({"manifest.json": {"format": "curation.pool/1", "shards": []}}, "pool"),
-    ({"_work/mixture.json": {"mixture_hash": "abc"}}, "mixture"),
-    ({"manifest.json": {"format": "curation.mixture/1"}}, "mixture"),
-    ({"report.json": {"format": "curation.audit/1"}, "report.html": None}, "audit"),
-    ({"scan/_work/recipe.json": {"recipe_hash": "abc"}}, "audit"),
-    ({"stage2/_work/mixture.json": {"mixture_hash": "a"},
-      "coldstart/manifest.json": {"format": "curation.mixture/1"}}, "mixtures-root"),
-    ({LOCK: None}, ""),
-    ({"manifest.json": {"format": "something else"}}, None),
-    ({"report.json": {"format": "curation.report/1"}}, None),  # a pool's report alone is not a pool
-    ({"stage2/_work/mixture.json": {"mixture_hash": "a"}, "README.md": None}, None),
-    ({"_work/recipe.json": "not json {"}, None),
-])
+@pytest.mark.parametrize(
+    "files,kind",
+    [
+        ({"_work/recipe.json": {"recipe_hash": "abc", "recipe": {}}, "shards/a.parquet": None}, "pool"),
+        ({"manifest.json": {"format": "curation.pool/1", "shards": []}}, "pool"),
+        ({"_work/mixture.json": {"mixture_hash": "abc"}}, "mixture"),
+        ({"manifest.json": {"format": "curation.mixture/1"}}, "mixture"),
+        ({"report.json": {"format": "curation.audit/1"}, "report.html": None}, "audit"),
+        ({"scan/_work/recipe.json": {"recipe_hash": "abc"}}, "audit"),
+        (
+            {
+                "stage2/_work/mixture.json": {"mixture_hash": "a"},
+                "coldstart/manifest.json": {"format": "curation.mixture/1"},
+            },
+            "mixtures-root",
+        ),
+        ({LOCK: None}, ""),
+        ({"manifest.json": {"format": "something else"}}, None),
+        ({"report.json": {"format": "curation.report/1"}}, None),  # a pool's report alone is not a pool
+        ({"stage2/_work/mixture.json": {"mixture_hash": "a"}, "README.md": None}, None),
+        ({"_work/recipe.json": "not json {"}, None),
+    ],
+)
 def test_outputs_written_before_markers_are_recognised_by_their_records(tmp_path, files, kind):
     """Pools, mixtures and audits of older versions (./pools, ./mixtures-out, ./audit of the demo) have no
     marker: their own records say what they are, so they still resume and --overwrite still replaces them."""
@@ -153,31 +171,44 @@ def test_a_symlink_inside_an_output_is_unlinked_not_followed(tmp_path):
 # ---------------------------------------------------------------- overlap with inputs
 
 
-@pytest.mark.parametrize("out,inp,overlaps", [
-    ("corpus", "corpus/wds/*.tar", True),  # the input inside the output
-    ("corpus/wds", "corpus/wds/*.tar", True),  # the same folder
-    ("corpus/wds/pool", "corpus/wds/*.tar", False),  # a glob's folder: *.tar never reads pool/shards/*.tar
-    ("corpus/wds/pool", "corpus/wds", True),  # ... but a folder is read whole
-    ("corpus/wds/pool", "corpus/*/x.tar", True),  # ... and so is what a wildcard before the last part reaches
-    ("corpus/x/pool", "corpus/**/*.jsonl", True),  # ... any depth under a recursive glob
-    ("corpus/pool", "corpus/wds/*.tar", False),
-    ("corpus/pool", "corpus/a.jsonl", False),  # beside one input file is fine
-    ("corpus/a.jsonl", "corpus/a.jsonl", True),
-    ("corpus2", "corpus/wds", False),  # a name prefix is not a folder prefix
-    ("link", "corpus/wds/*.tar", True),  # the same folder through a symlink: link -> corpus/wds
-    ("s3://b/corpus/pool", "s3://b/corpus/*.tar", False),
-    ("s3://b/corpus", "s3://b/corpus/*.tar", True),
-    ("s3://b/pool", "s3://b/corpus/*.tar", False),
-    ("s3://b", "s3://b/corpus//x.tar", True),
-    ("s3://c/corpus", "s3://b/corpus/*.tar", False),
-    ("corpus", "s3://b/corpus/*.tar", False),
-])
+@pytest.mark.parametrize(
+    "out,inp,overlaps",
+    [
+        ("corpus", "corpus/wds/*.tar", True),  # the input inside the output
+        ("corpus/wds", "corpus/wds/*.tar", True),  # the same folder
+        (
+            "corpus/wds/pool",
+            "corpus/wds/*.tar",
+            False,
+        ),  # a glob's folder: *.tar never reads pool/shards/*.tar
+        ("corpus/wds/pool", "corpus/wds", True),  # ... but a folder is read whole
+        (
+            "corpus/wds/pool",
+            "corpus/*/x.tar",
+            True,
+        ),  # ... and so is what a wildcard before the last part reaches
+        ("corpus/x/pool", "corpus/**/*.jsonl", True),  # ... any depth under a recursive glob
+        ("corpus/pool", "corpus/wds/*.tar", False),
+        ("corpus/pool", "corpus/a.jsonl", False),  # beside one input file is fine
+        ("corpus/a.jsonl", "corpus/a.jsonl", True),
+        ("corpus2", "corpus/wds", False),  # a name prefix is not a folder prefix
+        ("link", "corpus/wds/*.tar", True),  # the same folder through a symlink: link -> corpus/wds
+        ("s3://b/corpus/pool", "s3://b/corpus/*.tar", False),
+        ("s3://b/corpus", "s3://b/corpus/*.tar", True),
+        ("s3://b/pool", "s3://b/corpus/*.tar", False),
+        ("s3://b", "s3://b/corpus//x.tar", True),
+        ("s3://c/corpus", "s3://b/corpus/*.tar", False),
+        ("corpus", "s3://b/corpus/*.tar", False),
+    ],
+)
 def test_overlap(tmp_path, monkeypatch, out, inp, overlaps):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus" / "wds").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "corpus" / "wds", target_is_directory=True)
     if overlaps:
-        with pytest.raises(OutputError, match=rf"the output {out} (is|is inside|holds) the input .*\(sources\.0\)"):
+        with pytest.raises(
+            OutputError, match=rf"the output {out} (is|is inside|holds) the input .*\(sources\.0\)"
+        ):
             check_overlap(out, [("sources.0", inp)])
     else:
         check_overlap(out, [("sources.0", inp)])
@@ -198,7 +229,10 @@ def test_output_inside_an_input_folder_is_refused(ray_local, tmp_path, tiny_corp
     out = tiny_corpus / "text" / "pool"
     recipe = str(_tiny_recipe(tmp_path, tiny_corpus, out))
     assert main(["run", recipe, "-q", "--set", f"sources.2.paths=[{tiny_corpus}/text]"]) == 2
-    assert f"the output {out} is inside the input {tiny_corpus}/text (sources.2.paths)" in capsys.readouterr().err
+    assert (
+        f"the output {out} is inside the input {tiny_corpus}/text (sources.2.paths)"
+        in capsys.readouterr().err
+    )
     assert not out.exists()
     assert main(["run", recipe, "-q", "--set", f"vars.out={tiny_corpus}/text"]) == 2  # the glob's own folder
     assert "is the input" in capsys.readouterr().err
@@ -218,8 +252,12 @@ def test_mixture_folder_overlapping_a_pool_is_refused_before_reading(tmp_path):
     pool = tmp_path / "out" / "m"
     pool.mkdir(parents=True)
     (pool / "manifest.json").write_text(json.dumps({"format": "curation.pool/1", "shards": []}))
-    raw = {"pools": {"p": str(pool)}, "tokenizer": "/nowhere/t.json", "output": {"path": str(tmp_path / "out")},
-           "mixtures": {"m": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}}}
+    raw = {
+        "pools": {"p": str(pool)},
+        "tokenizer": "/nowhere/t.json",
+        "output": {"path": str(tmp_path / "out")},
+        "mixtures": {"m": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}},
+    }
     with pytest.raises(OutputError, match=rf"the output {tmp_path}/out/m is the input {pool} \(pools.p\)"):
         build_mixtures(mix_recipe_from_dict(raw), overwrite=True, progress=False)
     assert (pool / "manifest.json").exists()
@@ -230,9 +268,12 @@ def test_mix_overwrite_refuses_a_folder_this_tool_did_not_write(tmp_path):
 
     claim(str(tmp_path / "out"), "mixtures-root")
     files = _user_folder(tmp_path / "out" / "m")
-    raw = {"pools": {"p": str(tmp_path / "pools" / "p")}, "tokenizer": "/nowhere/t.json",
-           "output": {"path": str(tmp_path / "out")},
-           "mixtures": {"m": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}}}
+    raw = {
+        "pools": {"p": str(tmp_path / "pools" / "p")},
+        "tokenizer": "/nowhere/t.json",
+        "output": {"path": str(tmp_path / "out")},
+        "mixtures": {"m": {"budget": 10, "sources": {"s": {"pool": "p", "weight": 1.0}}}},
+    }
     with pytest.raises(OutputError, match="is not empty and was not written by curation"):
         build_mixtures(mix_recipe_from_dict(raw), overwrite=True, progress=False)
     assert _intact(tmp_path / "out" / "m", files)
@@ -245,17 +286,43 @@ def test_audit_output_overlapping_the_corpus_the_registry_or_a_benchmark_is_refu
     (tmp_path / "bench" / "b.jsonl").write_text(json.dumps({"id": "1", "question": "what is it?"}) + "\n")
     (tmp_path / "reg").mkdir()
     registry = tmp_path / "reg" / "benchmarks.yaml"
-    registry.write_text(yaml.safe_dump({"benchmarks": [
-        {"name": "b", "paths": [str(tmp_path / "bench" / "b.jsonl")],
-         "fields": {"id": "id", "question": "question"}}]}))
-    for out, what in ((tmp_path / "corpus" / "text" / "audit", "--corpus"), (tmp_path / "corpus", "--corpus"),
-                      (tmp_path / "bench", "benchmark b"), (tmp_path / "reg", "--benchmarks")):
-        code = main(["audit", "--benchmarks", str(registry), "--corpus", str(tmp_path / "corpus" / "text"),
-                     "--out", str(out), "--overwrite", "-q"])
+    registry.write_text(
+        yaml.safe_dump(
+            {
+                "benchmarks": [
+                    {
+                        "name": "b",
+                        "paths": [str(tmp_path / "bench" / "b.jsonl")],
+                        "fields": {"id": "id", "question": "question"},
+                    }
+                ]
+            }
+        )
+    )
+    for out, what in (
+        (tmp_path / "corpus" / "text" / "audit", "--corpus"),
+        (tmp_path / "corpus", "--corpus"),
+        (tmp_path / "bench", "benchmark b"),
+        (tmp_path / "reg", "--benchmarks"),
+    ):
+        code = main(
+            [
+                "audit",
+                "--benchmarks",
+                str(registry),
+                "--corpus",
+                str(tmp_path / "corpus" / "text"),
+                "--out",
+                str(out),
+                "--overwrite",
+                "-q",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and f"the output {out} " in err and f"({what})" in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
-        ["corpus", "text", "docs.jsonl", "bench", "b.jsonl", "reg", "benchmarks.yaml"])
+        ["corpus", "text", "docs.jsonl", "bench", "b.jsonl", "reg", "benchmarks.yaml"]
+    )
 
 
 # ---------------------------------------------------------------- one writer at a time
@@ -272,8 +339,12 @@ with lock(sys.argv[1], "curation run held.yaml"):
 
 def _hold(root: Path | str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A process that takes ``root``'s lock and keeps it; returns once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.stdout.readline().strip() == "held", "the holder could not take the lock"
     return proc
 
@@ -297,7 +368,9 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
     assert (root / LOCK).read_text() == ""  # released: no holder named any more
 
 
-def test_a_second_curation_run_on_the_same_pool_exits_2_naming_the_first(ray_local, tmp_path, tiny_corpus, capsys):
+def test_a_second_curation_run_on_the_same_pool_exits_2_naming_the_first(
+    ray_local, tmp_path, tiny_corpus, capsys
+):
     root = tmp_path / "pool"
     holder = _hold(root)
     try:
@@ -345,8 +418,14 @@ def bucket(s3, monkeypatch) -> str:
 def _lock_object(s3, bucket: str, key: str, **holder) -> None:
     import boto3
 
-    body = {"host": "elsewhere", "pid": 1, "command": "curation mix far.yaml", "started": "2020-01-01T00:00:00",
-            "token": "x", **holder}
+    body = {
+        "host": "elsewhere",
+        "pid": 1,
+        "command": "curation mix far.yaml",
+        "started": "2020-01-01T00:00:00",
+        "token": "x",
+        **holder,
+    }
     boto3.client("s3", **s3.boto3_kwargs()).put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode())
 
 
@@ -406,7 +485,10 @@ def test_a_stage_instance_name_cannot_escape_the_pool():
     """A stage's label names files in the pool (``_work/global/<label>.json``, ``rejects/g_<label>_...``)."""
     from curation.recipe import pipeline_from_dict
 
-    raw = {"sources": [{"name": "a", "format": "jsonl", "modality": "text", "paths": ["x.jsonl"]}],
-           "stages": [{"caption_length": {"instance": "../../x"}}], "output": {"path": "out"}}
+    raw = {
+        "sources": [{"name": "a", "format": "jsonl", "modality": "text", "paths": ["x.jsonl"]}],
+        "stages": [{"caption_length": {"instance": "../../x"}}],
+        "output": {"path": "out"},
+    }
     with pytest.raises(RecipeError, match=r"stages\.0\.caption_length\.instance"):
         pipeline_from_dict(raw, check_paths=False)

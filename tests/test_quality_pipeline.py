@@ -31,9 +31,11 @@ from curation.stage import NotReady
 from openai_server import canned_server
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,17 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 def _recipe(inputs, out: Path, url: str, *extra: str, clip: str | None = None):
     corpus, tiny = inputs
-    return load_pipeline(ROOT / "pipelines" / "quality.yaml", [
-        f"vars.corpus={corpus}", f"vars.out={out}", f"vars.clip={clip or tiny}", f"vars.vlm_url={url}",
-        "vars.vlm_model=canned", *extra])
+    return load_pipeline(
+        ROOT / "pipelines" / "quality.yaml",
+        [
+            f"vars.corpus={corpus}",
+            f"vars.out={out}",
+            f"vars.clip={clip or tiny}",
+            f"vars.vlm_url={url}",
+            "vars.vlm_model=canned",
+            *extra,
+        ],
+    )
 
 
 def _stage_index(recipe, name: str) -> int:
@@ -83,11 +93,16 @@ def test_quality_pipeline_end_to_end(inputs, tmp_path, ray_local):
     assert pairs["dense_caption"].str.contains('"score": 4').all() and pairs["ocr_status"].null_count() == 0
     # Rows below the global cut are in the rejects with the reason; none was lost or written twice.
     assert (rejects["reject_reason"] == "below_keep_fraction").sum() == scored - cut["rows_out"]
-    ids = pl.concat([kept.select("source_uri", "source_offset"), rejects.select("source_uri", "source_offset")])
+    ids = pl.concat(
+        [kept.select("source_uri", "source_offset"), rejects.select("source_uri", "source_offset")]
+    )
     assert not ids.is_duplicated().any()
     manifest = json.loads((tmp_path / "pool" / "manifest.json").read_text())
     assert manifest["stages"]["clip_score"]["model"].startswith("tiny-test:")
-    assert manifest["stages"]["vlm_judge"]["model"] == "canned" and manifest["stages"]["vlm_judge"]["prompt_sha256"]
+    assert (
+        manifest["stages"]["vlm_judge"]["model"] == "canned"
+        and manifest["stages"]["vlm_judge"]["prompt_sha256"]
+    )
     assert manifest["stages"]["dense_caption"]["prompt_sha256"]
 
 
@@ -98,7 +113,9 @@ def test_quality_pipeline_stops_before_reading_when_the_endpoint_is_down(inputs,
     assert not (tmp_path / "pool").exists()
     # ... and without the CLIP weights, it names the spec.
     with pytest.raises(NotReady, match="ViT-B-32:datacomp_xl_s13b_b90k"):
-        run_pipeline(_recipe(inputs, tmp_path / "pool", down, clip="ViT-B-32:datacomp_xl_s13b_b90k"), progress=False)
+        run_pipeline(
+            _recipe(inputs, tmp_path / "pool", down, clip="ViT-B-32:datacomp_xl_s13b_b90k"), progress=False
+        )
 
 
 def test_a_corpus_index_after_a_global_cut_is_a_recipe_error(inputs, tmp_path):
@@ -106,6 +123,13 @@ def test_a_corpus_index_after_a_global_cut_is_a_recipe_error(inputs, tmp_path):
 
     recipe = _recipe(inputs, tmp_path / "pool", "http://127.0.0.1:9/v1")
     dedup, clip = _stage_index(recipe, "exact_dedup"), _stage_index(recipe, "clip_score")
-    with pytest.raises(RecipeError, match="'exact_dedup' indexes the whole corpus.*must come before 'clip_score'"):
-        _recipe(inputs, tmp_path / "pool", "http://127.0.0.1:9/v1", f"stages.{dedup}={{clip_score: {{model: x, keep_fraction: 0.5}}}}",
-                f"stages.{clip}={{exact_dedup: {{}}}}")
+    with pytest.raises(
+        RecipeError, match="'exact_dedup' indexes the whole corpus.*must come before 'clip_score'"
+    ):
+        _recipe(
+            inputs,
+            tmp_path / "pool",
+            "http://127.0.0.1:9/v1",
+            f"stages.{dedup}={{clip_score: {{model: x, keep_fraction: 0.5}}}}",
+            f"stages.{clip}={{exact_dedup: {{}}}}",
+        )

@@ -108,8 +108,14 @@ def test_a_line_across_many_blocks_is_copied_a_bounded_number_of_times():
 
 
 def test_jsonl_line_too_long_is_a_reject_naming_file_and_line_and_later_offsets_hold(tmp_path):
-    lines = [json.dumps({"text": "first"}), json.dumps({"text": "x" * 5000}), "", json.dumps({"text": "third"}),
-             "not json", json.dumps({"text": "y" * 2000})]
+    lines = [
+        json.dumps({"text": "first"}),
+        json.dumps({"text": "x" * 5000}),
+        "",
+        json.dumps({"text": "third"}),
+        "not json",
+        json.dumps({"text": "y" * 2000}),
+    ]
     (tmp_path / "a.jsonl").write_text("\n".join(lines))  # the last line has no newline
     spec = SourceSpec(name="t", format="jsonl", modality="text", paths=[str(tmp_path / "a.jsonl")])
     got = rows(spec, LimitsSpec(max_line_bytes=1000))
@@ -164,8 +170,12 @@ def test_a_file_longer_than_its_size_said_is_still_capped():
 def test_a_sparse_image_referenced_by_a_row_is_a_file_too_large_reject(tmp_path):
     sparse(tmp_path / "huge.jpg")
     (tmp_path / "ok.jpg").write_bytes(jpeg())
-    (tmp_path / "a.jsonl").write_text(json.dumps({"caption": "big", "image": "huge.jpg"}) + "\n"
-                                      + json.dumps({"caption": "fine", "image": "ok.jpg"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"caption": "big", "image": "huge.jpg"})
+        + "\n"
+        + json.dumps({"caption": "fine", "image": "ok.jpg"})
+        + "\n"
+    )
     spec = SourceSpec(name="j", format="jsonl", modality="image_text", paths=[str(tmp_path / "a.jsonl")])
     got = rows(spec)  # the default max_media_bytes (1 GiB) already refuses 8 GiB
     assert rejects(got) == {0: "file_too_large"}
@@ -203,15 +213,27 @@ def tar_with(members: list[tuple[str, bytes]]) -> bytes:
 
 @pytest.mark.parametrize("chunk", [512, 700, 1 << 20])
 def test_a_tar_member_over_the_limit_is_passed_over_by_its_header_size(chunk):
-    data = tar_with([("a.txt", b"one"), ("b.jpg", b"j" * 5000), ("b.txt", b"two"), ("l" * 200 + ".txt", b"3")])
+    data = tar_with(
+        [("a.txt", b"one"), ("b.jpg", b"j" * 5000), ("b.txt", b"two"), ("l" * 200 + ".txt", b"3")]
+    )
     got = list(iter_tar(io.BytesIO(data), chunk=chunk, max_member=1000))
-    assert got == [("a.txt", b"one"), ("b.jpg", cfs.Skipped(5000)), ("b.txt", b"two"), ("l" * 200 + ".txt", b"3")]
+    assert got == [
+        ("a.txt", b"one"),
+        ("b.jpg", cfs.Skipped(5000)),
+        ("b.txt", b"two"),
+        ("l" * 200 + ".txt", b"3"),
+    ]
 
 
 def test_a_webdataset_sample_with_a_member_over_the_limit_is_a_reject(tmp_path):
-    write_tar(tmp_path / "a.tar", [{"__key__": "0", "jpg": jpeg(), "txt": b"ok"},
-                                   {"__key__": "1", "jpg": b"\xff" * 5000, "txt": b"big"},
-                                   {"__key__": "2", "jpg": jpeg(), "txt": b"ok too"}])
+    write_tar(
+        tmp_path / "a.tar",
+        [
+            {"__key__": "0", "jpg": jpeg(), "txt": b"ok"},
+            {"__key__": "1", "jpg": b"\xff" * 5000, "txt": b"big"},
+            {"__key__": "2", "jpg": jpeg(), "txt": b"ok too"},
+        ],
+    )
     spec = SourceSpec(name="w", format="webdataset", modality="image_text", paths=[str(tmp_path / "a.tar")])
     got = rows(spec, LimitsSpec(max_member_bytes=4000))
     assert rejects(got) == {1: "member_too_large"}
@@ -224,8 +246,9 @@ def test_a_webdataset_sample_with_a_member_over_the_limit_is_a_reject(tmp_path):
 
 def bomb(path, value_bytes: int = 64 << 20, extra_groups: int = 1) -> None:
     """One row group with a value of ``value_bytes`` zeros (a few KB compressed), then small ones."""
-    with pq.ParquetWriter(path, pa.schema([("caption", pa.string()), ("image", pa.binary())]),
-                          compression="zstd") as w:
+    with pq.ParquetWriter(
+        path, pa.schema([("caption", pa.string()), ("image", pa.binary())]), compression="zstd"
+    ) as w:
         w.write_table(pa.table({"caption": ["boom"], "image": [bytes(value_bytes)]}))
         for k in range(extra_groups):
             w.write_table(pa.table({"caption": [f"c{k}", f"d{k}"], "image": [jpeg(), jpeg()]}))
@@ -248,15 +271,20 @@ def test_a_parquet_bomb_is_rejected_from_its_page_headers_without_decompressing(
 
 
 def test_parquet_bombs_are_rejected_for_pools_and_conversations_too(tmp_path):
-    with pq.ParquetWriter(tmp_path / "qa.parquet", pa.schema([("question", pa.string()), ("answer", pa.string())]),
-                          compression="zstd") as w:
+    with pq.ParquetWriter(
+        tmp_path / "qa.parquet",
+        pa.schema([("question", pa.string()), ("answer", pa.string())]),
+        compression="zstd",
+    ) as w:
         w.write_table(pa.table({"question": ["q"], "answer": ["a" * (4 << 20)]}))
         w.write_table(pa.table({"question": ["q2"], "answer": ["fine"]}))
     spec = SourceSpec(name="q", format="qa", modality="sft", paths=[str(tmp_path / "qa.parquet")])
     got = rows(spec, LimitsSpec(max_value_bytes=1 << 20))
     assert rejects(got) == {0: "value_too_large"} and len(got) == 2
 
-    pool = pa.table({"id": ["a" * 32, "b" * 32], "modality": ["text", "text"], "text": ["z" * (4 << 20), "ok"]})
+    pool = pa.table(
+        {"id": ["a" * 32, "b" * 32], "modality": ["text", "text"], "text": ["z" * (4 << 20), "ok"]}
+    )
     pq.write_table(pool, tmp_path / "shard.parquet", compression="zstd", row_group_size=1)
     spec = SourceSpec(name="pool", format="pool", modality="mixed", paths=[str(tmp_path / "shard.parquet")])
     got = rows(spec, LimitsSpec(max_value_bytes=1 << 20))
@@ -265,9 +293,17 @@ def test_parquet_bombs_are_rejected_for_pools_and_conversations_too(tmp_path):
 
 def test_a_large_row_group_of_small_values_is_read(tmp_path):
     """The footer puts the row group over the limit, but its pages (and so its values) are all under it."""
-    table = pa.table({"caption": [f"c{i}" for i in range(400)], "image": [os.urandom(2000) for _ in range(400)]})
-    pq.write_table(table, tmp_path / "p.parquet", compression="zstd", data_page_size=16 << 10, write_batch_size=4,
-                   use_dictionary=False)
+    table = pa.table(
+        {"caption": [f"c{i}" for i in range(400)], "image": [os.urandom(2000) for _ in range(400)]}
+    )
+    pq.write_table(
+        table,
+        tmp_path / "p.parquet",
+        compression="zstd",
+        data_page_size=16 << 10,
+        write_batch_size=4,
+        use_dictionary=False,
+    )
     meta = pq.ParquetFile(tmp_path / "p.parquet").metadata
     assert meta.num_row_groups == 1 and meta.row_group(0).column(1).total_uncompressed_size > 500_000
     spec = SourceSpec(name="p", format="parquet", modality="image_text", paths=[str(tmp_path / "p.parquet")])
@@ -292,8 +328,11 @@ def test_a_file_name_that_is_not_utf8_is_named_and_the_way_to_skip_it_said(bad_n
         with pytest.raises(cfs.BadFileName) as e:
             cfs.expand(pattern)
         assert "bad\\xff.jsonl" in str(e.value) and "on_bad_name: skip" in str(e.value)
-    raw = {"sources": [{"name": "t", "format": "jsonl", "modality": "text", "paths": [str(bad_names)]}],
-           "stages": [], "output": {"path": str(bad_names / "out")}}
+    raw = {
+        "sources": [{"name": "t", "format": "jsonl", "modality": "text", "paths": [str(bad_names)]}],
+        "stages": [],
+        "output": {"path": str(bad_names / "out")},
+    }
     with pytest.raises(RecipeError) as e:
         pipeline_from_dict(raw)
     assert "sources.0.paths.0" in str(e.value) and "bad\\xff.jsonl" in str(e.value)
@@ -303,8 +342,19 @@ def test_names_that_are_not_utf8_can_be_skipped_and_are_logged_with_a_count(bad_
     with caplog.at_level(logging.WARNING, logger="curation.io.fs"):
         assert cfs.expand(str(bad_names), "skip") == [str(bad_names / "good.jsonl")]
     assert "skipped 1 file name(s)" in caplog.text and "bad\\xff.jsonl" in caplog.text
-    raw = {"sources": [{"name": "t", "format": "jsonl", "modality": "text", "paths": [str(bad_names)],
-                        "on_bad_name": "skip"}], "stages": [], "output": {"path": str(bad_names / "out")}}
+    raw = {
+        "sources": [
+            {
+                "name": "t",
+                "format": "jsonl",
+                "modality": "text",
+                "paths": [str(bad_names)],
+                "on_bad_name": "skip",
+            }
+        ],
+        "stages": [],
+        "output": {"path": str(bad_names / "out")},
+    }
     recipe = pipeline_from_dict(raw)
     units = plan_units(recipe.sources, limits=recipe.limits)
     assert [u.uri for u in units] == [str(bad_names / "good.jsonl")]
@@ -318,8 +368,13 @@ def test_names_that_are_not_utf8_can_be_skipped_and_are_logged_with_a_count(bad_
 
 def test_limits_have_defaults_overrides_and_reach_every_unit(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-    raw = {"sources": [{"name": "t", "format": "jsonl", "modality": "text", "paths": [str(tmp_path / "a.jsonl")]}],
-           "stages": [], "output": {"path": str(tmp_path / "out")}}
+    raw = {
+        "sources": [
+            {"name": "t", "format": "jsonl", "modality": "text", "paths": [str(tmp_path / "a.jsonl")]}
+        ],
+        "stages": [],
+        "output": {"path": str(tmp_path / "out")},
+    }
     assert pipeline_from_dict(raw).limits == LimitsSpec()
     assert LimitsSpec().max_line_bytes == 64 << 20 and LimitsSpec().max_value_bytes == 256 << 20
     recipe = pipeline_from_dict({**raw, "limits": {"max_line_bytes": 1000}})
@@ -331,13 +386,27 @@ def test_limits_have_defaults_overrides_and_reach_every_unit(tmp_path):
     assert detected.limits == LimitsSpec()  # `curation audit` composes its recipe this way
 
 
-@pytest.mark.parametrize("value, expected", [(0, "between 1 and"), (-1, "between 1 and"),
-                                             (1 << 60, "between 1 and"), ("big", "expected an integer"),
-                                             (True, "expected an integer"), (1.5, "expected an integer")])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0, "between 1 and"),
+        (-1, "between 1 and"),
+        (1 << 60, "between 1 and"),
+        ("big", "expected an integer"),
+        (True, "expected an integer"),
+        (1.5, "expected an integer"),
+    ],
+)
 def test_limits_out_of_range_are_recipe_errors_naming_the_key(tmp_path, value, expected):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-    raw = {"sources": [{"name": "t", "format": "jsonl", "modality": "text", "paths": [str(tmp_path / "a.jsonl")]}],
-           "stages": [], "output": {"path": str(tmp_path / "out")}, "limits": {"max_line_bytes": value}}
+    raw = {
+        "sources": [
+            {"name": "t", "format": "jsonl", "modality": "text", "paths": [str(tmp_path / "a.jsonl")]}
+        ],
+        "stages": [],
+        "output": {"path": str(tmp_path / "out")},
+        "limits": {"max_line_bytes": value},
+    }
     with pytest.raises(RecipeError) as e:
         pipeline_from_dict(raw)
     assert "max_line_bytes" in str(e.value) and expected in str(e.value)
@@ -354,8 +423,12 @@ def test_a_benchmark_file_line_over_the_limit_is_listed_not_held(tmp_path, monke
 
     monkeypatch.setattr(registry, "LimitsSpec", lambda: SimpleNamespace(max_line_bytes=200))
     path = tmp_path / "b.jsonl"
-    path.write_text(json.dumps({"id": "big", "question": "x" * 500}) + "\n"
-                    + json.dumps({"id": "ok", "question": "What colour is the sky on a clear day?"}) + "\n")
+    path.write_text(
+        json.dumps({"id": "big", "question": "x" * 500})
+        + "\n"
+        + json.dumps({"id": "ok", "question": "What colour is the sky on a clear day?"})
+        + "\n"
+    )
     problems: list = []
     items = list(registry.read_items(registry.BenchmarkSpec("b", [str(path)]), problems))
     assert [it.item_id for it in items] == ["ok"]

@@ -32,7 +32,9 @@ def _problems(path, overrides=()):
 
 
 def test_valid_recipe_loads_with_defaults(tmp_path, tiny_corpus):
-    r = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_size: {min_side: 64}\n  - caption_language: {}"))
+    r = load_pipeline(
+        _write(tmp_path, tiny_corpus, "  - image_size: {min_side: 64}\n  - caption_language: {}")
+    )
     assert [s.label for s in r.stages] == ["image_size", "caption_language"]
     assert r.stages[0].min_side == 64 and r.stages[1].languages == ["en"]
     assert r.output.formats == ["parquet", "webdataset"]
@@ -48,7 +50,10 @@ def test_unknown_key_and_wrong_type_are_all_reported(tmp_path, tiny_corpus):
     path = _write(tmp_path, tiny_corpus, "  - image_size: {min_sid: 3}\n  - aspect_ratio: {max_ratio: wide}")
     problems = _problems(path)
     assert any(p.startswith("stages.0.image_size.min_sid: unknown key") and "min_side" in p for p in problems)
-    assert any(p.startswith("stages.1.aspect_ratio.max_ratio: expected a number, got a string 'wide'") for p in problems)
+    assert any(
+        p.startswith("stages.1.aspect_ratio.max_ratio: expected a number, got a string 'wide'")
+        for p in problems
+    )
 
 
 def test_missing_source_path_and_unknown_variable(tmp_path, tiny_corpus):
@@ -71,16 +76,20 @@ def test_top_level_typos_bad_format_and_duplicate_instances(tmp_path, tiny_corpu
 def test_video_options_are_checked(tmp_path, tiny_corpus):
     path = _write(tmp_path, tiny_corpus)
     text = path.read_text().replace(
-        "modality: image_text,", "modality: video, video: {fps: 0, factor: 2.5, min_pixels: 9000, max_pixels: 800,"
-        " shots: yes please, clip_preset: turbo, max_sides: 3},")
+        "modality: image_text,",
+        "modality: video, video: {fps: 0, factor: 2.5, min_pixels: 9000, max_pixels: 800,"
+        " shots: yes please, clip_preset: turbo, max_sides: 3},",
+    )
     path.write_text(text)
     problems = _problems(path)
-    want = ["sources.0.video.fps: expected a positive number, got 0",
-            "sources.0.video.factor: expected a whole number, got 2.5",
-            "sources.0.video: min_pixels (9000) is above max_pixels (800)",
-            "sources.0.video.shots: expected true or false, got 'yes please'",
-            "sources.0.video.clip_preset: expected one of ultrafast",
-            "sources.0.video.max_sides: unknown key (expected one of fps, max_frames, max_side"]
+    want = [
+        "sources.0.video.fps: expected a positive number, got 0",
+        "sources.0.video.factor: expected a whole number, got 2.5",
+        "sources.0.video: min_pixels (9000) is above max_pixels (800)",
+        "sources.0.video.shots: expected true or false, got 'yes please'",
+        "sources.0.video.clip_preset: expected one of ultrafast",
+        "sources.0.video.max_sides: unknown key (expected one of fps, max_frames, max_side",
+    ]
     for w in want:
         assert any(p.startswith(w) for p in problems), (w, problems)
 
@@ -88,8 +97,10 @@ def test_video_options_are_checked(tmp_path, tiny_corpus):
 def test_overrides_and_hash(tmp_path, tiny_corpus):
     path = _write(tmp_path, tiny_corpus, "  - image_size: {min_side: 32}")
     base = load_pipeline(path)
-    r = load_pipeline(path, ["stages.0.image_size.min_side=128", "output.formats=[parquet]",
-                             f"vars.out={tmp_path / 'other'}"])
+    r = load_pipeline(
+        path,
+        ["stages.0.image_size.min_side=128", "output.formats=[parquet]", f"vars.out={tmp_path / 'other'}"],
+    )
     assert r.stages[0].min_side == 128 and r.output.formats == ["parquet"]
     assert r.output.path == str(tmp_path / "other")
     assert r.hash != base.hash
@@ -119,11 +130,16 @@ def test_gpu_stage_on_a_cluster_without_gpus_fails_before_writing(ray_local, tmp
     from curation.stage import NotReady
 
     recipe = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_gpus: 1}}"))
-    with pytest.raises(NotReady, match=r"stage 'image_decode' asks for 1 GPU\(s\) per worker but the Ray "
-                                                r"cluster has 0"):
+    with pytest.raises(
+        NotReady,
+        match=r"stage 'image_decode' asks for 1 GPU\(s\) per worker but the Ray "
+        r"cluster has 0",
+    ):
         run_pipeline(recipe, progress=False)
     assert not (tmp_path / "pool").exists()
     (p,) = _problems(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {concurrency: 0}}"))
     assert p.startswith("stages.0.image_decode.resources.concurrency: expected a positive integer")
-    ok = load_pipeline(_write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_cpus: 2, concurrency: 1}}"))
+    ok = load_pipeline(
+        _write(tmp_path, tiny_corpus, "  - image_decode: {resources: {num_cpus: 2, concurrency: 1}}")
+    )
     assert ok.stages[0].resources.num_cpus == 2.0 and ok.stages[0].resources.concurrency == 1

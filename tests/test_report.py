@@ -32,10 +32,17 @@ def jpeg(w: int = 48, h: int = 32, seed: int = 0) -> bytes:
 
 def png_header(w: int, h: int) -> bytes:
     """A valid PNG signature + IHDR declaring w x h, with a tiny IDAT: a decompression bomb's header."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def row(**cols) -> dict:
@@ -47,11 +54,23 @@ def rid(i: int) -> str:
 
 
 def write_parquet(path: Path, rows: list[dict]) -> int:
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("modality", pa.string()),
-                        ("text", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("texts", pa.list_(pa.string())), ("images", pa.list_(pa.binary())),
-                        ("score_clip", pa.float64()), ("reject_stage", pa.string()), ("reject_reason", pa.string()),
-                        ("reject_detail", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("modality", pa.string()),
+            ("text", pa.string()),
+            ("image", pa.binary()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("texts", pa.list_(pa.string())),
+            ("images", pa.list_(pa.binary())),
+            ("score_clip", pa.float64()),
+            ("reject_stage", pa.string()),
+            ("reject_reason", pa.string()),
+            ("reject_detail", pa.string()),
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     # Small row groups so the reject reader really has to pick row groups.
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=3)
@@ -63,10 +82,30 @@ def pool(tmp_path: Path) -> Path:
     pool = tmp_path / "pool"
     good = jpeg(seed=1)
     shard0 = [
-        row(id=rid(1), modality="image_text", text="a red bus", image=good, width=48, height=32, score_clip=0.31),
-        row(id=rid(2), modality="image_text", text=SCRIPT_CAPTION, image=jpeg(seed=2), width=48, height=32,
-             score_clip=0.28),
-        row(id=rid(3), modality="interleaved", texts=["hello", None, "bye"], images=[None, b"junk", jpeg(seed=3)]),
+        row(
+            id=rid(1),
+            modality="image_text",
+            text="a red bus",
+            image=good,
+            width=48,
+            height=32,
+            score_clip=0.31,
+        ),
+        row(
+            id=rid(2),
+            modality="image_text",
+            text=SCRIPT_CAPTION,
+            image=jpeg(seed=2),
+            width=48,
+            height=32,
+            score_clip=0.28,
+        ),
+        row(
+            id=rid(3),
+            modality="interleaved",
+            texts=["hello", None, "bye"],
+            images=[None, b"junk", jpeg(seed=3)],
+        ),
     ]
     shard1 = [
         row(id=rid(4), modality="text", text=LONG_CAPTION),
@@ -82,10 +121,23 @@ def pool(tmp_path: Path) -> Path:
         row(id=rid(11), image=truncated, text="truncated jpeg", reject_detail="truncated", **bad),
         row(id=rid(12), image=png_header(30000, 30000), text="bomb", **bad),
         row(id=rid(13), image=png_header(10000, 6000), text="60 MP", **bad),
-        *(row(id=rid(20 + i), image=jpeg(8, 8, seed=20 + i), text=f"tiny {i}", reject_detail="8 < 32", **small)
-          for i in range(6)),
-        row(id=rid(30), modality="text", text=SCRIPT_CAPTION, reject_stage="text_len",
-             reject_reason="text_too_short"),
+        *(
+            row(
+                id=rid(20 + i),
+                image=jpeg(8, 8, seed=20 + i),
+                text=f"tiny {i}",
+                reject_detail="8 < 32",
+                **small,
+            )
+            for i in range(6)
+        ),
+        row(
+            id=rid(30),
+            modality="text",
+            text=SCRIPT_CAPTION,
+            reject_stage="text_len",
+            reject_reason="text_too_short",
+        ),
     ]
     shards, total_bytes = [], 0
     for p, rows in enumerate([shard0, shard1]):
@@ -95,27 +147,68 @@ def pool(tmp_path: Path) -> Path:
             pass
         tbytes = (pool / "shards" / f"{name}.tar").stat().st_size
         total_bytes += pbytes + tbytes
-        shards.append({"name": name, "unit": 0, "rows": len(rows), "tokens": None,
-                       "parquet": {"path": f"shards/{name}.parquet", "bytes": pbytes, "sha256": "0" * 64},
-                       "tar": {"path": f"shards/{name}.tar", "bytes": tbytes, "sha256": "0" * 64}})
+        shards.append(
+            {
+                "name": name,
+                "unit": 0,
+                "rows": len(rows),
+                "tokens": None,
+                "parquet": {"path": f"shards/{name}.parquet", "bytes": pbytes, "sha256": "0" * 64},
+                "tar": {"path": f"shards/{name}.tar", "bytes": tbytes, "sha256": "0" * 64},
+            }
+        )
     rbytes = write_parquet(pool / "rejects" / "00000.parquet", rejects)
-    manifest = {"format": "curation.pool/1", "recipe": {"stages": []}, "recipe_hash": "0123456789abcdef",
-                "shards": shards,
-                "rejects": [{"path": "rejects/00000.parquet", "rows": len(rejects), "bytes": rbytes, "sha256": ""}],
-                "totals": {"rows": 6, "rejected": 11, "shards": 2, "bytes": total_bytes}}
+    manifest = {
+        "format": "curation.pool/1",
+        "recipe": {"stages": []},
+        "recipe_hash": "0123456789abcdef",
+        "shards": shards,
+        "rejects": [{"path": "rejects/00000.parquet", "rows": len(rejects), "bytes": rbytes, "sha256": ""}],
+        "totals": {"rows": 6, "rejected": 11, "shards": 2, "bytes": total_bytes},
+    }
     stats = {
-        "rows_in": 17, "rows_out": 6, "rows_rejected": 11, "elapsed_s": 3.5, "rows_per_s": 4.857,
+        "rows_in": 17,
+        "rows_out": 6,
+        "rows_rejected": 11,
+        "elapsed_s": 3.5,
+        "rows_per_s": 4.857,
         "stages": [
             {"name": "ingest", "rows_in": 17, "rows_out": 17, "drops": {}, "seconds": 0.5, "histograms": {}},
-            {"name": "image_decode", "rows_in": 17, "rows_out": 13, "drops": {"undecodable": 4}, "seconds": 1.0,
-             "histograms": {"width": {"edges": [0, 16, 32, 48, 64], "counts": [6, 0, 0, 6]}}},
-            {"name": "image_size", "rows_in": 13, "rows_out": 7, "drops": {"side_below_min": 6}, "seconds": 0.1,
-             "histograms": {}},
-            {"name": "text_len", "rows_in": 7, "rows_out": 6, "drops": {"text_too_short": 1}, "seconds": 0.1,
-             "histograms": {}},
-            {"name": "clip", "rows_in": 6, "rows_out": 6, "drops": {}, "seconds": 1.8,
-             "histograms": {"score_clip": {"edges": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "counts": [0, 0, 1, 1, 2]},
-                            "empty": {"edges": [], "counts": []}}},
+            {
+                "name": "image_decode",
+                "rows_in": 17,
+                "rows_out": 13,
+                "drops": {"undecodable": 4},
+                "seconds": 1.0,
+                "histograms": {"width": {"edges": [0, 16, 32, 48, 64], "counts": [6, 0, 0, 6]}},
+            },
+            {
+                "name": "image_size",
+                "rows_in": 13,
+                "rows_out": 7,
+                "drops": {"side_below_min": 6},
+                "seconds": 0.1,
+                "histograms": {},
+            },
+            {
+                "name": "text_len",
+                "rows_in": 7,
+                "rows_out": 6,
+                "drops": {"text_too_short": 1},
+                "seconds": 0.1,
+                "histograms": {},
+            },
+            {
+                "name": "clip",
+                "rows_in": 6,
+                "rows_out": 6,
+                "drops": {},
+                "seconds": 1.8,
+                "histograms": {
+                    "score_clip": {"edges": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "counts": [0, 0, 1, 1, 2]},
+                    "empty": {"edges": [], "counts": []},
+                },
+            },
         ],
     }
     (pool / "manifest.json").write_text(json.dumps(manifest))
@@ -183,7 +276,12 @@ def test_report_files_and_numbers(pool: Path) -> None:
     assert rep["totals"]["bytes"] == manifest["totals"]["bytes"]
     for got, want in zip(rep["stages"], stats["stages"], strict=True):
         assert (got["name"], got["rows_in"], got["rows_out"], got["drops"], got["seconds"]) == (
-            want["name"], want["rows_in"], want["rows_out"], want["drops"], want["seconds"])
+            want["name"],
+            want["rows_in"],
+            want["rows_out"],
+            want["drops"],
+            want["seconds"],
+        )
     reasons = {r["reason"]: r for r in rep["rejects"]}
     assert set(reasons) == {"undecodable", "side_below_min", "text_too_short"}
     assert reasons["undecodable"]["ids"] == [rid(10), rid(11), rid(12), rid(13)]
@@ -229,7 +327,10 @@ def test_thumbs_zero_and_no_rejects(pool: Path) -> None:
     w.feed(html_path.read_text())
     assert "kept" not in w.sections and all(v["img"] == 0 for v in w.sections.values())
     assert {r["reason"] for r in json.loads(json_path.read_text())["rejects"]} == {
-        "undecodable", "side_below_min", "text_too_short"}
+        "undecodable",
+        "side_below_min",
+        "text_too_short",
+    }
 
 
 def test_thumbnail_cases() -> None:

@@ -33,15 +33,26 @@ def _corpus(root: Path, tars: int = 24, per_tar: int = 16) -> None:
         samples = []
         for i in range(per_tar):
             k = (t * 7 + i) % 40  # repeats content across tars: duplicates for exact_dedup
-            samples.append({"__key__": f"{t:03d}{i:03d}", "jpg": jpeg(48 + k, 40, COLORS[k % 8]),
-                            "txt": f"A {COLORS[k % 8]} circle number {k} on white.".encode()})
+            samples.append(
+                {
+                    "__key__": f"{t:03d}{i:03d}",
+                    "jpg": jpeg(48 + k, 40, COLORS[k % 8]),
+                    "txt": f"A {COLORS[k % 8]} circle number {k} on white.".encode(),
+                }
+            )
         write_tar(root / f"{t:05d}.tar", samples)
 
 
 def _run(recipe: Path, **kw) -> subprocess.Popen:
     env = dict(os.environ, RAY_ACCEPT_CALLABLE_NAMESPACES="1")
-    return subprocess.Popen([sys.executable, "-m", "curation.cli", "run", str(recipe), "-q"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", str(recipe), "-q"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _files(pool: Path) -> dict[str, tuple[str, int]]:
@@ -105,8 +116,11 @@ def test_temp_files_of_killed_writers_are_swept_and_never_listed(ray_local, tiny
 
     pool = Path(run_pipeline(load_pipeline(tiny_recipe), progress=False).pool)
     before = sorted(p.name for p in (pool / "shards").iterdir())
-    for stale in ("shards/00000_0001.parquet.tmp-deadbeef", "rejects/00000.parquet.tmp-0badf00d",
-                  "_work/done/00000.json.tmp-12345678"):
+    for stale in (
+        "shards/00000_0001.parquet.tmp-deadbeef",
+        "rejects/00000.parquet.tmp-0badf00d",
+        "_work/done/00000.json.tmp-12345678",
+    ):
         (pool / stale).write_bytes(b"half a file")
     again = run_pipeline(load_pipeline(tiny_recipe), progress=False)
     assert not [p for p in pool.rglob("*") if ".tmp-" in p.name]

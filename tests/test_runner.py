@@ -27,10 +27,20 @@ def test_tiny_pipeline_rejects_every_defect_with_its_reason(ray_local, tiny_reci
     pool = tmp_path / "pool"
     reasons = _reasons(pool)
     assert reasons == {
-        "002": "duplicate", "003": "undecodable", "004": "undecodable", "005": "side_below_min",
-        "006": "aspect_ratio_above_max", "007": "language_not_allowed", "008": "text_not_utf8",
-        "009": "repeated_phrase", "010": "too_short", "011": "boilerplate", "012": "missing_image",
-        "pairs#1": "malformed_row", "pairs#2": "missing_image_file", "docs#1": "too_short",
+        "002": "duplicate",
+        "003": "undecodable",
+        "004": "undecodable",
+        "005": "side_below_min",
+        "006": "aspect_ratio_above_max",
+        "007": "language_not_allowed",
+        "008": "text_not_utf8",
+        "009": "repeated_phrase",
+        "010": "too_short",
+        "011": "boilerplate",
+        "012": "missing_image",
+        "pairs#1": "malformed_row",
+        "pairs#2": "missing_image_file",
+        "docs#1": "too_short",
     }
     kept = pl.read_parquet(pool / "shards" / "*.parquet")
     assert sorted(kept["source"].to_list()) == ["docs", "pairs", "wds", "wds"]

@@ -24,8 +24,11 @@ IMAGE_TEXT_FILES = ("image_text/wds", "image_text/parquet", "image_text/jsonl")
 
 
 def _sha_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +74,11 @@ def samples(corpus: Path) -> dict[tuple[str, str], dict]:
                 continue
             img = jl_path.parent / row["image"]
             caption = None if row.get("caption") is None else row["caption"].encode()
-            out[(rel, row["key"])] = {"image": img.read_bytes() if img.exists() else None,
-                                      "caption": caption, "meta": row}
+            out[(rel, row["key"])] = {
+                "image": img.read_bytes() if img.exists() else None,
+                "caption": caption,
+                "meta": row,
+            }
     return out
 
 
@@ -264,8 +270,14 @@ def test_webdataset_reads_tars(corpus: Path, truth: pl.DataFrame) -> None:
 
 def test_parquet_image_text_schema_and_row_groups(tmp_path: Path, corpus: Path) -> None:
     df = pl.read_parquet(corpus / "image_text/parquet/00000.parquet")
-    assert df.schema == {"key": pl.String, "caption": pl.String, "image": pl.Binary, "url": pl.String,
-                         "width": pl.Int32, "height": pl.Int32}
+    assert df.schema == {
+        "key": pl.String,
+        "caption": pl.String,
+        "image": pl.Binary,
+        "url": pl.String,
+        "width": pl.Int32,
+        "height": pl.Int32,
+    }
     out = tmp_path / "rg"
     write_sample_corpus(out, rows=1800, workers=2, progress=False)  # 270 parquet rows
     md = pq.ParquetFile(out / "image_text/parquet/00000.parquet").metadata
@@ -318,8 +330,12 @@ def test_interleaved_documents(corpus: Path) -> None:
 
 def test_text_documents(corpus: Path, truth: pl.DataFrame) -> None:
     docs = [json.loads(line) for line in (corpus / "text/00000.jsonl").open(encoding="utf-8")]
-    kinds = dict(zip(truth.filter(pl.col("source") == "text")["key"].to_list(),
-                     truth.filter(pl.col("source") == "text")["dirt"].to_list()))
+    kinds = dict(
+        zip(
+            truth.filter(pl.col("source") == "text")["key"].to_list(),
+            truth.filter(pl.col("source") == "text")["dirt"].to_list(),
+        )
+    )
     for doc in docs:
         assert doc["id"].startswith("txt-") and doc["url"]
         if kinds[doc["id"]] in ("clean", "exact_duplicate"):
@@ -355,7 +371,10 @@ def test_sft_sources_match_their_truth(corpus: Path) -> None:
         present = set(t.filter(pl.col("source") == source)["dirt"].to_list())
         assert set(kinds) - {"truncated_video"} <= present, source
     assert t.filter(pl.col("dirt") == "infinite_loop").height == 1  # each costs the sandbox's timeout
-    assert t.filter(pl.col("dirt") == "clean")["stage"].null_count() == t.filter(pl.col("dirt") == "clean").height
+    assert (
+        t.filter(pl.col("dirt") == "clean")["stage"].null_count()
+        == t.filter(pl.col("dirt") == "clean").height
+    )
     llava = json.loads((corpus / SFT_FILES["llava"]).read_text())
     assert [r["id"] for r in llava] == t.filter(pl.col("source") == "llava")["key"].to_list()
     qa = pl.read_parquet(corpus / SFT_FILES["qa"])

@@ -73,6 +73,7 @@ def layers() -> tuple[str, ...]:
 
 # ------------------------------------------------------------------ what the code may do
 
+
 def test_crop_zoom_and_print(layers):
     r = run(f"""
         box = image.crop({RED_BOX})
@@ -105,11 +106,14 @@ def test_output_png_file_and_input_png_from_jpeg(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     buf = io.BytesIO()
     picture().save(buf, "JPEG", quality=95)
-    r = run_code(textwrap.dedent("""
+    r = run_code(
+        textwrap.dedent("""
         seen = Image.open("input.png")
         print(seen.format, seen.size, image.size)
         ImageEnhance.Contrast(image).enhance(2.0).save("output.png")
-    """), buf.getvalue())
+    """),
+        buf.getvalue(),
+    )
     assert r.ok, r.detail
     assert list(tmp_path.iterdir()) == []  # nothing on the host: the scratch folder was a tmpfs
     assert r.stdout == "PNG (64, 48) (64, 48)\n"  # the JPEG was handed over as input.png, a PNG
@@ -122,12 +126,15 @@ def test_stdout_is_truncated():
     assert r.ok and len(r.stdout) == MAX_STDOUT
 
 
-@pytest.mark.parametrize("code, reason, words", [
-    ("x = 1", "no_output", ["result"]),
-    ("result = 42", "bad_output", ["int"]),
-    ("result = Image.new('L', (5000, 5000))", "bad_output", ["5000x5000"]),
-    ("a = 1\nb = a / 0", "error", ["ZeroDivisionError", "line 2"]),
-])
+@pytest.mark.parametrize(
+    "code, reason, words",
+    [
+        ("x = 1", "no_output", ["result"]),
+        ("result = 42", "bad_output", ["int"]),
+        ("result = Image.new('L', (5000, 5000))", "bad_output", ["5000x5000"]),
+        ("a = 1\nb = a / 0", "error", ["ZeroDivisionError", "line 2"]),
+    ],
+)
 def test_failures_of_the_code(code, reason, words):
     r = run(code, max_output_pixels=4096 * 4096 // 2)
     assert not r.ok and r.reason == reason and r.image is None
@@ -173,6 +180,7 @@ def test_hostile_scratch_trees_vanish_with_the_sandbox(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ escapes with every layer (audit first)
 
+
 @pytest.fixture
 def targets():
     """What the attempts go after: a worker's credentials (0600) and home, a TCP listener on loopback and a
@@ -199,8 +207,14 @@ def targets():
     if os.geteuid() == 0:  # the worker's own files, for the non-root runs
         for p in (home, home / ".aws", creds):
             os.chown(p, WORKER_UID, WORKER_UID)
-    t = {"home": str(home), "creds": str(creds), "unix": str(sock_dir / "raylet"), "tcp": tcp.getsockname()[1],
-         "tcp_sock": tcp, "unix_sock": unix}
+    t = {
+        "home": str(home),
+        "creds": str(creds),
+        "unix": str(sock_dir / "raylet"),
+        "tcp": tcp.getsockname()[1],
+        "tcp_sock": tcp,
+        "unix_sock": unix,
+    }
     yield t
     tcp.close()
     unix.close()
@@ -227,10 +241,12 @@ ATTEMPTS = {
     "write_pth": "open({home!r} + '/evil.pth', 'w').write('import os')\nresult = image",
     "list_home": "print(Image.os.listdir({home!r}))\nresult = image",
     "tcp": "import socket\nsocket.create_connection(('127.0.0.1', {tcp}), timeout=2)",
-    "tcp_libc": LIBC + "s = libc.socket(2, 1, 0)\naddr = (2).to_bytes(2, 'little') + ({tcp}).to_bytes(2, 'big')"
-                " + bytes([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])\nprint(libc.connect(s, addr, 16))\nresult = image",
-    "unix_libc": LIBC + "import struct\ns = libc.socket(1, 1, 0)\naddr = struct.pack('<H108s', 1, {unix!r}.encode())\n"
-                 "print(libc.connect(s, addr, 110))\nresult = image",
+    "tcp_libc": LIBC
+    + "s = libc.socket(2, 1, 0)\naddr = (2).to_bytes(2, 'little') + ({tcp}).to_bytes(2, 'big')"
+    " + bytes([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])\nprint(libc.connect(s, addr, 16))\nresult = image",
+    "unix_libc": LIBC
+    + "import struct\ns = libc.socket(1, 1, 0)\naddr = struct.pack('<H108s', 1, {unix!r}.encode())\n"
+    "print(libc.connect(s, addr, 110))\nresult = image",
     "sysv_shm": LIBC + "print(libc.shmget(0, 1 << 20, 0o1600))\nresult = image",
     "memfd": "fd = Image.os.memfd_create('keep')\nImage.os.ftruncate(fd, 1 << 30)\nresult = image",
     "fork": "pid = Image.os.fork()\nif pid == 0:\n    Image.os._exit(0)\nresult = image",
@@ -258,10 +274,19 @@ def assert_contained(name: str, r: dict | object, t: dict) -> None:
 
 def test_escapes_are_blocked_with_every_layer(targets):
     t = targets
-    expected = {"read_credentials": ["open", t["creds"], "reading"], "write_pth": ["open", "evil.pth", "writing"],
-                "list_home": ["os.listdir", t["home"]], "tcp": ["import of 'socket'"], "tcp_libc": ["ctypes"],
-                "unix_libc": ["ctypes"], "sysv_shm": ["ctypes"], "memfd": [], "fork": ["os.fork"],
-                "thread": [], "exec": ["os.exec"]}
+    expected = {
+        "read_credentials": ["open", t["creds"], "reading"],
+        "write_pth": ["open", "evil.pth", "writing"],
+        "list_home": ["os.listdir", t["home"]],
+        "tcp": ["import of 'socket'"],
+        "tcp_libc": ["ctypes"],
+        "unix_libc": ["ctypes"],
+        "sysv_shm": ["ctypes"],
+        "memfd": [],
+        "fork": ["os.fork"],
+        "thread": [],
+        "exec": ["os.exec"],
+    }
     for name in ATTEMPTS:
         r = run_code(attempt_code(name, t), png(picture()))
         assert_contained(name, r, t)
@@ -271,9 +296,14 @@ def test_escapes_are_blocked_with_every_layer(targets):
 def test_attempts_work_outside_the_sandbox(targets):
     """The attempts are real: run by plain Python as the same user, they read the secret and connect."""
     t = targets
-    code = ("import ctypes, types\nfrom PIL import Image\nImage.sys.modules['ctypes'] = ctypes\nimage = None\n"
-            + attempt_code("read_credentials", t) + "\n" + attempt_code("unix_libc", t) + "\n"
-            + attempt_code("tcp_libc", t))
+    code = (
+        "import ctypes, types\nfrom PIL import Image\nImage.sys.modules['ctypes'] = ctypes\nimage = None\n"
+        + attempt_code("read_credentials", t)
+        + "\n"
+        + attempt_code("unix_libc", t)
+        + "\n"
+        + attempt_code("tcp_libc", t)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert SECRET in out.stdout, out.stderr
     assert sorted(connected(t)) == ["tcp_sock", "unix_sock"]
@@ -303,8 +333,11 @@ def test_without_landlock_the_other_layers_still_hold(targets, monkeypatch):
         assert_contained(name, r, targets)
     # the worker's environment is not in the sandbox's /proc: bwrap does not stay inside as PID 1
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    r = run("out = []\nfor p in ('/proc/1/environ', '/proc/self/environ'):\n    out.append(open(p, 'rb').read())\n"
-            "print(out)\nresult = image", audit=False)
+    r = run(
+        "out = []\nfor p in ('/proc/1/environ', '/proc/self/environ'):\n    out.append(open(p, 'rb').read())\n"
+        "print(out)\nresult = image",
+        audit=False,
+    )
     assert SECRET not in r.stdout + (r.detail or "")
 
 
@@ -329,18 +362,38 @@ def run_as_worker(codes: dict[str, str]) -> dict:
     paths = [str(REPO), *sandbox._site_dirs()]
     for python in (sys.executable, "/usr/bin/python3"):  # one that uid can run, of the same minor version
         try:
-            probe = subprocess.run([python, "-I", "-c", "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-                                    "import numpy, PIL, pyseccomp; print(sys.version_info[:2])", json.dumps(paths)],
-                                   user=WORKER_UID, group=WORKER_UID, extra_groups=[], capture_output=True, text=True)
+            probe = subprocess.run(
+                [
+                    python,
+                    "-I",
+                    "-c",
+                    "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+                    "import numpy, PIL, pyseccomp; print(sys.version_info[:2])",
+                    json.dumps(paths),
+                ],
+                user=WORKER_UID,
+                group=WORKER_UID,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+            )
         except OSError:  # not executable by that uid
             continue
         if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
             break
     else:
         pytest.skip(f"no Python {sys.version_info[:2]} that uid {WORKER_UID} can run")
-    proc = subprocess.run([python, "-I", "-c", RUN_AS, json.dumps(paths)], input=json.dumps(codes),
-                          user=WORKER_UID, group=WORKER_UID, extra_groups=[], capture_output=True, text=True,
-                          timeout=300, cwd="/")
+    proc = subprocess.run(
+        [python, "-I", "-c", RUN_AS, json.dumps(paths)],
+        input=json.dumps(codes),
+        user=WORKER_UID,
+        group=WORKER_UID,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
@@ -360,6 +413,7 @@ def test_non_root_worker_is_contained_or_refuses(targets):
 
 # ------------------------------------------------------------------ the audit hook cannot be switched off
 
+
 def test_rule_sets_replaced_through_main_change_nothing(targets):
     """The 2024 escape: replace the harness's module-global rules, then read what they used to stop."""
     switch_off = """
@@ -377,14 +431,20 @@ def test_rule_sets_replaced_through_main_change_nothing(targets):
         Image.os.path.realpath = lambda p, **k: '/scratch/x'
         Image.os.lstat = Image.os.readlink = None
     """
-    for name, words in (("read_credentials", ["open", targets["creds"]]), ("list_home", ["os.listdir"]),
-                        ("tcp", ["import of 'socket'"]), ("unix_libc", ["ctypes"]), ("fork", ["os.fork"])):
+    for name, words in (
+        ("read_credentials", ["open", targets["creds"]]),
+        ("list_home", ["os.listdir"]),
+        ("tcp", ["import of 'socket'"]),
+        ("unix_libc", ["ctypes"]),
+        ("fork", ["os.fork"]),
+    ):
         r = run(textwrap.dedent(switch_off.format()) + attempt_code(name, targets))
         assert_contained(name, r, targets)
         blocked(r, *words)
 
 
 # ------------------------------------------------------------------ the verdict cannot be forged
+
 
 def test_a_blocked_run_stays_blocked_whatever_the_code_patched():
     """The issue's forgery: patch what the harness used to sign its verdict, then do something blocked."""
@@ -425,7 +485,9 @@ def test_forged_records_and_exits_do_not_make_a_success():
 
 def test_signal_handlers_cannot_be_installed():
     """A handler would run the code's Python inside the harness's verdict path: seccomp refuses it."""
-    r = run("s = Image.sys.modules['signal']\ns.signal(s.SIGALRM, lambda *a: None)\nresult = image", audit=False)
+    r = run(
+        "s = Image.sys.modules['signal']\ns.signal(s.SIGALRM, lambda *a: None)\nresult = image", audit=False
+    )
     assert not r.ok and r.reason == "error" and "Operation not permitted" in r.detail, r.detail
 
 
@@ -450,8 +512,10 @@ def test_other_python_level_refusals():
 
 # ------------------------------------------------------------------ a missing layer: refuse, say why
 
-@pytest.mark.parametrize("layer, words", [("bwrap", ["apt-get install bubblewrap"]),
-                                          ("seccomp", ["pyseccomp", "libseccomp"])])
+
+@pytest.mark.parametrize(
+    "layer, words", [("bwrap", ["apt-get install bubblewrap"]), ("seccomp", ["pyseccomp", "libseccomp"])]
+)
 def test_missing_required_layer_refuses(monkeypatch, tmp_path, layer, words):
     monkeypatch.setenv(sandbox.DISABLE_ENV, layer)
     check = check_sandbox()

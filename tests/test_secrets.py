@@ -33,10 +33,18 @@ def installed():
 
 def test_redact_masks_uri_userinfo():
     assert secrets.redact(f"s3://{KEY_ID}:{SECRET}@bucket/pool") == "s3://***@bucket/pool"
-    assert secrets.redact("endpoint http://admin:hunter2hunter2@10.0.0.5:8333/x") == "endpoint http://***@10.0.0.5:8333/x"
+    assert (
+        secrets.redact("endpoint http://admin:hunter2hunter2@10.0.0.5:8333/x")
+        == "endpoint http://***@10.0.0.5:8333/x"
+    )
     # pyarrow quotes an s3:// URI without its scheme
     assert SECRET not in secrets.redact(f"got a URI: '{KEY_ID}:{SECRET}@bucket/pool/_work'")
-    for harmless in ("s3://bucket/a@2x.jpg", "http://host:8080/v1", "mail bob@example.com", "--set key=value"):
+    for harmless in (
+        "s3://bucket/a@2x.jpg",
+        "http://host:8080/v1",
+        "mail bob@example.com",
+        "--set key=value",
+    ):
         assert secrets.redact(harmless) == harmless
 
 
@@ -45,7 +53,9 @@ def test_redact_masks_environment_values(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("MY_VLM_API_KEY", "sk-live-0123456789")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://admin:pw-in-endpoint@127.0.0.1:9000")
-    text = secrets.redact(f"refused {KEY_ID} / {SECRET}; key sk-live-0123456789; via admin:pw-in-endpoint@127.0.0.1")
+    text = secrets.redact(
+        f"refused {KEY_ID} / {SECRET}; key sk-live-0123456789; via admin:pw-in-endpoint@127.0.0.1"
+    )
     for value in (SECRET, KEY_ID, "sk-live-0123456789", "pw-in-endpoint"):
         assert value not in text
     secrets.remember("a-key-from-any-variable")
@@ -54,8 +64,10 @@ def test_redact_masks_environment_values(monkeypatch):
 
 def test_redact_masks_profile_file_values(monkeypatch, tmp_path):
     creds = tmp_path / "credentials"
-    creds.write_text(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
-                     "[other]\naws_session_token = FwoGZXIvYXdzEXAMPLETOKEN\n")
+    creds.write_text(
+        f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
+        "[other]\naws_session_token = FwoGZXIvYXdzEXAMPLETOKEN\n"
+    )
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     text = secrets.redact(f"{SECRET} {KEY_ID} FwoGZXIvYXdzEXAMPLETOKEN")
     assert text == "*** *** ***"
@@ -65,8 +77,10 @@ def test_redact_masks_profile_file_values(monkeypatch, tmp_path):
 
 def test_redact_masks_secret_query_parameters():
     url = "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&X-Amz-Date=2024&token=t0k&sig=s"
-    assert secrets.redact(url) == ("https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***"
-                                   "&X-Amz-Date=2024&token=***&sig=***")
+    assert secrets.redact(url) == (
+        "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***"
+        "&X-Amz-Date=2024&token=***&sig=***"
+    )
     assert secrets.redact("Authorization: Bearer sk-abcdef") == "Authorization: Bearer ***"
 
 
@@ -105,8 +119,15 @@ def _cli(*args: str, env: dict[str, str], cwd: Path, code: str | None = None) ->
 
 
 def test_credentials_in_the_output_uri_are_a_recipe_error_that_does_not_echo_them(tiny_recipe, tmp_path):
-    r = _cli("run", str(tiny_recipe), "-q", "--set", f"output.path=s3://{KEY_ID}:{SECRET}@bucket/pool",
-             env={}, cwd=tmp_path)
+    r = _cli(
+        "run",
+        str(tiny_recipe),
+        "-q",
+        "--set",
+        f"output.path=s3://{KEY_ID}:{SECRET}@bucket/pool",
+        env={},
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr
     assert "output.path: a URI with credentials in it ('s3://***@bucket/pool')" in r.stderr
     assert "Traceback" not in r.stderr
@@ -123,11 +144,16 @@ def test_credentials_in_a_source_or_a_variable_are_refused(tiny_recipe):
 
 
 def test_an_escaping_traceback_is_redacted(tmp_path):
-    code = ("from curation import secrets\nsecrets.install()\n"
-            f"raise RuntimeError('cannot open s3://{KEY_ID}:x@b/k with ' + 'SEKRET' + '-VALUE-123')")
+    code = (
+        "from curation import secrets\nsecrets.install()\n"
+        f"raise RuntimeError('cannot open s3://{KEY_ID}:x@b/k with ' + 'SEKRET' + '-VALUE-123')"
+    )
     r = _cli(env={"AWS_SECRET_ACCESS_KEY": "SEKRET-VALUE-123"}, cwd=tmp_path, code=code)
     assert r.returncode == 1
-    assert "Traceback (most recent call last)" in r.stderr and "RuntimeError: cannot open s3://***@b/k with ***" in r.stderr
+    assert (
+        "Traceback (most recent call last)" in r.stderr
+        and "RuntimeError: cannot open s3://***@b/k with ***" in r.stderr
+    )
     assert "SEKRET-VALUE-123" not in r.stderr and KEY_ID not in r.stderr
 
 
@@ -135,10 +161,14 @@ def test_the_resolved_recipe_next_to_the_pool_holds_no_secret(ray_local, tiny_re
     from curation.runner import run_pipeline
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    recipe = load_pipeline(tiny_recipe, [f"vars.note=signed https://h/x?X-Amz-Signature=sig0123456 key {SECRET}"])
+    recipe = load_pipeline(
+        tiny_recipe, [f"vars.note=signed https://h/x?X-Amz-Signature=sig0123456 key {SECRET}"]
+    )
     assert recipe.resolved["vars"]["note"] == "signed https://h/x?X-Amz-Signature=*** key ***"
     result = run_pipeline(recipe, progress=False)
-    written = [p for p in Path(result.pool).rglob("*") if p.is_file() and p.suffix in (".json", ".html", ".txt")]
+    written = [
+        p for p in Path(result.pool).rglob("*") if p.is_file() and p.suffix in (".json", ".html", ".txt")
+    ]
     assert any(p.name == "manifest.json" for p in written)
     for p in written:
         text = p.read_text(errors="replace")
@@ -163,7 +193,12 @@ def test_what_a_ray_worker_logs_is_redacted(ray_local):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     uri = f"s3://AKIAWORKERKEY:{SECRET}-worker@bucket/x"
-    assert sum(int(b["n"].sum()) for b in map_items([{"a": i} for i in range(4)], _log_a_uri, {"uri": uri}, 2, 2)) == 4
+    assert (
+        sum(
+            int(b["n"].sum()) for b in map_items([{"a": i} for i in range(4)], _log_a_uri, {"uri": uri}, 2, 2)
+        )
+        == 4
+    )
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.is_file())
     assert "worker saw s3://***@bucket/x" in text

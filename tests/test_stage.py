@@ -35,8 +35,10 @@ def test_missing_extra_names_the_install_command(tmp_path, tiny_corpus, capsys):
     with pytest.raises(MissingDependency, match=r"pip install 'keye-curation\[clip\]'"):
         REGISTRY["test_needs_extra"]().check_requirements()
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"sources: [{{name: w, format: webdataset, modality: image_text, paths: ['{tiny_corpus}/wds']}}]\n"
-                      f"stages: [test_needs_extra]\noutput: {{path: {tmp_path / 'pool'}}}\n")
+    recipe.write_text(
+        f"sources: [{{name: w, format: webdataset, modality: image_text, paths: ['{tiny_corpus}/wds']}}]\n"
+        f"stages: [test_needs_extra]\noutput: {{path: {tmp_path / 'pool'}}}\n"
+    )
     assert main(["run", str(recipe), "-q"]) == 2
     assert "pip install 'keye-curation[clip]'" in capsys.readouterr().err
     assert not (tmp_path / "pool").exists()

@@ -33,7 +33,14 @@ def _reference(data: bytes) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
 
 
-NAMES = ["000.jpg", "000.txt", "dir/sub/001.json", "p" * 120 + ".jpg", "d/" * 70 + "deep.txt", "é" * 60 + ".txt"]
+NAMES = [
+    "000.jpg",
+    "000.txt",
+    "dir/sub/001.json",
+    "p" * 120 + ".jpg",
+    "d/" * 70 + "deep.txt",
+    "é" * 60 + ".txt",
+]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

@@ -39,10 +39,19 @@ def rows(*specs: dict) -> pa.Table:
     for i, s in enumerate(specs):
         messages = s.get("raw", json.dumps(s.get("messages")))
         images = s.get("images", [jpeg()])
-        out.append({"id": s.get("id") or row_id("sft", messages, images or []), "source": "test",
-                    "modality": s.get("modality", "sft"), "mode": s.get("mode", "think_with_image"),
-                    "messages": messages, "images": images, "source_uri": "mem", "source_offset": i,
-                    "reject_reason": s.get("reject_reason")})
+        out.append(
+            {
+                "id": s.get("id") or row_id("sft", messages, images or []),
+                "source": "test",
+                "modality": s.get("modality", "sft"),
+                "mode": s.get("mode", "think_with_image"),
+                "messages": messages,
+                "images": images,
+                "source_uri": "mem",
+                "source_offset": i,
+                "reject_reason": s.get("reject_reason"),
+            }
+        )
     return from_rows(out)
 
 
@@ -54,8 +63,7 @@ ZOOM = "box = image.crop((8, 8, 24, 20))\nprint('box', box.size)\nresult = box.r
 
 
 def test_success_inserts_the_tool_turn_and_appends_the_image():
-    batch = rows({"messages": trace(ZOOM)},
-                 {"messages": trace("ImageOps.mirror(image).save('output.png')")})
+    batch = rows({"messages": trace(ZOOM)}, {"messages": trace("ImageOps.mirror(image).save('output.png')")})
     s = stage()
     s.setup()  # the probe snippet runs
     out = s(batch)
@@ -65,7 +73,10 @@ def test_success_inserts_the_tool_turn_and_appends_the_image():
     images = out["images"].to_pylist()
     # row 0: printed text comes with the image, right after the code's turn, before the final answer
     assert [m["role"] for m in msgs[0]] == ["system", "user", "assistant", "tool", "assistant"]
-    assert msgs[0][3]["content"] == [{"type": "image", "index": 1}, {"type": "text", "text": "box (16, 12)\n"}]
+    assert msgs[0][3]["content"] == [
+        {"type": "image", "index": 1},
+        {"type": "text", "text": "box (16, 12)\n"},
+    ]
     assert msgs[0][:3] == trace(ZOOM)[:3] and msgs[0][4] == trace(ZOOM)[3]
     assert len(images[0]) == 2 and images[0][0] == batch["images"].to_pylist()[0][0]
     zoomed = Image.open(io.BytesIO(images[0][1]))
@@ -82,7 +93,11 @@ def test_every_reason_to_reject():
         ({"raw": "{not json"}, "bad_messages", "not JSON"),
         ({"raw": json.dumps({"role": "user"})}, "bad_messages", "list"),
         ({"messages": trace(None)}, "no_code", "no ```python block"),
-        ({"messages": trace("result = image\n```\nand again\n```python\nresult = image")}, "no_code", "2 ```python"),
+        (
+            {"messages": trace("result = image\n```\nand again\n```python\nresult = image")},
+            "no_code",
+            "2 ```python",
+        ),
         ({"messages": trace("result = image.crop((0, 0, 8, 8)")}, "code_does_not_parse", "line 1"),
         ({"messages": trace(ZOOM), "images": None}, "no_input_image", "images[0]"),
         ({"messages": trace(ZOOM), "images": [b"not an image"]}, "no_input_image", "does not decode"),
@@ -111,8 +126,16 @@ def test_other_rows_untouched_and_a_second_run_changes_nothing():
         {"messages": trace(ZOOM), "mode": "thinking"},  # another mode
         {"messages": trace(ZOOM), "modality": "image_text"},  # another modality
         {"messages": trace("import socket"), "reject_reason": "earlier"},  # rejected before: not run
-        {"raw": json.dumps([*trace(ZOOM)[:3], {"role": "tool", "content": [{"type": "image", "index": 1}]},
-                            trace(ZOOM)[3]]), "images": [jpeg(), jpeg(8, 8)]},  # already executed
+        {
+            "raw": json.dumps(
+                [
+                    *trace(ZOOM)[:3],
+                    {"role": "tool", "content": [{"type": "image", "index": 1}]},
+                    trace(ZOOM)[3],
+                ]
+            ),
+            "images": [jpeg(), jpeg(8, 8)],
+        },  # already executed
     )
     s = stage()
     once = s(batch)

@@ -45,8 +45,18 @@ def _png(w: int, h: int, seed: int = 0) -> bytes:
 
 
 def _cfg(mixture: Path, out: Path, stage: str, *sets: str):
-    return load_config(None, [f"mixture={mixture}", f"out={out}", f"stage={stage}", f"steps={STEPS}",
-                              "data.num_workers=0", "log_every=100", *sets])
+    return load_config(
+        None,
+        [
+            f"mixture={mixture}",
+            f"out={out}",
+            f"stage={stage}",
+            f"steps={STEPS}",
+            "data.num_workers=0",
+            "log_every=100",
+            *sets,
+        ],
+    )
 
 
 def _log(out: Path) -> list[dict]:
@@ -101,7 +111,7 @@ def test_patches_come_in_merge_blocks_with_their_rows_and_columns():
     assert rc[:6].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3]]  # one 2x2 block, then the next
     for k in (0, 5, 23):
         r, c = rc[k]
-        crop = pixels[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].astype(np.float32) / 127.5 - 1
+        crop = pixels[r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14].astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(patches[k], crop.transpose(2, 0, 1).ravel(), atol=1e-6)
 
 
@@ -121,27 +131,34 @@ def test_mrope_positions_for_image_video_and_text():
     assert h[pads].tolist() == [1, 1, 2, 2] * 2 and w[pads].tolist() == [1, 2, 1, 2] * 2
     end = pads[-1] + 1  # vision_end continues after the largest position of the block
     assert t[end] == h[end] == w[end] == 5
-    assert t[end + 1:].tolist() == [6, 7, 8] and s.targets[end + 1:] == [True] * 3  # "a", "b", end of text
+    assert t[end + 1 :].tolist() == [6, 7, 8] and s.targets[end + 1 :] == [True] * 3  # "a", "b", end of text
     assert not any(s.targets[: end + 1])
     image = b.build({"modality": "image_text", "text": "x", "image": _png(84, 56)})  # 3x2 tokens
     t, h, w = (np.array(a) for a in image.pos)
     pads = [i for i, x in enumerate(image.ids) if x == tok.special["<|image_pad|>"]]
-    assert set(t[pads]) == {1} and h[pads].tolist() == [1, 1, 1, 2, 2, 2] and w[pads].tolist() == [1, 2, 3] * 2
+    assert (
+        set(t[pads]) == {1} and h[pads].tolist() == [1, 1, 1, 2, 2, 2] and w[pads].tolist() == [1, 2, 3] * 2
+    )
 
 
 def test_sft_loss_only_on_assistant_turns():
     tok = ByteTokenizer()
     cfg = load_config(None)
     b = SampleBuilder("sft", tok, cfg.data, cfg.vision, 64)
-    messages = [{"role": "system", "content": "sys"},
-                {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "Q? /think"}]},
-                {"role": "assistant", "content": "<think>r</think>\n\nA."}]
+    messages = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "Q? /think"}]},
+        {"role": "assistant", "content": "<think>r</think>\n\nA."},
+    ]
     s = b.build({"modality": "sft", "messages": json.dumps(messages), "images": [_png(56, 56)]})
     text = bytes(i for i, on in zip(s.ids, s.targets) if on and i < 256).decode()
     assert text == "<think>r</think>\n\nA."
     assert sum(s.targets) == len(text) + 1  # and the assistant's <|im_end|>
     assert b.build({"modality": "image_text", "text": "x", "image": _png(56, 56)}) == "not_a_conversation"
-    bad = [{"role": "user", "content": [{"type": "image", "index": 3}]}, {"role": "assistant", "content": "a"}]
+    bad = [
+        {"role": "user", "content": [{"type": "image", "index": 3}]},
+        {"role": "assistant", "content": "a"},
+    ]
     assert b.build({"modality": "sft", "messages": json.dumps(bad), "images": []}) == "image_ref_out_of_range"
 
 
@@ -149,7 +166,11 @@ def test_long_samples_are_cut_before_a_visual_block():
     tok = ByteTokenizer()
     cfg = load_config(None, ["data.seq_len=40"])
     b = SampleBuilder("2", tok, cfg.data, cfg.vision, 64)
-    row = {"modality": "interleaved", "texts": ["x" * 36, None, "y" * 30], "images": [None, _png(56, 56), None]}
+    row = {
+        "modality": "interleaved",
+        "texts": ["x" * 36, None, "y" * 30],
+        "images": [None, _png(56, 56), None],
+    }
     s = b.build(row)
     assert len(s.ids) == 36 and not s.visuals  # the image block (6 tokens) would cross 40: cut before it
     row["texts"][0] = "x" * 30
@@ -161,7 +182,9 @@ def test_long_samples_are_cut_before_a_visual_block():
 # ---------------------------------------------------------------- streams
 
 
-@pytest.mark.parametrize("rows,streams", [([10, 4], 2), ([10, 4], 4), ([5], 3), ([3, 3, 3, 3, 3], 2), ([7, 1], 5)])
+@pytest.mark.parametrize(
+    "rows,streams", [([10, 4], 2), ([10, 4], 4), ([5], 3), ([3, 3, 3, 3, 3], 2), ([7, 1], 5)]
+)
 def test_pieces_cover_every_row_once(rows, streams):
     shards = [Shard(i, str(i), n, 0, "") for i, n in enumerate(rows)]
     plan = plan_pieces(shards, streams)
@@ -204,8 +227,13 @@ def test_webdataset_shards_give_the_parquet_rows(train_mixtures):
 # ---------------------------------------------------------------- stages
 
 
-STAGE_PLAN = [("0", "stage0", None), ("1", "stage2", "0"), ("2", "stage2", "1"), ("3", "anneal_text_heavy", "2"),
-              ("sft", "coldstart", "3")]
+STAGE_PLAN = [
+    ("0", "stage0", None),
+    ("1", "stage2", "0"),
+    ("2", "stage2", "1"),
+    ("3", "anneal_text_heavy", "2"),
+    ("sft", "coldstart", "3"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +243,9 @@ def stage_runs(train_mixtures, tmp_path_factory):
     runs = {}
     for stage, mix, prev in STAGE_PLAN:
         init = runs[prev]["checkpoint"] if prev else None
-        runs[stage] = train(_cfg(train_mixtures[mix], base / stage, stage, *([f"init={init}"] if init else [])))
+        runs[stage] = train(
+            _cfg(train_mixtures[mix], base / stage, stage, *([f"init={init}"] if init else []))
+        )
         runs[stage].update(out=base / stage, init=init, mixture=str(train_mixtures[mix]))
     return runs
 
@@ -261,7 +291,11 @@ def test_resume_continues_from_the_same_data_position(train_mixtures, tmp_path):
     full = tmp_path / "full"
     train(_cfg(train_mixtures["stage2"], full, "2", *sets, "ckpt_every=7"))
     part = tmp_path / "part"
-    train(_cfg(train_mixtures["stage2"], part, "2", *sets, f"resume={full / 'checkpoints' / 'step_00000007.pt'}"))
+    train(
+        _cfg(
+            train_mixtures["stage2"], part, "2", *sets, f"resume={full / 'checkpoints' / 'step_00000007.pt'}"
+        )
+    )
     a, b = _log(full)[7:], _log(part)
     assert [r["step"] for r in b] == list(range(8, 15))
     assert [r["batch"] for r in a] == [r["batch"] for r in b]
@@ -275,7 +309,9 @@ def test_resume_continues_from_the_same_data_position(train_mixtures, tmp_path):
 def test_merged_checkpoint_is_the_average(stage_runs, train_mixtures, tmp_path):
     outs = []
     for mix in ("anneal_text_heavy", "anneal_vision_heavy"):
-        run = train(_cfg(train_mixtures[mix], tmp_path / mix, "3", "steps=4", f"init={stage_runs['2']['checkpoint']}"))
+        run = train(
+            _cfg(train_mixtures[mix], tmp_path / mix, "3", "steps=4", f"init={stage_runs['2']['checkpoint']}")
+        )
         outs.append(run["checkpoint"])
     merged_path = tmp_path / "merged.pt"
     assert main(["merge", *outs, "--out", str(merged_path)]) == 0
@@ -286,8 +322,9 @@ def test_merged_checkpoint_is_the_average(stage_runs, train_mixtures, tmp_path):
         torch.testing.assert_close(v, (a[k] + b[k]) / 2, rtol=0, atol=1e-7)
         differ += not torch.equal(a[k], b[k])
     assert differ > 10
-    assert [m["mixture"]["path"] for m in merged["merged_from"]] == [str(train_mixtures[m]) for m in
-                                                                      ("anneal_text_heavy", "anneal_vision_heavy")]
+    assert [m["mixture"]["path"] for m in merged["merged_from"]] == [
+        str(train_mixtures[m]) for m in ("anneal_text_heavy", "anneal_vision_heavy")
+    ]
     weighted = merge_checkpoints(outs, str(tmp_path / "w.pt"), weights=[3, 1])["model"]
     k = "lm.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(weighted[k], 0.75 * a[k] + 0.25 * b[k])
@@ -329,36 +366,69 @@ def test_missing_truncated_or_changed_shards_are_refused(train_mixtures, tmp_pat
     blob = bytearray((mix / "shards" / "00000.parquet").read_bytes())
     blob[100] ^= 0xFF
     (mix / "shards" / "00000.parquet").write_bytes(bytes(blob))
-    _refused(_cfg(mix, tmp_path / "out", "2"),
-             r"(?s)00000\.parquet: sha256 .* differs.*00001\.parquet: missing .*00002\.parquet: \d+ bytes, the "
-             r"manifest says")
+    _refused(
+        _cfg(mix, tmp_path / "out", "2"),
+        r"(?s)00000\.parquet: sha256 .* differs.*00001\.parquet: missing .*00002\.parquet: \d+ bytes, the "
+        r"manifest says",
+    )
     (mix / "manifest.json").unlink()
     _refused(_cfg(mix, tmp_path / "out", "2"), r"manifest\.json: not found: is .* a mixture folder")
 
 
 def test_a_stage_without_its_rows_is_refused(train_mixtures, tmp_path):
-    _refused(_cfg(train_mixtures["stage0"], tmp_path / "a", "sft"),
-             r"stage sft \(cold-start SFT.*\) needs rows of sft, and it holds image_text \(\d+ rows\)")
+    _refused(
+        _cfg(train_mixtures["stage0"], tmp_path / "a", "sft"),
+        r"stage sft \(cold-start SFT.*\) needs rows of sft, and it holds image_text \(\d+ rows\)",
+    )
     _refused(_cfg(train_mixtures["coldstart"], tmp_path / "b", "0"), r"stage 0 .* needs rows of image_text")
 
 
 def test_a_checkpoint_of_another_config_is_refused(stage_runs, train_mixtures, tmp_path):
-    _refused(_cfg(train_mixtures["stage2"], tmp_path / "a", "2", f"init={stage_runs['1']['checkpoint']}",
-                  "lm.layers=2", "vision.dim=32"),
-             r"init .* another model config .*\n  - lm\.layers: 4 vs 2\n  - vision\.dim: 64 vs 32")
-    _refused(_cfg(train_mixtures["stage2"], tmp_path / "b", "2", f"resume={stage_runs['1']['checkpoint']}"),
-             r"a stage 1 run cannot continue as stage 2 \(start the new stage from it with --init\)")
-    _refused(_cfg(train_mixtures["stage2"], tmp_path / "c", "2", f"init={tmp_path / 'nothing.pt'}"),
-             r"nothing\.pt: no such checkpoint")
+    _refused(
+        _cfg(
+            train_mixtures["stage2"],
+            tmp_path / "a",
+            "2",
+            f"init={stage_runs['1']['checkpoint']}",
+            "lm.layers=2",
+            "vision.dim=32",
+        ),
+        r"init .* another model config .*\n  - lm\.layers: 4 vs 2\n  - vision\.dim: 64 vs 32",
+    )
+    _refused(
+        _cfg(train_mixtures["stage2"], tmp_path / "b", "2", f"resume={stage_runs['1']['checkpoint']}"),
+        r"a stage 1 run cannot continue as stage 2 \(start the new stage from it with --init\)",
+    )
+    _refused(
+        _cfg(train_mixtures["stage2"], tmp_path / "c", "2", f"init={tmp_path / 'nothing.pt'}"),
+        r"nothing\.pt: no such checkpoint",
+    )
 
 
 def test_cli_train_and_its_errors(train_mixtures, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["train", str(train_mixtures["stage2"]), "--stage", "2", "--out", str(out),
-                 "--set", "steps=2", "--set", "data.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(train_mixtures["stage2"]),
+                "--stage",
+                "2",
+                "--out",
+                str(out),
+                "--set",
+                "steps=2",
+                "--set",
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "stage 2: 2 steps" in printed and "tokens/s" in printed and (out / "checkpoints").is_dir()
-    assert main(["train", str(train_mixtures["coldstart"]), "--stage", "0", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["train", str(train_mixtures["coldstart"]), "--stage", "0", "--out", str(tmp_path / "x")]) == 2
+    )
     assert "needs rows of image_text" in capsys.readouterr().err
     assert main(["train", str(train_mixtures["stage2"]), "--set", "lm.widht=3"]) == 2
     assert "config.lm.widht: unknown key" in capsys.readouterr().err
@@ -370,9 +440,26 @@ def test_cli_train_and_its_errors(train_mixtures, tmp_path, capsys):
 def test_torchrun_two_ranks_on_cpu(train_mixtures, tmp_path):
     """Two processes under torchrun (Gloo): each rank reads its own streams, the checkpoint holds both."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "curation.cli", "train",
-           str(train_mixtures["stage2"]), "--stage", "2", "--out", str(out), "--set", "steps=4",
-           "--set", "data.num_workers=0", "--set", "data.batch_size=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "curation.cli",
+        "train",
+        str(train_mixtures["stage2"]),
+        "--stage",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "steps=4",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "data.batch_size=4",
+    ]
     subprocess.run(cmd, check=True, timeout=300)
     ckpt = load_checkpoint(str(out))
     assert ckpt["data"]["n_streams"] == 2 and set(ckpt["data"]["streams"]) == {"0", "1"}

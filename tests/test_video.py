@@ -62,16 +62,19 @@ def test_sample_frames_timestamps_count_sizes(clip: bytes) -> None:
         assert k / 4 - 1e-9 <= t < k / 4 + 1 / 12
 
 
-@pytest.mark.parametrize(("size", "max_side", "kw", "want"), [
-    ((640, 360), 384, {}, (392, 224)),  # scaled to 384x216, then to multiples of 28
-    ((360, 640), 384, {}, (224, 392)),
-    ((1920, 1080), 384, {}, (392, 224)),
-    ((64, 48), 384, {}, (56, 56)),  # never scaled down; raised to the 4-token minimum
-    ((20, 20), 384, {}, (56, 56)),
-    ((640, 360), 384, {"factor": 1}, (384, 216)),
-    ((640, 360), 384, {"min_pixels": 200_000}, (616, 336)),  # raised keeping the shape
-    ((640, 360), 384, {"max_pixels": 28 * 28 * 40}, (224, 112)),  # floored: 32 tokens
-])
+@pytest.mark.parametrize(
+    ("size", "max_side", "kw", "want"),
+    [
+        ((640, 360), 384, {}, (392, 224)),  # scaled to 384x216, then to multiples of 28
+        ((360, 640), 384, {}, (224, 392)),
+        ((1920, 1080), 384, {}, (392, 224)),
+        ((64, 48), 384, {}, (56, 56)),  # never scaled down; raised to the 4-token minimum
+        ((20, 20), 384, {}, (56, 56)),
+        ((640, 360), 384, {"factor": 1}, (384, 216)),
+        ((640, 360), 384, {"min_pixels": 200_000}, (616, 336)),  # raised keeping the shape
+        ((640, 360), 384, {"max_pixels": 28 * 28 * 40}, (224, 112)),  # floored: 32 tokens
+    ],
+)
 def test_frame_size_rounds_to_the_models_grid(size, max_side, kw, want) -> None:
     w, h = frame_size(*size, max_side, **kw)
     assert (w, h) == want
@@ -116,7 +119,7 @@ def _rotated_90(mp4: bytes) -> bytes:
     i = mp4.index(b"tkhd")
     assert mp4[i + 4] == 0
     matrix = struct.pack(">9i", 0, -0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000)
-    return mp4[: i + 44] + matrix + mp4[i + 80:]
+    return mp4[: i + 44] + matrix + mp4[i + 80 :]
 
 
 def test_display_rotation_is_applied(clip: bytes) -> None:
@@ -172,17 +175,20 @@ def _half(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize(("make", "expected"), [
-    (lambda clip: b"", "empty"),
-    (lambda clip: bytes(random.Random(0).randbytes(4000)), "not a video"),
-    (lambda clip: b"<html>404 not found</html>" * 20, "not a video"),
-    (lambda clip: _png(), "still image"),
-    (lambda clip: _audio_only(), "no video stream"),
-    (lambda clip: _half(clip), "truncated or corrupt: decoding failed after"),
-    (lambda clip: clip[:2000], "truncated MP4"),
-    (lambda clip: _half(transcode(clip, fmt="matroska")), "truncated: the stream ends at"),
-    (lambda clip: _half(transcode(clip, fmt="mov")), "no 'moov' box"),  # index at the end: cut off
-])
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda clip: b"", "empty"),
+        (lambda clip: bytes(random.Random(0).randbytes(4000)), "not a video"),
+        (lambda clip: b"<html>404 not found</html>" * 20, "not a video"),
+        (lambda clip: _png(), "still image"),
+        (lambda clip: _audio_only(), "no video stream"),
+        (lambda clip: _half(clip), "truncated or corrupt: decoding failed after"),
+        (lambda clip: clip[:2000], "truncated MP4"),
+        (lambda clip: _half(transcode(clip, fmt="matroska")), "truncated: the stream ends at"),
+        (lambda clip: _half(transcode(clip, fmt="mov")), "no 'moov' box"),  # index at the end: cut off
+    ],
+)
 def test_bad_input_gets_a_clear_error(clip: bytes, make, expected: str) -> None:
     with pytest.raises(VideoError) as e:
         sample_frames(make(clip), name="s3://bucket/v/0001.mp4")
@@ -292,7 +298,11 @@ def test_benchmark_clip_inside_a_longer_video(index: VideoHashIndex, bench, whic
     also when the benchmark video lasts 2 s and so puts only two frames into the row."""
     key, data = bench[which]
     clip = sample_frames(data, min_frames=0)
-    parts = [_rendered_samples(CLEAN_SEED + 2, 0), (clip.frames, clip.ts), _rendered_samples(CLEAN_SEED + 2, 1)]
+    parts = [
+        _rendered_samples(CLEAN_SEED + 2, 0),
+        (clip.frames, clip.ts),
+        _rendered_samples(CLEAN_SEED + 2, 1),
+    ]
     frames, ts, t0 = [], [], 0.0
     for f, t in parts:
         frames += f
@@ -322,8 +332,7 @@ def test_index_is_compact_picklable_and_skips_bad_videos(index: VideoHashIndex, 
     again = pickle.loads(blob)
     vf = sample_frames(bench[7][1])
     assert again.query(vf.frames, vf.ts) == index.query(vf.frames, vf.ts)
-    small = VideoHashIndex.build([("ok", bench[7][1]), ("junk", b"junk" * 100),
-                                  ("cut", bench[8][1][:1500])])
+    small = VideoHashIndex.build([("ok", bench[7][1]), ("junk", b"junk" * 100), ("cut", bench[8][1][:1500])])
     assert small.keys == ["ok"]
     assert [k for k, _ in small.skipped] == ["junk", "cut"]
     assert "not a video" in small.skipped[0][1]
@@ -354,7 +363,9 @@ def _scenes_with_keyframes_at_cuts(preset: str = "veryfast") -> tuple[bytes, lis
 
 def _decoded(data: bytes) -> list[tuple[float, np.ndarray]]:
     with av.open(io.BytesIO(data)) as c:
-        return [(round(float(f.pts * f.time_base), 3), f.to_ndarray(format="gray")) for f in c.decode(video=0)]
+        return [
+            (round(float(f.pts * f.time_base), 3), f.to_ndarray(format="gray")) for f in c.decode(video=0)
+        ]
 
 
 def test_shots_on_keyframes_are_copied_packet_for_packet() -> None:
@@ -366,7 +377,9 @@ def test_shots_on_keyframes_are_copied_packet_for_packet() -> None:
     source = _decoded(data)
     for k, (clip, (a, b)) in enumerate(zip(clips, spans)):
         frames = _decoded(clip.data)
-        assert [t for t, _ in frames] == [round(i / 12, 3) for i in range(24)]  # from 0, every frame, in order
+        assert [t for t, _ in frames] == [
+            round(i / 12, 3) for i in range(24)
+        ]  # from 0, every frame, in order
         want = [img for t, img in source if a - 1e-6 <= t < b - 1e-6]
         assert all(np.array_equal(x, y) for (_, x), y in zip(frames, want))  # the same pixels: not re-encoded
         assert probe(clip.data).codec == "h264"

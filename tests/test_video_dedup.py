@@ -16,7 +16,9 @@ from curation.sample_video import make_video, reencode, transcode
 
 
 def _hashes(videos: list[bytes]):
-    return zip(*(frame_hashes(vf.frames, vf.ts) for vf in (sample_frames(v, fps=1, max_frames=32) for v in videos)))
+    return zip(
+        *(frame_hashes(vf.frames, vf.ts) for vf in (sample_frames(v, fps=1, max_frames=32) for v in videos))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,9 @@ def test_copies_are_paired_at_their_offset_and_unrelated_videos_are_not(original
     found = {(a, b): (score, offset) for a, b, score, offset in pairs}
     want = {(i, len(originals) + k) for k, i in enumerate(copies)}
     assert set(found) == want, (found, facts)
-    assert facts["candidate_pairs"] < len(videos) * (len(videos) - 1) / 2 / 4  # not all pairs: band candidates
+    assert (
+        facts["candidate_pairs"] < len(videos) * (len(videos) - 1) / 2 / 4
+    )  # not all pairs: band candidates
     # offsets: seconds to add to the first video's timestamps to land on the second's
     assert found[(1, len(originals) + 1)][1] == pytest.approx(-2.0, abs=0.5)
     assert found[(0, len(originals))][1] == pytest.approx(0.0, abs=0.5)
@@ -59,7 +63,9 @@ def test_clusters_link_transitively() -> None:
     assert clusters(3, []).tolist() == [0, 1, 2]
 
 
-def test_stage_keeps_the_longest_copy_and_runs_later_stages_on_the_rest(ray_local, tmp_path, originals) -> None:
+def test_stage_keeps_the_longest_copy_and_runs_later_stages_on_the_rest(
+    ray_local, tmp_path, originals
+) -> None:
     from curation.recipe import load_pipeline
     from curation.runner import run_pipeline
 
@@ -70,13 +76,17 @@ def test_stage_keeps_the_longest_copy_and_runs_later_stages_on_the_rest(ray_loca
         (corpus / f"v{i}.mp4").write_bytes(originals[i])
         rows.append({"video": f"v{i}.mp4", "caption": f"original {i}"})
     # v0: a shorter re-encoded copy listed first; v1: a smaller copy; v2: two copies, one a cut from its middle
-    copies = {"c0.mp4": transcode(originals[0], end=4.0, codec="mpeg4", fmt="mp4", options={"qscale": "8"}),
-              "c1.mp4": transcode(originals[1], scale=0.5),
-              "c2a.mp4": transcode(originals[2], start=1.0, end=5.0),
-              "c2b.mp4": reencode(originals[2], random.Random(5))}
+    copies = {
+        "c0.mp4": transcode(originals[0], end=4.0, codec="mpeg4", fmt="mp4", options={"qscale": "8"}),
+        "c1.mp4": transcode(originals[1], scale=0.5),
+        "c2a.mp4": transcode(originals[2], start=1.0, end=5.0),
+        "c2b.mp4": reencode(originals[2], random.Random(5)),
+    }
     for name, data in copies.items():
         (corpus / name).write_bytes(data)
-    rows = [{"video": "c0.mp4", "caption": "copy"}, *rows] + [{"video": n, "caption": "copy"} for n in list(copies)[1:]]
+    rows = [{"video": "c0.mp4", "caption": "copy"}, *rows] + [
+        {"video": n, "caption": "copy"} for n in list(copies)[1:]
+    ]
     (corpus / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp_path / "dedup.yaml"
     recipe.write_text(f"""
@@ -86,7 +96,7 @@ sources:
 stages:
   - video_near_dedup: {{}}
   - video_motion: {{}}
-output: {{path: "{tmp_path / 'pool'}", report: false, shard_rows: 4}}
+output: {{path: "{tmp_path / "pool"}", report: false, shard_rows: 4}}
 """)
     result = run_pipeline(load_pipeline(recipe), progress=False)
     pool = Path(result.pool)

@@ -38,27 +38,43 @@ def jpeg(img: Image.Image) -> bytes:
 
 
 def rows(*specs):
-    return from_rows([{"id": str(i), "modality": "video", "source_uri": "mem", "source_offset": i, **r}
-                      for i, r in enumerate(specs)])
+    return from_rows(
+        [
+            {"id": str(i), "modality": "video", "source_uri": "mem", "source_offset": i, **r}
+            for i, r in enumerate(specs)
+        ]
+    )
 
 
 def test_bounds_read_the_header_facts():
     meta = lambda **m: json.dumps(m)
-    out = VideoBounds(min_duration=2, max_duration=60, min_side=128, min_fps=8)(rows(
-        {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=25.0)},
-        {"meta": meta(duration=1.0, video_width=320, video_height=240, fps=25.0)},
-        {"meta": meta(duration=99.0, video_width=320, video_height=240, fps=25.0)},
-        {"meta": meta(duration=10.0, video_width=160, video_height=90, fps=25.0)},
-        {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=4.0)},
-        {"meta": None},
-    )).to_pylist()
-    assert [r["reject_reason"] for r in out] == [None, "duration_below_min", "duration_above_max", "side_below_min",
-                                                 "fps_below_min", "no_video_facts"]
+    out = VideoBounds(min_duration=2, max_duration=60, min_side=128, min_fps=8)(
+        rows(
+            {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=25.0)},
+            {"meta": meta(duration=1.0, video_width=320, video_height=240, fps=25.0)},
+            {"meta": meta(duration=99.0, video_width=320, video_height=240, fps=25.0)},
+            {"meta": meta(duration=10.0, video_width=160, video_height=90, fps=25.0)},
+            {"meta": meta(duration=10.0, video_width=320, video_height=240, fps=4.0)},
+            {"meta": None},
+        )
+    ).to_pylist()
+    assert [r["reject_reason"] for r in out] == [
+        None,
+        "duration_below_min",
+        "duration_above_max",
+        "side_below_min",
+        "fps_below_min",
+        "no_video_facts",
+    ]
     assert out[0]["reject_detail"] is None and out[0]["score_video_bounds"] == 10.0
     assert out[3]["reject_detail"] == "shorter side (px) 90 < 128"
     # a bound set to null is not checked
-    assert VideoBounds(min_side=None)(rows(out[3] | {"reject_reason": None, "reject_stage": None,
-                                                     "reject_detail": None})).to_pylist()[0]["reject_reason"] is None
+    assert (
+        VideoBounds(min_side=None)(
+            rows(out[3] | {"reject_reason": None, "reject_stage": None, "reject_detail": None})
+        ).to_pylist()[0]["reject_reason"]
+        is None
+    )
     with pytest.raises(ValueError, match="min_duration"):
         VideoBounds(min_duration=10, max_duration=5)
 
@@ -68,15 +84,23 @@ def test_motion_and_blank_on_frame_lists():
     still = [jpeg(solid((30, 120, 200)))] * 4
     black = [jpeg(solid((0, 0, 0)))] * 4
     intro = [jpeg(solid((0, 0, 0)))] + pan[1:]
-    out = VideoMotion()(rows({"frames": pan}, {"frames": still}, {"frames": pan[:1]}, {"frames": [b"junk", b"junk"]}))
+    out = VideoMotion()(
+        rows({"frames": pan}, {"frames": still}, {"frames": pan[:1]}, {"frames": [b"junk", b"junk"]})
+    )
     r = out.to_pylist()
     assert r[0]["reject_reason"] is None and r[0]["score_video_motion"] > 0.02
     assert r[1]["reject_reason"] == "static" and r[1]["score_video_motion"] < 0.003
     assert [x["reject_reason"] for x in r[2:]] == ["too_few_frames", "too_few_frames"]
     ts = [0.0, 1.0, 2.0, 3.0]
-    b = VideoBlank()(rows({"frames": pan, "frame_ts": ts}, {"frames": black, "frame_ts": ts},
-                          {"frames": intro, "frame_ts": ts}, {"frames": [b"junk"] * 3 + pan[:1], "frame_ts": ts},
-                          {"frames": None})).to_pylist()
+    b = VideoBlank()(
+        rows(
+            {"frames": pan, "frame_ts": ts},
+            {"frames": black, "frame_ts": ts},
+            {"frames": intro, "frame_ts": ts},
+            {"frames": [b"junk"] * 3 + pan[:1], "frame_ts": ts},
+            {"frames": None},
+        )
+    ).to_pylist()
     assert [x["reject_reason"] for x in b] == [None, "mostly_blank", None, "mostly_blank", "no_frames"]
     assert b[0]["score_video_blank"] == 0 and b[1]["score_video_blank"] == 1.0
     assert b[2]["score_video_blank"] == 0.25 and b[2]["video_blank_frames"] == [0.0]
@@ -111,7 +135,7 @@ stages:
   - video_bounds: {{min_duration: 1.0, min_side: 128}}
   - video_blank: {{}}
   - video_motion: {{}}
-output: {{path: "{tmp_path / 'pool'}", report: false}}
+output: {{path: "{tmp_path / "pool"}", report: false}}
 """)
     result = run_pipeline(load_pipeline(recipe), progress=False)
     kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
@@ -119,8 +143,14 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     name = lambda v: Path(v).stem
     got = {name(v): r for v, r in zip(rejects["video"], rejects["reject_reason"])}
     got |= {name(v): None for v in kept["video"]}
-    assert got == {"pan": None, "black_intro": None, "static": "static", "black": "mostly_blank",
-                   "tiny": "side_below_min", "short": "duration_below_min"}
+    assert got == {
+        "pan": None,
+        "black_intro": None,
+        "static": "static",
+        "black": "mostly_blank",
+        "tiny": "side_below_min",
+        "short": "duration_below_min",
+    }
     intro = kept.filter(pl.col("video").str.ends_with("black_intro.mp4")).row(0, named=True)
     assert intro["video_blank_frames"] == [0.0] and 0 < intro["score_video_blank"] < 0.5
     stages = {s["name"]: s for s in result.stats["stages"]}
@@ -173,8 +203,12 @@ def test_shot_rows_through_ingest(ray_local, tmp_path):
     (corpus / "cuts.mp4").write_bytes(cuts)
     (corpus / "one.mp4").write_bytes(mp4(moving(3, seed=21)))
     (corpus / "broken.mp4").write_bytes(cuts[: len(cuts) // 2])
-    (corpus / "v.jsonl").write_text("\n".join(json.dumps({"video": f"{n}.mp4", "caption": f"video {n}"})
-                                              for n in ("cuts", "one", "broken")) + "\n")
+    (corpus / "v.jsonl").write_text(
+        "\n".join(
+            json.dumps({"video": f"{n}.mp4", "caption": f"video {n}"}) for n in ("cuts", "one", "broken")
+        )
+        + "\n"
+    )
     recipe = tmp_path / "shots.yaml"
     text = f"""
 name: shots
@@ -186,7 +220,7 @@ sources:
     video: {{shots: true, fps: 2, max_side: 128}}
 stages:
   - video_motion: {{min_motion: 0.0}}
-output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdataset]}}
+output: {{path: "{tmp_path / "pool"}", report: false, formats: [parquet, webdataset]}}
 """
     recipe.write_text(text)
     result = run_pipeline(load_pipeline(recipe), progress=False)
@@ -202,7 +236,9 @@ output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdata
         meta = json.loads(r["meta"])
         assert meta["shots"] == 3 and meta["duration"] == pytest.approx(7.5, abs=0.11)
         # max_side 128, then the model's 28-pixel grid
-        assert Image.open(io.BytesIO(r["frames"][0])).size == frame_size(meta["video_width"], meta["video_height"], 128)
+        assert Image.open(io.BytesIO(r["frames"][0])).size == frame_size(
+            meta["video_width"], meta["video_height"], 128
+        )
     assert len(set(kept["id"])) == 4  # each shot is a row of its own
     one = kept.filter(pl.col("video").str.ends_with("one.mp4")).row(0, named=True)
     assert one["clip_start"] == 0.0 and one["clip_end"] == pytest.approx(3.0, abs=0.11)
@@ -213,7 +249,9 @@ output: {{path: "{tmp_path / 'pool'}", report: false, formats: [parquet, webdata
     assert sorted(round(m["clip_start"]) for m in metas) == [0, 0, 3, 5]
     # Options are checked with the recipe
     recipe.write_text(text.replace("shots: true, fps: 2", "shots: yes please, fps: -1"))
-    with pytest.raises(RecipeError, match=r"video.shots: expected true or false.*\n.*video.fps: expected a positive"):
+    with pytest.raises(
+        RecipeError, match=r"video.shots: expected true or false.*\n.*video.fps: expected a positive"
+    ):
         load_pipeline(recipe)
 
 
@@ -240,15 +278,30 @@ def test_videos_from_webdataset_tars_and_parquet_bytes(ray_local, tmp_path):
     corpus.mkdir()
     a, b = mp4(moving(3, seed=41)), make_video(7, 42, size=(192, 144), seconds=3, fps=10)
     cuts, _ = three_shots()
-    write_tar(corpus / "00000.tar", [  # video2dataset's layout
-        {"__key__": "a", "mp4": a, "txt": b"first clip", "json": json.dumps({"url": "https://x/a"}).encode()},
-        {"__key__": "cuts", "mp4": cuts, "txt": b"three scenes"},
-        {"__key__": "nomedia", "txt": b"a caption without its video"},
-        {"__key__": "broken", "mp4": b"\x00\x00\x00\x18ftypmp42 not really", "txt": b"broken"},
-    ])
-    pq.write_table(pa.table({"caption": ["from bytes", "from a struct"],
-                             "video": [b, None], "clip": [None, {"bytes": a, "path": "clips/a.mp4"}]}),
-                   corpus / "videos.parquet")
+    write_tar(
+        corpus / "00000.tar",
+        [  # video2dataset's layout
+            {
+                "__key__": "a",
+                "mp4": a,
+                "txt": b"first clip",
+                "json": json.dumps({"url": "https://x/a"}).encode(),
+            },
+            {"__key__": "cuts", "mp4": cuts, "txt": b"three scenes"},
+            {"__key__": "nomedia", "txt": b"a caption without its video"},
+            {"__key__": "broken", "mp4": b"\x00\x00\x00\x18ftypmp42 not really", "txt": b"broken"},
+        ],
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "caption": ["from bytes", "from a struct"],
+                "video": [b, None],
+                "clip": [None, {"bytes": a, "path": "clips/a.mp4"}],
+            }
+        ),
+        corpus / "videos.parquet",
+    )
     recipe = tmp_path / "v.yaml"
     recipe.write_text(f"""
 name: video-sources
@@ -259,7 +312,7 @@ sources:
       fields: {{text: caption, video: clip}}}}
 stages:
   - video_motion: {{min_motion: 0.0}}
-output: {{path: "{tmp_path / 'pool'}", report: false}}
+output: {{path: "{tmp_path / "pool"}", report: false}}
 """)
     result = run_pipeline(load_pipeline(recipe), progress=False)
     kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet")
@@ -269,15 +322,22 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     assert json.loads(tars["meta"][0])["url"] == "https://x/a" and tars["text"][0] == "first clip"
     assert all(len(f) >= 2 for f in tars["frames"])  # 1 a second, at least 2 s a shot
     tar_rejects = rejects.filter(pl.col("source") == "tars")
-    why = {json.loads(m)["__key__"]: (r, d) for m, r, d in zip(tar_rejects["meta"], tar_rejects["reject_reason"],
-                                                                tar_rejects["reject_detail"])}
+    why = {
+        json.loads(m)["__key__"]: (r, d)
+        for m, r, d in zip(tar_rejects["meta"], tar_rejects["reject_reason"], tar_rejects["reject_detail"])
+    }
     assert why["nomedia"][0] == "missing_video_file" and "has no mp4/webm" in why["nomedia"][1]
     assert why["broken"][0] == "unreadable_video"
     from_bytes = kept.filter(pl.col("source") == "bytes")
-    assert from_bytes["video"].to_list() == [f"{corpus}/videos.parquet#row0"] and len(from_bytes["frames"][0]) >= 3
+    assert (
+        from_bytes["video"].to_list() == [f"{corpus}/videos.parquet#row0"]
+        and len(from_bytes["frames"][0]) >= 3
+    )
     assert rejects.filter(pl.col("source") == "bytes")["reject_reason"].to_list() == ["missing_video_file"]
     structs = kept.filter(pl.col("source") == "structs")
-    assert structs["video"].to_list() == [f"{corpus}/clips/a.mp4"] and structs["text"].to_list() == ["from a struct"]
+    assert structs["video"].to_list() == [f"{corpus}/clips/a.mp4"] and structs["text"].to_list() == [
+        "from a struct"
+    ]
 
 
 def test_ocr_reads_burned_in_text_from_video_frames():
@@ -289,13 +349,24 @@ def test_ocr_reads_burned_in_text_from_video_frames():
 
     texted = sample_frames(make_burned_text(3, 1, "Fresh Coffee Daily"))
     plain = sample_frames(make_video(3, 2))
-    out = Ocr(frames_per_video=3)(rows({"frames": texted.frames, "frame_ts": texted.ts},
-                                       {"frames": plain.frames, "frame_ts": plain.ts}, {"frames": None}))
+    out = Ocr(frames_per_video=3)(
+        rows(
+            {"frames": texted.frames, "frame_ts": texted.ts},
+            {"frames": plain.frames, "frame_ts": plain.ts},
+            {"frames": None},
+        )
+    )
     r = out.to_pylist()
     lines = [x.lower().replace(" ", "") for x in r[0]["ocr_text"].split("\n") if x]
-    assert r[0]["ocr_status"] == "text" and lines.count("freshcoffeedaily") == 1  # read on 3 frames, written once
+    assert (
+        r[0]["ocr_status"] == "text" and lines.count("freshcoffeedaily") == 1
+    )  # read on 3 frames, written once
     assert 0.01 < r[0]["score_ocr"] < 0.5  # the overlay's share of the frames
-    assert {e["image"] for e in json.loads(r[0]["ocr_lines"])} == {0, len(texted.frames) // 2, len(texted.frames) - 1}
+    assert {e["image"] for e in json.loads(r[0]["ocr_lines"])} == {
+        0,
+        len(texted.frames) // 2,
+        len(texted.frames) - 1,
+    }
     assert r[1]["ocr_status"] == "no_text" and r[1]["score_ocr"] == 0
     assert r[2]["reject_reason"] == "missing_frames"
 
@@ -349,7 +420,7 @@ sources:
   - {{name: whole, format: jsonl, modality: video, paths: ["{corpus}/w.jsonl"], video: {{clip: true}}}}
 stages:
   - video_bounds: {{min_side: 64}}
-output: {{path: "{tmp_path / 'pool'}", report: false}}
+output: {{path: "{tmp_path / "pool"}", report: false}}
 """)
     result = run_pipeline(load_pipeline(recipe), progress=False)
     kept = pl.read_parquet(Path(result.pool) / "shards" / "*.parquet").sort("source", "clip_start")
@@ -357,7 +428,9 @@ output: {{path: "{tmp_path / 'pool'}", report: false}}
     assert shots.height == 3
     for r in shots.iter_rows(named=True):  # each shot its own MP4, starting at its cut
         info = probe(r["video_bytes"])
-        assert info.codec == "h264" and info.duration == pytest.approx(r["clip_end"] - r["clip_start"], abs=0.15)
+        assert info.codec == "h264" and info.duration == pytest.approx(
+            r["clip_end"] - r["clip_start"], abs=0.15
+        )
         first = sample_frames(r["video_bytes"], fps=1).frames[0]
         assert thumb_diff(first, r["frames"][0]) < 3 and json.loads(r["meta"])["clip_ext"] == "mp4"
         assert json.loads(r["meta"])["clip"] == "encode"  # ultrafast x264 places no keyframe at the cuts
@@ -390,8 +463,9 @@ def test_pools_keep_frames_or_clips_as_the_recipe_says(ray_local, tmp_path):
     corpus.mkdir()
     for i in range(3):
         (corpus / f"v{i}.mp4").write_bytes(make_video(7, 70 + i, size=(192, 144), seconds=3, fps=10))
-    (corpus / "m.jsonl").write_text("".join(json.dumps({"video": f"v{i}.mp4", "caption": "c"}) + "\n"
-                                            for i in range(3)))
+    (corpus / "m.jsonl").write_text(
+        "".join(json.dumps({"video": f"v{i}.mp4", "caption": "c"}) + "\n" for i in range(3))
+    )
 
     def run(video: str, clip: bool, out: str, cut: bool = False):
         recipe = tmp_path / f"{out}.yaml"
@@ -440,5 +514,7 @@ output: {{path: "{tmp_path / out}", report: false, video: {video}}}
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((tmp_path / "auto.yaml").read_text().replace("video: auto", "video: clip"))
-    with pytest.raises(RecipeError, match=r"output.video: clip keeps no frames, but source\(s\) v keep no clip"):
+    with pytest.raises(
+        RecipeError, match=r"output.video: clip keeps no frames, but source\(s\) v keep no clip"
+    ):
         load_pipeline(bad)

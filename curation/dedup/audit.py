@@ -54,9 +54,18 @@ class AuditResult:
     data: dict[str, Any]
 
 
-def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: Sequence[str] = (),
-              match: dict[str, Any] | None = None, address: str | None = None, overwrite: bool = False,
-              progress: bool = True, num_cpus: int | None = None) -> AuditResult:
+def run_audit(
+    registry: str,
+    corpus: Sequence[str],
+    out: str,
+    *,
+    registry_set: Sequence[str] = (),
+    match: dict[str, Any] | None = None,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    num_cpus: int | None = None,
+) -> AuditResult:
     """Scan ``corpus`` (pools, source files or folders) against every benchmark of ``registry``.
 
     ``out`` must not overlap the corpus, the registry or a benchmark file, and must be new, empty or an earlier
@@ -71,8 +80,12 @@ def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: S
     registry = str(Path(registry).resolve()) if "://" not in registry else registry
     specs = load_benchmarks(registry, list(registry_set))  # a broken registry fails here, before Ray starts
     out = out if "://" in out else os.path.abspath(out)
-    outputs.check_overlap(out, [("--corpus", c) for c in corpus] + [("--benchmarks", registry)]
-                          + [(f"benchmark {b.name}", p) for b in specs for p in b.paths])
+    outputs.check_overlap(
+        out,
+        [("--corpus", c) for c in corpus]
+        + [("--benchmarks", registry)]
+        + [(f"benchmark {b.name}", p) for b in specs for p in b.paths],
+    )
     outputs.check_writable(out, "audit", overwrite)
     sources = detect_sources(list(corpus))
     for s in sources:
@@ -81,8 +94,15 @@ def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: S
     raw = {
         "name": "audit",
         "sources": [asdict(s) for s in sources],
-        "stages": [{"decontaminate": {"benchmarks": registry, "registry_set": list(registry_set),
-                                      "match": dict(match or {})}}],
+        "stages": [
+            {
+                "decontaminate": {
+                    "benchmarks": registry,
+                    "registry_set": list(registry_set),
+                    "match": dict(match or {}),
+                }
+            }
+        ],
         "output": {"path": scan, "formats": [], "write_rejects": True, "report": False},
         "execution": {"num_cpus": num_cpus} if num_cpus else {},
     }
@@ -92,15 +112,29 @@ def run_audit(registry: str, corpus: Sequence[str], out: str, *, registry_set: S
         result = run_pipeline(recipe, address=address, progress=progress)
         stage = recipe.stages[0]
         index = getattr(stage, "index", None) or BenchmarkIndex.build(registry, registry_set, stage.match)
-        data = build_report(index, scan, result.stats, registry=registry, corpus=list(corpus),
-                            sources=[asdict(s) for s in sources], seconds=time.perf_counter() - t0)
+        data = build_report(
+            index,
+            scan,
+            result.stats,
+            registry=registry,
+            corpus=list(corpus),
+            sources=[asdict(s) for s in sources],
+            seconds=time.perf_counter() - t0,
+        )
         wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
-        catalog = {(it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted}
+        catalog = {
+            (it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted
+        }
         out_dir = Path(out)
         json_path, html_path = out_dir / "report.json", out_dir / "report.html"
         _write_atomic(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         _write_atomic(html_path, render_html(data, catalog, _corpus_rows(scan, data)))
-    log.info("audit: %d rows scanned, %d contaminated; %s", data["rows_scanned"], data["rows_contaminated"], html_path)
+    log.info(
+        "audit: %d rows scanned, %d contaminated; %s",
+        data["rows_scanned"],
+        data["rows_contaminated"],
+        html_path,
+    )
     return AuditResult(str(out_dir), str(json_path), str(html_path), data)
 
 
@@ -114,15 +148,33 @@ def build_report(index: BenchmarkIndex, scan: str, stats: dict[str, Any], **head
     summary = index.summary()
     benchmarks: dict[str, dict[str, Any]] = {}
     for name, info in summary["benchmarks"].items():
-        benchmarks[name] = {"items": info["items"], "items_with_images": info["with_images"],
-                            "items_with_video": info["with_video"], "contaminated_items": 0,
-                            "contamination_rate": 0.0, "matched_rows": 0, "by_method": {}, "matches": [],
-                            "not_indexed": [], "partially_indexed": []}
+        benchmarks[name] = {
+            "items": info["items"],
+            "items_with_images": info["with_images"],
+            "items_with_video": info["with_video"],
+            "contaminated_items": 0,
+            "contamination_rate": 0.0,
+            "matched_rows": 0,
+            "by_method": {},
+            "matches": [],
+            "not_indexed": [],
+            "partially_indexed": [],
+        }
     whole = {(x["benchmark"], x["item"]) for x in summary["not_indexed"] if x["part"] in ("item", "file")}
     for x in summary["not_indexed"]:
-        b = benchmarks.setdefault(x["benchmark"], {"items": 0, "contaminated_items": 0, "contamination_rate": 0.0,
-                                                   "matched_rows": 0, "by_method": {}, "matches": [],
-                                                   "not_indexed": [], "partially_indexed": []})
+        b = benchmarks.setdefault(
+            x["benchmark"],
+            {
+                "items": 0,
+                "contaminated_items": 0,
+                "contamination_rate": 0.0,
+                "matched_rows": 0,
+                "by_method": {},
+                "matches": [],
+                "not_indexed": [],
+                "partially_indexed": [],
+            },
+        )
         entry = {k: x[k] for k in ("item", "part", "reason")}
         if x["part"] in ("item", "file"):
             b["not_indexed"].append(entry)
@@ -134,8 +186,18 @@ def build_report(index: BenchmarkIndex, scan: str, stats: dict[str, Any], **head
     contaminated_rows = 0
     unreadable = Counter()
     for path in _reject_files(scan):
-        table = pq.read_table(path, columns=["id", "modality", "source_uri", "source_offset", "reject_stage",
-                                             "reject_reason", "reject_detail"])
+        table = pq.read_table(
+            path,
+            columns=[
+                "id",
+                "modality",
+                "source_uri",
+                "source_offset",
+                "reject_stage",
+                "reject_reason",
+                "reject_detail",
+            ],
+        )
         ingest = table.filter(pc.equal(table["reject_stage"], "ingest"))
         unreadable.update(ingest["reject_reason"].to_pylist())
         hits = table.filter(pc.equal(table["reject_stage"], "decontaminate"))
@@ -146,13 +208,30 @@ def build_report(index: BenchmarkIndex, scan: str, stats: dict[str, Any], **head
             except ValueError:
                 continue
             for m in matches:
-                b = benchmarks.setdefault(m["benchmark"], {"items": 0, "contaminated_items": 0, "matched_rows": 0,
-                                                           "by_method": {}, "matches": [], "not_indexed": [],
-                                                           "partially_indexed": []})
-                b["matches"].append({"benchmark_item": m["benchmark_item"], "sample_id": row["id"],
-                                     "modality": m["modality"], "method": m["method"], "score": m["score"],
-                                     "source_uri": row["source_uri"], "source_offset": row["source_offset"],
-                                     "row_modality": row["modality"]})
+                b = benchmarks.setdefault(
+                    m["benchmark"],
+                    {
+                        "items": 0,
+                        "contaminated_items": 0,
+                        "matched_rows": 0,
+                        "by_method": {},
+                        "matches": [],
+                        "not_indexed": [],
+                        "partially_indexed": [],
+                    },
+                )
+                b["matches"].append(
+                    {
+                        "benchmark_item": m["benchmark_item"],
+                        "sample_id": row["id"],
+                        "modality": m["modality"],
+                        "method": m["method"],
+                        "score": m["score"],
+                        "source_uri": row["source_uri"],
+                        "source_offset": row["source_offset"],
+                        "row_modality": row["modality"],
+                    }
+                )
                 rows_by_benchmark[m["benchmark"]].add(row["id"])
     for name, b in benchmarks.items():
         b["matches"].sort(key=lambda m: (-m["score"], m["benchmark_item"], m["sample_id"]))
@@ -192,7 +271,9 @@ def _corpus_rows(scan: str, data: dict[str, Any]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for path in _reject_files(scan):
         pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=64, columns=["id", "text", "texts", "image", "images", "frames"]):
+        for batch in pf.iter_batches(
+            batch_size=64, columns=["id", "text", "texts", "image", "images", "frames"]
+        ):
             ids = batch.column(0).to_pylist()
             take = [i for i, x in enumerate(ids) if x in wanted and x not in rows]
             if take:
@@ -236,23 +317,28 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
     b_rows = []
     for name, b in data["benchmarks"].items():
         rate = b.get("contamination_rate", 0.0)
-        methods = " ".join(f'<span class="pill">{_esc(m)}: {_n(c)}</span>' for m, c in b.get("by_method", {}).items())
-        b_rows.append(f'<tr><td><a href="#b-{_esc(name)}">{_esc(name)}</a></td><td class="r">{_n(b["items"])}</td>'
-                      f'<td class="r">{_n(b["contaminated_items"])}</td><td class="r">{rate * 100:.2f}%</td>'
-                      f'<td><div class="bar"><i style="width:{min(100.0, rate * 100):.1f}%"></i></div></td>'
-                      f'<td class="r">{_n(b.get("matched_rows", 0))}</td><td>{methods}</td>'
-                      f'<td class="r">{_n(len({x["item"] for x in b.get("not_indexed", [])}))}</td>'
-                      f'<td class="r">{_n(len({x["item"] for x in b.get("partially_indexed", [])}))}</td></tr>')
+        methods = " ".join(
+            f'<span class="pill">{_esc(m)}: {_n(c)}</span>' for m, c in b.get("by_method", {}).items()
+        )
+        b_rows.append(
+            f'<tr><td><a href="#b-{_esc(name)}">{_esc(name)}</a></td><td class="r">{_n(b["items"])}</td>'
+            f'<td class="r">{_n(b["contaminated_items"])}</td><td class="r">{rate * 100:.2f}%</td>'
+            f'<td><div class="bar"><i style="width:{min(100.0, rate * 100):.1f}%"></i></div></td>'
+            f'<td class="r">{_n(b.get("matched_rows", 0))}</td><td>{methods}</td>'
+            f'<td class="r">{_n(len({x["item"] for x in b.get("not_indexed", [])}))}</td>'
+            f'<td class="r">{_n(len({x["item"] for x in b.get("partially_indexed", [])}))}</td></tr>'
+        )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Contamination audit</title>",
         f"<style>{_CSS}{_CSS_EXTRA}</style></head><body>",
         "<h1>Contamination audit</h1>",
         f'<p class="meta">registry <code>{_esc(data.get("registry"))}</code> · corpus '
-        + ", ".join(f"<code>{_esc(c)}</code>" for c in data.get("corpus", [])) + "</p>",
+        + ", ".join(f"<code>{_esc(c)}</code>" for c in data.get("corpus", []))
+        + "</p>",
         '<div class="totals">',
         f'<div class="tot"><b>{_n(data["rows_scanned"])}</b>rows scanned</div>',
         f'<div class="tot"><b>{_n(data["rows_contaminated"])}</b>rows contaminated '
-        f'({_pct(data["rows_contaminated"], data["rows_scanned"])})</div>',
+        f"({_pct(data['rows_contaminated'], data['rows_scanned'])})</div>",
         f'<div class="tot"><b>{_n(data["rows_unreadable"])}</b>rows unreadable (not scanned)</div>',
         f'<div class="tot"><b>{_n(round(data.get("seconds", 0), 1))} s</b>wall time</div></div>',
         "<h2>Benchmarks</h2><table><thead><tr><th>benchmark</th><th class=r>items</th><th class=r>contaminated</th>"
@@ -264,28 +350,39 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
         "frames matching in order (video_keyframes); *_question also requires the item's question in the row.</p>",
     ]
     for name, b in data["benchmarks"].items():
-        parts.append(f'<h2 id="b-{_esc(name)}">{_esc(name)}: {_n(b["contaminated_items"])} of {_n(b["items"])} items '
-                     f'contaminated, {_n(len(b["matches"]))} matches</h2>')
+        parts.append(
+            f'<h2 id="b-{_esc(name)}">{_esc(name)}: {_n(b["contaminated_items"])} of {_n(b["items"])} items '
+            f"contaminated, {_n(len(b['matches']))} matches</h2>"
+        )
         if b["matches"]:
             scores = [m["score"] for m in b["matches"]]
             edges = [i / 20 for i in range(21)]
-            counts = [sum(1 for s in scores if edges[i] <= s < edges[i + 1] or (i == 19 and s == 1.0)) for i in range(20)]
+            counts = [
+                sum(1 for s in scores if edges[i] <= s < edges[i + 1] or (i == 19 and s == 1.0))
+                for i in range(20)
+            ]
             parts.append(f'<div class="hists">{svg_histogram(edges, counts, "match scores")}</div>')
-        for key, label in (("not_indexed", "not indexed (cannot be matched)"),
-                           ("partially_indexed", "partly indexed (matched through their other parts)")):
+        for key, label in (
+            ("not_indexed", "not indexed (cannot be matched)"),
+            ("partially_indexed", "partly indexed (matched through their other parts)"),
+        ):
             if b.get(key):
-                lis = "".join(f"<li><code>{_esc(x['item'])}</code> {_esc(x['part'])}: {_esc(x['reason'])}</li>"
-                              for x in b[key][:500])
+                lis = "".join(
+                    f"<li><code>{_esc(x['item'])}</code> {_esc(x['part'])}: {_esc(x['reason'])}</li>"
+                    for x in b[key][:500]
+                )
                 n_items = len({x["item"] for x in b[key]})
                 parts.append(f"<details><summary>{_n(n_items)} {label}</summary><ul>{lis}</ul></details>")
         pairs: dict[tuple[str, str], dict] = {}  # one card per (item, row), listing every method that matched
         for m in b["matches"]:
             card = pairs.setdefault((m["benchmark_item"], m["sample_id"]), {**m, "methods": []})
-            card["methods"].append(f'{m["method"]} {m["score"]:.2f}')
+            card["methods"].append(f"{m['method']} {m['score']:.2f}")
         shown = list(pairs.values())[:HTML_MATCHES_PER_BENCHMARK]
         if len(pairs) > len(shown):
-            parts.append(f'<p class="meta">Showing the {len(shown)} strongest of {_n(len(pairs))} (item, row) pairs; '
-                         "report.json has every match.</p>")
+            parts.append(
+                f'<p class="meta">Showing the {len(shown)} strongest of {_n(len(pairs))} (item, row) pairs; '
+                "report.json has every match.</p>"
+            )
         for m in shown:
             item = catalog.get((name, m["benchmark_item"]))
             row = rows.get(m["sample_id"], {})
@@ -294,19 +391,32 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
             b_img = item.images[0] if item and item.images else None
             text = row.get("text") or " ".join(t for t in (row.get("texts") or []) if t) or ""
             snippet, span = _snippet(text, question)
-            snippet_html = (_esc(snippet[: span[0]]) + "<mark>" + _esc(snippet[span[0]: span[1]]) + "</mark>"
-                            + _esc(snippet[span[1]:])) if span else _esc(snippet)
-            media = row.get("image") or next((x for x in (row.get("images") or []) if x), None) \
+            snippet_html = (
+                (
+                    _esc(snippet[: span[0]])
+                    + "<mark>"
+                    + _esc(snippet[span[0] : span[1]])
+                    + "</mark>"
+                    + _esc(snippet[span[1] :])
+                )
+                if span
+                else _esc(snippet)
+            )
+            media = (
+                row.get("image")
+                or next((x for x in (row.get("images") or []) if x), None)
                 or next((x for x in (row.get("frames") or []) if x), None)
+            )
             parts.append(
                 f'<div class="m"><div><div class="s">{m["score"]:.2f}</div><div class="meth">'
-                f'{"<br>".join(_esc(x) for x in m["methods"])}</div></div>'
+                f"{'<br>'.join(_esc(x) for x in m['methods'])}</div></div>"
                 f'<div class="side">{thumb(b_img) if b_img or m["modality"] != "text" else ""}<div>'
                 f'<div class="k">benchmark item <code>{_esc(m["benchmark_item"])}</code></div>'
                 f'<div class="tx">{_esc(q_text)}</div></div></div>'
                 f'<div class="side">{thumb(media) if media or m["modality"] != "text" else ""}<div>'
                 f'<div class="k">row <code>{_esc(m["sample_id"][:12])}</code> · '
-                f'<code>{_esc(os.path.basename(str(m.get("source_uri"))))}#{_esc(m.get("source_offset"))}</code></div>'
-                f'<div class="tx">{snippet_html}</div></div></div></div>')
+                f"<code>{_esc(os.path.basename(str(m.get('source_uri'))))}#{_esc(m.get('source_offset'))}</code></div>"
+                f'<div class="tx">{snippet_html}</div></div></div></div>'
+            )
     parts.append("</body></html>")
     return "".join(parts)

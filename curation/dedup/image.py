@@ -128,6 +128,7 @@ _AC[0] = False
 _SHIFTS = np.arange(63, -1, -1, dtype=np.uint64)
 
 if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+
     def _popcount(x: np.ndarray) -> np.ndarray:
         return np.bitwise_count(x)
 else:  # pragma: no cover - numpy 1.x fallback: byte lookup table
@@ -268,7 +269,7 @@ def _cover(k: int, total: float) -> np.ndarray:
     Any crop ``(l, r)`` of one axis is then within ``total / (2k)`` of a centre on both edges.
     """
     s = total / k
-    return np.array([((i + .5) * s, (j + .5) * s) for i in range(k) for j in range(k) if i + j < k])
+    return np.array([((i + 0.5) * s, (j + 0.5) * s) for i in range(k) for j in range(k) if i + j < k])
 
 
 def _area_matrix(l: float, r: float, n_in: int, n_out: int) -> np.ndarray:
@@ -295,8 +296,9 @@ _BLUR = _BLUR.astype(np.float32)
 _ALIGN_WB = _BLUR @ _ALIGN_W
 _ALIGN_DW_FLAT = np.diff(_ALIGN_W, axis=1).reshape(len(_ALIGN), -1)  # then the derivative
 _TRIU = np.triu_indices(_FINE)
-_ALIGN_GRAM = (np.einsum("psi,psj->pij", *[np.diff(_ALIGN_W, axis=1)] * 2)
-               * (2 - np.eye(_FINE)))[:, _TRIU[0], _TRIU[1]].astype(np.float32)  # off-diagonal twice
+_ALIGN_GRAM = (np.einsum("psi,psj->pij", *[np.diff(_ALIGN_W, axis=1)] * 2) * (2 - np.eye(_FINE)))[
+    :, _TRIU[0], _TRIU[1]
+].astype(np.float32)  # off-diagonal twice
 _ALIGN_ASPECT = np.log(1 - _ALIGN.sum(axis=1))
 
 
@@ -318,8 +320,9 @@ class ImageDescriptors:
 
     def __getitem__(self, rows: slice | np.ndarray) -> ImageDescriptors:
         """The rows ``rows`` (a slice, indices or a mask) as descriptors of their own."""
-        return ImageDescriptors(self.phash[rows], self.coarse[rows], self.thumbs[rows], self.aspect[rows],
-                                self.valid[rows])
+        return ImageDescriptors(
+            self.phash[rows], self.coarse[rows], self.thumbs[rows], self.aspect[rows], self.valid[rows]
+        )
 
 
 def _thumbs(img: Image.Image, boxes: np.ndarray, side: int) -> np.ndarray:
@@ -327,8 +330,9 @@ def _thumbs(img: Image.Image, boxes: np.ndarray, side: int) -> np.ndarray:
     w, h = img.size
     out = np.empty((len(boxes), side, side, 3), np.uint8)
     for k, (l, r, t, b) in enumerate(boxes):
-        out[k] = np.asarray(img.resize((side, side), Image.Resampling.BOX,
-                                       box=(l * w, t * h, w - r * w, h - b * h)))
+        out[k] = np.asarray(
+            img.resize((side, side), Image.Resampling.BOX, box=(l * w, t * h, w - r * w, h - b * h))
+        )
     return out
 
 
@@ -423,13 +427,33 @@ class ImageHashIndex:
     images are dropped at build time and listed in :attr:`skipped`.
     """
 
-    __slots__ = ("aspect", "coarse", "fine", "item_ids", "max_distance", "min_coarse", "owner", "phashes",
-                 "radius", "skipped", "variant_aspect")
+    __slots__ = (
+        "aspect",
+        "coarse",
+        "fine",
+        "item_ids",
+        "max_distance",
+        "min_coarse",
+        "owner",
+        "phashes",
+        "radius",
+        "skipped",
+        "variant_aspect",
+    )
 
-    def __init__(self, item_ids: Sequence[str], phashes: np.ndarray, coarse: np.ndarray,
-                 fine: np.ndarray, aspect: np.ndarray, *, radius: int = DEFAULT_RADIUS,
-                 min_coarse: float = DEFAULT_MIN_COARSE, max_distance: float = DEFAULT_MAX_DISTANCE,
-                 skipped: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        phashes: np.ndarray,
+        coarse: np.ndarray,
+        fine: np.ndarray,
+        aspect: np.ndarray,
+        *,
+        radius: int = DEFAULT_RADIUS,
+        min_coarse: float = DEFAULT_MIN_COARSE,
+        max_distance: float = DEFAULT_MAX_DISTANCE,
+        skipped: Sequence[str] = (),
+    ) -> None:
         """Per image: ``phashes`` (n, 36) and ``coarse`` (n, 36, 48) of its crop variants,
         ``fine`` (n, 3, 64, 64) thumbnail, ``aspect`` (n,) log(width / height)."""
         n, v = len(item_ids), len(_VARIANTS)
@@ -470,17 +494,24 @@ class ImageHashIndex:
             coarse.append(_coarse(variants))
             aspect.append(np.log(w / h))
         v = len(_VARIANTS)
-        return cls(ids, np.array(ph, np.uint64).reshape(-1, v),
-                   np.array(coarse, np.int8).reshape(-1, v, _COARSE_DIM),
-                   np.array(fine, np.uint8).reshape(-1, 3, _FINE, _FINE), np.array(aspect, np.float32),
-                   skipped=skipped, **kwargs)
+        return cls(
+            ids,
+            np.array(ph, np.uint64).reshape(-1, v),
+            np.array(coarse, np.int8).reshape(-1, v, _COARSE_DIM),
+            np.array(fine, np.uint8).reshape(-1, 3, _FINE, _FINE),
+            np.array(aspect, np.float32),
+            skipped=skipped,
+            **kwargs,
+        )
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def __repr__(self) -> str:
-        return (f"ImageHashIndex({len(self)} images, radius={self.radius}, "
-                f"min_coarse={self.min_coarse}, max_distance={self.max_distance})")
+        return (
+            f"ImageHashIndex({len(self)} images, radius={self.radius}, "
+            f"min_coarse={self.min_coarse}, max_distance={self.max_distance})"
+        )
 
     def __getstate__(self) -> dict:
         return {s: getattr(self, s) for s in self.__slots__}
@@ -503,9 +534,11 @@ class ImageHashIndex:
         min_dot = self.min_coarse * 127 * 127
         found = [np.zeros((0, 2), np.int64)]
         for s in range(0, len(rows), chunk):
-            rr = rows[s:s + chunk]
-            lo, hi = np.searchsorted(self.variant_aspect, [desc.aspect[rr[0]] - _ASPECT_TOL_COARSE,
-                                                            desc.aspect[rr[-1]] + _ASPECT_TOL_COARSE])
+            rr = rows[s : s + chunk]
+            lo, hi = np.searchsorted(
+                self.variant_aspect,
+                [desc.aspect[rr[0]] - _ASPECT_TOL_COARSE, desc.aspect[rr[-1]] + _ASPECT_TOL_COARSE],
+            )
             dist = _popcount(np.bitwise_xor(desc.phash[rr, None], self.phashes[None, lo:hi]))
             qi, vi = np.nonzero(dist <= self.radius)
             row, vi = rr[qi], vi + lo
@@ -529,10 +562,12 @@ class ImageHashIndex:
         tx = np.argsort(-sx, axis=1)[:, :_TOP_AXIS]
         ty = np.argsort(-sy, axis=1)[:, :_TOP_AXIS]
         # joint choice: best sum of scores among the (x, y) crops whose aspect ratio is the image's
-        joint = (np.take_along_axis(sy, ty, axis=1)[:, :, None]
-                 + np.take_along_axis(sx, tx, axis=1)[:, None, :])  # k, y, x
-        implied = (self.aspect[items][:, None, None] + _ALIGN_ASPECT[tx][:, None, :]
-                   - _ALIGN_ASPECT[ty][:, :, None])
+        joint = (
+            np.take_along_axis(sy, ty, axis=1)[:, :, None] + np.take_along_axis(sx, tx, axis=1)[:, None, :]
+        )  # k, y, x
+        implied = (
+            self.aspect[items][:, None, None] + _ALIGN_ASPECT[tx][:, None, :] - _ALIGN_ASPECT[ty][:, :, None]
+        )
         joint[np.abs(desc.aspect[rows][:, None, None] - implied) > _ASPECT_TOL] = -np.inf
         best = np.argsort(-joint.reshape(k, -1), axis=1)[:, :_TOP]  # k, C
         possible = np.take_along_axis(joint.reshape(k, -1), best, axis=1) > -np.inf
@@ -573,9 +608,12 @@ class ImageHashIndex:
         pairs = self.candidates(desc)
         out: list[tuple[int, str, float]] = []
         for s in range(0, len(pairs), chunk):
-            rows, items = pairs[s:s + chunk, 0], pairs[s:s + chunk, 1]
+            rows, items = pairs[s : s + chunk, 0], pairs[s : s + chunk, 1]
             dist = self.distances(desc, rows, items)
-            out.extend((int(r), self.item_ids[i], float(d))
-                       for r, i, d in zip(rows, items, dist) if d <= self.max_distance)
+            out.extend(
+                (int(r), self.item_ids[i], float(d))
+                for r, i, d in zip(rows, items, dist)
+                if d <= self.max_distance
+            )
         out.sort(key=lambda m: (m[0], m[2]))
         return out

@@ -34,7 +34,14 @@ from curation.dedup.registry import BenchmarkItem, NotIndexed, load_benchmarks, 
 log = logging.getLogger(__name__)
 
 #: Method names as they appear in reports (``matches[].method``); stable.
-METHODS = ("text_containment", "text_minhash", "image_hash", "image_question", "video_keyframes", "video_question")
+METHODS = (
+    "text_containment",
+    "text_minhash",
+    "image_hash",
+    "image_question",
+    "video_keyframes",
+    "video_question",
+)
 
 
 @dataclass
@@ -127,38 +134,75 @@ class BenchmarkIndex:
                 text_of.setdefault((it.benchmark, key), []).append(it.key)
         shared = {k: len(keys) for keys in text_of.values() if len(keys) > 1 for k in keys}
         media_only = short | set(shared)
-        self.text = ContainmentIndex([(it.key, it.segments) for it in items if it.key not in media_only],
-                                     n=c.ngram, threshold=c.text_threshold, min_tokens=c.min_tokens)
-        self.neardup = NearDupIndex([(it.key, it.text) for it in items if it.key not in media_only
-                                     and len(tokens(it.text)) >= c.min_tokens], threshold=c.minhash_threshold)
-        self.image = ImageHashIndex.build([(it.key, im) for it in items for im in it.images],
-                                          max_distance=c.image_max_distance)
+        self.text = ContainmentIndex(
+            [(it.key, it.segments) for it in items if it.key not in media_only],
+            n=c.ngram,
+            threshold=c.text_threshold,
+            min_tokens=c.min_tokens,
+        )
+        self.neardup = NearDupIndex(
+            [
+                (it.key, it.text)
+                for it in items
+                if it.key not in media_only and len(tokens(it.text)) >= c.min_tokens
+            ],
+            threshold=c.minhash_threshold,
+        )
+        self.image = ImageHashIndex.build(
+            [(it.key, im) for it in items for im in it.images], max_distance=c.image_max_distance
+        )
         self.video = self._video_index([(it.key, it.video) for it in items if it.video])
         # The question alone, per item with an image or a video: the pair check runs on image/video matches.
         self.questions = {it.key: it.question for it in items if it.images or it.video}
-        self.items = items  # on the driver only (reports show them); never shipped to workers, see __getstate__
+        self.items = (
+            items  # on the driver only (reports show them); never shipped to workers, see __getstate__
+        )
         for key in self.text.skipped:
             b, item = _split(key)
             self.not_indexed.append(NotIndexed(b, item, "text", f"fewer than {c.min_tokens} words"))
         for key in sorted(short):
             b, item = _split(key)
-            self.not_indexed.append(NotIndexed(
-                b, item, "text", f"no text part has {c.ngram + c.min_ngrams - 1} words (too short to identify the "
-                                 "item alone; its image or video, with the question, still matches)"))
+            self.not_indexed.append(
+                NotIndexed(
+                    b,
+                    item,
+                    "text",
+                    f"no text part has {c.ngram + c.min_ngrams - 1} words (too short to identify the "
+                    "item alone; its image or video, with the question, still matches)",
+                )
+            )
         for key, count in sorted(shared.items()):
             b, item = _split(key)
-            self.not_indexed.append(NotIndexed(
-                b, item, "text", f"the same text as {count - 1} other item(s) of {b}: text alone cannot tell them "
-                                 "apart (its image or video, with the question, still matches)"))
+            self.not_indexed.append(
+                NotIndexed(
+                    b,
+                    item,
+                    "text",
+                    f"the same text as {count - 1} other item(s) of {b}: text alone cannot tell them "
+                    "apart (its image or video, with the question, still matches)",
+                )
+            )
         text_keys = set(self.text.ids)
         for it in items:
             if it.key not in text_keys and not it.images and not it.video:
-                self.not_indexed.append(NotIndexed(it.benchmark, it.item_id, "item",
-                                                   "nothing to match on (text too short, no readable image or video)"))
+                self.not_indexed.append(
+                    NotIndexed(
+                        it.benchmark,
+                        it.item_id,
+                        "item",
+                        "nothing to match on (text too short, no readable image or video)",
+                    )
+                )
         self.build_seconds = time.perf_counter() - t0
-        log.info("benchmark index: %d items in %d benchmarks, %d images, %d videos, %d not indexed (%.1fs)",
-                 len(items), len(self.benchmarks), len(self.image), len(self.video or ()), len(self.not_indexed),
-                 self.build_seconds)
+        log.info(
+            "benchmark index: %d items in %d benchmarks, %d images, %d videos, %d not indexed (%.1fs)",
+            len(items),
+            len(self.benchmarks),
+            len(self.image),
+            len(self.video or ()),
+            len(self.not_indexed),
+            self.build_seconds,
+        )
 
     def _video_index(self, videos: list[tuple[str, str]]):
         if not videos:
@@ -169,18 +213,25 @@ class BenchmarkIndex:
         return VideoHashIndex.build((key, cfs.read_bytes(v) if cfs.is_uri(v) else v) for key, v in videos)
 
     @classmethod
-    def build(cls, registry: str | Path, overrides: Sequence[str] = (),
-              config: MatchConfig | None = None) -> BenchmarkIndex:
+    def build(
+        cls, registry: str | Path, overrides: Sequence[str] = (), config: MatchConfig | None = None
+    ) -> BenchmarkIndex:
         """Read every benchmark of a registry YAML and index it (on the driver, once)."""
         problems: list[NotIndexed] = []
-        items = [it for spec in load_benchmarks(registry, list(overrides)) for it in read_items(spec, problems)]
+        items = [
+            it for spec in load_benchmarks(registry, list(overrides)) for it in read_items(spec, problems)
+        ]
         return cls(items, problems, config or MatchConfig())
 
     # ------------------------------------------------------------------ queries
 
-    def match_rows(self, texts: Sequence[str | None], images: Sequence[Sequence[bytes]],
-                   frames: Sequence[Sequence[bytes]] | None = None,
-                   frame_ts: Sequence[Sequence[float]] | None = None) -> list[list[Match]]:
+    def match_rows(
+        self,
+        texts: Sequence[str | None],
+        images: Sequence[Sequence[bytes]],
+        frames: Sequence[Sequence[bytes]] | None = None,
+        frame_ts: Sequence[Sequence[float]] | None = None,
+    ) -> list[list[Match]]:
         """Matches for each row: its text, its images, its video frames (any may be empty)."""
 
         c = self.config
@@ -196,8 +247,13 @@ class BenchmarkIndex:
         for i, j, sc in zip(doc.tolist(), item.tolist(), score.tolist()):
             add(i, Match(*_split(self.text.ids[j]), "text", "text_containment", round(sc, 4)))
         if len(self.neardup):  # whole-item near-copies; long rows skip it (containment covers them)
-            short = [i for i, text in enumerate(texts) if text and len(text) <= 12 * c.minhash_max_tokens
-                     and len(text.split()) <= c.minhash_max_tokens]  # a word count at C speed
+            short = [
+                i
+                for i, text in enumerate(texts)
+                if text
+                and len(text) <= 12 * c.minhash_max_tokens
+                and len(text.split()) <= c.minhash_max_tokens
+            ]  # a word count at C speed
             for i, found in zip(short, self.neardup.query_batch([texts[i] for i in short])):
                 for key, score in found:
                     add(i, Match(*_split(key), "text", "text_minhash", round(score, 4)))
@@ -210,13 +266,20 @@ class BenchmarkIndex:
             for j, key, dist in self.image.query(describe(blobs)):
                 i = owners[j]
                 score = round(1.0 - dist / 255.0, 4)
-                add(i, Match(*_split(key), "image", "image_hash", score, {"image_distance": round(float(dist), 2)}))
+                add(
+                    i,
+                    Match(
+                        *_split(key), "image", "image_hash", score, {"image_distance": round(float(dist), 2)}
+                    ),
+                )
                 self._pair(i, key, score, texts[i], add, "image")
 
         if frames is not None and self.video is not None:
             for i, fr in enumerate(frames):
                 if fr:
-                    for key, score in self.video.query(list(fr), list(frame_ts[i]), min_score=c.video_min_score):
+                    for key, score in self.video.query(
+                        list(fr), list(frame_ts[i]), min_score=c.video_min_score
+                    ):
                         add(i, Match(*_split(key), "video", "video_keyframes", round(score, 4)))
                         self._pair(i, key, score, texts[i], add, "video")
         return [sorted(d.values(), key=lambda m: -m.score) for d in out]
@@ -228,8 +291,16 @@ class BenchmarkIndex:
             return
         q = question_containment(question, text, self.config.ngram)
         if q >= self.config.question_threshold:
-            add(i, Match(*_split(key), f"{modality}+text", "image_question" if modality == "image" else "video_question",
-                         round(min(media_score, q), 4), {"question_containment": round(q, 4)}))
+            add(
+                i,
+                Match(
+                    *_split(key),
+                    f"{modality}+text",
+                    "image_question" if modality == "image" else "video_question",
+                    round(min(media_score, q), 4),
+                    {"question_containment": round(q, 4)},
+                ),
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -238,8 +309,12 @@ class BenchmarkIndex:
 
     def summary(self) -> dict[str, Any]:
         """Per benchmark: items and how many carry images/video; what could not be indexed."""
-        return {"benchmarks": self.benchmarks, "not_indexed": [asdict(x) for x in self.not_indexed],
-                "config": asdict(self.config), "build_seconds": round(self.build_seconds, 3)}
+        return {
+            "benchmarks": self.benchmarks,
+            "not_indexed": [asdict(x) for x in self.not_indexed],
+            "config": asdict(self.config),
+            "build_seconds": round(self.build_seconds, 3),
+        }
 
 
 def question_containment(question: str, text: str, n: int) -> float:

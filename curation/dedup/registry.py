@@ -33,7 +33,13 @@ from curation.recipe import LimitsSpec, RecipeError, build, check_paths_exist, l
 log = logging.getLogger(__name__)
 
 ROLES = ("id", "question", "options", "answer", "context", "image", "images", "video")
-DEFAULT_FIELDS = {"id": "id", "question": "question", "options": "options", "answer": "answer", "image": "image"}
+DEFAULT_FIELDS = {
+    "id": "id",
+    "question": "question",
+    "options": "options",
+    "answer": "answer",
+    "image": "image",
+}
 
 
 @dataclass
@@ -99,7 +105,9 @@ class NotIndexed:
         return f"{self.benchmark}: {self.item}: {self.part} not indexed: {self.reason}"
 
 
-def load_benchmarks(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> list[BenchmarkSpec]:
+def load_benchmarks(
+    path: str | Path, overrides: list[str] = (), check_paths: bool = True
+) -> list[BenchmarkSpec]:
     """Load and validate a registry; raise :class:`~curation.recipe.RecipeError` listing every problem."""
     file = str(path)
     raw = load_yaml(path, overrides, "a mapping with a list of benchmarks")
@@ -124,7 +132,9 @@ def load_benchmarks(path: str | Path, overrides: list[str] = (), check_paths: bo
                 problems.append(f"benchmarks.{i}.fields.{role}: unknown role (expected {', '.join(ROLES)})")
         for role in ("id", "question"):
             if role not in spec.fields:
-                problems.append(f"benchmarks.{i}.fields.{role}: required (the column holding the item {role})")
+                problems.append(
+                    f"benchmarks.{i}.fields.{role}: required (the column holding the item {role})"
+                )
         if spec.format not in ("auto", "parquet", "jsonl"):
             problems.append(f"benchmarks.{i}.format: '{spec.format}' (expected auto, parquet or jsonl)")
         if check_paths:
@@ -149,13 +159,30 @@ def read_items(spec: BenchmarkSpec, problems: list | None = None) -> Iterator[Be
             fmt = spec.format
             if fmt == "auto":
                 ext = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
-                fmt = {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl"}.get(ext)
+                fmt = {
+                    "parquet": "parquet",
+                    "pq": "parquet",
+                    "jsonl": "jsonl",
+                    "json": "jsonl",
+                    "ndjson": "jsonl",
+                }.get(ext)
                 if fmt is None:
-                    problems.append(NotIndexed(spec.name, uri, "file", f"unknown format '.{ext}' (expected .parquet, "
-                                               ".jsonl or .json; or set format: parquet|jsonl in the registry)"))
+                    problems.append(
+                        NotIndexed(
+                            spec.name,
+                            uri,
+                            "file",
+                            f"unknown format '.{ext}' (expected .parquet, "
+                            ".jsonl or .json; or set format: parquet|jsonl in the registry)",
+                        )
+                    )
                     continue
             try:
-                rows = _parquet_rows(uri, spec, problems) if fmt == "parquet" else _jsonl_rows(uri, spec, problems)
+                rows = (
+                    _parquet_rows(uri, spec, problems)
+                    if fmt == "parquet"
+                    else _jsonl_rows(uri, spec, problems)
+                )
                 for offset, row in rows:
                     where = f"{uri}#{offset}"
                     try:
@@ -164,8 +191,10 @@ def read_items(spec: BenchmarkSpec, problems: list | None = None) -> Iterator[Be
                         problems.append(NotIndexed(spec.name, where, "item", str(e)))
                         log.warning("benchmark %s: %s skipped: %s", spec.name, where, e)
                         continue
-                    problems += [NotIndexed(spec.name, item.item_id, part, reason)
-                                 for part, reason in (i.split(": ", 1) for i in item.issues)]
+                    problems += [
+                        NotIndexed(spec.name, item.item_id, part, reason)
+                        for part, reason in (i.split(": ", 1) for i in item.issues)
+                    ]
                     yield item
             except (OSError, ValueError, pa.ArrowException) as e:  # unreadable file, bad Parquet footer
                 problems.append(NotIndexed(spec.name, uri, "file", f"cannot read: {e}"))
@@ -176,8 +205,15 @@ def _check_columns(spec: BenchmarkSpec, uri: str, columns: list[str], problems: 
     """Every column the registry names must exist in the file; say which is missing and what there is."""
     missing = [f"fields.{role} -> '{col}'" for role, col in spec.fields.items() if col not in columns]
     if missing:
-        problems.append(NotIndexed(spec.name, uri, "file", f"no column for {', '.join(missing)} (the file has: "
-                                   f"{', '.join(columns[:20])}); fix `fields` in the registry"))
+        problems.append(
+            NotIndexed(
+                spec.name,
+                uri,
+                "file",
+                f"no column for {', '.join(missing)} (the file has: "
+                f"{', '.join(columns[:20])}); fix `fields` in the registry",
+            )
+        )
         log.warning("benchmark %s: %s lacks %s", spec.name, uri, ", ".join(missing))
     return not missing
 
@@ -199,8 +235,14 @@ def _jsonl_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple
     with cfs.open_input(uri) as stream:
         for offset, line in enumerate(cfs.iter_lines(stream, max_line=LimitsSpec().max_line_bytes)):
             if isinstance(line, cfs.Skipped):  # a benchmark file is untrusted too: a giant line is never held
-                problems.append(NotIndexed(spec.name, f"{uri}#{offset}", "item",
-                                           f"a line of {line.size:,} bytes, over limits.max_line_bytes"))
+                problems.append(
+                    NotIndexed(
+                        spec.name,
+                        f"{uri}#{offset}",
+                        "item",
+                        f"a line of {line.size:,} bytes, over limits.max_line_bytes",
+                    )
+                )
                 continue
             if not line.strip():
                 continue
@@ -214,7 +256,9 @@ def _jsonl_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple
             if not checked:  # JSONL rows may omit null fields: check the required roles on the first row only
                 checked = True
                 required = {r: c for r, c in spec.fields.items() if r in ("id", "question")}
-                if not _check_columns(BenchmarkSpec(spec.name, spec.paths, required), uri, list(row), problems):
+                if not _check_columns(
+                    BenchmarkSpec(spec.name, spec.paths, required), uri, list(row), problems
+                ):
                     return
             yield offset, row
 
@@ -244,8 +288,13 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
         # MMLU-style exports give the answer as a letter or an index into the options: match on the option text
         if answer in _LETTERS[: len(options)] and len(answer) == 1:
             answer = options[_LETTERS.index(answer)]
-        elif answer.isdigit() and options and int(answer) < len(options) and get("answer") is not None \
-                and not isinstance(get("answer"), str):
+        elif (
+            answer.isdigit()
+            and options
+            and int(answer) < len(options)
+            and get("answer") is not None
+            and not isinstance(get("answer"), str)
+        ):
             answer = options[int(answer)]
     context = get("context")
     base = cfs.dirname(uri)
@@ -273,9 +322,16 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
             issues.append(f"video {refs.shown(video)}: {e.reason}: {e}")
             video = None
     return BenchmarkItem(
-        benchmark=spec.name, item_id=str(item_id), question=question, options=options, answer=answer,
-        context=None if context is None else str(context), images=images, video=video,
-        origin=f"{uri}#{offset}", issues=issues,
+        benchmark=spec.name,
+        item_id=str(item_id),
+        question=question,
+        options=options,
+        answer=answer,
+        context=None if context is None else str(context),
+        images=images,
+        video=video,
+        origin=f"{uri}#{offset}",
+        issues=issues,
     )
 
 

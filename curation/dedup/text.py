@@ -595,7 +595,9 @@ class NearDupIndex:
         """Items whose estimated Jaccard with `text` is >= `threshold` (default: the index's), best first."""
         return self.query_batch([text], threshold)[0]
 
-    def query_batch(self, texts: Sequence[str | None], threshold: float | None = None) -> list[list[tuple[str, float]]]:
+    def query_batch(
+        self, texts: Sequence[str | None], threshold: float | None = None
+    ) -> list[list[tuple[str, float]]]:
         """`query` for each of `texts`, with one tokenising pass and one signature call for the batch."""
         thr = self.threshold if threshold is None else threshold
         out: list[list[tuple[str, float]]] = [[] for _ in texts]

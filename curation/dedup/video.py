@@ -69,8 +69,14 @@ import numpy as np
 from curation.dedup.image import hamming, hash_batch
 from curation.io.video import VideoError, VideoReader, VideoSource
 
-__all__ = ["DEFAULT_DHASH_RADIUS", "DEFAULT_RADIUS", "VideoHashIndex", "clusters", "frame_hashes",
-           "near_duplicate_pairs"]
+__all__ = [
+    "DEFAULT_DHASH_RADIUS",
+    "DEFAULT_RADIUS",
+    "VideoHashIndex",
+    "clusters",
+    "frame_hashes",
+    "near_duplicate_pairs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +95,37 @@ class VideoHashIndex:
     listed in ``skipped`` as ``(key, reason)``.
     """
 
-    __slots__ = ("dhash_radius", "dhashes", "durations", "keys", "min_matches", "min_score",
-                 "offset_tolerance", "phashes", "radius", "skipped", "ts", "video")
+    __slots__ = (
+        "dhash_radius",
+        "dhashes",
+        "durations",
+        "keys",
+        "min_matches",
+        "min_score",
+        "offset_tolerance",
+        "phashes",
+        "radius",
+        "skipped",
+        "ts",
+        "video",
+    )
 
-    def __init__(self, phashes: np.ndarray, dhashes: np.ndarray, ts: np.ndarray, video: np.ndarray,
-                 keys: Sequence[str], durations: Sequence[float], *, radius: int = DEFAULT_RADIUS,
-                 dhash_radius: int = DEFAULT_DHASH_RADIUS, offset_tolerance: float = 0.5,
-                 min_matches: int = 3, min_score: float = 0.5,
-                 skipped: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        phashes: np.ndarray,
+        dhashes: np.ndarray,
+        ts: np.ndarray,
+        video: np.ndarray,
+        keys: Sequence[str],
+        durations: Sequence[float],
+        *,
+        radius: int = DEFAULT_RADIUS,
+        dhash_radius: int = DEFAULT_DHASH_RADIUS,
+        offset_tolerance: float = 0.5,
+        min_matches: int = 3,
+        min_score: float = 0.5,
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.phashes = np.ascontiguousarray(phashes, dtype=np.uint64)
         self.dhashes = np.ascontiguousarray(dhashes, dtype=np.uint64)
         self.ts = np.ascontiguousarray(ts, dtype=np.float32)
@@ -115,8 +144,16 @@ class VideoHashIndex:
         self.skipped = list(skipped)
 
     @classmethod
-    def build(cls, videos: Iterable[tuple[str, VideoSource]], *, fps: float = 4.0, max_frames: int = 4096,
-              max_side: int = 256, batch_size: int = 512, **kwargs: Any) -> VideoHashIndex:
+    def build(
+        cls,
+        videos: Iterable[tuple[str, VideoSource]],
+        *,
+        fps: float = 4.0,
+        max_frames: int = 4096,
+        max_side: int = 256,
+        batch_size: int = 512,
+        **kwargs: Any,
+    ) -> VideoHashIndex:
         """Index ``(key, video)`` pairs; ``video`` is anything :func:`~curation.io.video.sample_frames` reads.
 
         Every video is sampled at ``fps`` (at most ``max_frames`` frames, spread over longer
@@ -128,8 +165,9 @@ class VideoHashIndex:
         for key, src in videos:
             key = str(key)
             try:
-                p, d, t, duration = _hash_video(src, key, fps=fps, max_frames=max_frames, max_side=max_side,
-                                                batch_size=batch_size)
+                p, d, t, duration = _hash_video(
+                    src, key, fps=fps, max_frames=max_frames, max_side=max_side, batch_size=batch_size
+                )
             except VideoError as e:
                 log.warning("benchmark video skipped: %s", e)
                 skipped.append((key, e.problem))
@@ -140,17 +178,27 @@ class VideoHashIndex:
             vid.append(np.full(len(p), len(keys), dtype=np.int32))
             keys.append(key)
             durations.append(duration)
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-        return cls(cat(ph, np.uint64), cat(dh, np.uint64), cat(ts, np.float32), cat(vid, np.int32),
-                   keys, durations, skipped=skipped, **kwargs)
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
+        return cls(
+            cat(ph, np.uint64),
+            cat(dh, np.uint64),
+            cat(ts, np.float32),
+            cat(vid, np.int32),
+            keys,
+            durations,
+            skipped=skipped,
+            **kwargs,
+        )
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __repr__(self) -> str:
-        return (f"VideoHashIndex({len(self)} videos, {len(self.phashes)} frames, radius={self.radius}, "
-                f"dhash_radius={self.dhash_radius}, min_matches={self.min_matches}, "
-                f"min_score={self.min_score})")
+        return (
+            f"VideoHashIndex({len(self)} videos, {len(self.phashes)} frames, radius={self.radius}, "
+            f"dhash_radius={self.dhash_radius}, min_matches={self.min_matches}, "
+            f"min_score={self.min_score})"
+        )
 
     def __getstate__(self) -> dict:
         return {s: getattr(self, s) for s in self.__slots__}
@@ -159,8 +207,9 @@ class VideoHashIndex:
         for s in self.__slots__:
             setattr(self, s, state[s])
 
-    def query(self, frames: Sequence[Any], ts: Sequence[float], *,
-              min_score: float | None = None) -> list[tuple[str, float]]:
+    def query(
+        self, frames: Sequence[Any], ts: Sequence[float], *, min_score: float | None = None
+    ) -> list[tuple[str, float]]:
         """Benchmark videos this row copies, as ``(key, score)`` best first; empty when none.
 
         ``frames`` are encoded images (the row's JPEG bytes) or PIL images, ``ts`` their
@@ -172,11 +221,19 @@ class VideoHashIndex:
         if len(frames) != len(ts):
             raise ValueError(f"{len(frames)} frames but {len(ts)} timestamps")
         ph, dh, valid = hash_batch(list(frames))
-        return self.query_hashes(ph[valid], dh[valid], np.asarray(ts, dtype=np.float64)[valid],
-                                 min_score=min_score)
+        return self.query_hashes(
+            ph[valid], dh[valid], np.asarray(ts, dtype=np.float64)[valid], min_score=min_score
+        )
 
-    def query_hashes(self, phashes: np.ndarray, dhashes: np.ndarray, ts: np.ndarray, *,
-                     min_score: float | None = None, chunk_elems: int = 1 << 16) -> list[tuple[str, float]]:
+    def query_hashes(
+        self,
+        phashes: np.ndarray,
+        dhashes: np.ndarray,
+        ts: np.ndarray,
+        *,
+        min_score: float | None = None,
+        chunk_elems: int = 1 << 16,
+    ) -> list[tuple[str, float]]:
         """:meth:`query` on precomputed frame hashes (``hash_batch`` output, valid rows only)."""
         q = np.asarray(phashes, dtype=np.uint64).reshape(-1)
         qd = np.asarray(dhashes, dtype=np.uint64).reshape(-1)
@@ -210,11 +267,15 @@ class VideoHashIndex:
         score = np.minimum(1.0, matched / np.maximum(could, 1))
         thr = self.min_score if min_score is None else float(min_score)
         keep = (matched >= need) & (score >= thr)
-        out = sorted(((self.keys[int(k)], float(s)) for k, s in zip(vids[keep], score[keep])),
-                     key=lambda x: (-x[1], x[0]))
+        out = sorted(
+            ((self.keys[int(k)], float(s)) for k, s in zip(vids[keep], score[keep])),
+            key=lambda x: (-x[1], x[0]),
+        )
         return out
 
-    def _frame_matches(self, q: np.ndarray, qd: np.ndarray, chunk_elems: int) -> tuple[np.ndarray, np.ndarray]:
+    def _frame_matches(
+        self, q: np.ndarray, qd: np.ndarray, chunk_elems: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(query frame, index frame) pairs within both radii.
 
         Brute force over the index in chunks of ``chunk_elems`` XORs written into reused buffers:
@@ -228,8 +289,8 @@ class VideoHashIndex:
         near = np.empty(xor.shape, bool)
         qis, jis = [], []
         for s in range(0, n, step):
-            block = self.phashes[s:s + step]
-            x, b, m = xor[:, :len(block)], bits[:, :len(block)], near[:, :len(block)]
+            block = self.phashes[s : s + step]
+            x, b, m = xor[:, : len(block)], bits[:, : len(block)], near[:, : len(block)]
             np.bitwise_xor(q[:, None], block[None, :], out=x)
             _popcount_into(x, b)
             np.less_equal(b, self.radius, out=m)
@@ -245,8 +306,9 @@ class VideoHashIndex:
         return np.concatenate(qis), np.concatenate(jis)
 
 
-def _hash_video(src: VideoSource, key: str, *, fps: float, max_frames: int, max_side: int,
-                batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _hash_video(
+    src: VideoSource, key: str, *, fps: float, max_frames: int, max_side: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """pHashes, dHashes and timestamps of a video's frames sampled at ``fps``, and its duration.
 
     Frames are hashed in batches as they are decoded. A video that fails part-way (truncated)
@@ -307,11 +369,19 @@ def frame_hashes(frames: Sequence[Any], ts: Sequence[float]) -> tuple[np.ndarray
 WIDE_BANDS_FROM = 250_000
 
 
-def near_duplicate_pairs(phashes: Sequence[np.ndarray], dhashes: Sequence[np.ndarray], ts: Sequence[np.ndarray], *,
-                         radius: int = DEFAULT_RADIUS, dhash_radius: int = DEFAULT_DHASH_RADIUS,
-                         offset_tolerance: float = 0.5, min_matches: int = 3, min_score: float = 0.5,
-                         band_bits: int | None = None,
-                         max_bucket: int = 256) -> tuple[list[tuple[int, int, float, float]], dict]:
+def near_duplicate_pairs(
+    phashes: Sequence[np.ndarray],
+    dhashes: Sequence[np.ndarray],
+    ts: Sequence[np.ndarray],
+    *,
+    radius: int = DEFAULT_RADIUS,
+    dhash_radius: int = DEFAULT_DHASH_RADIUS,
+    offset_tolerance: float = 0.5,
+    min_matches: int = 3,
+    min_score: float = 0.5,
+    band_bits: int | None = None,
+    max_bucket: int = 256,
+) -> tuple[list[tuple[int, int, float, float]], dict]:
     """Pairs of videos of a corpus that show the same footage: ``(a, b, score, offset)`` with ``a < b``.
 
     Video ``i`` is given by its frames' pHashes, dHashes and timestamps (``phashes[i]``, ...; sampled sparsely,
@@ -349,14 +419,23 @@ def near_duplicate_pairs(phashes: Sequence[np.ndarray], dhashes: Sequence[np.nda
     ph = np.concatenate([np.asarray(p, np.uint64) for p in phashes])
     vid = np.repeat(np.arange(n, dtype=np.int64), lens)
     mask = np.uint64((1 << band_bits) - 1)
-    keys = np.concatenate([((ph >> np.uint64(b * band_bits)) & mask).astype(np.int64) + (b << band_bits)
-                           for b in range(64 // band_bits)])
+    keys = np.concatenate(
+        [
+            ((ph >> np.uint64(b * band_bits)) & mask).astype(np.int64) + (b << band_bits)
+            for b in range(64 // band_bits)
+        ]
+    )
     df = pl.DataFrame({"key": keys, "vid": np.tile(vid, 64 // band_bits)}).unique()
     sizes = df.group_by("key").len()
     facts["skipped_buckets"] = int(sizes.filter(pl.col("len") > max_bucket).height)
     df = df.join(sizes.filter((pl.col("len") >= 2) & (pl.col("len") <= max_bucket)).select("key"), on="key")
-    pairs = (df.join(df, on="key", suffix="_b").filter(pl.col("vid") < pl.col("vid_b"))
-             .select("vid", "vid_b").unique().sort("vid", "vid_b"))
+    pairs = (
+        df.join(df, on="key", suffix="_b")
+        .filter(pl.col("vid") < pl.col("vid_b"))
+        .select("vid", "vid_b")
+        .unique()
+        .sort("vid", "vid_b")
+    )
     facts["candidate_pairs"] = pairs.height
     starts = np.r_[0, np.cumsum(lens)]
     dh = np.concatenate([np.asarray(d, np.uint64) for d in dhashes])
@@ -365,9 +444,19 @@ def near_duplicate_pairs(phashes: Sequence[np.ndarray], dhashes: Sequence[np.nda
     for a, b in pairs.iter_rows():
         # the one with fewer frames is the query (a clip inside a longer video: all its frames can match)
         q, r = (a, b) if lens[a] <= lens[b] else (b, a)
-        found = _pair_match(ph[starts[q]:starts[q + 1]], dh[starts[q]:starts[q + 1]], tt[starts[q]:starts[q + 1]],
-                            ph[starts[r]:starts[r + 1]], dh[starts[r]:starts[r + 1]], tt[starts[r]:starts[r + 1]],
-                            radius, dhash_radius, offset_tolerance, min_matches, min_score)
+        found = _pair_match(
+            ph[starts[q] : starts[q + 1]],
+            dh[starts[q] : starts[q + 1]],
+            tt[starts[q] : starts[q + 1]],
+            ph[starts[r] : starts[r + 1]],
+            dh[starts[r] : starts[r + 1]],
+            tt[starts[r] : starts[r + 1]],
+            radius,
+            dhash_radius,
+            offset_tolerance,
+            min_matches,
+            min_score,
+        )
         if found is not None:
             score, offset = found
             out.append((a, b, score, offset if q == a else -offset))

@@ -58,25 +58,45 @@ def detect_sources(paths: list[str]) -> list[SourceSpec]:
                 continue  # img2dataset's per-shard metadata beside the tar
             if ext not in ("tar", "parquet", "jsonl", "json", "ndjson"):
                 continue
-            if ext == "json" and os.path.basename(f) in ("manifest.json", "stats.json", "report.json", "corpus.json"):
+            if ext == "json" and os.path.basename(f) in (
+                "manifest.json",
+                "stats.json",
+                "report.json",
+                "corpus.json",
+            ):
                 continue
             try:
                 fmt, modality, fields = _sniff(f, ext)
             except UndetectedSource as e:
                 problems.append(str(e))
                 continue
-            except (OSError, ValueError, RecursionError, pa.ArrowException) as e:  # damaged: a tar cut short...
+            except (
+                OSError,
+                ValueError,
+                RecursionError,
+                pa.ArrowException,
+            ) as e:  # damaged: a tar cut short...
                 problems.append(f"{f}: cannot read it ({type(e).__name__}: {e})")
                 continue
             groups[(fmt, modality, json.dumps(fields, sort_keys=True))].append(f)
     if problems:
-        raise UndetectedSource("cannot read these as a corpus:\n" + "\n".join(f"  - {p}" for p in problems)
-                               + "\n  (pass the data folders or files only, or use `curation run` with a recipe "
-                                 "that names format, modality and fields)")
+        raise UndetectedSource(
+            "cannot read these as a corpus:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\n  (pass the data folders or files only, or use `curation run` with a recipe "
+            "that names format, modality and fields)"
+        )
     sources = []
     for k, ((fmt, modality, fields), files) in enumerate(groups.items()):
-        sources.append(SourceSpec(name=f"{fmt}_{modality}_{k}", format=fmt, modality=modality, paths=files,
-                                  fields=json.loads(fields)))
+        sources.append(
+            SourceSpec(
+                name=f"{fmt}_{modality}_{k}",
+                format=fmt,
+                modality=modality,
+                paths=files,
+                fields=json.loads(fields),
+            )
+        )
     return sources
 
 
@@ -86,7 +106,10 @@ def _files(path: str) -> list[str]:
         import pyarrow.fs as pafs
 
         info = fs.get_file_info(p)
-        if info.type == pafs.FileType.Directory and fs.get_file_info(f"{p}/manifest.json").type == pafs.FileType.File:
+        if (
+            info.type == pafs.FileType.Directory
+            and fs.get_file_info(f"{p}/manifest.json").type == pafs.FileType.File
+        ):
             return cfs.expand(cfs.join(path, "shards/*.parquet"))  # a pool: its shards, not its rejects
     return cfs.expand(path)
 
@@ -103,7 +126,9 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
             return "webdataset", "image_text", {}
         if "txt" in exts:
             return "webdataset", "text", {}
-        raise UndetectedSource(f"{uri}: a tar without images or .txt members (found: {_listed(sorted(exts))})")
+        raise UndetectedSource(
+            f"{uri}: a tar without images or .txt members (found: {_listed(sorted(exts))})"
+        )
     if ext == "parquet":
         with cfs.open_random_access(uri) as f:
             schema = pq.ParquetFile(f).schema_arrow
@@ -112,8 +137,9 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
             return "pool", "mixed", {}
         if "texts" in names and "images" in names:
             return "parquet", "interleaved", {}
-        image = next((c for c in names if _is_image_type(schema.field(c).type) and c in _IMAGE_KEYS), None) or \
-            next((c for c in names if _is_image_type(schema.field(c).type)), None)
+        image = next(
+            (c for c in names if _is_image_type(schema.field(c).type) and c in _IMAGE_KEYS), None
+        ) or next((c for c in names if _is_image_type(schema.field(c).type)), None)
         text = next((c for c in _CAPTION_KEYS if c in names), None)
         if image:
             fields = {"image": image}
@@ -123,8 +149,10 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
         text = next((c for c in _TEXT_KEYS if c in names), None)
         if text:
             return "parquet", "text", {"text": text}
-        raise UndetectedSource(f"{uri}: Parquet with columns {_listed(names[:12])}: no image, texts/images or "
-                               "text column recognised")
+        raise UndetectedSource(
+            f"{uri}: Parquet with columns {_listed(names[:12])}: no image, texts/images or "
+            "text column recognised"
+        )
     with cfs.open_input(uri) as stream:
         first = None
         for line in cfs.iter_lines(stream, max_line=_LIMITS.max_line_bytes):
@@ -152,8 +180,9 @@ def _sniff(uri: str, ext: str) -> tuple[str, str, dict[str, str]]:
     text = next((k for k in _TEXT_KEYS if k in keys), None)
     if text:
         return "jsonl", "text", {"text": text}
-    raise UndetectedSource(f"{uri}: JSON objects with keys {_listed(keys[:12])}: no image, texts/images or text "
-                           "key recognised")
+    raise UndetectedSource(
+        f"{uri}: JSON objects with keys {_listed(keys[:12])}: no image, texts/images or text key recognised"
+    )
 
 
 def _listed(names: list[str]) -> str:

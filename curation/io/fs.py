@@ -40,7 +40,9 @@ def _s3(endpoint: str | None, region: str | None, credentials: str) -> pafs.S3Fi
     kwargs = {}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]  # never user info: credentials come from AWS_*
+        kwargs["endpoint_override"] = parsed.netloc.rsplit("@", 1)[
+            -1
+        ]  # never user info: credentials come from AWS_*
         kwargs["scheme"] = parsed.scheme or "https"
         # S3-compatible servers generally need path-style addressing.
         kwargs["force_virtual_addressing"] = False
@@ -84,15 +86,23 @@ def storage_problem(root: str, e: BaseException) -> str:
     may echo a key, and ``root`` or the endpoint may carry ``user:password@``."""
     root, msg = redact(root), redact(str(e).strip())
     if root.startswith("s3://"):
-        bucket = root[len("s3://"):].split("/", 1)[0]
-        endpoint = redact(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS")
+        bucket = root[len("s3://") :].split("/", 1)[0]
+        endpoint = redact(
+            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        )
         if "not found" in msg.lower() and "bucket" in msg.lower():
-            return (f"cannot write to {root}: the bucket '{bucket}' does not exist at {endpoint}; create it first "
-                    f"(aws s3 mb s3://{bucket}), or check the path and AWS_ENDPOINT_URL")
-        if any(k in msg.upper() for k in ("ACCESS_DENIED", "ACCESSDENIED", "SIGNATURE", "INVALIDACCESSKEY",
-                                          "FORBIDDEN", "403")):
-            return (f"cannot write to {root}: the object store refused the credentials ({msg}); check "
-                    f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket's policy")
+            return (
+                f"cannot write to {root}: the bucket '{bucket}' does not exist at {endpoint}; create it first "
+                f"(aws s3 mb s3://{bucket}), or check the path and AWS_ENDPOINT_URL"
+            )
+        if any(
+            k in msg.upper()
+            for k in ("ACCESS_DENIED", "ACCESSDENIED", "SIGNATURE", "INVALIDACCESSKEY", "FORBIDDEN", "403")
+        ):
+            return (
+                f"cannot write to {root}: the object store refused the credentials ({msg}); check "
+                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket's policy"
+            )
         return f"cannot write to {root} at {endpoint}: {msg}"
     return f"cannot write to {root}: {msg}"
 
@@ -100,18 +110,24 @@ def storage_problem(root: str, e: BaseException) -> str:
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path within it)`` for a local path or an ``s3://bucket/key`` URI."""
     if path.startswith("s3://"):
-        if "@" in path[len("s3://"):].split("/", 1)[0]:
-            raise ValueError("credentials in an s3:// URI are not used: put them in AWS_ACCESS_KEY_ID / "
-                             "AWS_SECRET_ACCESS_KEY or a profile, and write s3://bucket/key")
+        if "@" in path[len("s3://") :].split("/", 1)[0]:
+            raise ValueError(
+                "credentials in an s3:// URI are not used: put them in AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or a profile, and write s3://bucket/key"
+            )
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        creds = "\0".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                           "AWS_SESSION_TOKEN", "AWS_PROFILE"))
-        return _s3(endpoint, region, hashlib.sha256(creds.encode()).hexdigest()), path[len("s3://"):]
+        creds = "\0".join(
+            os.environ.get(k, "")
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+        )
+        return _s3(endpoint, region, hashlib.sha256(creds.encode()).hexdigest()), path[len("s3://") :]
     if is_uri(path) and not path.startswith("file://"):
         # Only schemes whose file system is configured by the environment: pyarrow's from_uri would take an
         # endpoint, a scheme and credentials' destination from the URI's query string (gs://b/k?endpoint_override=)
-        raise ValueError(f"unsupported location {path.split('://', 1)[0]}://: use a local path or s3://bucket/key")
+        raise ValueError(
+            f"unsupported location {path.split('://', 1)[0]}://: use a local path or s3://bucket/key"
+        )
     local = path.removeprefix("file://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
 
@@ -127,8 +143,10 @@ class TooLarge(Exception):
 
     @classmethod
     def over(cls, reason: str, what: str, size: int, key: str, limit: int) -> TooLarge:
-        return cls(reason, f"{what} is {size:,} bytes, over limits.{key} ({limit:,}): raise it in the recipe "
-                           "to read it")
+        return cls(
+            reason,
+            f"{what} is {size:,} bytes, over limits.{key} ({limit:,}): raise it in the recipe to read it",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +214,10 @@ def _files_under(fs: pafs.FileSystem, root: str, recursive: bool, on_bad_name: s
     files, bad = _walk_local(root, recursive)
     shown = ", ".join(repr(b) for b in bad[:5]) + (", ..." if len(bad) > 5 else "")  # as bytes: not text
     if on_bad_name != "skip":
-        raise BadFileName(f"{len(bad)} file name(s) under {root} are not UTF-8: {shown}; rename them, or add "
-                          "on_bad_name: skip to the source to leave them out")
+        raise BadFileName(
+            f"{len(bad)} file name(s) under {root} are not UTF-8: {shown}; rename them, or add "
+            "on_bad_name: skip to the source to leave them out"
+        )
     log.warning("skipped %d file name(s) under %s that are not UTF-8: %s", len(bad), root, shown)
     return files
 
@@ -306,7 +326,11 @@ def iter_lines(stream, chunk: int = 1 << 20, max_line: int | None = None):
             else:
                 yield b"".join((*parts, lines[0])).rstrip(b"\r")
             for line in lines[1:]:
-                yield Skipped(len(line)) if max_line is not None and len(line) > max_line else line.rstrip(b"\r")
+                yield (
+                    Skipped(len(line))
+                    if max_line is not None and len(line) > max_line
+                    else line.rstrip(b"\r")
+                )
             parts, size = [], 0
         size += len(last)
         if max_line is not None and size > max_line:

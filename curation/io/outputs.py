@@ -66,8 +66,10 @@ def name_problem(name: Any, where: str) -> str | None:
     ``a/b`` would put the folder, and what ``--overwrite`` deletes, outside the output."""
     if isinstance(name, str) and _NAME.fullmatch(name):
         return None
-    return (f"{where}: {str(name)[:80]!r} cannot be a folder name: use 1 to 128 letters, digits, '_', '-' "
-            f"and '.', not starting with '.'")
+    return (
+        f"{where}: {str(name)[:80]!r} cannot be a folder name: use 1 to 128 letters, digits, '_', '-' "
+        f"and '.', not starting with '.'"
+    )
 
 
 # ---------------------------------------------------------------- overlap
@@ -104,11 +106,13 @@ def check_overlap(output: str, inputs: Iterable[tuple[str, str]]) -> None:
         prefix, deep = _fixed_prefix(pattern)
         inp = _location(prefix)
         # a glob like corpus/wds/*.tar reads only that folder's own files: a pool in corpus/wds/pool is not read
-        inside = out[:len(inp)] == inp and (deep or len(out) == len(inp))
-        if inside or inp[:len(out)] == out:
+        inside = out[: len(inp)] == inp and (deep or len(out) == len(inp))
+        if inside or inp[: len(out)] == out:
             relation = "is" if out == inp else "is inside" if len(out) > len(inp) else "holds"
-            raise OutputError(f"the output {output} {relation} the input {pattern} ({where}); write the output to "
-                              f"a folder outside every input, and keep inputs out of the output")
+            raise OutputError(
+                f"the output {output} {relation} the input {pattern} ({where}); write the output to "
+                f"a folder outside every input, and keep inputs out of the output"
+            )
 
 
 # ---------------------------------------------------------------- ownership
@@ -170,7 +174,8 @@ def _foreign(root: str, overwrite: bool) -> OutputError:
     return OutputError(
         f"{root} is not empty and was not written by curation (it has no {MARKER}); "
         + ("--overwrite deletes only outputs of this tool. " if overwrite else "")
-        + "Write the output to a new or empty folder, or move that folder's files away yourself")
+        + "Write the output to a new or empty folder, or move that folder's files away yourself"
+    )
 
 
 def check_writable(root: str, kind: str, overwrite: bool = False) -> str:
@@ -180,8 +185,10 @@ def check_writable(root: str, kind: str, overwrite: bool = False) -> str:
     if found is None:
         raise _foreign(root, overwrite)
     if found and found != kind and not overwrite:
-        raise OutputError(f"{root} holds a {found} written by curation, not a {kind}; write elsewhere, "
-                          f"or pass --overwrite to delete it")
+        raise OutputError(
+            f"{root} holds a {found} written by curation, not a {kind}; write elsewhere, "
+            f"or pass --overwrite to delete it"
+        )
     return found
 
 
@@ -207,8 +214,14 @@ def _empty(fs: pafs.FileSystem, path: str, root: str, kind: str) -> None:
     entries = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name != LOCK]
     names = sorted(i.base_name + ("/" if i.type == pafs.FileType.Directory else "") for i in entries)
     shown = ", ".join(names[:12])
-    log.warning("--overwrite: deleting the %s in %s (%d entries: %s%s)", kind, root, len(entries), shown,
-                ", ..." if len(entries) > 12 else "")
+    log.warning(
+        "--overwrite: deleting the %s in %s (%d entries: %s%s)",
+        kind,
+        root,
+        len(entries),
+        shown,
+        ", ..." if len(entries) > 12 else "",
+    )
     if not isinstance(fs, pafs.LocalFileSystem):
         for i in entries:
             (fs.delete_dir if i.type == pafs.FileType.Directory else fs.delete_file)(i.path)
@@ -237,13 +250,17 @@ def _holder(command: str) -> dict[str, Any]:
 def _who(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another run"
-    return (f"'{holder.get('command')}' (pid {holder.get('pid')} on {holder.get('host')}, since "
-            f"{holder.get('started')})")
+    return (
+        f"'{holder.get('command')}' (pid {holder.get('pid')} on {holder.get('host')}, since "
+        f"{holder.get('started')})"
+    )
 
 
 def _refusal(root: str, holder: dict[str, Any] | None) -> OutputError:
-    return OutputError(f"{root} is being written by {_who(holder)}; wait for that run to finish or stop it, "
-                       f"then run this again (a run that died does not keep the lock)")
+    return OutputError(
+        f"{root} is being written by {_who(holder)}; wait for that run to finish or stop it, "
+        f"then run this again (a run that died does not keep the lock)"
+    )
 
 
 @contextlib.contextmanager
@@ -294,7 +311,9 @@ def _s3_lock(root: str, path: str, holder: dict[str, Any], ttl_s: float) -> Iter
     try:
         from botocore.exceptions import ClientError
     except ImportError:
-        raise OutputError(f"writing to {root} needs boto3 for its lock: pip install 'keye-curation[s3]'") from None
+        raise OutputError(
+            f"writing to {root} needs boto3 for its lock: pip install 'keye-curation[s3]'"
+        ) from None
     client = _s3_client()
     bucket, _, prefix = path.partition("/")
     key = f"{prefix.rstrip('/')}/{LOCK}" if prefix.strip("/") else LOCK

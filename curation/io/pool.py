@@ -38,8 +38,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = "curation.pool/1"
 _JSON_SKIP = {"image", "images", "frames", "video_bytes", *REJECT_COLUMNS}
-_MAGIC = [(b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"),
-          (b"MM\x00*", "tif")]
+_MAGIC = [
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+]
 
 
 def image_ext(data: bytes, fmt: str | None = None) -> str:
@@ -63,8 +69,11 @@ def sweep_temp(fs: pafs.FileSystem, path: str, label: str) -> int:
     """Delete the temp files (``*.tmp-<tag>``) under ``path`` that no task will rename any more: those of a
     worker killed mid-write (Ray retried its task, which wrote its own), or of a failed unit whose store went
     away before it could delete them. Call it when no task of this job is running. No manifest lists them."""
-    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-             if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
+    stale = [
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if i.type == pafs.FileType.File and ".tmp-" in i.base_name
+    ]
     for name in stale:
         with contextlib.suppress(FileNotFoundError):
             fs.delete_file(name)
@@ -101,7 +110,14 @@ class _Part:
     def __init__(self, fs, root: str, name: str, schema: pa.Schema, formats: list[str], key: str = "id"):
         # key: the column naming each sample in the tar (mixtures repeat a row across epochs, so they key
         # by a column that adds the epoch)
-        self.fs, self.root, self.name, self.schema, self.formats, self.key = fs, root, name, schema, formats, key
+        self.fs, self.root, self.name, self.schema, self.formats, self.key = (
+            fs,
+            root,
+            name,
+            schema,
+            formats,
+            key,
+        )
         self.tmp_tag = uuid.uuid4().hex[:8]
         self.rows = 0
         self.bytes = 0
@@ -115,8 +131,11 @@ class _Part:
 
     def abort(self) -> None:
         """Close and delete this part's temp files, best effort."""
-        _discard(self.fs, (self._pq, self._tar, getattr(self, "_pq_stream", None), self._tar_stream),
-                 [self._tmp(ext) for ext in ("parquet", "tar")])
+        _discard(
+            self.fs,
+            (self._pq, self._tar, getattr(self, "_pq_stream", None), self._tar_stream),
+            [self._tmp(ext) for ext in ("parquet", "tar")],
+        )
 
     def _final(self, ext: str) -> str:
         return f"{self.root}/shards/{self.name}.{ext}"
@@ -148,8 +167,11 @@ class _Part:
             if key in self.formats:
                 self.fs.move(self._tmp(ext), self._final(ext))
                 path = self._final(ext)
-                entry[ext] = {"path": f"shards/{self.name}.{ext}", "bytes": self.fs.get_file_info(path).size,
-                              "sha256": sha256_file(self.fs, path)}
+                entry[ext] = {
+                    "path": f"shards/{self.name}.{ext}",
+                    "bytes": self.fs.get_file_info(path).size,
+                    "sha256": sha256_file(self.fs, path),
+                }
         return entry
 
 
@@ -158,8 +180,18 @@ VIDEO_PAYLOADS = ("frames", "clip", "both")
 
 
 # Reject reasons whose row's media bytes are not a decodable image or video of the corpus (or were never read).
-NO_MEDIA = frozenset({"undecodable", "decompression_bomb", "unreadable_video", "unreadable_file", "malformed_row",
-                      "refused_reference", "refused_scheme", "unit_failed"})
+NO_MEDIA = frozenset(
+    {
+        "undecodable",
+        "decompression_bomb",
+        "unreadable_video",
+        "unreadable_file",
+        "malformed_row",
+        "refused_reference",
+        "refused_scheme",
+        "unit_failed",
+    }
+)
 _MEDIA_COLUMNS = ("image", "images", "video_bytes")
 
 
@@ -171,8 +203,11 @@ def without_media(table: pa.Table) -> pa.Table:
     for name in _MEDIA_COLUMNS:
         if name in table.column_names:
             col = table[name]
-            table = table.set_column(table.schema.get_field_index(name), name,
-                                     pc.if_else(drop, pa.nulls(len(table), col.type), col))
+            table = table.set_column(
+                table.schema.get_field_index(name),
+                name,
+                pc.if_else(drop, pa.nulls(len(table), col.type), col),
+            )
     return table
 
 
@@ -187,7 +222,9 @@ def video_payload(table: pa.Table, payload: str) -> pa.Table:
         if table["video_bytes"].null_count == table.num_rows:
             return table
         i = table.schema.get_field_index("video_bytes")
-        return table.set_column(i, table.schema.field(i), pa.nulls(table.num_rows, table.schema.field(i).type))
+        return table.set_column(
+            i, table.schema.field(i), pa.nulls(table.num_rows, table.schema.field(i).type)
+        )
     has_clip = pc.is_valid(table["video_bytes"])
     if not pc.any(has_clip).as_py():
         return table
@@ -246,7 +283,9 @@ class UnitSink:
         start = 0
         while start < table.num_rows:
             if self._part is None:
-                self._part = _Part(self.fs, self.path, f"{self.unit:05d}_{len(self.parts):04d}", self.schema, self.formats)
+                self._part = _Part(
+                    self.fs, self.path, f"{self.unit:05d}_{len(self.parts):04d}", self.schema, self.formats
+                )
             room = self.shard_rows - self._part.rows
             chunk = table.slice(start, room)
             self._part.write(chunk)
@@ -287,8 +326,12 @@ class UnitSink:
             self._rejects_stream.close()
             final = f"{self.path}/rejects/{self.unit:05d}.parquet"
             self.fs.move(self._rejects_tmp, final)
-            rejects = {"path": f"rejects/{self.unit:05d}.parquet", "rows": self._rejects_rows,
-                       "bytes": self.fs.get_file_info(final).size, "sha256": sha256_file(self.fs, final)}
+            rejects = {
+                "path": f"rejects/{self.unit:05d}.parquet",
+                "rows": self._rejects_rows,
+                "bytes": self.fs.get_file_info(final).size,
+                "sha256": sha256_file(self.fs, final),
+            }
         return {"shards": self.parts, "rejects": rejects, "rejected": self._rejects_rows}
 
 
@@ -325,11 +368,15 @@ class Pool:
             if previous.get("recipe_hash") != self.recipe_hash:
                 raise FileExistsError(
                     f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
-                    f"this one is {self.recipe_hash}); write to another folder or pass --overwrite")
+                    f"this one is {self.recipe_hash}); write to another folder or pass --overwrite"
+                )
             self.sweep_temp()
         cfs.make_dirs(self.root, ("shards", "rejects", "_work/done", "_work/index"))
-        _commit_bytes(self.fs, f"{self.path}/_work/recipe.json",
-                      json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode())
+        _commit_bytes(
+            self.fs,
+            f"{self.path}/_work/recipe.json",
+            json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode(),
+        )
 
     def sweep_temp(self) -> None:
         """Before resuming, and once every task is done: see :func:`sweep_temp`."""
@@ -348,9 +395,14 @@ class Pool:
                 out[rec["unit"]] = rec
         return out
 
-    def write_manifest(self, resolved: dict[str, Any], records: list[dict[str, Any]],
-                       replaced: dict[str, dict[str, Any]] | None = None, extra_rejects: list[dict] = (),
-                       lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    def write_manifest(
+        self,
+        resolved: dict[str, Any],
+        records: list[dict[str, Any]],
+        replaced: dict[str, dict[str, Any]] | None = None,
+        extra_rejects: list[dict] = (),
+        lineage: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """``replaced``: shard entries rewritten after the unit pass (by name); ``extra_rejects``: their
         rejects files; ``lineage``: per stage, what reproduces its scores (models, prompts)."""
         replaced = replaced or {}
@@ -363,32 +415,47 @@ class Pool:
             "recipe_hash": self.recipe_hash,
             "shards": shards,
             "rejects": rejects,
-            "units": [{"unit": r["unit"], "uri": r["uri"], "source": r["source"], "errors": r.get("errors", [])}
-                      for r in records],
+            "units": [
+                {"unit": r["unit"], "uri": r["uri"], "source": r["source"], "errors": r.get("errors", [])}
+                for r in records
+            ],
             "stages": lineage or {},
-            "totals": {"rows": sum(s["rows"] for s in shards),
-                       "rejected": sum(r["rejected"] for r in records) + sum(r["rows"] for r in extra_rejects),
-                       "shards": len(shards), "bytes": total_bytes},
+            "totals": {
+                "rows": sum(s["rows"] for s in shards),
+                "rejected": sum(r["rejected"] for r in records) + sum(r["rows"] for r in extra_rejects),
+                "shards": len(shards),
+                "bytes": total_bytes,
+            },
         }
         self.write_json("manifest.json", manifest)
         return manifest
 
     def write_json(self, name: str, obj: Any) -> None:
-        _commit_bytes(self.fs, f"{self.path}/{name}", json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode())
+        _commit_bytes(
+            self.fs,
+            f"{self.path}/{name}",
+            json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode(),
+        )
 
 
 def commit_done(root: str, record: dict[str, Any]) -> None:
     """Write a unit's done record: the commit point of that unit."""
     fs, path = cfs.filesystem(root)
-    _commit_bytes(fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode())
+    _commit_bytes(
+        fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode()
+    )
 
 
 def lineage_keys(table: pa.Table) -> list[str]:
     """``source_uri#source_offset`` per row (``@clip_start`` added for a shot of a video): unique per input
     row, unlike ids, which exact duplicates share."""
-    starts = (table["clip_start"].to_pylist() if "clip_start" in table.column_names else [None] * table.num_rows)
-    return [f"{u}#{o}" if c is None else f"{u}#{o}@{c:.3f}"
-            for u, o, c in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist(), starts)]
+    starts = (
+        table["clip_start"].to_pylist() if "clip_start" in table.column_names else [None] * table.num_rows
+    )
+    return [
+        f"{u}#{o}" if c is None else f"{u}#{o}@{c:.3f}"
+        for u, o, c in zip(table["source_uri"].to_pylist(), table["source_offset"].to_pylist(), starts)
+    ]
 
 
 @dataclass(frozen=True)
@@ -409,8 +476,10 @@ class ThresholdCut:
 
         keys = pa.array(lineage_keys(table), pa.string())
         col = table[self.column]
-        tie_out = pc.and_(pc.equal(col, self.threshold),
-                          pc.invert(pc.is_in(keys, pa.array(list(self.tied_kept), pa.string()))))
+        tie_out = pc.and_(
+            pc.equal(col, self.threshold),
+            pc.invert(pc.is_in(keys, pa.array(list(self.tied_kept), pa.string()))),
+        )
         low = pc.fill_null(pc.or_(pc.less(col, self.threshold), tie_out), False)
         scores = col.filter(low).to_pylist()
         return low, [self.reason] * len(scores), [f"{self.detail}; this row {x:.4f}" for x in scores]
@@ -426,13 +495,23 @@ class KeyCut:
 
     def select(self, table: pa.Table) -> tuple[pa.Array, list[str], list[str]]:
         hits = [self.rejected.get(k) for k in lineage_keys(table)]
-        return (pa.array([h is not None for h in hits], pa.bool_()), [h[0] for h in hits if h is not None],
-                [h[1] for h in hits if h is not None])
+        return (
+            pa.array([h is not None for h in hits], pa.bool_()),
+            [h[0] for h in hits if h is not None],
+            [h[1] for h in hits if h is not None],
+        )
 
 
-def cut_shard(root: str, entry: dict[str, Any], cut: ThresholdCut | KeyCut, schema: pa.Schema,
-              reject_schema: pa.Schema, formats: list[str],
-              tail: Callable[[pa.Table], tuple[pa.Table, dict]] | None = None, video: str = "both") -> dict[str, Any]:
+def cut_shard(
+    root: str,
+    entry: dict[str, Any],
+    cut: ThresholdCut | KeyCut,
+    schema: pa.Schema,
+    reject_schema: pa.Schema,
+    formats: list[str],
+    tail: Callable[[pa.Table], tuple[pa.Table, dict]] | None = None,
+    video: str = "both",
+) -> dict[str, Any]:
     """Move the rows of a shard that a pool-wide ``cut`` rejects to a rejects file, run ``tail`` on the rows
     kept; return the record.
 
@@ -470,7 +549,13 @@ def _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, 
     with fs.open_input_file(f"{path}/{entry['parquet']['path']}") as f:
         table = pq.read_table(f)
     low, reasons, details = cut.select(table)
-    record: dict[str, Any] = {"name": entry["name"], "shard": entry, "rejects": None, "moved": 0, "counters": {}}
+    record: dict[str, Any] = {
+        "name": entry["name"],
+        "shard": entry,
+        "rejects": None,
+        "moved": 0,
+        "counters": {},
+    }
     moved = table.filter(low)
     if not moved.num_rows and tail is None and video_payload(table, video) is table:
         return record  # nothing changes: the shard stays as it is
@@ -495,9 +580,15 @@ def _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, 
         buf = pa.BufferOutputStream()
         pq.write_table(out, buf, compression="zstd")
         _commit_bytes(fs, f"{path}/{rel}", buf.getvalue().to_pybytes())
-        record["rejects"] = {"path": rel, "rows": out.num_rows, "bytes": fs.get_file_info(f"{path}/{rel}").size,
-                             "sha256": sha256_file(fs, f"{path}/{rel}")}
+        record["rejects"] = {
+            "path": rel,
+            "rows": out.num_rows,
+            "bytes": fs.get_file_info(f"{path}/{rel}").size,
+            "sha256": sha256_file(fs, f"{path}/{rel}"),
+        }
     part = _Part(fs, path, f"{entry['name']}-{stage}", schema, formats)
     part.write(video_payload(kept, video))
-    record["shard"] = dict(part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")})
+    record["shard"] = dict(
+        part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")}
+    )
     return record

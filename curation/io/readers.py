@@ -114,7 +114,9 @@ class Unit:
     on_bad_text: str = "reject"
     mode: str | None = None  # sft: the mode of records that carry none
     video_json: str = "{}"  # how videos are sampled (recipe.VIDEO_OPTIONS, resolved)
-    refs_json: str = "{}"  # where media references may point: media_roots, allow_absolute, schemes (curation.io.refs)
+    refs_json: str = (
+        "{}"  # where media references may point: media_roots, allow_absolute, schemes (curation.io.refs)
+    )
     failed: str | None = None  # why reading this unit kills its worker: it is not read again, only reported
     limits_json: str = "{}"  # the recipe's limits: (recipe.LimitsSpec; its defaults where empty)
 
@@ -135,13 +137,16 @@ class Unit:
 
     @property
     def label(self) -> str:
-        part = "row groups" if self.format in ("parquet", "pool") or self.uri.endswith(".parquet") else "lines"
+        part = (
+            "row groups" if self.format in ("parquet", "pool") or self.uri.endswith(".parquet") else "lines"
+        )
         rng = f" {part} {self.rg_start}-{self.rg_stop}" if self.rg_stop is not None else ""
         return f"{self.uri}{rng}"
 
 
-def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000,
-               limits: LimitsSpec | None = None) -> list[Unit]:
+def plan_units(
+    sources: list[SourceSpec], unit_rows: int = 20_000, limits: LimitsSpec | None = None
+) -> list[Unit]:
     """Expand every source's paths into units, in recipe order, files sorted."""
     limits = limits or LimitsSpec()
     limits_json = json.dumps(asdict(limits), sort_keys=True)
@@ -156,12 +161,25 @@ def plan_units(sources: list[SourceSpec], unit_rows: int = 20_000,
                 if f not in files:
                     files.append(f)
         for uri in files:
-            common = dict(source=spec.name, format=spec.format, modality=spec.modality, uri=uri,
-                          fields_json=fields_json, on_bad_text=spec.on_bad_text, mode=spec.mode,
-                          video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True),
-                          limits_json=limits_json,
-                          refs_json=json.dumps({"roots": spec.media_roots, "allow_absolute": spec.allow_absolute,
-                                                "schemes": spec.schemes}, sort_keys=True))
+            common = dict(
+                source=spec.name,
+                format=spec.format,
+                modality=spec.modality,
+                uri=uri,
+                fields_json=fields_json,
+                on_bad_text=spec.on_bad_text,
+                mode=spec.mode,
+                video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True),
+                limits_json=limits_json,
+                refs_json=json.dumps(
+                    {
+                        "roots": spec.media_roots,
+                        "allow_absolute": spec.allow_absolute,
+                        "schemes": spec.schemes,
+                    },
+                    sort_keys=True,
+                ),
+            )
             sft = spec.format in SFT_FORMATS
             if spec.format in ("parquet", "pool") or (sft and uri.endswith(".parquet")):
                 for start, stop in _row_group_ranges(uri, unit_rows):
@@ -214,8 +232,14 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
     reject, and an error the format reader did not expect ends the file with one ``unreadable_file``
     reject naming the offset where reading stopped.
     """
-    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "jsonl": _read_jsonl,
-              "pool": _read_pool, "sharegpt": _read_sft, "qa": _read_sft}[unit.format]
+    reader = {
+        "webdataset": _read_webdataset,
+        "parquet": _read_parquet,
+        "jsonl": _read_jsonl,
+        "pool": _read_pool,
+        "sharegpt": _read_sft,
+        "qa": _read_sft,
+    }[unit.format]
     make = _RowMaker(unit)
     if unit.failed:  # the runner gave up on it: one reject says so, nothing is read
         yield _table([make.broken(unit.rg_start, UNIT_FAILED, unit.failed)], make)
@@ -246,7 +270,9 @@ def _table(rows: list[dict[str, Any]], make: _RowMaker) -> pa.Table:
                 from_rows([r])
                 fixed.append(r)
             except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
-                offset = r.get("_offset", r["source_offset"])  # a pool row's own source_offset may be the culprit
+                offset = r.get(
+                    "_offset", r["source_offset"]
+                )  # a pool row's own source_offset may be the culprit
                 fixed.append(make.broken(offset, "malformed_row", f"a field has the wrong type: {e}"))
         return from_rows(fixed)
 
@@ -266,8 +292,13 @@ class _RowMaker:
         root = self.fields.get("image_root")
         if root and unit.format in SFT_FORMATS:  # the recipe's own folder for this source's images
             self.base = _resolve(self.base, root)
-        self.refs = refs.policy(unit.uri, opts.get("roots", ()), opts.get("allow_absolute", False),
-                                opts.get("schemes", refs.SCHEMES), extra=(self.base,))
+        self.refs = refs.policy(
+            unit.uri,
+            opts.get("roots", ()),
+            opts.get("allow_absolute", False),
+            opts.get("schemes", refs.SCHEMES),
+            extra=(self.base,),
+        )
 
     def resolve(self, ref: Any) -> str:
         """A media reference as an absolute path or URI; :class:`refs.RefusedReference` where it may not point."""
@@ -280,7 +311,9 @@ class _RowMaker:
     def rows(self, offset: int, **kw: Any) -> list[dict[str, Any]]:
         """The row, or with ``video: {shots: true}`` on a video source, one row per shot of its video."""
         opts = self.unit.video
-        if not (self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")):
+        if not (
+            self.unit.modality == "video" and opts.get("shots") and kw.get("video") and not kw.get("reason")
+        ):
             return [self.row(offset, **kw)]
         kw.pop("reason", None), kw.pop("detail", None)  # both None: checked above
         video, data, reason, detail = self._fetch_video(offset, kw.pop("video"), kw.pop("video_bytes", None))
@@ -288,23 +321,34 @@ class _RowMaker:
         if not reason:
             shots, clips, meta, reason, detail = self._shots(offset, video, meta, data)
         if reason:
-            return [self.row(offset, video=video, meta=meta, reason=reason, detail=detail, _located=True, **kw)]
+            return [
+                self.row(offset, video=video, meta=meta, reason=reason, detail=detail, _located=True, **kw)
+            ]
         out = []
         for j, shot in enumerate(shots):
             extra = {"clip_ext": "mp4", "clip": clips[j].how} if clips else {}
-            r = self.row(offset, video=video, meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score,
-                                                        **extra), _frames=(shot.frames, shot.ts), _located=True, **kw)
+            r = self.row(
+                offset,
+                video=video,
+                meta=dict(meta, shot=j, shots=len(shots), cut_score=shot.cut_score, **extra),
+                _frames=(shot.frames, shot.ts),
+                _located=True,
+                **kw,
+            )
             r["clip_start"], r["clip_end"] = round(shot.start, 6), round(shot.end, 6)
             r["video_bytes"] = clips[j].data if clips else None
             out.append(r)  # its id comes from its caption and its own frames: identical shots are duplicates
         return out
 
-    def _fetch_video(self, offset: int, ref: Any, data: bytes | None) -> tuple[Any, bytes | None, str | None,
-                                                                               str | None]:
+    def _fetch_video(
+        self, offset: int, ref: Any, data: bytes | None
+    ) -> tuple[Any, bytes | None, str | None, str | None]:
         """``(location, bytes, reject reason, detail)`` of a row's video. Bytes in hand keep their label (a tar
         member, a Parquet row); a reference is resolved under the source's roots, then read."""
         where = f"{self.unit.uri}#{offset}"
-        if data is not None:  # the label only names it (a Parquet struct's path: resolved like a reference if it may)
+        if (
+            data is not None
+        ):  # the label only names it (a Parquet struct's path: resolved like a reference if it may)
             try:
                 return (self.resolve(ref) if ref and "#" not in ref else ref), data, None, None
             except refs.RefusedReference:
@@ -323,8 +367,15 @@ class _RowMaker:
     @staticmethod
     def _facts(meta: dict | None, v: Any) -> dict[str, Any]:
         """``meta`` with the probed header facts of a video (a VideoInfo or VideoFrames)."""
-        return dict(meta or {}, duration=v.duration, video_width=v.width, video_height=v.height, codec=v.codec,
-                    fps=v.fps, has_audio=v.audio)
+        return dict(
+            meta or {},
+            duration=v.duration,
+            video_width=v.width,
+            video_height=v.height,
+            codec=v.codec,
+            fps=v.fps,
+            has_audio=v.audio,
+        )
 
     def _shots(self, offset: int, uri: str, meta: dict | None, data: bytes):
         """(shots, their clips or None, meta, reject reason, detail) of a video's bytes."""
@@ -333,11 +384,28 @@ class _RowMaker:
         where = f"{self.unit.uri}#{offset}"
         o = self.unit.video
         try:
-            info, shots = sample_shots(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o),
-                                       threshold=o["shot_threshold"], contrast=o["shot_contrast"],
-                                       min_shot_s=o["min_shot_s"], name=uri, timeout_s=o["timeout_s"])
-            clips = encode_clips(data, [(s.start, s.end) for s in shots], name=uri, preset=o["clip_preset"],
-                                 timeout_s=o["timeout_s"]) if o["clip"] else None
+            info, shots = sample_shots(
+                data,
+                fps=o["fps"],
+                max_frames=o["max_frames"],
+                **frame_bounds(o),
+                threshold=o["shot_threshold"],
+                contrast=o["shot_contrast"],
+                min_shot_s=o["min_shot_s"],
+                name=uri,
+                timeout_s=o["timeout_s"],
+            )
+            clips = (
+                encode_clips(
+                    data,
+                    [(s.start, s.end) for s in shots],
+                    name=uri,
+                    preset=o["clip_preset"],
+                    timeout_s=o["timeout_s"],
+                )
+                if o["clip"]
+                else None
+            )
         except VideoError as e:
             return None, None, meta, "unreadable_video", f"{where}: {e}"
         except Exception as e:  # the decoder tripped over a damaged file (a decoder bug): still unreadable
@@ -345,23 +413,46 @@ class _RowMaker:
             return None, None, meta, "unreadable_video", _decoder_failed(where, uri, e)
         return shots, clips, self._facts(meta, info), None, None
 
-    def row(self, offset: int, *, text: bytes | str | None = None, image: bytes | None = None,
-            texts: list | None = None, images: list | None = None, meta: dict | None = None,
-            reason: str | None = None, detail: str | None = None, video: str | None = None,
-            messages: str | None = None, mode: str | None = None, video_bytes: bytes | None = None,
-            _frames: tuple[list[bytes], list[float]] | None = None, _located: bool = False) -> dict[str, Any]:
+    def row(
+        self,
+        offset: int,
+        *,
+        text: bytes | str | None = None,
+        image: bytes | None = None,
+        texts: list | None = None,
+        images: list | None = None,
+        meta: dict | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        video: str | None = None,
+        messages: str | None = None,
+        mode: str | None = None,
+        video_bytes: bytes | None = None,
+        _frames: tuple[list[bytes], list[float]] | None = None,
+        _located: bool = False,
+    ) -> dict[str, Any]:
         """One canonical row; raises TypeError naming the field when a value has a type no row can hold."""
         m = self.unit.modality
-        for key, value, want in (("text", text, (str, bytes)), ("image", image, bytes), ("video", video, str)):
+        for key, value, want in (
+            ("text", text, (str, bytes)),
+            ("image", image, bytes),
+            ("video", video, str),
+        ):
             if value is not None and not isinstance(value, want):
-                raise TypeError(f"'{self.fields.get(key, key)}' must be {_WANT[key]}, got {type(value).__name__}")
+                raise TypeError(
+                    f"'{self.fields.get(key, key)}' must be {_WANT[key]}, got {type(value).__name__}"
+                )
         frames = frame_ts = None
         clip = None
         if _frames is not None:  # a shot: sampled by rows()
             frames, frame_ts = _frames
         elif reason is None and not _located and (m == "video" or (m == "sft" and video)):
-            video, frames, frame_ts, meta, reason, detail, clip = self._video(offset, video, meta, video_bytes)
-        elif video and not _located and video_bytes is None:  # a row rejected already: its reference, as named
+            video, frames, frame_ts, meta, reason, detail, clip = self._video(
+                offset, video, meta, video_bytes
+            )
+        elif (
+            video and not _located and video_bytes is None
+        ):  # a row rejected already: its reference, as named
             video = _cut(video)
         if m == "video":
             rid = row_id(m, text, frames or [video.encode() if video else None])
@@ -377,12 +468,24 @@ class _RowMaker:
             if bad and reason is None and self.unit.on_bad_text == "reject":
                 reason, detail = "text_not_utf8", f"{self.unit.uri}#{offset}: {bad}"
         return {
-            "id": rid, "source": self.unit.source, "modality": m, "text": text, "image": image,
-            "texts": texts, "images": images, "meta": json_meta(meta),
-            "video": video, "frames": frames, "frame_ts": frame_ts, "video_bytes": clip,
-            "messages": messages, "mode": mode,
-            "source_uri": self.unit.uri, "source_offset": offset,
-            "reject_stage": INGEST if reason else None, "reject_reason": reason,
+            "id": rid,
+            "source": self.unit.source,
+            "modality": m,
+            "text": text,
+            "image": image,
+            "texts": texts,
+            "images": images,
+            "meta": json_meta(meta),
+            "video": video,
+            "frames": frames,
+            "frame_ts": frame_ts,
+            "video_bytes": clip,
+            "messages": messages,
+            "mode": mode,
+            "source_uri": self.unit.uri,
+            "source_offset": offset,
+            "reject_stage": INGEST if reason else None,
+            "reject_reason": reason,
             "reject_detail": redact(detail) if detail else None,  # a row's URI may carry credentials
         }
 
@@ -397,8 +500,14 @@ class _RowMaker:
             return uri, None, None, meta, reason, detail, None
         o = self.unit.video
         try:
-            vf = sample_frames(data, fps=o["fps"], max_frames=o["max_frames"], **frame_bounds(o), name=uri,
-                               timeout_s=o["timeout_s"])
+            vf = sample_frames(
+                data,
+                fps=o["fps"],
+                max_frames=o["max_frames"],
+                **frame_bounds(o),
+                name=uri,
+                timeout_s=o["timeout_s"],
+            )
         except VideoError as e:
             return uri, None, None, meta, "unreadable_video", f"{where}: {e}", None
         except Exception as e:  # the decoder tripped over a damaged file (a decoder bug): still unreadable
@@ -410,15 +519,23 @@ class _RowMaker:
             meta["clip_ext"] = vf.ext
         return uri, vf.frames, vf.ts, meta, None, None, data if keep else None
 
-    def guarded(self, offset: int, build: Callable[..., list[dict[str, Any]]], *args: Any,
-                raw: bytes | str | None = None) -> list[dict[str, Any]]:
+    def guarded(
+        self,
+        offset: int,
+        build: Callable[..., list[dict[str, Any]]],
+        *args: Any,
+        raw: bytes | str | None = None,
+    ) -> list[dict[str, Any]]:
         """``build(*args)``'s rows, or one ``malformed_row`` reject when a field has a shape they cannot take
         (a number where a caption belongs, a path with a NUL byte): one bad row never ends its file."""
         try:
             return build(*args)
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as e:
-            return [self.broken(offset, "malformed_row", f"a field has the wrong type: {type(e).__name__}: {e}",
-                                raw)]
+            return [
+                self.broken(
+                    offset, "malformed_row", f"a field has the wrong type: {type(e).__name__}: {e}", raw
+                )
+            ]
         except cfs.TooLarge as e:  # a referenced file over its limit, found before it was read
             return [self.broken(offset, e.reason, str(e), raw)]
 
@@ -459,8 +576,13 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
         key = _printable(current_key)  # a name that is not UTF-8 still makes a readable key
         over = sorted(e for e, data in members.items() if isinstance(data, cfs.Skipped))
         if over:  # passed over unread
-            problem = cfs.TooLarge.over("member_too_large", f"member {key}.{over[0]}", members[over[0]].size,
-                                        "max_member_bytes", make.limits.max_member_bytes)
+            problem = cfs.TooLarge.over(
+                "member_too_large",
+                f"member {key}.{over[0]}",
+                members[over[0]].size,
+                "max_member_bytes",
+                make.limits.max_member_bytes,
+            )
             return [make.broken(offset, problem.reason, str(problem))]
         text = members.get(f["text"]) if "text" in f else None
         image = next((members[e] for e in image_exts if e in members), None)
@@ -475,23 +597,44 @@ def _read_webdataset(unit: Unit) -> Iterator[dict[str, Any]]:
             else:
                 meta["meta_unparsed"] = True
         if doubled:
-            return [make.row(offset, text=text, image=image, meta=meta, reason="malformed_row",
-                             detail=f"{unit.uri}#{offset}: sample '{key}' has more than one "
-                                    f"{'/'.join(sorted(set(doubled)))} member: which one is meant is ambiguous")]
+            return [
+                make.row(
+                    offset,
+                    text=text,
+                    image=image,
+                    meta=meta,
+                    reason="malformed_row",
+                    detail=f"{unit.uri}#{offset}: sample '{key}' has more than one "
+                    f"{'/'.join(sorted(set(doubled)))} member: which one is meant is ambiguous",
+                )
+            ]
         if unit.modality != "video":
             return [make.row(offset, text=text, image=image, meta=meta)]
         ext = next((e for e in video_exts if e in members), None)
         if ext is None:
-            return [make.row(offset, text=text, meta=meta, reason="missing_video_file",
-                             detail=f"{unit.uri}#{offset}: sample '{key}' has no "
-                                    f"{'/'.join(video_exts)} member (it has: {', '.join(sorted(members))})")]
+            return [
+                make.row(
+                    offset,
+                    text=text,
+                    meta=meta,
+                    reason="missing_video_file",
+                    detail=f"{unit.uri}#{offset}: sample '{key}' has no "
+                    f"{'/'.join(video_exts)} member (it has: {', '.join(sorted(members))})",
+                )
+            ]
         # The row points at the member; its frames are sampled from the bytes in hand.
-        return make.rows(offset, text=text, meta=meta, video=f"{unit.uri}#{key}.{ext}", video_bytes=members[ext])
+        return make.rows(
+            offset, text=text, meta=meta, video=f"{unit.uri}#{key}.{ext}", video_bytes=members[ext]
+        )
 
     def stray() -> dict[str, Any]:
         names = ", ".join(repr(_printable(n)) for n in strays[:3]) + (", ..." if len(strays) > 3 else "")
-        return make.broken(offset, "malformed_row", f"{len(strays)} member(s) with no extension belong to no "
-                                                    f"sample (WebDataset names members <key>.<ext>): {names}")
+        return make.broken(
+            offset,
+            "malformed_row",
+            f"{len(strays)} member(s) with no extension belong to no "
+            f"sample (WebDataset names members <key>.<ext>): {names}",
+        )
 
     try:
         with cfs.open_input(unit.uri) as stream:
@@ -544,14 +687,16 @@ def _open_parquet(unit: Unit):
     return handle, pf, list(range(unit.rg_start, stop)), offset
 
 
-def _parquet_batches(make: _RowMaker, handle, pf: pq.ParquetFile, groups: list[int], offset: int,
-                     **kw: Any) -> Iterator[tuple[int, pa.RecordBatch | dict[str, Any]]]:
+def _parquet_batches(
+    make: _RowMaker, handle, pf: pq.ParquetFile, groups: list[int], offset: int, **kw: Any
+) -> Iterator[tuple[int, pa.RecordBatch | dict[str, Any]]]:
     """``(offset of its first row, record batch)`` over the unit's row groups; for each row of a row group
     that may hold a value over ``limits.max_value_bytes``, ``(offset, reject)`` instead: that row group is
     never decompressed."""
     limit, local = make.limits.max_value_bytes, not cfs.is_uri(make.unit.uri)
-    too_large = {rg: why for rg in groups
-                 if (why := _too_large(handle, pf.metadata.row_group(rg), limit, local))}
+    too_large = {
+        rg: why for rg in groups if (why := _too_large(handle, pf.metadata.row_group(rg), limit, local))
+    }
     run: list[int] = []  # row groups read together, so that batches span them as before
     for rg in [*groups, None]:
         if rg is not None and rg not in too_large:
@@ -583,8 +728,10 @@ def _too_large(handle, group, limit: int, local: bool) -> str | None:
                 continue
             return f"column '{column.path_in_schema}' claims {claimed:,} bytes uncompressed, and {e}"
         if page > limit:
-            return (f"column '{column.path_in_schema}' has a page of {page:,} bytes uncompressed, over "
-                    f"limits.max_value_bytes ({limit:,}): raise it in the recipe to read it")
+            return (
+                f"column '{column.path_in_schema}' has a page of {page:,} bytes uncompressed, over "
+                f"limits.max_value_bytes ({limit:,}): raise it in the recipe to read it"
+            )
     return None
 
 
@@ -598,8 +745,11 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
     handle, pf, groups, offset = opened
     with handle:
         mapped = {f.get(k) for k in ("text", "image", "texts", "images", "video")} - {None}
-        meta_cols = [c for c in pf.schema_arrow.names if c not in mapped
-                     and not pa.types.is_binary(pf.schema_arrow.field(c).type)]
+        meta_cols = [
+            c
+            for c in pf.schema_arrow.names
+            if c not in mapped and not pa.types.is_binary(pf.schema_arrow.field(c).type)
+        ]
         try:
             for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=1024):
                 if isinstance(batch, dict):  # a reject
@@ -613,17 +763,27 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
 
 
-def _parquet_rows(make: _RowMaker, f: dict, cols: dict, meta_cols: list[str], i: int, offset: int) -> list[dict]:
+def _parquet_rows(
+    make: _RowMaker, f: dict, cols: dict, meta_cols: list[str], i: int, offset: int
+) -> list[dict]:
     meta = {c: cols[c][i] for c in meta_cols if cols[c][i] is not None}
     images = _col(cols, f.get("images"), i)
     video, video_bytes = _video_value(_col(cols, f.get("video"), i), make.unit.uri, offset)
-    return make.rows(offset, text=_col(cols, f.get("text"), i), image=_image_bytes(_col(cols, f.get("image"), i)),
-                     texts=_col(cols, f.get("texts"), i),
-                     images=[_image_bytes(x) for x in images] if images is not None else None, meta=meta,
-                     video=video, video_bytes=video_bytes)
+    return make.rows(
+        offset,
+        text=_col(cols, f.get("text"), i),
+        image=_image_bytes(_col(cols, f.get("image"), i)),
+        texts=_col(cols, f.get("texts"), i),
+        images=[_image_bytes(x) for x in images] if images is not None else None,
+        meta=meta,
+        video=video,
+        video_bytes=video_bytes,
+    )
 
 
-_POOL_COLUMNS = [f.name for f in ROW_SCHEMA if f.name not in ("reject_stage", "reject_reason", "reject_detail")]
+_POOL_COLUMNS = [
+    f.name for f in ROW_SCHEMA if f.name not in ("reject_stage", "reject_reason", "reject_detail")
+]
 
 
 def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
@@ -637,13 +797,18 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
     with handle:
         names = pf.schema_arrow.names
         if "id" not in names or "modality" not in names:
-            yield make.broken(0, "unreadable_file", "not a pool shard (no 'id' and 'modality' columns); "
-                              "read it with format: parquet and a modality instead")
+            yield make.broken(
+                0,
+                "unreadable_file",
+                "not a pool shard (no 'id' and 'modality' columns); "
+                "read it with format: parquet and a modality instead",
+            )
             return
         columns = [c for c in _POOL_COLUMNS if c in names]
         try:
-            for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=256,
-                                                  columns=columns):
+            for offset, batch in _parquet_batches(
+                make, handle, pf, groups, offset, batch_size=256, columns=columns
+            ):
                 if isinstance(batch, dict):  # a reject
                     yield batch
                     continue
@@ -657,8 +822,13 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
                     row["source_uri"] = row["source_uri"] or unit.uri
                     if row.get("source_offset") is None:
                         row["source_offset"] = offset
-                    row.update(source=row.get("source") or unit.source, reject_stage=None, reject_reason=None,
-                               reject_detail=None, _offset=offset)
+                    row.update(
+                        source=row.get("source") or unit.source,
+                        reject_stage=None,
+                        reject_reason=None,
+                        reject_detail=None,
+                        _offset=offset,
+                    )
                     yield row
                     offset += 1
         except Exception as e:
@@ -673,8 +843,10 @@ def _pool_row_problem(row: dict[str, Any]) -> str | None:
     or ``a.b`` must not pass), and a modality no stage knows would slip past every filter."""
     rid, modality = row.get("id"), row.get("modality")
     if not isinstance(rid, str) or not _POOL_ID.fullmatch(rid):
-        return (f"id {str(rid)[:80]!r} is not a row id (1 to 64 letters, digits, '_' or '-': it names the "
-                "sample's members in WebDataset shards)")
+        return (
+            f"id {str(rid)[:80]!r} is not a row id (1 to 64 letters, digits, '_' or '-': it names the "
+            "sample's members in WebDataset shards)"
+        )
     if modality not in MODALITIES:
         return f"modality {str(modality)[:80]!r} is not one of {', '.join(MODALITIES)}"
     return None
@@ -754,7 +926,9 @@ def _read_jsonl(unit: Unit) -> Iterator[dict[str, Any]]:
             yield from make.guarded(offset, _jsonl_rows, make, f, base, offset, obj, bad, raw=raw)
 
 
-def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None) -> list[dict]:
+def _jsonl_rows(
+    make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad_text: str | None
+) -> list[dict]:
     unit = make.unit
     mapped = {f.get(k) for k in ("text", "image", "texts", "images", "video")}
     meta = {k: v for k, v in obj.items() if k not in mapped}
@@ -792,8 +966,17 @@ def _jsonl_rows(make: _RowMaker, f: dict, base: str, offset: int, obj: dict, bad
     video = obj.get(f["video"]) if "video" in f else None
     if video is not None and not isinstance(video, str):
         raise TypeError(f"'{f['video']}' must be a path or URI, got {type(video).__name__}")
-    return make.rows(offset, text=text, image=image, texts=texts, images=images, meta=meta, reason=reason,
-                     detail=detail, video=video)
+    return make.rows(
+        offset,
+        text=text,
+        image=image,
+        texts=texts,
+        images=images,
+        meta=meta,
+        reason=reason,
+        detail=detail,
+        video=video,
+    )
 
 
 # ---------------------------------------------------------------- SFT conversations (sharegpt, qa)
@@ -822,10 +1005,23 @@ def _sft_row(make: _RowMaker, convert, record: dict, offset: int) -> list[dict[s
     except coldstart.ConversionError as e:
         return [make.broken(offset, e.reason, e.detail, _raw_record(record))]
     detail = f"{make.unit.uri}#{offset}: {why}" if reason else None
-    meta = {k: v for k, v in record.items()
-            if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))}
-    return [make.row(offset, messages=coldstart.dump_messages(conv.messages), mode=conv.mode,
-                     images=images or None, meta=meta, video=conv.video or None, reason=reason, detail=detail)]
+    meta = {
+        k: v
+        for k, v in record.items()
+        if k not in conv.used and v is not None and not isinstance(v, (bytes, bytearray))
+    }
+    return [
+        make.row(
+            offset,
+            messages=coldstart.dump_messages(conv.messages),
+            mode=conv.mode,
+            images=images or None,
+            meta=meta,
+            video=conv.video or None,
+            reason=reason,
+            detail=detail,
+        )
+    ]
 
 
 def _resolve(base: str, ref: str) -> str:
@@ -849,8 +1045,10 @@ def _load_images(references: list[Any], make: _RowMaker) -> tuple[list[bytes | N
         data = coldstart.image_bytes(ref)
         path = coldstart.image_path(ref) if data is None else None
         if data is None and path is None:
-            raise coldstart.ConversionError("malformed_row", f"an image reference must be bytes, a path or "
-                                                             f"a data URI, got {type(ref).__name__}")
+            raise coldstart.ConversionError(
+                "malformed_row",
+                f"an image reference must be bytes, a path or a data URI, got {type(ref).__name__}",
+            )
         if path is not None:
             try:
                 data = make.read(path)
@@ -890,7 +1088,11 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
                         yield offset, record, None
                         offset += 1
             except Exception as e:  # a corrupt page: report where, keep what was read
-                yield offset, None, make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
+                yield (
+                    offset,
+                    None,
+                    make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}"),
+                )
         return
     try:
         if unit.uri.endswith(".json"):
@@ -914,8 +1116,16 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
             if isinstance(record, dict):
                 yield offset, record, None
             else:
-                yield offset, None, make.broken(offset, "malformed_row", f"expected a JSON object, got "
-                                                f"{type(record).__name__}", _raw_record(record))
+                yield (
+                    offset,
+                    None,
+                    make.broken(
+                        offset,
+                        "malformed_row",
+                        f"expected a JSON object, got {type(record).__name__}",
+                        _raw_record(record),
+                    ),
+                )
         return
     with stream:
         for offset, obj, bad, raw in _json_lines(unit, stream):

@@ -42,7 +42,9 @@ from curation.secrets import redact
 
 REFUSED_REFERENCE = "refused_reference"
 REFUSED_SCHEME = "refused_scheme"
-SCHEMES = ("s3",)  # remote schemes a source may allow: each reads through a filesystem the environment configures
+SCHEMES = (
+    "s3",
+)  # remote schemes a source may allow: each reads through a filesystem the environment configures
 NEVER_LOCAL = ("/proc", "/sys", "/dev")  # pseudo file systems: a process's secrets, the kernel, devices
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 MAX_REF_CHARS = 4096  # PATH_MAX: a longer reference is not a path
@@ -76,7 +78,7 @@ def _under(path: str, root: str) -> bool:
 def normalize_root(root: str) -> str:
     """A root as policies compare against it: a local folder's real path, or ``s3://bucket/prefix``."""
     if _scheme(root) == "s3":
-        return "s3://" + posixpath.normpath(root[len("s3://"):]).strip("/")
+        return "s3://" + posixpath.normpath(root[len("s3://") :]).strip("/")
     root = root.removeprefix("file://")
     return os.path.realpath(os.path.expanduser(root))
 
@@ -104,8 +106,9 @@ class RefPolicy:
             raise RefusedReference(REFUSED_REFERENCE, "a path in a home folder (~): refused")
         if os.path.isabs(ref):
             if not self.allow_absolute:
-                raise RefusedReference(REFUSED_REFERENCE, "an absolute path: refused unless the source sets "
-                                                          "allow_absolute: true")
+                raise RefusedReference(
+                    REFUSED_REFERENCE, "an absolute path: refused unless the source sets allow_absolute: true"
+                )
             return self._check_local(ref)
         if cfs.is_uri(base):
             return self._resolve_uri(posixpath.join(base, ref), "s3", relative=True)
@@ -113,21 +116,31 @@ class RefPolicy:
 
     def _resolve_uri(self, uri: str, scheme: str, relative: bool = False) -> str:
         if scheme == "file":
-            raise RefusedReference(REFUSED_SCHEME, "a file:// URI: write a path relative to the source file "
-                                                   "instead (file:// is never allowed in rows)")
+            raise RefusedReference(
+                REFUSED_SCHEME,
+                "a file:// URI: write a path relative to the source file "
+                "instead (file:// is never allowed in rows)",
+            )
         if not relative and scheme not in self.schemes:
             allowed = ", ".join(f"{s}://" for s in self.schemes) or "none"
-            raise RefusedReference(REFUSED_SCHEME, f"the scheme {scheme}:// is not allowed for this source "
-                                                   f"(allowed: {allowed}; see the source's schemes:)")
-        rest = uri[len(scheme) + 3:] if uri[len(scheme):len(scheme) + 3] == "://" else None
+            raise RefusedReference(
+                REFUSED_SCHEME,
+                f"the scheme {scheme}:// is not allowed for this source "
+                f"(allowed: {allowed}; see the source's schemes:)",
+            )
+        rest = uri[len(scheme) + 3 :] if uri[len(scheme) : len(scheme) + 3] == "://" else None
         if rest is None or not rest:
             raise RefusedReference(REFUSED_SCHEME, f"not a {scheme}://bucket/key URI")
         if any(c in rest for c in "?#@\\"):
-            raise RefusedReference(REFUSED_SCHEME, "a URI with a query string, fragment, user info or backslash: "
-                                                   "rows may not pass options to a file system")
+            raise RefusedReference(
+                REFUSED_SCHEME,
+                "a URI with a query string, fragment, user info or backslash: "
+                "rows may not pass options to a file system",
+            )
         if not relative and not self.allow_absolute:
-            raise RefusedReference(REFUSED_REFERENCE, "a full URI: refused unless the source sets allow_absolute: "
-                                                      "true")
+            raise RefusedReference(
+                REFUSED_REFERENCE, "a full URI: refused unless the source sets allow_absolute: true"
+            )
         parts = rest.split("/")
         if ".." in parts:
             raise RefusedReference(REFUSED_REFERENCE, "'..' in a URI")
@@ -139,8 +152,9 @@ class RefPolicy:
     def _check_local(self, path: str) -> str:
         real = os.path.realpath(path)
         if any(_under(real, p) for p in NEVER_LOCAL):
-            raise RefusedReference(REFUSED_REFERENCE, f"resolves to {shown(real)}: /proc, /sys and /dev are never "
-                                                      "read")
+            raise RefusedReference(
+                REFUSED_REFERENCE, f"resolves to {shown(real)}: /proc, /sys and /dev are never read"
+            )
         if not any(_under(real, r) for r in self.roots if not r.startswith("s3://")):
             raise RefusedReference(REFUSED_REFERENCE, self._outside(symlink=real != os.path.abspath(path)))
         return real
@@ -148,8 +162,10 @@ class RefPolicy:
     def _outside(self, symlink: bool = False) -> str:
         how = "through a symlink " if symlink else ""
         roots = ", ".join(self.roots[:3]) + (", ..." if len(self.roots) > 3 else "")
-        return (f"resolves {how}outside the source's roots ({roots}): add its folder to the source's media_roots "
-                f"if it is meant")
+        return (
+            f"resolves {how}outside the source's roots ({roots}): add its folder to the source's media_roots "
+            f"if it is meant"
+        )
 
     def read(self, ref: object, base: str, limit: int | None = None) -> tuple[str, bytes]:
         """``(resolved location, bytes)`` of a reference, read only where :meth:`resolve` allows."""
@@ -185,9 +201,17 @@ def read_regular(path: str, limit: int | None = None) -> bytes:
         return data
 
 
-def policy(uri: str, roots: list[str] | tuple[str, ...] = (), allow_absolute: bool = False,
-           schemes: list[str] | tuple[str, ...] = SCHEMES, extra: tuple[str, ...] = ()) -> RefPolicy:
+def policy(
+    uri: str,
+    roots: list[str] | tuple[str, ...] = (),
+    allow_absolute: bool = False,
+    schemes: list[str] | tuple[str, ...] = SCHEMES,
+    extra: tuple[str, ...] = (),
+) -> RefPolicy:
     """The policy for rows of the file ``uri``: its folder, ``roots`` and ``extra`` (already absolute) roots."""
     folder = cfs.dirname(uri)
-    return RefPolicy(tuple(dict.fromkeys(normalize_root(r) for r in (folder, *extra, *roots))),
-                     allow_absolute, tuple(schemes))
+    return RefPolicy(
+        tuple(dict.fromkeys(normalize_root(r) for r in (folder, *extra, *roots))),
+        allow_absolute,
+        tuple(schemes),
+    )

@@ -50,15 +50,16 @@ def _pax_path(data: bytes) -> bytes | None:
         length = data[pos:space]
         if not length.isdigit() or not space < pos + int(length) <= len(data):
             raise TarError(f"a pax record has a bad length ({length[:20]!r}): the archive is damaged")
-        key, _, value = data[space + 1: pos + int(length) - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + int(length) - 1].partition(b"=")
         if key == b"path":
             path = value
         pos += int(length)
     return path
 
 
-def iter_tar(stream: BinaryIO, chunk: int = 1 << 20,
-             max_member: int | None = None) -> Iterator[tuple[str, bytes | Skipped]]:
+def iter_tar(
+    stream: BinaryIO, chunk: int = 1 << 20, max_member: int | None = None
+) -> Iterator[tuple[str, bytes | Skipped]]:
     """Yield ``(name, data)`` for every regular file of the tar ``stream``, in archive order. A member whose
     header declares more than ``max_member`` bytes is read past, never held, and comes as :class:`Skipped`.
 
@@ -77,7 +78,7 @@ def iter_tar(stream: BinaryIO, chunk: int = 1 << 20,
                 parts.append(more)
                 have += len(more)
             buf, pos = b"".join(parts), 0
-        out = buf[pos:pos + n]
+        out = buf[pos : pos + n]
         pos += n
         return out
 
@@ -108,8 +109,9 @@ def iter_tar(stream: BinaryIO, chunk: int = 1 << 20,
         kind = header[156:157]
         # Only what is used is held: a regular member within the limit, a long name. The rest (folders, links,
         # devices, a member over the limit) is read past, whatever size its header declares.
-        wanted = ((kind in _REGULAR and (max_member is None or size <= max_member))
-                  or (kind in (b"L", b"x") and size <= _MAX_NAME))
+        wanted = (kind in _REGULAR and (max_member is None or size <= max_member)) or (
+            kind in (b"L", b"x") and size <= _MAX_NAME
+        )
         data = take(size) if wanted else Skipped(size)
         if not wanted:
             skip(size)

@@ -65,8 +65,17 @@ from PIL import Image
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["Shot", "VideoError", "VideoFrames", "VideoInfo", "VideoReader", "VideoSource", "probe", "sample_frames",
-           "sample_shots"]
+__all__ = [
+    "Shot",
+    "VideoError",
+    "VideoFrames",
+    "VideoInfo",
+    "VideoReader",
+    "VideoSource",
+    "probe",
+    "sample_frames",
+    "sample_shots",
+]
 
 #: A local path, the file's bytes, or a binary file object (an open S3 object, say).
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
@@ -75,7 +84,6 @@ MAX_SIDE_LIMIT = 16_384  # a frame side above this is rejected before decoding (
 _EPS = 1e-3  # seconds: timestamps are rationals, sampling times floats
 # still-image demuxers: FFmpeg opens a JPEG as a one-frame "video"; here that is not a video
 _IMAGE_FORMATS = ("image2", "_pipe", "apng")
-
 
 
 #: Sampled frames' sides are multiples of this (the model's 14-pixel patches merged 2x2) unless told otherwise.
@@ -91,8 +99,9 @@ class VideoError(ValueError):
     (0 when the file could not be opened).
     """
 
-    def __init__(self, source: str, problem: str, *, frames_decoded: int = 0,
-                 seconds_decoded: float = 0.0) -> None:
+    def __init__(
+        self, source: str, problem: str, *, frames_decoded: int = 0, seconds_decoded: float = 0.0
+    ) -> None:
         super().__init__(f"{source}: {problem}")
         self.source = source
         self.problem = problem
@@ -171,8 +180,10 @@ def _mp4_problem(fh: IO[bytes]) -> str | None:
                 return f"MP4 box {kind_s!r} at offset {pos:,} has an invalid size {box_size}"
             if pos + box_size > size:
                 missing = "" if "moov" in boxes else ", and there is no 'moov' box (the index) before it"
-                return (f"truncated MP4: box {kind_s!r} at offset {pos:,} declares {box_size:,} bytes "
-                        f"but the file ends at {size:,}{missing}")
+                return (
+                    f"truncated MP4: box {kind_s!r} at offset {pos:,} declares {box_size:,} bytes "
+                    f"but the file ends at {size:,}{missing}"
+                )
             pos += box_size
         if "moov" not in boxes:
             return f"MP4 without a 'moov' box (the index); top-level boxes: {', '.join(boxes)}"
@@ -240,8 +251,11 @@ class VideoReader:
     def _header(self) -> tuple[Any, VideoInfo]:
         c = self.container
         fmt = c.format.name
-        videos = [s for s in c.streams.video
-                  if not (s.disposition & (av.stream.Disposition.attached_pic | av.stream.Disposition.still_image))]
+        videos = [
+            s
+            for s in c.streams.video
+            if not (s.disposition & (av.stream.Disposition.attached_pic | av.stream.Disposition.still_image))
+        ]
         if any(k in fmt for k in _IMAGE_FORMATS):
             raise VideoError(self.name, f"a still image ({fmt}), not a video")
         if not videos:
@@ -250,7 +264,9 @@ class VideoReader:
         s = videos[0]
         cc = s.codec_context
         if cc is None:  # a cut file whose stream header FFmpeg could not finish reading
-            raise VideoError(self.name, f"video stream without a decoder (container {fmt}): is the file cut short?")
+            raise VideoError(
+                self.name, f"video stream without a decoder (container {fmt}): is the file cut short?"
+            )
         w, h = cc.width, cc.height
         if w <= 0 or h <= 0:
             raise VideoError(self.name, f"video stream without a frame size ({cc.name})")
@@ -261,9 +277,16 @@ class VideoReader:
             w = max(1, round(w * float(sar)))
         duration = self._duration(s)
         rate = s.average_rate or s.guessed_rate
-        return s, VideoInfo(duration=duration, width=w, height=h, codec=cc.name,
-                            fps=float(rate) if rate else None, frames=s.frames or None, container=fmt,
-                            audio=bool(c.streams.audio))
+        return s, VideoInfo(
+            duration=duration,
+            width=w,
+            height=h,
+            codec=cc.name,
+            fps=float(rate) if rate else None,
+            frames=s.frames or None,
+            container=fmt,
+            audio=bool(c.streams.audio),
+        )
 
     def _duration(self, s: Any) -> float | None:
         """The video stream's duration; the container's only when nothing else could set it."""
@@ -289,16 +312,34 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def frames(self, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4, max_side: int = 384,
-               factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
-               timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
+    def frames(
+        self,
+        *,
+        fps: float = 1.0,
+        max_frames: int = 64,
+        min_frames: int = 4,
+        max_side: int = 384,
+        factor: int = FACTOR,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[float, Image.Image]]:
         """``(timestamp, RGB PIL image)`` of the sampled frames, one at a time, decoded in order.
 
         Parameters as in :func:`sample_frames`. Errors are raised as they are met, so frames may
         have been yielded before a :class:`VideoError` (a truncated file).
         """
-        return _frames(self, fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
-                       factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, timeout_s=timeout_s)
+        return _frames(
+            self,
+            fps=fps,
+            max_frames=max_frames,
+            min_frames=min_frames,
+            max_side=max_side,
+            factor=factor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            timeout_s=timeout_s,
+        )
 
 
 def probe(src: VideoSource, *, name: str | None = None) -> VideoInfo:
@@ -327,9 +368,14 @@ def _scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
-
-def frame_size(w: int, h: int, max_side: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
-               max_pixels: int | None = None) -> tuple[int, int]:
+def frame_size(
+    w: int,
+    h: int,
+    max_side: int,
+    factor: int = FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
     """The ``(width, height)`` a ``w`` x ``h`` video's frames are sampled at: scaled (never up) so that the
     longer side is ``max_side``, then each side rounded to the nearest multiple of ``factor`` with the area
     kept within ``[min_pixels, max_pixels]`` (Qwen2-VL's ``smart_resize``: what the model will resize the frame
@@ -343,14 +389,16 @@ def frame_size(w: int, h: int, max_side: int, factor: int = FACTOR, min_pixels: 
 
     sw, sh = _scaled_size(w, h, max_side)
     try:
-        return smart_resize(sw, sh, patch=max(1, factor), merge=1, min_pixels=min_pixels,
-                            max_pixels=max_pixels or MAX_PIXELS)
+        return smart_resize(
+            sw, sh, patch=max(1, factor), merge=1, min_pixels=min_pixels, max_pixels=max_pixels or MAX_PIXELS
+        )
     except ValueError as e:
         raise VideoError(f"cannot size frames of a {w}x{h} video: {e}") from None
 
 
-def _decode_in_order(o: VideoReader, want_more: Callable[[], bool],
-                     timeout_s: float | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+def _decode_in_order(
+    o: VideoReader, want_more: Callable[[], bool], timeout_s: float | None = None
+) -> Iterator[tuple[float, av.VideoFrame]]:
     """Every frame of the video stream, decoded in order, with its time in seconds from the stream's start.
 
     ``want_more()`` is asked after each packet: once it is false the remaining packets are read without
@@ -382,33 +430,56 @@ def _decode_in_order(o: VideoReader, want_more: Callable[[], bool],
                 reached = max(reached, t + frame_dt)
                 yield t, frame
             if deadline is not None and time.monotonic() > deadline:
-                raise VideoError(o.name, f"decoding took longer than {timeout_s:g} s (stopped after "
-                                         f"{_n(decoded, 'frame')}, {reached:.2f} s{_of(info)})",
-                                 frames_decoded=decoded, seconds_decoded=reached)
+                raise VideoError(
+                    o.name,
+                    f"decoding took longer than {timeout_s:g} s (stopped after "
+                    f"{_n(decoded, 'frame')}, {reached:.2f} s{_of(info)})",
+                    frames_decoded=decoded,
+                    seconds_decoded=reached,
+                )
             if not want_more():
                 break
         for packet in packets:
             if packet.pts is not None and origin is not None:
                 reached = max(reached, (packet.pts - origin + (packet.duration or 0)) * tb)
     except av.error.FFmpegError as e:
-        where = (f"after {_n(decoded, 'frame')} ({reached:.2f} s{_of(info)})" if decoded
-                 else "before the first frame")
-        raise VideoError(o.name, f"truncated or corrupt: decoding failed {where}: {_ffmpeg_message(e)}"
-                                 f"{_also(o.mp4_problem())}",
-                         frames_decoded=decoded, seconds_decoded=reached) from None
+        where = (
+            f"after {_n(decoded, 'frame')} ({reached:.2f} s{_of(info)})"
+            if decoded
+            else "before the first frame"
+        )
+        raise VideoError(
+            o.name,
+            f"truncated or corrupt: decoding failed {where}: {_ffmpeg_message(e)}{_also(o.mp4_problem())}",
+            frames_decoded=decoded,
+            seconds_decoded=reached,
+        ) from None
     if decoded == 0:
         raise VideoError(o.name, f"no decodable frame in the {info.codec} stream{_declared(info)}")
     d = info.duration
     if d and reached < d - max(0.5, 2 * frame_dt):
-        raise VideoError(o.name, f"truncated: the stream ends at {reached:.2f} s of the {d:.2f} s the "
-                                 f"header announces ({_n(decoded, 'frame')} decoded){_also(o.mp4_problem())}",
-                         frames_decoded=decoded, seconds_decoded=reached)
+        raise VideoError(
+            o.name,
+            f"truncated: the stream ends at {reached:.2f} s of the {d:.2f} s the "
+            f"header announces ({_n(decoded, 'frame')} decoded){_also(o.mp4_problem())}",
+            frames_decoded=decoded,
+            seconds_decoded=reached,
+        )
     o.reached = reached
 
 
-def _frames(o: VideoReader, *, fps: float, max_frames: int, min_frames: int, max_side: int,
-            factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
-            timeout_s: float | None = None) -> Iterator[tuple[float, Image.Image]]:
+def _frames(
+    o: VideoReader,
+    *,
+    fps: float,
+    max_frames: int,
+    min_frames: int,
+    max_side: int,
+    factor: int = FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int | None = None,
+    timeout_s: float | None = None,
+) -> Iterator[tuple[float, Image.Image]]:
     if fps <= 0 or max_frames <= 0 or max_side <= 0:
         raise ValueError("fps, max_frames and max_side must be positive")
     info = o.info
@@ -432,8 +503,21 @@ def _rgb(scaler: VideoReformatter, frame: av.VideoFrame, size: tuple[int, int]) 
 # ---------------------------------------------------------------- shots
 
 #: 8-bit pixel formats whose first plane is the luma (Y) plane at full size: read it without conversion.
-_LUMA_FIRST = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21",
-                         "gray", "yuv411p", "yuv440p"})
+_LUMA_FIRST = frozenset(
+    {
+        "yuv420p",
+        "yuvj420p",
+        "yuv422p",
+        "yuvj422p",
+        "yuv444p",
+        "yuvj444p",
+        "nv12",
+        "nv21",
+        "gray",
+        "yuv411p",
+        "yuv440p",
+    }
+)
 
 
 def _luma_thumb(frame: av.VideoFrame, small: tuple[int, int], scaler: VideoReformatter):
@@ -450,9 +534,12 @@ def _luma_thumb(frame: av.VideoFrame, small: tuple[int, int], scaler: VideoRefor
         w, h = frame.width, frame.height
         k = max(1, min(w // small[0], h // small[1]))
         y = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w]
-        return y[k // 2::k, k // 2::k].astype(np.float32)
-    return scaler.reformat(frame, width=small[0], height=small[1], format="gray",
-                           interpolation="AREA").to_ndarray()[:, :small[0]].astype(np.float32)
+        return y[k // 2 :: k, k // 2 :: k].astype(np.float32)
+    return (
+        scaler.reformat(frame, width=small[0], height=small[1], format="gray", interpolation="AREA")
+        .to_ndarray()[:, : small[0]]
+        .astype(np.float32)
+    )
 
 
 @dataclass
@@ -470,10 +557,22 @@ class Shot:
 SHOT_SIDE = 48  # greyscale thumbnails compared between consecutive frames
 
 
-def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, max_side: int = 384,
-                 factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int | None = None,
-                 quality: int = 90, threshold: float = 0.07, min_shot_s: float = 1.0, contrast: float = 3.0,
-                 name: str | None = None, timeout_s: float | None = None) -> tuple[VideoInfo, list[Shot]]:
+def sample_shots(
+    src: VideoSource,
+    *,
+    fps: float = 1.0,
+    max_frames: int = 64,
+    max_side: int = 384,
+    factor: int = FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int | None = None,
+    quality: int = 90,
+    threshold: float = 0.07,
+    min_shot_s: float = 1.0,
+    contrast: float = 3.0,
+    name: str | None = None,
+    timeout_s: float | None = None,
+) -> tuple[VideoInfo, list[Shot]]:
     """Split a video into shots at hard cuts and sample each shot's frames, in one in-order decode.
 
     Cut detection is content-based: every decoded frame is reduced to a small greyscale thumbnail (the luma
@@ -515,9 +614,12 @@ def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, ma
             nonlocal target
             t, frame, _, d = window[i]
             if i > 0:
-                if (d > threshold and t - shots[-1].start >= min_shot_s
-                        and (not recent or d > contrast * sum(recent) / len(recent))
-                        and (i + 1 >= len(window) or diff(window[i + 1][2], window[i - 1][2]) > threshold)):
+                if (
+                    d > threshold
+                    and t - shots[-1].start >= min_shot_s
+                    and (not recent or d > contrast * sum(recent) / len(recent))
+                    and (i + 1 >= len(window) or diff(window[i + 1][2], window[i - 1][2]) > threshold)
+                ):
                     shots[-1].end = t
                     shots.append(Shot(t, t, cut_score=round(d, 4)))
                     target = t
@@ -552,8 +654,11 @@ def sample_shots(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, ma
         shots[-1].ts += last.ts
     for shot in shots:
         if len(shot.frames) > max_frames:
-            keep = [round(i * (len(shot.frames) - 1) / (max_frames - 1)) for i in range(max_frames)] \
-                if max_frames > 1 else [0]
+            keep = (
+                [round(i * (len(shot.frames) - 1) / (max_frames - 1)) for i in range(max_frames)]
+                if max_frames > 1
+                else [0]
+            )
             shot.frames, shot.ts = [shot.frames[i] for i in keep], [shot.ts[i] for i in keep]
     return info, shots
 
@@ -571,7 +676,11 @@ def _upright(img: Image.Image, rotation: float | None) -> Image.Image:
     rot = round(rotation or 0) % 360
     if not rot:
         return img
-    quarter = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    quarter = {
+        90: Image.Transpose.ROTATE_90,
+        180: Image.Transpose.ROTATE_180,
+        270: Image.Transpose.ROTATE_270,
+    }
     return img.transpose(quarter[rot]) if rot in quarter else img.rotate(rot, expand=True)
 
 
@@ -580,15 +689,28 @@ def _of(info: VideoInfo) -> str:
 
 
 def _declared(info: VideoInfo) -> str:
-    parts = [f"{info.frames} frames" if info.frames else "", f"{info.duration:.2f} s" if info.duration else ""]
+    parts = [
+        f"{info.frames} frames" if info.frames else "",
+        f"{info.duration:.2f} s" if info.duration else "",
+    ]
     parts = [p for p in parts if p]
     return f" (header: {', '.join(parts)})" if parts else ""
 
 
-def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, min_frames: int = 4,
-                  max_side: int = 384, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
-                  max_pixels: int | None = None, quality: int = 90, name: str | None = None,
-                  timeout_s: float | None = None) -> VideoFrames:
+def sample_frames(
+    src: VideoSource,
+    *,
+    fps: float = 1.0,
+    max_frames: int = 64,
+    min_frames: int = 4,
+    max_side: int = 384,
+    factor: int = FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int | None = None,
+    quality: int = 90,
+    name: str | None = None,
+    timeout_s: float | None = None,
+) -> VideoFrames:
     """Sample frames of a video as JPEG bytes with absolute timestamps.
 
     ``src`` is a local path, the file's bytes or a binary file object; ``name`` labels it in error
@@ -599,16 +721,32 @@ def sample_frames(src: VideoSource, *, fps: float = 1.0, max_frames: int = 64, m
     """
     with VideoReader(src, name=name) as v:
         frames, ts = [], []
-        for t, img in v.frames(fps=fps, max_frames=max_frames, min_frames=min_frames, max_side=max_side,
-                               factor=factor, min_pixels=min_pixels, max_pixels=max_pixels, timeout_s=timeout_s):
+        for t, img in v.frames(
+            fps=fps,
+            max_frames=max_frames,
+            min_frames=min_frames,
+            max_side=max_side,
+            factor=factor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            timeout_s=timeout_s,
+        ):
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=quality)
             frames.append(buf.getvalue())
             ts.append(t)
         info = v.info
-        return VideoFrames(frames=frames, ts=ts, duration=info.duration, width=info.width,
-                           height=info.height, codec=info.codec, fps=info.fps, audio=info.audio,
-                           ext=container_ext(info))
+        return VideoFrames(
+            frames=frames,
+            ts=ts,
+            duration=info.duration,
+            width=info.width,
+            height=info.height,
+            codec=info.codec,
+            fps=info.fps,
+            audio=info.audio,
+            ext=container_ext(info),
+        )
 
 
 # ---------------------------------------------------------------- clips
@@ -637,9 +775,17 @@ class Clip:
     how: str
 
 
-def encode_clips(src: VideoSource, spans: list[tuple[float, float]], *, max_side: int | None = None,
-                 crf: int = 23, preset: str = "veryfast", name: str | None = None,
-                 timeout_s: float | None = None, copy: bool = True) -> list[Clip]:
+def encode_clips(
+    src: VideoSource,
+    spans: list[tuple[float, float]],
+    *,
+    max_side: int | None = None,
+    crf: int = 23,
+    preset: str = "veryfast",
+    name: str | None = None,
+    timeout_s: float | None = None,
+    copy: bool = True,
+) -> list[Clip]:
     """Each ``(start, end)`` span of the video (seconds, in order, not overlapping: shots) as its own MP4.
 
     * **Copied** when it can be (``copy``, no ``max_side`` scaling, an MP4-compatible codec): a span that starts
@@ -656,8 +802,18 @@ def encode_clips(src: VideoSource, spans: list[tuple[float, float]], *, max_side
             out[k] = Clip(data, "copy")
     todo = [k for k, c in enumerate(out) if c is None]
     if todo:
-        for k, data in zip(todo, _encode_spans(src, [spans[k] for k in todo], max_side=max_side, crf=crf,
-                                               preset=preset, name=name, timeout_s=timeout_s)):
+        for k, data in zip(
+            todo,
+            _encode_spans(
+                src,
+                [spans[k] for k in todo],
+                max_side=max_side,
+                crf=crf,
+                preset=preset,
+                name=name,
+                timeout_s=timeout_s,
+            ),
+        ):
             out[k] = Clip(data, "encode")
     return out  # type: ignore[return-value]
 
@@ -712,8 +868,16 @@ def _remux(stream, packets, offset: int) -> bytes:
     return buf.getvalue()
 
 
-def _encode_spans(src: VideoSource, spans: list[tuple[float, float]], *, max_side: int | None, crf: int,
-                  preset: str, name: str | None, timeout_s: float | None) -> list[bytes]:
+def _encode_spans(
+    src: VideoSource,
+    spans: list[tuple[float, float]],
+    *,
+    max_side: int | None,
+    crf: int,
+    preset: str,
+    name: str | None,
+    timeout_s: float | None,
+) -> list[bytes]:
     out: list[bytes] = [b""] * len(spans)
     with VideoReader(src, name=name) as v:
         info = v.info
@@ -752,7 +916,9 @@ def _encode_spans(src: VideoSource, spans: list[tuple[float, float]], *, max_sid
             container, stream, _ = enc
             f = scaler.reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA")
             f.pts, f.time_base = round((t - spans[k][0]) * rate), 1 / rate
-            container.mux(stream.encode(f))  # timeout_s bounds this too: the decoder's clock runs while we encode
+            container.mux(
+                stream.encode(f)
+            )  # timeout_s bounds this too: the decoder's clock runs while we encode
         finish()
     return out
 

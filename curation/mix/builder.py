@@ -99,17 +99,27 @@ def open_pools(recipe: MixRecipe) -> dict[str, PoolInfo]:
         try:
             manifest = json.loads(cfs.read_bytes(f"{root.rstrip('/')}/manifest.json"))
         except FileNotFoundError:
-            problems.append(f"{where}: no pool at {root} (no manifest.json; pools are folders written by "
-                            f"`curation run`)")
+            problems.append(
+                f"{where}: no pool at {root} (no manifest.json; pools are folders written by `curation run`)"
+            )
             continue
         except (OSError, ValueError) as e:
             problems.append(f"{where}: cannot read {root}/manifest.json: {e}")
             continue
-        shards = [{"path": f"{root.rstrip('/')}/{s['parquet']['path']}", "rows": s["rows"],
-                   "sha256": s["parquet"]["sha256"]} for s in manifest.get("shards", []) if "parquet" in s]
+        shards = [
+            {
+                "path": f"{root.rstrip('/')}/{s['parquet']['path']}",
+                "rows": s["rows"],
+                "sha256": s["parquet"]["sha256"],
+            }
+            for s in manifest.get("shards", [])
+            if "parquet" in s
+        ]
         if manifest.get("shards") and not shards:
-            problems.append(f"{where}: the pool at {root} has no Parquet shards (written with formats: "
-                            f"[webdataset]); mixing reads the Parquet shards: rerun the pool with parquet")
+            problems.append(
+                f"{where}: the pool at {root} has no Parquet shards (written with formats: "
+                f"[webdataset]); mixing reads the Parquet shards: rerun the pool with parquet"
+            )
             continue
         schema = ROW_SCHEMA
         if shards:
@@ -120,8 +130,9 @@ def open_pools(recipe: MixRecipe) -> dict[str, PoolInfo]:
             except (OSError, pa.ArrowInvalid) as e:
                 problems.append(f"{where}: cannot read shard {shards[0]['path']}: {e}")
                 continue
-        pools[name] = PoolInfo(name, root, shards, schema, manifest.get("recipe_hash"),
-                               sum(s["rows"] for s in shards))
+        pools[name] = PoolInfo(
+            name, root, shards, schema, manifest.get("recipe_hash"), sum(s["rows"] for s in shards)
+        )
     if not problems:
         _check_columns(recipe, pools, problems)
     if problems:
@@ -136,16 +147,22 @@ def _check_columns(recipe: MixRecipe, pools: dict[str, PoolInfo], problems: list
             schema = pools[src.pool].schema
             for col in _where_columns(src):
                 if col not in schema.names:
-                    problems.append(f"{where}.where: column '{col}' is not in pool '{src.pool}' (its columns: "
-                                    f"{', '.join(n for n in schema.names if n not in ROW_SCHEMA.names) or 'none'} "
-                                    f"besides the row schema's)")
+                    problems.append(
+                        f"{where}.where: column '{col}' is not in pool '{src.pool}' (its columns: "
+                        f"{', '.join(n for n in schema.names if n not in ROW_SCHEMA.names) or 'none'} "
+                        f"besides the row schema's)"
+                    )
             if src.prefer is not None:
                 if src.prefer not in schema.names:
                     problems.append(f"{where}.prefer: column '{src.prefer}' is not in pool '{src.pool}'")
-                elif not (pa.types.is_integer(schema.field(src.prefer).type)
-                          or pa.types.is_floating(schema.field(src.prefer).type)):
-                    problems.append(f"{where}.prefer: column '{src.prefer}' is {schema.field(src.prefer).type}, "
-                                    f"not a number")
+                elif not (
+                    pa.types.is_integer(schema.field(src.prefer).type)
+                    or pa.types.is_floating(schema.field(src.prefer).type)
+                ):
+                    problems.append(
+                        f"{where}.prefer: column '{src.prefer}' is {schema.field(src.prefer).type}, "
+                        f"not a number"
+                    )
 
 
 def _where_columns(src: MixSource) -> list[str]:
@@ -170,13 +187,32 @@ class Selector:
 
 
 def _selectors(recipe: MixRecipe, pool_index: dict[str, int]) -> list[Selector]:
-    return [Selector(f"{m.name}/{s}", src.pool, src.modality, src.mode, src.where, src.prefer, pool_index[src.pool],
-                     tuple(_where_columns(src)))
-            for m in recipe.mixtures for s, src in m.sources.items()]
+    return [
+        Selector(
+            f"{m.name}/{s}",
+            src.pool,
+            src.modality,
+            src.mode,
+            src.where,
+            src.prefer,
+            pool_index[src.pool],
+            tuple(_where_columns(src)),
+        )
+        for m in recipe.mixtures
+        for s, src in m.sources.items()
+    ]
 
 
-def count_shard(path: str, pool_index: int, shard_index: int, selectors: list[Selector], tokenizer: Tokenizer,
-                vision: VisionConfig, batch_rows: int, markup: Markup | None = None) -> pa.Table:
+def count_shard(
+    path: str,
+    pool_index: int,
+    shard_index: int,
+    selectors: list[Selector],
+    tokenizer: Tokenizer,
+    vision: VisionConfig,
+    batch_rows: int,
+    markup: Markup | None = None,
+) -> pa.Table:
     """Per-row token counts and selector flags of one pool shard (what the plan needs, nothing more).
 
     Columns: pool, shard, row, id, source, modality, mode, text_tokens, visual_tokens, tokens, error,
@@ -192,16 +228,34 @@ def count_shard(path: str, pool_index: int, shard_index: int, selectors: list[Se
         out, start = [], 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             table = pa.Table.from_batches([batch])
-            out.append(_count_table(table, start, pool_index, shard_index, selectors, tokenizer, vision, markup))
+            out.append(
+                _count_table(table, start, pool_index, shard_index, selectors, tokenizer, vision, markup)
+            )
             start += table.num_rows
     if not out:
-        return _count_table(pa.table({c: pa.array([], ROW_SCHEMA.field(c).type) for c in _ALWAYS}), 0,
-                            pool_index, shard_index, selectors, tokenizer, vision, markup)
+        return _count_table(
+            pa.table({c: pa.array([], ROW_SCHEMA.field(c).type) for c in _ALWAYS}),
+            0,
+            pool_index,
+            shard_index,
+            selectors,
+            tokenizer,
+            vision,
+            markup,
+        )
     return pa.concat_tables(out)
 
 
-def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int, selectors: list[Selector],
-                 tokenizer: Tokenizer, vision: VisionConfig, markup: Markup | None) -> pa.Table:
+def _count_table(
+    table: pa.Table,
+    start: int,
+    pool_index: int,
+    shard_index: int,
+    selectors: list[Selector],
+    tokenizer: Tokenizer,
+    vision: VisionConfig,
+    markup: Markup | None,
+) -> pa.Table:
     n = table.num_rows
     errors: list[str | None] = [None] * n
     try:
@@ -224,12 +278,19 @@ def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int,
     }
     for c in _ALWAYS:
         cols[c] = table.column(c) if c in table.column_names else pa.nulls(n, pa.string())
-    cols.update(text_tokens=pa.array(counts["text_tokens"]), visual_tokens=pa.array(counts["visual_tokens"]),
-                tokens=pa.array(counts["total"]), error=pa.array(errors, pa.string()))
+    cols.update(
+        text_tokens=pa.array(counts["text_tokens"]),
+        visual_tokens=pa.array(counts["visual_tokens"]),
+        tokens=pa.array(counts["total"]),
+        error=pa.array(errors, pa.string()),
+    )
     # media stay out of polars unless a predicate reads them ("images IS NOT NULL")
     wanted = {c for s in selectors if s.pool_index == pool_index for c in s.columns}
-    df = pl.from_arrow(table.drop_columns([c for c in ("image", "images", "frames")
-                                           if c in table.column_names and c not in wanted]))
+    df = pl.from_arrow(
+        table.drop_columns(
+            [c for c in ("image", "images", "frames") if c in table.column_names and c not in wanted]
+        )
+    )
     for i, s in enumerate(selectors):
         if s.pool_index != pool_index:
             cols[f"sel{i}"] = pa.array(np.zeros(n, bool))
@@ -243,20 +304,32 @@ def _count_table(table: pa.Table, start: int, pool_index: int, shard_index: int,
         if s.where:
             cond = cond & pl.sql_expr(s.where)
         # with_columns broadcasts a bare literal (a selector with no condition) to every row
-        mask = df.with_columns(cond.fill_null(False).alias("__m"))["__m"].to_numpy() if n else np.zeros(0, bool)
+        mask = (
+            df.with_columns(cond.fill_null(False).alias("__m"))["__m"].to_numpy() if n else np.zeros(0, bool)
+        )
         cols[f"sel{i}"] = pa.array(np.asarray(mask, bool))
-        cols[f"pref{i}"] = (table.column(s.prefer).cast(pa.float64()) if s.prefer else pa.nulls(n, pa.float64()))
+        cols[f"pref{i}"] = (
+            table.column(s.prefer).cast(pa.float64()) if s.prefer else pa.nulls(n, pa.float64())
+        )
     return pa.table(cols)
 
 
-def _count_batch(batch: dict[str, np.ndarray], selectors: list[Selector], tokenizer_path: str,
-                 allow_download: bool, vision: VisionConfig, markup: Markup, batch_rows: int) -> dict[str, np.ndarray]:
+def _count_batch(
+    batch: dict[str, np.ndarray],
+    selectors: list[Selector],
+    tokenizer_path: str,
+    allow_download: bool,
+    vision: VisionConfig,
+    markup: Markup,
+    batch_rows: int,
+) -> dict[str, np.ndarray]:
     tokenizer = Tokenizer.load(tokenizer_path, allow_download=allow_download)
     tables = []
     for item in batch["item"]:
         it = json.loads(item)
-        tables.append(count_shard(it["path"], it["pool"], it["shard"], selectors, tokenizer, vision, batch_rows,
-                                  markup))
+        tables.append(
+            count_shard(it["path"], it["pool"], it["shard"], selectors, tokenizer, vision, batch_rows, markup)
+        )
     sink = pa.BufferOutputStream()
     table = pa.concat_tables(tables)
     with pa.ipc.new_stream(sink, table.schema) as w:
@@ -315,8 +388,9 @@ def take_to_target(cost: np.ndarray, order: np.ndarray, target: int) -> tuple[np
     return np.concatenate(picked), target - left
 
 
-def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], seed: int
-                 ) -> tuple[list[SourcePlan], list[str]]:
+def plan_mixture(
+    mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], seed: int
+) -> tuple[list[SourcePlan], list[str]]:
     """Targets and selected rows per source; returns (plans, problems). No problem means it fits."""
     problems: list[str] = []
     plans: list[SourcePlan] = []
@@ -326,7 +400,9 @@ def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], 
         matched = counts.filter(pl.col(f"sel{i}"))
         bad = int((matched["tokens"] < 0).sum())
         cand = matched.filter(pl.col("tokens") > 0)
-        cost = np.ones(cand.height, np.int64) if unit == "rows" else cand["tokens"].to_numpy().astype(np.int64)
+        cost = (
+            np.ones(cand.height, np.int64) if unit == "rows" else cand["tokens"].to_numpy().astype(np.int64)
+        )
         plans.append(SourcePlan(sname, src, cand.height, bad, int(cost.sum())))
 
     # Targets
@@ -336,8 +412,10 @@ def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], 
     fixed = [p for p in plans if p.spec.budget is not None]
     for p in plans:
         if p.available == 0:
-            problems.append(f"{where}.sources.{p.name}: no rows of pool '{p.spec.pool}' match "
-                            f"({_describe_selector(p.spec)}); check modality/mode/where")
+            problems.append(
+                f"{where}.sources.{p.name}: no rows of pool '{p.spec.pool}' match "
+                f"({_describe_selector(p.spec)}); check modality/mode/where"
+            )
     if problems:
         return plans, problems
     if mix.budget is None:  # auto: the largest mixture that keeps the proportions and fits every source
@@ -359,17 +437,21 @@ def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], 
             p.target = t
     for p in plans:
         if p.target <= 0:
-            problems.append(f"{where}.sources.{p.name}: its share comes to 0 {unit}; raise its weight or the budget")
+            problems.append(
+                f"{where}.sources.{p.name}: its share comes to 0 {unit}; raise its weight or the budget"
+            )
         elif p.target > p.available and not p.spec.upsample:
             problems.append(
                 f"{where}.sources.{p.name}: needs {p.target:,} {unit} but pool '{p.spec.pool}' gives {p.available:,} "
                 f"in {p.candidates:,} rows ({_describe_selector(p.spec)}); set upsample: true to repeat rows, "
-                f"lower the budget, or use budget: auto")
+                f"lower the budget, or use budget: auto"
+            )
         elif p.target > capacity[p.name] + 1e-9:
             problems.append(
                 f"{where}.sources.{p.name}: needs {p.target:,} {unit}, {p.target / p.available:.2f} passes over "
                 f"pool '{p.spec.pool}' ({p.available:,} {unit}), more than max_epochs {p.spec.max_epochs:g}; "
-                f"raise max_epochs, lower the budget, or use budget: auto")
+                f"raise max_epochs, lower the budget, or use budget: auto"
+            )
     if problems:
         return plans, problems
 
@@ -378,7 +460,11 @@ def plan_mixture(mix: Mixture, counts: pl.DataFrame, sel_index: dict[str, int], 
         i = sel_index[f"{mix.name}/{p.name}"]
         idx = np.flatnonzero((counts[f"sel{i}"].to_numpy()) & (counts["tokens"].to_numpy() > 0))
         ids = counts["id"].to_numpy()[idx].tolist()
-        cost = np.ones(len(idx), np.int64) if unit == "rows" else counts["tokens"].to_numpy()[idx].astype(np.int64)
+        cost = (
+            np.ones(len(idx), np.int64)
+            if unit == "rows"
+            else counts["tokens"].to_numpy()[idx].astype(np.int64)
+        )
         pref = counts[f"pref{i}"].to_numpy()[idx] if p.spec.prefer else None
         full, left = divmod(p.target, p.available)
         p.full_epochs = full
@@ -419,25 +505,45 @@ def _describe_selector(src: MixSource) -> str:
     return ", ".join(parts) or "all rows"
 
 
-def selection_table(mix: Mixture, plans: list[SourcePlan], counts: pl.DataFrame, seed: int,
-                    shard_rows: int) -> pl.DataFrame:
+def selection_table(
+    mix: Mixture, plans: list[SourcePlan], counts: pl.DataFrame, seed: int, shard_rows: int
+) -> pl.DataFrame:
     """Every selected (row, epoch) in output order, with its output shard and unique key."""
     parts = []
     for p in plans:
         for epoch, rows in enumerate(p.rows):
-            parts.append(counts[rows].select("pool", "shard", "row", "id", "source", "modality", "mode",
-                                             "text_tokens", "visual_tokens", "tokens")
-                         .with_columns(mix_source=pl.lit(p.name), mix_epoch=pl.lit(epoch, pl.Int32)))
+            parts.append(
+                counts[rows]
+                .select(
+                    "pool",
+                    "shard",
+                    "row",
+                    "id",
+                    "source",
+                    "modality",
+                    "mode",
+                    "text_tokens",
+                    "visual_tokens",
+                    "tokens",
+                )
+                .with_columns(mix_source=pl.lit(p.name), mix_epoch=pl.lit(epoch, pl.Int32))
+            )
     sel = pl.concat(parts)
     salts = [f"{seed}/{mix.name}/shuffle/{s}/{e}/" for s, e in zip(sel["mix_source"], sel["mix_epoch"])]
-    keys = np.fromiter((xxhash.xxh3_64_intdigest(s.encode() + i.encode()) for s, i in zip(salts, sel["id"])),
-                       np.uint64, sel.height)
+    keys = np.fromiter(
+        (xxhash.xxh3_64_intdigest(s.encode() + i.encode()) for s, i in zip(salts, sel["id"])),
+        np.uint64,
+        sel.height,
+    )
     order = np.lexsort((np.arange(sel.height), keys))
     sel = sel[order].with_columns(position=pl.int_range(pl.len(), dtype=pl.Int64))
     occurrence = sel.select(pl.int_range(pl.len()).over("id").alias("n"))["n"]
     sel = sel.with_columns(
-        key=pl.when(occurrence == 0).then(pl.col("id")).otherwise(pl.col("id") + "_" + occurrence.cast(pl.Utf8)),
-        out_shard=(pl.col("position") // shard_rows).cast(pl.Int32))
+        key=pl.when(occurrence == 0)
+        .then(pl.col("id"))
+        .otherwise(pl.col("id") + "_" + occurrence.cast(pl.Utf8)),
+        out_shard=(pl.col("position") // shard_rows).cast(pl.Int32),
+    )
     return sel
 
 
@@ -468,8 +574,10 @@ def _scatter_batch(batch: dict[str, np.ndarray], job: WriteJob, pending: list[in
         with sfs.open_input_file(spath) as f:
             src = pq.read_table(f)
         rows = src.take(mine["row"])
-        rows = conform(rows.drop_columns([c for c in rows.column_names if c not in job.schema.names]),
-                       pa.schema([f for f in job.schema if f.name not in {m.name for m in MIX_FIELDS}]))
+        rows = conform(
+            rows.drop_columns([c for c in rows.column_names if c not in job.schema.names]),
+            pa.schema([f for f in job.schema if f.name not in {m.name for m in MIX_FIELDS}]),
+        )
         for fld in MIX_FIELDS:
             rows = rows.append_column(fld, mine[fld.name].cast(fld.type))
         rows = rows.append_column("position", mine["position"]).append_column("out_shard", mine["out_shard"])
@@ -502,8 +610,10 @@ def _gather_batch(batch: dict[str, np.ndarray], job: WriteJob) -> dict[str, np.n
         part.write(table.cast(job.schema))
         entry = part.commit()
         entry["name"] = f"{out:05d}"
-        entry["tokens"] = {k: int(pc.sum(table[c]).as_py() or 0) for k, c in
-                           (("text", "text_tokens"), ("visual", "visual_tokens"), ("total", "tokens"))}
+        entry["tokens"] = {
+            k: int(pc.sum(table[c]).as_py() or 0)
+            for k, c in (("text", "text_tokens"), ("visual", "visual_tokens"), ("total", "tokens"))
+        }
         record = {"out_shard": out, "entry": entry}
         _commit_bytes(fs, f"{path}/_work/done/{out:05d}.json", json.dumps(record, sort_keys=True).encode())
         records.append(json.dumps(record))
@@ -522,8 +632,15 @@ class MixResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per pass (also in stats.json)
 
 
-def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address: str | None = None,
-                   overwrite: bool = False, progress: bool = True, dry_run: bool = False) -> list[MixResult]:
+def build_mixtures(
+    recipe: MixRecipe,
+    *,
+    only: list[str] | None = None,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> list[MixResult]:
     """Count, plan and write every mixture of ``recipe`` (or those named in ``only``).
 
     Raises :class:`RecipeError` for a recipe the pools cannot satisfy, before writing anything;
@@ -536,8 +653,13 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
     if only:
         unknown = [n for n in only if n not in {m.name for m in recipe.mixtures}]
         if unknown:
-            raise RecipeError(recipe.file, [f"--only {', '.join(unknown)}: no such mixture (the recipe has "
-                                            f"{', '.join(m.name for m in recipe.mixtures)})"])
+            raise RecipeError(
+                recipe.file,
+                [
+                    f"--only {', '.join(unknown)}: no such mixture (the recipe has "
+                    f"{', '.join(m.name for m in recipe.mixtures)})"
+                ],
+            )
         recipe.mixtures = [m for m in recipe.mixtures if m.name in only]
     out_root = recipe.output.path.rstrip("/")
     out_root = out_root if cfs.is_uri(out_root) else os.path.abspath(out_root)
@@ -547,7 +669,9 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
     outputs.check_writable(out_root, "mixtures-root")
     for folder in folders:
         outputs.check_writable(folder, "mixture", overwrite)
-    tokenizer = Tokenizer.load(recipe.tokenizer, allow_download=recipe.allow_download)  # fail before Ray starts
+    tokenizer = Tokenizer.load(
+        recipe.tokenizer, allow_download=recipe.allow_download
+    )  # fail before Ray starts
     tokenizer_path = tokenizer.source
     pools = open_pools(recipe)
     pool_names = sorted(pools)
@@ -570,25 +694,54 @@ def build_mixtures(recipe: MixRecipe, *, only: list[str] | None = None, address:
             problems += probs
         if problems:
             raise RecipeError(recipe.file, problems)
-        timings = {"ray_start_s": t1 - t0, "count_s": t2 - t1, "plan_s": time.perf_counter() - t2,
-                   "rows_counted": counts.height, "count_rows_per_s": counts.height / max(t2 - t1, 1e-9)}
+        timings = {
+            "ray_start_s": t1 - t0,
+            "count_s": t2 - t1,
+            "plan_s": time.perf_counter() - t2,
+            "rows_counted": counts.height,
+            "count_rows_per_s": counts.height / max(t2 - t1, 1e-9),
+        }
         if not dry_run:  # one writer per mixture folder, until every mixture is written
             outputs.claim(out_root, "mixtures-root")
             for folder in folders:
                 held.enter_context(outputs.lock(folder, f"curation mix {recipe.file}"))
         results = []
         for mix in recipe.mixtures:
-            results.append(_write_mixture(recipe, mix, plans_by_mix[mix.name], counts, pools, pool_names,
-                                          tokenizer, workers, overwrite, progress, dry_run, dict(timings)))
+            results.append(
+                _write_mixture(
+                    recipe,
+                    mix,
+                    plans_by_mix[mix.name],
+                    counts,
+                    pools,
+                    pool_names,
+                    tokenizer,
+                    workers,
+                    overwrite,
+                    progress,
+                    dry_run,
+                    dict(timings),
+                )
+            )
     return results
 
 
-def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str], selectors: list[Selector],
-           tokenizer_path: str, workers: int, progress: bool) -> pl.DataFrame:
+def _count(
+    recipe: MixRecipe,
+    pools: dict[str, PoolInfo],
+    pool_names: list[str],
+    selectors: list[Selector],
+    tokenizer_path: str,
+    workers: int,
+    progress: bool,
+) -> pl.DataFrame:
     from curation.runner import map_items, progress_bar
 
-    items = [{"pool": pi, "shard": si, "path": s["path"], "rows": s["rows"]}
-             for pi, name in enumerate(pool_names) for si, s in enumerate(pools[name].shards)]
+    items = [
+        {"pool": pi, "shard": si, "path": s["path"], "rows": s["rows"]}
+        for pi, name in enumerate(pool_names)
+        for si, s in enumerate(pools[name].shards)
+    ]
     if not items:
         raise RecipeError(recipe.file, [f"pools.{n}: the pool holds no rows" for n in pool_names])
     # Heavy shards first, dealt out by stride, so no task is left as the tail.
@@ -597,8 +750,14 @@ def _count(recipe: MixRecipe, pools: dict[str, PoolInfo], pool_names: list[str],
     dealt = [items[i] for b in range(tasks) for i in range(b, len(items), tasks)]
     bar = progress_bar(len(items), "shards", progress, "count tokens")
     tables = []
-    kwargs = {"selectors": selectors, "tokenizer_path": tokenizer_path, "allow_download": False,
-              "vision": recipe.vision, "markup": recipe.markup, "batch_rows": recipe.execution.batch_rows}
+    kwargs = {
+        "selectors": selectors,
+        "tokenizer_path": tokenizer_path,
+        "allow_download": False,
+        "vision": recipe.vision,
+        "markup": recipe.markup,
+        "batch_rows": recipe.execution.batch_rows,
+    }
     for batch in map_items(dealt, _count_batch, kwargs, workers, tasks):
         for blob, k in zip(batch["ipc"], batch["shards"]):
             tables.append(pa.ipc.open_stream(io.BytesIO(blob)).read_all())
@@ -617,17 +776,30 @@ def _prepare_output(fs, path: str, root: str, name: str, mix_hash: str, overwrit
         with fs.open_input_stream(marker) as f:
             previous = json.loads(f.read()).get("mixture_hash")
         if previous != mix_hash:
-            raise FileExistsError(f"{root} holds mixture '{name}' from a different recipe or pools (hash "
-                                  f"{previous}, this one is {mix_hash}); write elsewhere or pass --overwrite")
+            raise FileExistsError(
+                f"{root} holds mixture '{name}' from a different recipe or pools (hash "
+                f"{previous}, this one is {mix_hash}); write elsewhere or pass --overwrite"
+            )
     elif fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File:
         raise FileExistsError(f"{root} already holds a mixture; write elsewhere or pass --overwrite")
     cfs.make_dirs(root, ("shards", "_work/done", "_work/buckets"))
     _commit_bytes(fs, marker, json.dumps({"mixture_hash": mix_hash}).encode())
 
 
-def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], counts: pl.DataFrame,
-                   pools: dict[str, PoolInfo], pool_names: list[str], tokenizer: Tokenizer, workers: int,
-                   overwrite: bool, progress: bool, dry_run: bool, timings: dict[str, float]) -> MixResult:
+def _write_mixture(
+    recipe: MixRecipe,
+    mix: Mixture,
+    plans: list[SourcePlan],
+    counts: pl.DataFrame,
+    pools: dict[str, PoolInfo],
+    pool_names: list[str],
+    tokenizer: Tokenizer,
+    workers: int,
+    overwrite: bool,
+    progress: bool,
+    dry_run: bool,
+    timings: dict[str, float],
+) -> MixResult:
     """Write one mixture; ``timings`` (seconds of the shared passes) goes to its stats.json with its own."""
     from curation.runner import map_items, progress_bar
 
@@ -635,8 +807,9 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
     out_root = out_root if cfs.is_uri(out_root) else os.path.abspath(out_root)
     root = f"{out_root}/{mix.name}"
     sel = selection_table(mix, plans, counts, recipe.seed, recipe.output.shard_rows)
-    schema = output_schema([pools[n].schema for n in pool_names if any(
-        s.pool == n for s in mix.sources.values())])
+    schema = output_schema(
+        [pools[n].schema for n in pool_names if any(s.pool == n for s in mix.sources.values())]
+    )
     manifest = _manifest(recipe, mix, plans, sel, pools, tokenizer)
     if dry_run:
         return MixResult(mix.name, root, manifest, None, timings)
@@ -644,10 +817,19 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
 
     fs, path = cfs.filesystem(root)
     mix_hash = _mixture_hash(recipe, mix)
-    with cfs.writing(root):  # a missing bucket, refused credentials, a read-only disk: say where and what to do
+    with cfs.writing(
+        root
+    ):  # a missing bucket, refused credentials, a read-only disk: say where and what to do
         _prepare_output(fs, path, root, mix.name, mix_hash, overwrite)
-    _commit_bytes(fs, f"{path}/_work/plan.parquet", _parquet_bytes(sel.select(
-        "pool", "shard", "row", "position", "out_shard", *[f.name for f in MIX_FIELDS]).to_arrow()))
+    _commit_bytes(
+        fs,
+        f"{path}/_work/plan.parquet",
+        _parquet_bytes(
+            sel.select(
+                "pool", "shard", "row", "position", "out_shard", *[f.name for f in MIX_FIELDS]
+            ).to_arrow()
+        ),
+    )
 
     n_out = int(sel["out_shard"].max()) + 1 if sel.height else 0
     done = {}
@@ -661,22 +843,37 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
         log.info("%s: resuming, %d of %d shards already written", mix.name, len(done), n_out)
     job = WriteJob(root, schema, recipe.output.formats)
     if pending:
-        feeds = (sel.filter(pl.col("out_shard").is_in(pending)).group_by("pool", "shard").agg(pl.len())
-                 .sort("len", descending=True))
-        items = [{"pool": int(p), "shard": int(s), "path": pools[pool_names[p]].shards[s]["path"]}
-                 for p, s in zip(feeds["pool"], feeds["shard"])]
+        feeds = (
+            sel.filter(pl.col("out_shard").is_in(pending))
+            .group_by("pool", "shard")
+            .agg(pl.len())
+            .sort("len", descending=True)
+        )
+        items = [
+            {"pool": int(p), "shard": int(s), "path": pools[pool_names[p]].shards[s]["path"]}
+            for p, s in zip(feeds["pool"], feeds["shard"])
+        ]
         tasks = min(len(items), workers * 4)
         bar = progress_bar(len(items), "shards", progress, f"{mix.name}: scatter")
         for batch in map_items(items, _scatter_batch, {"job": job, "pending": pending}, workers, tasks):
             bar.update(int(batch["done"].sum()))
         bar.close()
-        buckets = (sel.filter(pl.col("out_shard").is_in(pending)).group_by("out_shard", "pool", "shard")
-                   .agg(pl.len()).sort("out_shard", "pool", "shard"))
+        buckets = (
+            sel.filter(pl.col("out_shard").is_in(pending))
+            .group_by("out_shard", "pool", "shard")
+            .agg(pl.len())
+            .sort("out_shard", "pool", "shard")
+        )
         gather = []
         for out in pending:
             b = buckets.filter(pl.col("out_shard") == out)
-            gather.append({"out_shard": out, "rows": int(b["len"].sum()),
-                           "buckets": [f"{p:03d}_{s:05d}.parquet" for p, s in zip(b["pool"], b["shard"])]})
+            gather.append(
+                {
+                    "out_shard": out,
+                    "rows": int(b["len"].sum()),
+                    "buckets": [f"{p:03d}_{s:05d}.parquet" for p, s in zip(b["pool"], b["shard"])],
+                }
+            )
         bar = progress_bar(len(gather), "shards", progress, f"{mix.name}: write")
         for batch in map_items(gather, _gather_batch, {"job": job}, workers, min(len(gather), workers * 4)):
             for rec in batch["record"]:
@@ -687,13 +884,20 @@ def _write_mixture(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], cou
     sweep_temp(fs, path, root)  # every task is done: what is left under a temp name was a killed worker's
     manifest["shards"] = [done[k] for k in range(n_out)]
     manifest["totals"]["shards"] = n_out
-    manifest["totals"]["bytes"] = sum(s[k]["bytes"] for s in manifest["shards"] for k in ("parquet", "tar") if k in s)
+    manifest["totals"]["bytes"] = sum(
+        s[k]["bytes"] for s in manifest["shards"] for k in ("parquet", "tar") if k in s
+    )
     _commit_bytes(fs, f"{path}/manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode())
     fs.delete_dir_contents(f"{path}/_work/buckets", missing_dir_ok=True)
     timings["write_s"] = time.perf_counter() - t_write
     timings["shards_written"] = len(pending)
-    _commit_bytes(fs, f"{path}/stats.json", json.dumps(
-        {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}, indent=2).encode())
+    _commit_bytes(
+        fs,
+        f"{path}/stats.json",
+        json.dumps(
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}, indent=2
+        ).encode(),
+    )
     report = None
     if recipe.output.report:
         from curation.mix.report import write_mix_report
@@ -724,15 +928,30 @@ def _mixture_hash(recipe: MixRecipe, mix: Mixture) -> str:
 
 
 def _group_tokens(sel: pl.DataFrame, by: str) -> dict[str, dict[str, int]]:
-    g = (sel.group_by(by).agg(rows=pl.len(), text_tokens=pl.col("text_tokens").sum(),
-                              visual_tokens=pl.col("visual_tokens").sum(), tokens=pl.col("tokens").sum())
-         .sort(by))
-    return {str(r[by]): {k: int(r[k]) for k in ("rows", "tokens", "text_tokens", "visual_tokens")}
-            for r in g.iter_rows(named=True)}
+    g = (
+        sel.group_by(by)
+        .agg(
+            rows=pl.len(),
+            text_tokens=pl.col("text_tokens").sum(),
+            visual_tokens=pl.col("visual_tokens").sum(),
+            tokens=pl.col("tokens").sum(),
+        )
+        .sort(by)
+    )
+    return {
+        str(r[by]): {k: int(r[k]) for k in ("rows", "tokens", "text_tokens", "visual_tokens")}
+        for r in g.iter_rows(named=True)
+    }
 
 
-def _manifest(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], sel: pl.DataFrame,
-              pools: dict[str, PoolInfo], tokenizer: Tokenizer) -> dict[str, Any]:
+def _manifest(
+    recipe: MixRecipe,
+    mix: Mixture,
+    plans: list[SourcePlan],
+    sel: pl.DataFrame,
+    pools: dict[str, PoolInfo],
+    tokenizer: Tokenizer,
+) -> dict[str, Any]:
     unit = mix.unit
     by_source = _group_tokens(sel, "mix_source")
     sources = {}
@@ -741,14 +960,23 @@ def _manifest(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], sel: pl.
         ledger = []
         for epoch in range(len(p.rows)):
             ep = sel.filter((pl.col("mix_source") == p.name) & (pl.col("mix_epoch") == epoch))
-            ledger.append({"epoch": epoch, "rows": ep.height, "tokens": int(ep["tokens"].sum()),
-                           "complete": epoch < p.full_epochs})
+            ledger.append(
+                {
+                    "epoch": epoch,
+                    "rows": ep.height,
+                    "tokens": int(ep["tokens"].sum()),
+                    "complete": epoch < p.full_epochs,
+                }
+            )
         sources[p.name] = {
             **resolved_source(p.spec),
-            "target": p.target, "selected": p.selected, "deviation": p.selected - p.target,
+            "target": p.target,
+            "selected": p.selected,
+            "deviation": p.selected - p.target,
             **got,
             "available": {"rows": p.candidates, unit: p.available, "uncountable_rows": p.uncountable},
-            "epochs": round(p.epochs, 6), "repeated_rows": int(sum(len(r) for r in p.rows[1:])),
+            "epochs": round(p.epochs, 6),
+            "repeated_rows": int(sum(len(r) for r in p.rows[1:])),
             "ledger": ledger,
         }
     target = sum(p.target for p in plans)
@@ -760,22 +988,38 @@ def _manifest(recipe: MixRecipe, mix: Mixture, plans: list[SourcePlan], sel: pl.
         "recipe_hash": recipe.hash,
         "seed": recipe.seed,
         "unit": unit,
-        "tokenizer": {"source": os.path.basename(tokenizer.source) if not cfs.is_uri(tokenizer.source)
-                      else tokenizer.source, "sha256": _file_sha256(tokenizer.source)},
+        "tokenizer": {
+            "source": os.path.basename(tokenizer.source)
+            if not cfs.is_uri(tokenizer.source)
+            else tokenizer.source,
+            "sha256": _file_sha256(tokenizer.source),
+        },
         "vision": dataclasses.asdict(recipe.vision),
         "markup": dataclasses.asdict(recipe.markup),
-        "pools": {n: {"path": pools[n].root, "recipe_hash": pools[n].recipe_hash, "rows": pools[n].rows}
-                  for n in sorted({s.pool for s in mix.sources.values()})},
-        "budget": {"requested": mix.budget if mix.budget is not None else "auto", "target": target,
-                   "selected": selected, "deviation": selected - target,
-                   "deviation_pct": round(100.0 * (selected - target) / target, 6) if target else 0.0},
+        "pools": {
+            n: {"path": pools[n].root, "recipe_hash": pools[n].recipe_hash, "rows": pools[n].rows}
+            for n in sorted({s.pool for s in mix.sources.values()})
+        },
+        "budget": {
+            "requested": mix.budget if mix.budget is not None else "auto",
+            "target": target,
+            "selected": selected,
+            "deviation": selected - target,
+            "deviation_pct": round(100.0 * (selected - target) / target, 6) if target else 0.0,
+        },
         "sources": sources,
         "modes": _group_tokens(sel.with_columns(pl.col("mode").fill_null("(none)")), "mode"),
         "modalities": _group_tokens(sel.with_columns(pl.col("modality").fill_null("(none)")), "modality"),
         "shards": [],
-        "totals": {"rows": sel.height, "tokens": int(sel["tokens"].sum()),
-                   "text_tokens": int(sel["text_tokens"].sum()), "visual_tokens": int(sel["visual_tokens"].sum()),
-                   "unique_rows": sel["id"].n_unique(), "shards": 0, "bytes": 0},
+        "totals": {
+            "rows": sel.height,
+            "tokens": int(sel["tokens"].sum()),
+            "text_tokens": int(sel["text_tokens"].sum()),
+            "visual_tokens": int(sel["visual_tokens"].sum()),
+            "unique_rows": sel["id"].n_unique(),
+            "shards": 0,
+            "bytes": 0,
+        },
     }
 
 
@@ -792,8 +1036,12 @@ def iter_plan(results: list[MixResult]) -> Iterator[str]:
     for r in results:
         m = r.manifest
         b = m["budget"]
-        yield (f"{r.name}: {m['totals']['rows']:,} rows, {m['totals']['tokens']:,} tokens "
-               f"(target {b['target']:,} {m['unit']}, got {b['selected']:,}, deviation {b['deviation']:+,})")
+        yield (
+            f"{r.name}: {m['totals']['rows']:,} rows, {m['totals']['tokens']:,} tokens "
+            f"(target {b['target']:,} {m['unit']}, got {b['selected']:,}, deviation {b['deviation']:+,})"
+        )
         for name, s in m["sources"].items():
-            yield (f"  {name:<22}{s['rows']:>9,} rows {s['tokens']:>13,} tokens  target {s['target']:>12,} "
-                   f"{m['unit']:<6} dev {s['deviation']:+,}  epochs {s['epochs']:.2f}")
+            yield (
+                f"  {name:<22}{s['rows']:>9,} rows {s['tokens']:>13,} tokens  target {s['target']:>12,} "
+                f"{m['unit']:<6} dev {s['deviation']:+,}  epochs {s['epochs']:.2f}"
+            )

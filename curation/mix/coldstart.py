@@ -38,21 +38,44 @@ ANALYSIS = ("<analysis>", "</analysis>")
 
 # Role names of LLaVA / ShareGPT / OpenAI / llama-factory data, mapped to ours.
 ROLE_ALIASES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
-    "bing": "assistant", "model": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
     "system": "system",
-    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 #: Record fields each converter reads, by source format (a source's ``fields:`` overrides them; ``a;b``
 #: means the first of ``a`` and ``b`` the record has). ``image_root`` (not set by default) is the folder
 #: that image and video paths are relative to, itself relative to the source file.
 SOURCE_FIELDS = {
-    "sharegpt": {"conversations": "conversations", "messages": "messages", "images": "images;image",
-                 "video": "video;videos", "mode": "mode", "system": "system"},
-    "qa": {"question": "question", "answer": "answer", "reasoning": "reasoning", "analysis": "analysis",
-           "image": "image;images", "video": "video", "code": "code", "mode": "mode", "system": "system"},
+    "sharegpt": {
+        "conversations": "conversations",
+        "messages": "messages",
+        "images": "images;image",
+        "video": "video;videos",
+        "mode": "mode",
+        "system": "system",
+    },
+    "qa": {
+        "question": "question",
+        "answer": "answer",
+        "reasoning": "reasoning",
+        "analysis": "analysis",
+        "image": "image;images",
+        "video": "video",
+        "code": "code",
+        "mode": "mode",
+        "system": "system",
+    },
 }
 FIELD_OPTIONS = ("image_root",)
 
@@ -95,9 +118,18 @@ def code_turn(code: str, reasoning: str | None = None) -> str:
     return f"{THINK[0]}{reasoning.strip()}{THINK[1]}\n\n{fence}" if reasoning is not None else fence
 
 
-def build_messages(mode: str, question: str, answer: str, *, reasoning: str | None = None,
-                   analysis: str | None = None, code: str | None = None, n_images: int = 0, video: bool = False,
-                   system: str | None = None) -> list[dict]:
+def build_messages(
+    mode: str,
+    question: str,
+    answer: str,
+    *,
+    reasoning: str | None = None,
+    analysis: str | None = None,
+    code: str | None = None,
+    n_images: int = 0,
+    video: bool = False,
+    system: str | None = None,
+) -> list[dict]:
     """One question and its answer as the messages of ``mode`` (the doc's table, row by row).
 
     Images (``images[0..n_images)``) and the video go before the question, as LLaVA puts them.
@@ -109,7 +141,9 @@ def build_messages(mode: str, question: str, answer: str, *, reasoning: str | No
         raise ConversionError("unknown_mode", f"mode '{mode}' (expected one of {', '.join(MODES)})")
     media = [{"type": "image", "index": i} for i in range(n_images)] + ([{"type": "video"}] if video else [])
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": [*media, {"type": "text", "text": question}] if media else question})
+    messages.append(
+        {"role": "user", "content": [*media, {"type": "text", "text": question}] if media else question}
+    )
     if mode == "think_with_image" and code is not None:
         messages.append({"role": "assistant", "content": code_turn(code, reasoning)})
         messages.append({"role": "assistant", "content": answer.strip()})
@@ -131,8 +165,11 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
-                         and isinstance(p.get("text"), str))
+        return "\n".join(
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -147,7 +184,11 @@ def last_user_text(messages: list[dict]) -> str | None:
             content = m.get("content")
             if isinstance(content, str):
                 return content
-            texts = [p["text"] for p in parts_of(content) if p.get("type") == "text" and isinstance(p.get("text"), str)]
+            texts = [
+                p["text"]
+                for p in parts_of(content)
+                if p.get("type") == "text" and isinstance(p.get("text"), str)
+            ]
             return texts[-1] if texts else None
     return None
 
@@ -168,7 +209,8 @@ def suffix_problem(messages: list[dict], mode: str) -> str | None:
     want = SUFFIXES.get(mode)
     if want is not None and found != want:
         return f"{mode} needs the last user text to end with ' {want}', " + (
-            f"it ends with '{found}'" if found else "it has no suffix")
+            f"it ends with '{found}'" if found else "it has no suffix"
+        )
     if mode == "auto_think" and found:
         return f"auto_think takes no suffix (the model decides), the last user text ends with '{found}'"
     return None
@@ -188,9 +230,13 @@ def apply_suffix(messages: list[dict], mode: str) -> None:
         if isinstance(content, str):
             user["content"] = f"{content.rstrip()} {want}" if content.strip() else want
         else:
-            texts = [p for p in parts_of(content) if p.get("type") == "text" and isinstance(p.get("text"), str)]
+            texts = [
+                p for p in parts_of(content) if p.get("type") == "text" and isinstance(p.get("text"), str)
+            ]
             if texts:
-                texts[-1]["text"] = f"{texts[-1]['text'].rstrip()} {want}" if texts[-1]["text"].strip() else want
+                texts[-1]["text"] = (
+                    f"{texts[-1]['text'].rstrip()} {want}" if texts[-1]["text"].strip() else want
+                )
             else:
                 content.append({"type": "text", "text": want})
     problem = suffix_problem(messages, mode)
@@ -213,7 +259,7 @@ def split_reply(text: str) -> Reply:
     blocks: dict[str, str | None] = {"analysis": None, "think": None}
     for name, (open_, close) in (("analysis", ANALYSIS), ("think", THINK)):
         if rest.startswith(open_) and close in rest:
-            inner, _, rest = rest[len(open_):].partition(close)
+            inner, _, rest = rest[len(open_) :].partition(close)
             blocks[name] = inner.strip()
             rest = rest.strip()
     return Reply(blocks["analysis"], blocks["think"], rest)
@@ -265,7 +311,7 @@ def role_problem(messages: list[dict], mode: str | None = None) -> str | None:
     row only in think_with_image (its pre-execution form: code, then answer).
     """
     roles = [m.get("role") for m in messages]
-    body = roles[next((i for i, r in enumerate(roles) if r != "system"), len(roles)):]
+    body = roles[next((i for i, r in enumerate(roles) if r != "system"), len(roles)) :]
     if "system" in body:
         return f"a system turn after the conversation started (turn {roles.index('system', len(roles) - len(body))})"
     if not body:
@@ -365,8 +411,10 @@ def _parts(content: Any, turn: int) -> list[dict]:
     if isinstance(content, str):
         return _split_placeholders(content)
     if not isinstance(content, list):
-        raise ConversionError("malformed_row", f"turn {turn}: content must be text or a list of parts, "
-                                               f"got {type(content).__name__}")
+        raise ConversionError(
+            "malformed_row",
+            f"turn {turn}: content must be text or a list of parts, got {type(content).__name__}",
+        )
     out: list[dict] = []
     for part in content:
         if isinstance(part, str):
@@ -378,12 +426,21 @@ def _parts(content: Any, turn: int) -> list[dict]:
         elif kind in ("image", "image_url"):
             index, ref = part.get("index"), _ref(part, "image", "image_url", "url", "path")
             if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
-                raise ConversionError("malformed_row", f"turn {turn}: image index {index!r} is not an integer")
-            out.append({"type": "image", "index": index} if index is not None
-                       else {"type": "image", "_ref": ref} if ref is not None else {"type": "image", "_slot": True})
+                raise ConversionError(
+                    "malformed_row", f"turn {turn}: image index {index!r} is not an integer"
+                )
+            out.append(
+                {"type": "image", "index": index}
+                if index is not None
+                else {"type": "image", "_ref": ref}
+                if ref is not None
+                else {"type": "image", "_slot": True}
+            )
         elif kind == "video":
             ref = _ref(part, "video", "url", "path")
-            out.append({"type": "video", "_ref": ref} if ref is not None else {"type": "video", "_slot": True})
+            out.append(
+                {"type": "video", "_ref": ref} if ref is not None else {"type": "video", "_slot": True}
+            )
         else:
             raise ConversionError("malformed_row", f"turn {turn}: unknown content part {str(part)[:80]}")
     return out
@@ -406,8 +463,9 @@ def _place_media(messages: list[dict], images: list[Any], video: Any) -> tuple[l
         vid_parts, img_slots = img_slots, []
     explicit = any(p["type"] == "image" and p.get("index") is not None for p in parts)
     if img_slots and len(img_slots) != len(images):
-        raise ConversionError("placeholder_mismatch", f"{len(img_slots)} <image> placeholder(s) for "
-                                                      f"{len(images)} image(s)")
+        raise ConversionError(
+            "placeholder_mismatch", f"{len(img_slots)} <image> placeholder(s) for {len(images)} image(s)"
+        )
     refs = list(images)
     for i, p in enumerate(img_slots):
         p.pop("_slot")
@@ -460,8 +518,10 @@ def from_conversation(record: dict, fields: dict[str, str], default_mode: str | 
     if turns is None:
         key, turns = _pick(record, fields.get("messages"))
     if turns is None:
-        raise ConversionError("empty_conversation", f"no '{fields.get('conversations')}' or "
-                                                    f"'{fields.get('messages')}' in the record")
+        raise ConversionError(
+            "empty_conversation",
+            f"no '{fields.get('conversations')}' or '{fields.get('messages')}' in the record",
+        )
     if not isinstance(turns, list):
         raise ConversionError("malformed_row", f"'{key}' must be a list of turns, got {type(turns).__name__}")
     if not turns:
@@ -478,8 +538,10 @@ def from_conversation(record: dict, fields: dict[str, str], default_mode: str | 
         raw_role = turn.get("from", turn.get("role"))
         role = ROLE_ALIASES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise ConversionError("unknown_role", f"turn {j}: role {raw_role!r} (expected one of "
-                                                  f"{', '.join(sorted(ROLE_ALIASES))})")
+            raise ConversionError(
+                "unknown_role",
+                f"turn {j}: role {raw_role!r} (expected one of {', '.join(sorted(ROLE_ALIASES))})",
+            )
         messages.append({"role": role, "content": _parts(turn.get("value", turn.get("content")), j)})
     ikey, images = _pick(record, fields.get("images"))
     vkey, video = _pick(record, fields.get("video"))
@@ -530,13 +592,31 @@ def from_qa(record: dict, fields: dict[str, str], default_mode: str | None = Non
     mkey, mode = _mode_of(record, fields, default_mode)
     used |= {mkey} - {None}
     if mode is None:
-        mode = ("think_with_image" if got["code"] else "video" if videos else "auto_think" if got["analysis"]
-                else "thinking" if got["reasoning"] else "non_thinking")
+        mode = (
+            "think_with_image"
+            if got["code"]
+            else "video"
+            if videos
+            else "auto_think"
+            if got["analysis"]
+            else "thinking"
+            if got["reasoning"]
+            else "non_thinking"
+        )
     # The question may carry its own <image> placeholders: it goes through the same placement as LLaVA's.
-    messages = build_messages(mode, got["question"], got["answer"] or "", reasoning=got["reasoning"],
-                              analysis=got["analysis"], code=got["code"], system=got["system"])
+    messages = build_messages(
+        mode,
+        got["question"],
+        got["answer"] or "",
+        reasoning=got["reasoning"],
+        analysis=got["analysis"],
+        code=got["code"],
+        system=got["system"],
+    )
     for m in messages:
-        m["content"] = _parts(m["content"], 0) if m["role"] == "user" else [{"type": "text", "text": m["content"]}]
+        m["content"] = (
+            _parts(m["content"], 0) if m["role"] == "user" else [{"type": "text", "text": m["content"]}]
+        )
     refs, video = _place_media(messages, _media_list(got["image"]), videos[0] if videos else None)
     _finish(messages)
     return Converted(messages, mode, refs, _video_ref(video), used)
@@ -574,7 +654,7 @@ def repetition(text: str, n: int = 8) -> tuple[float, int]:
     repeat 8 words in a row.
     """
     words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0, 0
     return 1.0 - len(set(grams)) / len(grams), len(grams)
@@ -639,7 +719,9 @@ def _twi_problem(msgs: list[dict]) -> tuple[str, str] | None:
     """think_with_image after execution: image in, code that parses, its tool turn with an image, an answer."""
     if not any(p.get("type") == "image" for m in msgs if m["role"] == "user" for p in parts_of(m["content"])):
         return "no_input_image", "no user turn shows an image to think with"
-    code_turns = [(i, code_blocks(text_of(m["content"]))) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    code_turns = [
+        (i, code_blocks(text_of(m["content"]))) for i, m in enumerate(msgs) if m["role"] == "assistant"
+    ]
     code_turns = [(i, blocks) for i, blocks in code_turns if blocks]
     if not code_turns:
         return "no_code", "no assistant turn holds a ```python block"
@@ -660,8 +742,15 @@ def _twi_problem(msgs: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def check_row(messages: str | None, mode: str | None, n_images: int = 0, n_frames: int = 0, *, ngram: int = 8,
-            min_bytes: int = 256) -> Verdict:
+def check_row(
+    messages: str | None,
+    mode: str | None,
+    n_images: int = 0,
+    n_frames: int = 0,
+    *,
+    ngram: int = 8,
+    min_bytes: int = 256,
+) -> Verdict:
     """Apply every structural rule to one row and measure repetition; thresholds are the caller's.
 
     Rules, in order (the first that fails names the reason): ``unknown_mode``, ``bad_messages`` (not a
@@ -692,8 +781,9 @@ def check_row(messages: str | None, mode: str | None, n_images: int = 0, n_frame
     return v
 
 
-def _rule(msgs: list[dict] | None, problem: str | None, mode: str | None, n_images: int,
-          n_frames: int) -> tuple[str, str] | None:
+def _rule(
+    msgs: list[dict] | None, problem: str | None, mode: str | None, n_images: int, n_frames: int
+) -> tuple[str, str] | None:
     if mode not in MODES:
         return "unknown_mode", f"mode {mode!r} (expected one of {', '.join(MODES)})"
     if msgs is None:
@@ -704,7 +794,10 @@ def _rule(msgs: list[dict] | None, problem: str | None, mode: str | None, n_imag
     for i, m in enumerate(msgs):
         for p in parts_of(m["content"]):
             if p["type"] == "image" and not 0 <= p["index"] < n_images:
-                return "image_ref_out_of_range", f"message {i} refers to image {p['index']}, the row has {n_images}"
+                return (
+                    "image_ref_out_of_range",
+                    f"message {i} refers to image {p['index']}, the row has {n_images}",
+                )
             if p["type"] == "video" and n_frames == 0:
                 return "video_part_without_frames", f"message {i} has a video part but the row has no frames"
     for i, m in enumerate(msgs):
@@ -723,20 +816,32 @@ def _rule(msgs: list[dict] | None, problem: str | None, mode: str | None, n_imag
             if m["role"] == "assistant" and _TAG.search(text_of(m["content"])):
                 return "unexpected_think", f"message {i}: a non_thinking reply holds think or analysis tags"
     if mode == "auto_think" and not reply.analysis:
-        return "missing_analysis", f"message {last}: the reply does not open with a non-empty <analysis> block"
+        return (
+            "missing_analysis",
+            f"message {last}: the reply does not open with a non-empty <analysis> block",
+        )
     if mode == "think_with_image":
         found = _twi_problem(msgs)
         if found:
             return found
     if mode == "video" and not any(p["type"] == "video" for m in msgs for p in parts_of(m["content"])):
-        return "no_video_part", "a video row without a {\"type\": \"video\"} part"
+        return "no_video_part", 'a video row without a {"type": "video"} part'
     if not reply.answer:
         return "empty_answer", f"message {last}: no answer after the think/analysis blocks"
     return None
 
 
-def validate(messages: str | None, mode: str | None, n_images: int = 0, n_frames: int = 0, *, ngram: int = 8,
-             max_repeat: float = 0.3, min_compression: float = 0.1, min_bytes: int = 256) -> tuple[str, str] | None:
+def validate(
+    messages: str | None,
+    mode: str | None,
+    n_images: int = 0,
+    n_frames: int = 0,
+    *,
+    ngram: int = 8,
+    max_repeat: float = 0.3,
+    min_compression: float = 0.1,
+    min_bytes: int = 256,
+) -> tuple[str, str] | None:
     """``(reason, detail)`` when a row breaks a rule of its mode or degenerates into repetition; None if good.
 
     ``degenerate_repetition``: an assistant turn (code blocks left out) where more than ``max_repeat`` of
@@ -749,12 +854,17 @@ def validate(messages: str | None, mode: str | None, n_images: int = 0, n_frames
     return degenerate(v, ngram=ngram, max_repeat=max_repeat, min_compression=min_compression)
 
 
-def degenerate(v: Verdict, *, ngram: int, max_repeat: float, min_compression: float) -> tuple[str, str] | None:
+def degenerate(
+    v: Verdict, *, ngram: int, max_repeat: float, min_compression: float
+) -> tuple[str, str] | None:
     """The repetition thresholds applied to a :class:`Verdict` (a separate step: thresholds change freely)."""
     if v.repeat > max_repeat:
-        return "degenerate_repetition", (f"message {v.repeat_turn}: {v.repeat:.0%} of word {ngram}-grams "
-                                         f"repeat (max {max_repeat:.0%})")
+        return "degenerate_repetition", (
+            f"message {v.repeat_turn}: {v.repeat:.0%} of word {ngram}-grams repeat (max {max_repeat:.0%})"
+        )
     if v.compression < min_compression:
-        return "degenerate_repetition", (f"message {v.compression_turn}: compresses to {v.compression:.1%} of "
-                                         f"its size (min {min_compression:.0%})")
+        return "degenerate_repetition", (
+            f"message {v.compression_turn}: compresses to {v.compression:.1%} of "
+            f"its size (min {min_compression:.0%})"
+        )
     return None

@@ -137,15 +137,28 @@ def _amount(value: Any) -> int | None:
     return None
 
 
-_TOP_KEYS = {"name", "vars", "pools", "tokenizer", "allow_download", "vision", "markup", "seed", "mixtures",
-             "output", "execution"}
+_TOP_KEYS = {
+    "name",
+    "vars",
+    "pools",
+    "tokenizer",
+    "allow_download",
+    "vision",
+    "markup",
+    "seed",
+    "mixtures",
+    "output",
+    "execution",
+}
 _MIXTURE_KEYS = {"budget", "unit", "sources"}
 
 
 def load_mix_recipe(path: str | Path, overrides: list[str] = ()) -> MixRecipe:
     """Load, override, interpolate and validate a mixture recipe; raise :class:`RecipeError`."""
     file = str(path)
-    return mix_recipe_from_dict(load_yaml(path, overrides, "a mapping with pools, tokenizer and mixtures"), file)
+    return mix_recipe_from_dict(
+        load_yaml(path, overrides, "a mapping with pools, tokenizer and mixtures"), file
+    )
 
 
 def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") -> MixRecipe:
@@ -164,8 +177,10 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
 
     tokenizer = raw.get("tokenizer")
     if not isinstance(tokenizer, str) or not tokenizer:
-        problems.append("tokenizer: required: a tokenizer.json, a folder holding one, or a Hugging Face name "
-                        "(with allow_download: true)")
+        problems.append(
+            "tokenizer: required: a tokenizer.json, a folder holding one, or a Hugging Face name "
+            "(with allow_download: true)"
+        )
     allow_download = raw.get("allow_download", False)
     if not isinstance(allow_download, bool):
         problems.append(f"allow_download: expected true or false, got {allow_download!r}")
@@ -204,9 +219,19 @@ def mix_recipe_from_dict(raw: dict[str, Any], file: str = "<mixture recipe>") ->
     if problems:
         raise RecipeError(file, problems)
     return MixRecipe(
-        name=str(raw.get("name") or Path(file).stem), pools=dict(pools), tokenizer=tokenizer,
-        allow_download=allow_download, vision=vision, markup=markup, seed=seed, mixtures=mixtures, output=output,
-        execution=execution, file=file, resolved=redact_tree(json.loads(json.dumps(raw, default=str))))
+        name=str(raw.get("name") or Path(file).stem),
+        pools=dict(pools),
+        tokenizer=tokenizer,
+        allow_download=allow_download,
+        vision=vision,
+        markup=markup,
+        seed=seed,
+        mixtures=mixtures,
+        output=output,
+        execution=execution,
+        file=file,
+        resolved=redact_tree(json.loads(json.dumps(raw, default=str))),
+    )
 
 
 def _mixture(name: str, spec: Any, pools: dict, problems: list[str]) -> Mixture | None:
@@ -219,18 +244,24 @@ def _mixture(name: str, spec: Any, pools: dict, problems: list[str]) -> Mixture 
     n_before = len(problems)
     for key in spec:
         if key not in _MIXTURE_KEYS:
-            problems.append(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(_MIXTURE_KEYS))})")
+            problems.append(
+                f"{where}.{key}: unknown key (expected one of {', '.join(sorted(_MIXTURE_KEYS))})"
+            )
     unit = spec.get("unit", "tokens")
     if unit not in UNITS:
         problems.append(f"{where}.unit: '{unit}' (expected tokens or rows)")
     raw_budget = spec.get("budget", "auto")
     budget = None if raw_budget == "auto" else parse_amount(raw_budget)
     if raw_budget != "auto" and (budget is None or budget <= 0):
-        problems.append(f"{where}.budget: expected a positive number of {unit} (like 2000000 or 2M) or auto, "
-                        f"got {raw_budget!r}")
+        problems.append(
+            f"{where}.budget: expected a positive number of {unit} (like 2000000 or 2M) or auto, "
+            f"got {raw_budget!r}"
+        )
     raw_sources = spec.get("sources")
     if not isinstance(raw_sources, dict) or not raw_sources:
-        problems.append(f"{where}.sources: expected a mapping of source names to {{pool, weight or budget, ...}}")
+        problems.append(
+            f"{where}.sources: expected a mapping of source names to {{pool, weight or budget, ...}}"
+        )
         return None
     sources: dict[str, MixSource] = {}
     for sname, sspec in raw_sources.items():
@@ -246,22 +277,32 @@ def _mixture(name: str, spec: Any, pools: dict, problems: list[str]) -> Mixture 
         total = sum(s.weight for s in weighted.values())
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
             parts = " + ".join(f"{k} {s.weight:g}" for k, s in weighted.items())
-            problems.append(f"{where}.sources: weights sum to {total:g} ({parts}); they must sum to 1 "
-                            f"(they share what the budget leaves after sources with their own budget)")
+            problems.append(
+                f"{where}.sources: weights sum to {total:g} ({parts}); they must sum to 1 "
+                f"(they share what the budget leaves after sources with their own budget)"
+            )
     if budget is None and weighted and fixed:
-        problems.append(f"{where}: with budget: auto, give every source a weight or every source a budget "
-                        f"(weighted: {', '.join(weighted)}; budgeted: {', '.join(fixed)})")
+        problems.append(
+            f"{where}: with budget: auto, give every source a weight or every source a budget "
+            f"(weighted: {', '.join(weighted)}; budgeted: {', '.join(fixed)})"
+        )
     if budget is not None:
         taken = sum(s.budget for s in fixed.values())
         if taken > budget:
-            problems.append(f"{where}.budget: {budget:,} {unit} is less than the sources' own budgets "
-                            f"({taken:,}: {', '.join(f'{k} {s.budget:,}' for k, s in fixed.items())})")
+            problems.append(
+                f"{where}.budget: {budget:,} {unit} is less than the sources' own budgets "
+                f"({taken:,}: {', '.join(f'{k} {s.budget:,}' for k, s in fixed.items())})"
+            )
         elif weighted and taken == budget:
-            problems.append(f"{where}.budget: the sources' own budgets use all {budget:,} {unit}, leaving "
-                            f"nothing for the weighted sources ({', '.join(weighted)})")
+            problems.append(
+                f"{where}.budget: the sources' own budgets use all {budget:,} {unit}, leaving "
+                f"nothing for the weighted sources ({', '.join(weighted)})"
+            )
         elif not weighted and taken != budget:
-            problems.append(f"{where}.budget: {budget:,} {unit} but the sources' budgets add up to {taken:,}; "
-                            f"make them agree, add a weighted source, or leave out budget")
+            problems.append(
+                f"{where}.budget: {budget:,} {unit} but the sources' budgets add up to {taken:,}; "
+                f"make them agree, add a weighted source, or leave out budget"
+            )
     elif not weighted and not fixed:
         problems.append(f"{where}.sources: give each source a weight or a budget")
     return Mixture(name=name, budget=budget if raw_budget != "auto" else None, unit=unit, sources=sources)
@@ -282,7 +323,9 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
         ok = False
     for m in src.modality:
         if m not in MODALITIES:
-            problems.append(f"{where}.modality: unknown modality '{m}' (expected any of {', '.join(MODALITIES)})")
+            problems.append(
+                f"{where}.modality: unknown modality '{m}' (expected any of {', '.join(MODALITIES)})"
+            )
             ok = False
     for m in src.mode:
         if m not in MODES:
@@ -297,7 +340,9 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
     if src.budget is not None:
         amount = parse_amount(src.budget)
         if amount is None or amount <= 0:
-            problems.append(f"{where}.budget: expected a positive amount like 330000 or 330k, got {src.budget!r}")
+            problems.append(
+                f"{where}.budget: expected a positive amount like 330000 or 330k, got {src.budget!r}"
+            )
             ok = False
         src.budget = amount
     if src.where is not None:
@@ -306,7 +351,9 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
         try:
             pl.sql_expr(src.where)
         except Exception as e:  # polars raises several kinds for bad SQL
-            problems.append(f"{where}.where: not a valid SQL predicate ({str(e).splitlines()[0]}): {src.where!r}")
+            problems.append(
+                f"{where}.where: not a valid SQL predicate ({str(e).splitlines()[0]}): {src.where!r}"
+            )
             ok = False
     return src if ok else None
 

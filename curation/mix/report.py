@@ -30,20 +30,26 @@ def _bars(rows: list[tuple[str, float, float | None]], title: str) -> str:
     width, row_h, pad_l = 560, 22, 170
     height = 28 + row_h * len(rows)
     top = max([max(v, t or 0) for _, v, t in rows] or [1]) or 1
-    out = [f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-           f'<text x="8" y="15" class="t">{_esc(title)}</text>']
+    out = [
+        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
+        f'<text x="8" y="15" class="t">{_esc(title)}</text>',
+    ]
     pw = width - pad_l - 70
     for i, (label, value, target) in enumerate(rows):
         y = 24 + i * row_h
         w = pw * value / top
         out.append(f'<text x="{pad_l - 6}" y="{y + 13}" text-anchor="end">{_esc(label)}</text>')
-        out.append(f'<rect x="{pad_l}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="{row_h - 8}">'
-                   f'<title>{_esc(label)}: {100 * value:.2f}%</title></rect>')
+        out.append(
+            f'<rect x="{pad_l}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="{row_h - 8}">'
+            f"<title>{_esc(label)}: {100 * value:.2f}%</title></rect>"
+        )
         if target is not None:
             tx = pad_l + pw * target / top
-            out.append(f'<line x1="{tx:.1f}" y1="{y}" x2="{tx:.1f}" y2="{y + row_h - 2}" '
-                       f'style="stroke:#e0803a;stroke-width:2"><title>target {100 * target:.2f}%</title></line>')
+            out.append(
+                f'<line x1="{tx:.1f}" y1="{y}" x2="{tx:.1f}" y2="{y + row_h - 2}" '
+                f'style="stroke:#e0803a;stroke-width:2"><title>target {100 * target:.2f}%</title></line>'
+            )
         out.append(f'<text x="{pad_l + w + 4:.1f}" y="{y + 13}">{100 * value:.1f}%</text>')
     out.append("</svg>")
     return "".join(out)
@@ -61,9 +67,13 @@ def _length_histograms(sel: pl.DataFrame, bins: int = 30) -> dict[str, dict[str,
         if hi <= lo:
             hi = lo + 1
         counts, edges = np.histogram(np.log10(tokens), bins=bins, range=(lo, hi))
-        out[source] = {"edges": [round(float(10 ** e), 1) for e in edges], "counts": counts.tolist(),
-                       "p50": float(np.median(tokens)), "p95": float(np.quantile(tokens, 0.95)),
-                       "max": int(tokens.max())}
+        out[source] = {
+            "edges": [round(float(10**e), 1) for e in edges],
+            "counts": counts.tolist(),
+            "p50": float(np.median(tokens)),
+            "p95": float(np.quantile(tokens, 0.95)),
+            "max": int(tokens.max()),
+        }
     return out
 
 
@@ -86,8 +96,10 @@ def _html(m: dict[str, Any], hists: dict[str, dict[str, Any]]) -> str:
     target_total = sum(s["target"] for s in m["sources"].values()) or 1
     share_key = "tokens" if unit == "tokens" else "rows"
     got_total = sum(s[share_key] for s in m["sources"].values()) or 1
-    bars = _bars([(name, s[share_key] / got_total, s["target"] / target_total) for name, s in m["sources"].items()],
-                 f"share of the mixture by source ({share_key}); orange tick: the recipe's target")
+    bars = _bars(
+        [(name, s[share_key] / got_total, s["target"] / target_total) for name, s in m["sources"].items()],
+        f"share of the mixture by source ({share_key}); orange tick: the recipe's target",
+    )
 
     def split(group: dict[str, dict[str, int]], title: str) -> str:
         total = sum(v["tokens"] for v in group.values()) or 1
@@ -102,36 +114,43 @@ def _html(m: dict[str, Any], hists: dict[str, dict[str, Any]]) -> str:
             f"<td class=r>{_n(s['tokens'])}</td><td class=r>{_n(s['text_tokens'])}</td>"
             f"<td class=r>{_n(s['visual_tokens'])}</td><td class=r>{_n(s['target'])}</td>"
             f"<td class='r {cls}'>{dev:+,}</td><td class=r>{s['epochs']:.2f}</td>"
-            f"<td class=r>{_n(s['available']['rows'])}</td></tr>")
+            f"<td class=r>{_n(s['available']['rows'])}</td></tr>"
+        )
     ledger = []
     for name, s in m["sources"].items():
         for e in s["ledger"]:
-            ledger.append(f"<tr><td>{_esc(name)}</td><td class=r>{e['epoch']}</td><td class=r>{_n(e['rows'])}</td>"
-                          f"<td class=r>{_n(e['tokens'])}</td><td>{'whole pass' if e['complete'] else 'partial'}"
-                          f"</td></tr>")
+            ledger.append(
+                f"<tr><td>{_esc(name)}</td><td class=r>{e['epoch']}</td><td class=r>{_n(e['rows'])}</td>"
+                f"<td class=r>{_n(e['tokens'])}</td><td>{'whole pass' if e['complete'] else 'partial'}"
+                f"</td></tr>"
+            )
     hist_svgs = "".join(
         svg_histogram(h["edges"], h["counts"], f"{name}: tokens/row, median {h['p50']:,.0f}")
-        for name, h in hists.items())
-    mode_rows = "".join(f"<tr><td>{_esc(k)}</td><td class=r>{_n(v['rows'])}</td><td class=r>{_n(v['tokens'])}</td>"
-                        f"<td class=r>{_pct(v['tokens'], t['tokens'])}</td></tr>" for k, v in m["modes"].items())
+        for name, h in hists.items()
+    )
+    mode_rows = "".join(
+        f"<tr><td>{_esc(k)}</td><td class=r>{_n(v['rows'])}</td><td class=r>{_n(v['tokens'])}</td>"
+        f"<td class=r>{_pct(v['tokens'], t['tokens'])}</td></tr>"
+        for k, v in m["modes"].items()
+    )
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>mixture {_esc(m['name'])}</title><style>{_CSS}{_EXTRA_CSS}</style></head><body>
-<h1>Mixture {_esc(m['name'])}</h1>
-<p class="meta">recipe hash <code>{_esc(m['recipe_hash'])}</code> · seed {m['seed']} · tokenizer
-<code>{_esc(m['tokenizer']['source'])}</code> · budget in {unit}: requested {_esc(_n(b['requested']) if isinstance(b['requested'], int) else b['requested'])},
-target {_n(b['target'])}, selected {_n(b['selected'])} (deviation {b['deviation']:+,}, {b['deviation_pct']:+.4f}%)</p>
+<title>mixture {_esc(m["name"])}</title><style>{_CSS}{_EXTRA_CSS}</style></head><body>
+<h1>Mixture {_esc(m["name"])}</h1>
+<p class="meta">recipe hash <code>{_esc(m["recipe_hash"])}</code> · seed {m["seed"]} · tokenizer
+<code>{_esc(m["tokenizer"]["source"])}</code> · budget in {unit}: requested {_esc(_n(b["requested"]) if isinstance(b["requested"], int) else b["requested"])},
+target {_n(b["target"])}, selected {_n(b["selected"])} (deviation {b["deviation"]:+,}, {b["deviation_pct"]:+.4f}%)</p>
 <div class="totals">
-<div class="tot"><b>{_n(t['rows'])}</b>rows ({_n(t['unique_rows'])} distinct)</div>
-<div class="tot"><b>{_n(t['tokens'])}</b>tokens</div>
-<div class="tot"><b>{_n(t['text_tokens'])}</b>text tokens</div>
-<div class="tot"><b>{_n(t['visual_tokens'])}</b>visual tokens</div>
-<div class="tot"><b>{_n(t['shards'])}</b>shards</div></div>
+<div class="tot"><b>{_n(t["rows"])}</b>rows ({_n(t["unique_rows"])} distinct)</div>
+<div class="tot"><b>{_n(t["tokens"])}</b>tokens</div>
+<div class="tot"><b>{_n(t["text_tokens"])}</b>text tokens</div>
+<div class="tot"><b>{_n(t["visual_tokens"])}</b>visual tokens</div>
+<div class="tot"><b>{_n(t["shards"])}</b>shards</div></div>
 <h2>Proportions</h2><div class="hists">{bars}
-{split(m['modalities'], 'tokens by modality')}{split(m['modes'], 'tokens by mode')}</div>
+{split(m["modalities"], "tokens by modality")}{split(m["modes"], "tokens by mode")}</div>
 <h2>Sources</h2>
 <table><thead><tr><th>source</th><th>pool</th><th class=r>rows</th><th class=r>tokens</th><th class=r>text</th>
 <th class=r>visual</th><th class=r>target ({unit})</th><th class=r>deviation</th><th class=r>epochs</th>
-<th class=r>rows available</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<th class=r>rows available</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
 <h2>Modes</h2><table><thead><tr><th>mode</th><th class=r>rows</th><th class=r>tokens</th><th class=r>share</th>
 </tr></thead><tbody>{mode_rows}</tbody></table>
 <h2>Length distributions</h2><p class="meta">Tokens per row (text and visual), log-scaled bins.</p>
@@ -139,6 +158,6 @@ target {_n(b['target'])}, selected {_n(b['selected'])} (deviation {b['deviation'
 <h2>Epoch ledger</h2><p class="meta">How many passes each source took; a source is repeated only when its
 recipe allows it (upsample: true).</p>
 <table><thead><tr><th>source</th><th class=r>epoch</th><th class=r>rows</th><th class=r>tokens</th><th>pass</th>
-</tr></thead><tbody>{''.join(ledger)}</tbody></table>
+</tr></thead><tbody>{"".join(ledger)}</tbody></table>
 </body></html>
 """

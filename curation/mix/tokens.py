@@ -450,6 +450,11 @@ def row_tokens(
         n_images = np.bincount(np.asarray(img_rows, np.int64), minlength=n)  # a row may hold several
         n_videos = np.zeros(n, np.int64)
         n_videos[vid_rows] = 1
-        text_tokens = (text_tokens + markup.per_row + markup.per_message * n_messages
-                       + markup.per_image * n_images + markup.per_video * n_videos)
+        text_tokens = (
+            text_tokens
+            + markup.per_row
+            + markup.per_message * n_messages
+            + markup.per_image * n_images
+            + markup.per_video * n_videos
+        )
     return {"text_tokens": text_tokens, "visual_tokens": visual, "total": text_tokens + visual}

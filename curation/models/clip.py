@@ -45,8 +45,10 @@ from curation.models import file_sha256
 log = logging.getLogger(__name__)
 
 FORMAT = "curation.clip/1"  # marks checkpoints written by save_clip
-SPEC_FORMS = ("ARCH:TAG (e.g. ViT-B-32:datacomp_xl_s13b_b90k), ARCH:/path/to/weights.pt, "
-              "a checkpoint written by curation.models.clip.save_clip, or local-dir:/path/to/open_clip/folder")
+SPEC_FORMS = (
+    "ARCH:TAG (e.g. ViT-B-32:datacomp_xl_s13b_b90k), ARCH:/path/to/weights.pt, "
+    "a checkpoint written by curation.models.clip.save_clip, or local-dir:/path/to/open_clip/folder"
+)
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -90,8 +92,10 @@ def resolve_clip(spec: str, allow_download: bool = False, cache_dir: str | None 
     if spec.startswith("local-dir:"):
         return _resolve_local_dir(spec)
     if spec.startswith("hf-hub:"):
-        raise ValueError(f"model '{spec}': hf-hub specs are not supported; download the repository once "
-                         f"(hf download ...) and use local-dir:/path/to/it, or use ARCH:TAG")
+        raise ValueError(
+            f"model '{spec}': hf-hub specs are not supported; download the repository once "
+            f"(hf download ...) and use local-dir:/path/to/it, or use ARCH:TAG"
+        )
     arch, sep, rest = spec.partition(":")
     if sep and arch in open_clip.list_models():
         if open_clip.is_pretrained_cfg(arch, rest):
@@ -99,17 +103,25 @@ def resolve_clip(spec: str, allow_download: bool = False, cache_dir: str | None 
         path = Path(rest).expanduser()
         if not path.is_file():
             tags = open_clip.list_pretrained_tags_by_model(arch)
-            tags = ", ".join(tags[:8]) + (f" and {len(tags) - 8} more" if len(tags) > 8 else "") if tags else "none"
-            raise FileNotFoundError(f"model '{spec}': '{rest}' is neither a pretrained tag of {arch} "
-                                    f"(known: {tags}) nor an existing checkpoint file")
+            tags = (
+                ", ".join(tags[:8]) + (f" and {len(tags) - 8} more" if len(tags) > 8 else "")
+                if tags
+                else "none"
+            )
+            raise FileNotFoundError(
+                f"model '{spec}': '{rest}' is neither a pretrained tag of {arch} "
+                f"(known: {tags}) nor an existing checkpoint file"
+            )
         return ClipWeights(spec, f"{arch}:{path.resolve()}", arch, str(path.resolve()))
     path = Path(spec).expanduser()
     if path.is_file():
         return _resolve_saved(spec, path)
     if sep and not os.path.exists(arch):  # looks like ARCH:SOMETHING with an unknown ARCH
-        raise ValueError(f"model '{spec}': unknown open_clip architecture '{arch}' "
-                         f"(open_clip.list_models() lists the {len(open_clip.list_models())} known ones); "
-                         f"expected {SPEC_FORMS}")
+        raise ValueError(
+            f"model '{spec}': unknown open_clip architecture '{arch}' "
+            f"(open_clip.list_models() lists the {len(open_clip.list_models())} known ones); "
+            f"expected {SPEC_FORMS}"
+        )
     raise FileNotFoundError(f"model '{spec}': no such checkpoint file {path}; expected {SPEC_FORMS}")
 
 
@@ -121,7 +133,8 @@ def _resolve_tag(open_clip, spec: str, arch: str, tag: str, allow_download: bool
         where = cfg.get("hf_hub") or cfg.get("url")
         raise FileNotFoundError(
             f"model '{spec}': the weights ({where}) are not in the local cache; set allow_download: true to "
-            f"fetch them once (from the driver, before any data is read), or give a local checkpoint")
+            f"fetch them once (from the driver, before any data is read), or give a local checkpoint"
+        )
     if path is None:
         log.info("downloading the weights of %s", name)
         try:
@@ -130,8 +143,14 @@ def _resolve_tag(open_clip, spec: str, arch: str, tag: str, allow_download: bool
             raise FileNotFoundError(f"model '{spec}': downloading the weights failed: {e}") from e
     from open_clip.transform import merge_preprocess_dict
 
-    return ClipWeights(spec, name, arch, path, preprocess_cfg=merge_preprocess_dict({}, cfg),
-                       quick_gelu=bool(cfg.get("quick_gelu", False)))
+    return ClipWeights(
+        spec,
+        name,
+        arch,
+        path,
+        preprocess_cfg=merge_preprocess_dict({}, cfg),
+        quick_gelu=bool(cfg.get("quick_gelu", False)),
+    )
 
 
 def _cached_pretrained(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
@@ -164,7 +183,7 @@ def _cached_pretrained(cfg: dict[str, Any], cache_dir: str | None) -> str | None
 def _resolve_local_dir(spec: str) -> ClipWeights:
     from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itself will load
 
-    folder = Path(spec[len("local-dir:"):]).expanduser()
+    folder = Path(spec[len("local-dir:") :]).expanduser()
     if not (folder / "open_clip_config.json").is_file():
         raise FileNotFoundError(f"model '{spec}': {folder} has no open_clip_config.json")
     weights = _find_checkpoint_in_dir(folder)
@@ -182,10 +201,18 @@ def _resolve_saved(spec: str, path: Path) -> ClipWeights:
     except Exception as e:  # not a torch file, a pickle that is not weights-only, a truncated file
         raise ValueError(f"model '{spec}': cannot read {path} as a checkpoint: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"model '{spec}': {path} does not record its architecture (it was not written by "
-                         f"save_clip); name the architecture: ARCH:{path}")
-    return ClipWeights(spec, f"{ckpt['arch']}:{path.resolve()}", ckpt["arch"], str(path.resolve()),
-                       model_cfg=ckpt["model_cfg"], preprocess_cfg=ckpt.get("preprocess_cfg") or {})
+        raise ValueError(
+            f"model '{spec}': {path} does not record its architecture (it was not written by "
+            f"save_clip); name the architecture: ARCH:{path}"
+        )
+    return ClipWeights(
+        spec,
+        f"{ckpt['arch']}:{path.resolve()}",
+        ckpt["arch"],
+        str(path.resolve()),
+        model_cfg=ckpt["model_cfg"],
+        preprocess_cfg=ckpt.get("preprocess_cfg") or {},
+    )
 
 
 def save_clip(model, arch: str | dict, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -212,8 +239,16 @@ def save_clip(model, arch: str | dict, path: str | os.PathLike, name: str | None
     preprocess = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, "arch": arch_name, "model_cfg": cfg, "preprocess_cfg": preprocess,
-                "state_dict": state}, tmp)
+    torch.save(
+        {
+            "format": FORMAT,
+            "arch": arch_name,
+            "model_cfg": cfg,
+            "preprocess_cfg": preprocess,
+            "state_dict": state,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
     return path
 
@@ -262,7 +297,9 @@ class ClipModel:
 
         steps = list(self.preprocess.transforms)
         if not (isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize)):
-            raise TypeError(f"open_clip's transform no longer ends with ToTensor, Normalize: {self.preprocess}")
+            raise TypeError(
+                f"open_clip's transform no longer ends with ToTensor, Normalize: {self.preprocess}"
+            )
         self._prepare = Compose(steps[:-2])
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(steps[-1].mean, dtype=torch.float32, device=self.device).view(shape)
@@ -324,8 +361,14 @@ class ClipModel:
         return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
 
 
-def load_clip(spec: str, device: str = "cpu", allow_download: bool = False, cache_dir: str | None = None,
-              precision: str = "fp32", weights: ClipWeights | None = None) -> ClipModel:
+def load_clip(
+    spec: str,
+    device: str = "cpu",
+    allow_download: bool = False,
+    cache_dir: str | None = None,
+    precision: str = "fp32",
+    weights: ClipWeights | None = None,
+) -> ClipModel:
     """Build the model ``spec`` names on ``device``, in evaluation mode.
 
     ``precision``: ``fp32``, or ``fp16``/``bf16`` autocast (GPUs: about twice the throughput; scores move in
@@ -340,13 +383,22 @@ def load_clip(spec: str, device: str = "cpu", allow_download: bool = False, cach
     if weights.arch.startswith("local-dir:"):  # open_clip reads the folder's config and weights itself
         arch, pretrained = weights.arch, None
     else:
-        arch = _register_arch(open_clip, weights.arch, weights.model_cfg) if weights.model_cfg else weights.arch
+        arch = (
+            _register_arch(open_clip, weights.arch, weights.model_cfg) if weights.model_cfg else weights.arch
+        )
         pretrained = weights.checkpoint
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, device=device, force_quick_gelu=weights.quick_gelu,
-                                       force_preprocess_cfg=weights.preprocess_cfg or None)
+        model = open_clip.create_model(
+            arch,
+            pretrained=pretrained,
+            device=device,
+            force_quick_gelu=weights.quick_gelu,
+            force_preprocess_cfg=weights.preprocess_cfg or None,
+        )
     except RuntimeError as e:  # open_clip reports a state dict that does not fit as RuntimeError
-        raise ValueError(f"model '{spec}': the weights in {weights.checkpoint} do not fit {weights.arch}: {e}") from e
+        raise ValueError(
+            f"model '{spec}': the weights in {weights.checkpoint} do not fit {weights.arch}: {e}"
+        ) from e
     model.eval()
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     tokenizer = open_clip.get_tokenizer(arch)

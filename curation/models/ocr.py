@@ -116,9 +116,14 @@ def resolve_ocr(engine: str = "rapidocr", model_dir: str | None = None, angle: b
 def _resolve_rapidocr(model_dir: str | None, angle: bool) -> OcrModels:
     spec = importlib.util.find_spec("rapidocr")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("engine rapidocr: the 'rapidocr' package is not installed: "
-                                "pip install 'keye-curation[ocr]'")
-    folder = Path(model_dir).expanduser() if model_dir else Path(next(iter(spec.submodule_search_locations))) / "models"
+        raise FileNotFoundError(
+            "engine rapidocr: the 'rapidocr' package is not installed: pip install 'keye-curation[ocr]'"
+        )
+    folder = (
+        Path(model_dir).expanduser()
+        if model_dir
+        else Path(next(iter(spec.submodule_search_locations))) / "models"
+    )
     where = f"model_dir {folder}" if model_dir else f"the rapidocr package's models folder {folder}"
     if not folder.is_dir():
         raise FileNotFoundError(f"engine rapidocr: {where} does not exist")
@@ -129,7 +134,9 @@ def _resolve_rapidocr(model_dir: str | None, angle: bool) -> OcrModels:
         if len(found) != 1:
             what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
             hint = "; or set angle: false to run without the angle classifier" if role == "cls" else ""
-            raise FileNotFoundError(f"engine rapidocr: {where} has {what} *{role}*.onnx model, expected one{hint}")
+            raise FileNotFoundError(
+                f"engine rapidocr: {where} has {what} *{role}*.onnx model, expected one{hint}"
+            )
         files[role] = str(found[0].resolve())
     keys = sorted(folder.glob("*.txt"))
     if len(keys) == 1:  # a recogniser's character list, for a model without it in its metadata
@@ -139,9 +146,11 @@ def _resolve_rapidocr(model_dir: str | None, angle: bool) -> OcrModels:
 
 def _resolve_paddleocr(model_dir: str | None, angle: bool) -> OcrModels:
     if not model_dir:
-        raise ValueError("engine paddleocr: model_dir is required (PaddleOCR downloads models at run time "
-                         "otherwise): a folder holding the PaddleX model folders, e.g. PP-OCRv5_mobile_det/, "
-                         "PP-OCRv5_mobile_rec/ and PP-LCNet_x1_0_textline_ori/")
+        raise ValueError(
+            "engine paddleocr: model_dir is required (PaddleOCR downloads models at run time "
+            "otherwise): a folder holding the PaddleX model folders, e.g. PP-OCRv5_mobile_det/, "
+            "PP-OCRv5_mobile_rec/ and PP-LCNet_x1_0_textline_ori/"
+        )
     import yaml
 
     folder = Path(model_dir).expanduser()
@@ -152,23 +161,41 @@ def _resolve_paddleocr(model_dir: str | None, angle: bool) -> OcrModels:
     for sub in sorted(p for p in folder.iterdir() if (p / "inference.yml").is_file()):
         with open(sub / "inference.yml", encoding="utf-8") as f:
             name = ((yaml.safe_load(f) or {}).get("Global") or {}).get("model_name") or sub.name
-        role = "det" if name.endswith("_det") else "rec" if name.endswith("_rec") else (
-            "cls" if "textline_ori" in name else None)
+        role = (
+            "det"
+            if name.endswith("_det")
+            else "rec"
+            if name.endswith("_rec")
+            else ("cls" if "textline_ori" in name else None)
+        )
         if role is None:
             continue
         if role in files:
-            raise ValueError(f"engine paddleocr: model_dir {folder} has two {role} models: {names[role]} and {name}")
+            raise ValueError(
+                f"engine paddleocr: model_dir {folder} has two {role} models: {names[role]} and {name}"
+            )
         if not (sub / "inference.pdiparams").is_file():
-            raise FileNotFoundError(f"engine paddleocr: {sub} has no inference.pdiparams (an incomplete download?)")
+            raise FileNotFoundError(
+                f"engine paddleocr: {sub} has no inference.pdiparams (an incomplete download?)"
+            )
         files[role], names[role] = str(sub.resolve()), name
     needed = ("det", "rec", "cls") if angle else ("det", "rec")
     missing = [r for r in needed if r not in files]
     if missing:
-        examples = {"det": "PP-OCRv5_mobile_det", "rec": "PP-OCRv5_mobile_rec", "cls": "PP-LCNet_x1_0_textline_ori"}
+        examples = {
+            "det": "PP-OCRv5_mobile_det",
+            "rec": "PP-OCRv5_mobile_rec",
+            "cls": "PP-LCNet_x1_0_textline_ori",
+        }
         raise FileNotFoundError(
             f"engine paddleocr: model_dir {folder} has no {', '.join(missing)} model folder (a folder with an "
             f"inference.yml naming e.g. {', '.join(examples[r] for r in missing)})"
-            + ("; or set angle: false to run without the text-line orientation model" if missing == ["cls"] else ""))
+            + (
+                "; or set angle: false to run without the text-line orientation model"
+                if missing == ["cls"]
+                else ""
+            )
+        )
     if not angle:
         files.pop("cls", None)
         names.pop("cls", None)
@@ -180,9 +207,13 @@ class OcrOptions:
     """How an engine runs (the stage's parameters)."""
 
     threads: int = 1  # engine threads (onnxruntime intra-op, OpenCV, Paddle's CPU math library)
-    angle: bool = True  # text-line angle classifier: lines upside down (180 degrees) are turned before recognition
+    angle: bool = (
+        True  # text-line angle classifier: lines upside down (180 degrees) are turned before recognition
+    )
     det_limit_side_len: int = 960  # detector input size, with det_limit_type:
-    det_limit_type: str = "max"  # max: scale the longer side down to det_limit_side_len; min: the shorter side up
+    det_limit_type: str = (
+        "max"  # max: scale the longer side down to det_limit_side_len; min: the shorter side up
+    )
     min_line_confidence: float = 0.5  # lines recognised below this are dropped by the engine
     # RapidOCR: a line read with less confidence than this is read again turned over (180 degrees) and the more
     # confident reading kept. The angle classifier sees a long line squeezed into 192 pixels and often gets it
@@ -265,11 +296,15 @@ class RapidOcrEngine(OcrEngine):
         else:
             angles = [0] * len(texts)
         self._reread(cls.img_list if cls.img_list is not None else crops, texts, scores, angles)
-        return [Line(tuple((float(x), float(y)) for x, y in box), text, score, angle)
-                for box, text, score, angle in zip(boxes, texts, scores, angles)
-                if text.strip() and score >= self._min_confidence]
+        return [
+            Line(tuple((float(x), float(y)) for x, y in box), text, score, angle)
+            for box, text, score, angle in zip(boxes, texts, scores, angles)
+            if text.strip() and score >= self._min_confidence
+        ]
 
-    def _reread(self, crops: list[np.ndarray], texts: list[str], scores: list[float], angles: list[int]) -> None:
+    def _reread(
+        self, crops: list[np.ndarray], texts: list[str], scores: list[float], angles: list[int]
+    ) -> None:
         """Read the doubtful lines' crops turned over; keep the more confident reading (in place)."""
         import cv2
         from rapidocr.ch_ppocr_rec import TextRecInput
@@ -289,10 +324,16 @@ def _check_rec_characters(rec: str) -> None:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    meta = ort.InferenceSession(rec, opts, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    meta = (
+        ort.InferenceSession(rec, opts, providers=["CPUExecutionProvider"])
+        .get_modelmeta()
+        .custom_metadata_map
+    )
     if "character" not in meta:
-        raise FileNotFoundError(f"engine rapidocr: the recogniser {rec} has no character list inside; put its keys "
-                                f"file (one character a line, *.txt) next to it")
+        raise FileNotFoundError(
+            f"engine rapidocr: the recogniser {rec} has no character list inside; put its keys "
+            f"file (one character a line, *.txt) next to it"
+        )
 
 
 class PaddleOcrEngine(OcrEngine):
@@ -302,33 +343,53 @@ class PaddleOcrEngine(OcrEngine):
         from paddleocr import PaddleOCR
 
         self.models = models
-        self._min_confidence = opts.min_line_confidence  # applied here: PaddleX's own filter leaves the angles unfiltered
+        self._min_confidence = (
+            opts.min_line_confidence
+        )  # applied here: PaddleX's own filter leaves the angles unfiltered
         kwargs: dict[str, Any] = {}
         if opts.angle:
-            kwargs.update(textline_orientation_model_name=models.names["cls"],
-                          textline_orientation_model_dir=models.files["cls"])
+            kwargs.update(
+                textline_orientation_model_name=models.names["cls"],
+                textline_orientation_model_dir=models.files["cls"],
+            )
         self._ocr = PaddleOCR(
-            text_detection_model_name=models.names["det"], text_detection_model_dir=models.files["det"],
-            text_recognition_model_name=models.names["rec"], text_recognition_model_dir=models.files["rec"],
-            use_doc_orientation_classify=False, use_doc_unwarping=False, use_textline_orientation=opts.angle,
-            text_det_limit_side_len=opts.det_limit_side_len, text_det_limit_type=opts.det_limit_type,
-            text_rec_score_thresh=0.0, device="cpu", cpu_threads=max(1, int(opts.threads)),
-            **kwargs)
+            text_detection_model_name=models.names["det"],
+            text_detection_model_dir=models.files["det"],
+            text_recognition_model_name=models.names["rec"],
+            text_recognition_model_dir=models.files["rec"],
+            use_doc_orientation_classify=False,
+            use_doc_unwarping=False,
+            use_textline_orientation=opts.angle,
+            text_det_limit_side_len=opts.det_limit_side_len,
+            text_det_limit_type=opts.det_limit_type,
+            text_rec_score_thresh=0.0,
+            device="cpu",
+            cpu_threads=max(1, int(opts.threads)),
+            **kwargs,
+        )
 
     def _one(self, rgb: np.ndarray) -> list[Line]:
         [res] = self._ocr.predict(np.ascontiguousarray(rgb[:, :, ::-1]))  # PaddleX takes arrays as BGR
         # textline_orientation_angles: 0 or 180 per line, -1 without the orientation model
         angles = list(res.get("textline_orientation_angles") or []) or [0] * len(res["rec_texts"])
-        return [Line(tuple((float(x), float(y)) for x, y in np.asarray(poly).reshape(-1, 2)), str(text), float(score),
-                     max(0, int(angle)))
-                for poly, text, score, angle in zip(res["rec_polys"], res["rec_texts"], res["rec_scores"], angles)
-                if text.strip() and score >= self._min_confidence]
+        return [
+            Line(
+                tuple((float(x), float(y)) for x, y in np.asarray(poly).reshape(-1, 2)),
+                str(text),
+                float(score),
+                max(0, int(angle)),
+            )
+            for poly, text, score, angle in zip(res["rec_polys"], res["rec_texts"], res["rec_scores"], angles)
+            if text.strip() and score >= self._min_confidence
+        ]
 
 
 def load_ocr(models: OcrModels, opts: OcrOptions | None = None) -> OcrEngine:
     """Build the engine ``models`` names (once per worker: loading takes a fraction of a second)."""
     opts = opts or OcrOptions()
     if opts.det_limit_type not in LIMIT_TYPES:
-        raise ValueError(f"det_limit_type: expected one of {', '.join(LIMIT_TYPES)}, got {opts.det_limit_type!r}")
+        raise ValueError(
+            f"det_limit_type: expected one of {', '.join(LIMIT_TYPES)}, got {opts.det_limit_type!r}"
+        )
     cls = RapidOcrEngine if models.engine == "rapidocr" else PaddleOcrEngine
     return cls(models, opts)

@@ -51,8 +51,11 @@ def ensure_torchvision() -> ModuleType:
 
     with _lock:
         if not hasattr(torch.ops.torchvision, "nms") and not _load_compiled_ops(torch):
-            log.info("torchvision's compiled ops do not load with torch %s: defining the nms/qnms schemas so "
-                     "that torchvision imports (transforms work; torchvision.ops.nms does not)", torch.__version__)
+            log.info(
+                "torchvision's compiled ops do not load with torch %s: defining the nms/qnms schemas so "
+                "that torchvision imports (transforms work; torchvision.ops.nms does not)",
+                torch.__version__,
+            )
             _library = torch.library.Library("torchvision", "DEF")
             for schema in _SCHEMAS:
                 _library.define(schema)

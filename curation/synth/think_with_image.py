@@ -39,9 +39,15 @@ log = logging.getLogger(__name__)
 
 MODE = "think_with_image"
 _FENCE = re.compile(r"```python[ \t]*\r?\n(.*?)```", re.DOTALL)
-_SANDBOX_REASONS = {"timeout": "sandbox_timeout", "memory": "sandbox_memory", "blocked": "sandbox_blocked",
-                    "error": "sandbox_error", "no_output": "no_output_image", "bad_output": "bad_output_image",
-                    "bad_input": "no_input_image"}
+_SANDBOX_REASONS = {
+    "timeout": "sandbox_timeout",
+    "memory": "sandbox_memory",
+    "blocked": "sandbox_blocked",
+    "error": "sandbox_error",
+    "no_output": "no_output_image",
+    "bad_output": "bad_output_image",
+    "bad_input": "no_input_image",
+}
 
 
 class _Reject(Exception):
@@ -79,11 +85,16 @@ class ThinkWithImage(Stage):
         self.preflight()
         probe = self._run("result = image", _probe_png())
         if not probe.ok:
-            raise RuntimeError(f"think_with_image: the sandbox does not work here: {probe.reason}: {probe.detail}")
+            raise RuntimeError(
+                f"think_with_image: the sandbox does not work here: {probe.reason}: {probe.detail}"
+            )
         landlock = any(x.startswith("landlock") for x in probe.layers)
         (log.info if landlock else log.warning)(
-            "think_with_image: sandbox layers %s%s (%.2f s per snippet)", ", ".join(probe.layers),
-            "" if landlock else "; no Landlock here (the mount namespace still confines files)", probe.elapsed)
+            "think_with_image: sandbox layers %s%s (%.2f s per snippet)",
+            ", ".join(probe.layers),
+            "" if landlock else "; no Landlock here (the mount namespace still confines files)",
+            probe.elapsed,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = pc.and_(self.applies(batch), pc.equal(pc.fill_null(batch["mode"], ""), MODE))
@@ -123,11 +134,18 @@ class ThinkWithImage(Stage):
             at = positions.to_numpy()[done]
             batch = _replace(batch, "messages", at, pa.array(new_messages, pa.string()))
             batch = _replace(batch, "images", at, pa.array(new_images, pa.list_(pa.binary())))
-        return mark_rejected(batch, positions, self.label, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
+        return mark_rejected(
+            batch, positions, self.label, pa.array(reasons, pa.string()), pa.array(details, pa.string())
+        )
 
     def _run(self, code: str, image: bytes) -> SandboxResult:
-        return run_code(code, image, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
-                        max_output_pixels=self.max_output_pixels)
+        return run_code(
+            code,
+            image,
+            timeout_s=self.timeout_s,
+            memory_mb=self.memory_mb,
+            max_output_pixels=self.max_output_pixels,
+        )
 
 
 def _prepare(messages: str | None, images: list | None) -> tuple[list, int, str] | None:
@@ -137,17 +155,28 @@ def _prepare(messages: str | None, images: list | None) -> tuple[list, int, str]
         msgs = json.loads(messages) if messages is not None else None
     except json.JSONDecodeError as e:
         raise _Reject("bad_messages", f"messages is not JSON: {e}") from None
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                         for m in msgs):
+    if (
+        not isinstance(msgs, list)
+        or not msgs
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs)
+    ):
         raise _Reject("bad_messages", "messages must be a non-empty JSON list of {role, content} objects")
     if any(m["role"] == "tool" for m in msgs):
         return None
-    blocks = [(i, code) for i, m in enumerate(msgs) if m["role"] == "assistant"
-              for code in _FENCE.findall(_text(m.get("content")))]
+    blocks = [
+        (i, code)
+        for i, m in enumerate(msgs)
+        if m["role"] == "assistant"
+        for code in _FENCE.findall(_text(m.get("content")))
+    ]
     if len(blocks) != 1:
         where = ", ".join(f"message {i}" for i, _ in blocks)
-        raise _Reject("no_code", f"{len(blocks)} ```python blocks in assistant turns ({where}); expected one"
-                      if blocks else "no ```python block in an assistant turn")
+        raise _Reject(
+            "no_code",
+            f"{len(blocks)} ```python blocks in assistant turns ({where}); expected one"
+            if blocks
+            else "no ```python block in an assistant turn",
+        )
     turn, code = blocks[0]
     try:
         compile(code, "<think_with_image>", "exec", dont_inherit=True)
@@ -165,8 +194,11 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+        return "\n".join(
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
     return ""
 
 

@@ -125,7 +125,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 autocast on cuda, float32 on cpu), float32, bfloat16
     log_every: int = bounded(1, 1, 10_000_000)
     ckpt_every: int = bounded(0, 0, 10_000_000)  # 0: a checkpoint at the end only
-    init: str | None = None  # start from this checkpoint's weights (an earlier stage); fresh optimizer and data
+    init: str | None = (
+        None  # start from this checkpoint's weights (an earlier stage); fresh optimizer and data
+    )
     resume: str | None = None  # continue this run's checkpoint: weights, optimizer, step, data position
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -146,16 +148,41 @@ class StageSpec:
 
 
 STAGE_DEFAULTS: dict[str, StageSpec] = {
-    "0": StageSpec(("vision", "contrastive"), 1e-3, 0.1, ("image_text",),
-                   "vision encoder, contrastive (sigmoid loss) on image-text pairs"),
-    "1": StageSpec(("projector",), 2e-3, 0.1, ("image_text", "interleaved", "video", "text", "sft"),
-                   "cross-modal alignment: only the projector trains"),
-    "2": StageSpec(("vision", "projector", "lm"), 1e-3, 0.1, ("image_text", "interleaved", "video", "text", "sft"),
-                   "multi-task pre-training: every parameter trains"),
-    "3": StageSpec(("vision", "projector", "lm"), 3e-4, 0.0, ("image_text", "interleaved", "video", "text", "sft"),
-                   "annealing: lower learning rate decayed to zero, high-quality mixture"),
-    "sft": StageSpec(("vision", "projector", "lm"), 5e-4, 0.1, ("sft",),
-                     "cold-start SFT: conversations, loss on assistant turns only"),
+    "0": StageSpec(
+        ("vision", "contrastive"),
+        1e-3,
+        0.1,
+        ("image_text",),
+        "vision encoder, contrastive (sigmoid loss) on image-text pairs",
+    ),
+    "1": StageSpec(
+        ("projector",),
+        2e-3,
+        0.1,
+        ("image_text", "interleaved", "video", "text", "sft"),
+        "cross-modal alignment: only the projector trains",
+    ),
+    "2": StageSpec(
+        ("vision", "projector", "lm"),
+        1e-3,
+        0.1,
+        ("image_text", "interleaved", "video", "text", "sft"),
+        "multi-task pre-training: every parameter trains",
+    ),
+    "3": StageSpec(
+        ("vision", "projector", "lm"),
+        3e-4,
+        0.0,
+        ("image_text", "interleaved", "video", "text", "sft"),
+        "annealing: lower learning rate decayed to zero, high-quality mixture",
+    ),
+    "sft": StageSpec(
+        ("vision", "projector", "lm"),
+        5e-4,
+        0.1,
+        ("sft",),
+        "cold-start SFT: conversations, loss on assistant turns only",
+    ),
 }
 
 
@@ -217,7 +244,9 @@ def check(cfg: TrainConfig) -> list[str]:
     if cfg.data.verify not in ("sha256", "size", "none"):
         p.append(f"config.data.verify: '{cfg.data.verify}' (expected sha256, size or none)")
     if cfg.vision.dim % cfg.vision.heads:
-        p.append(f"config.vision.dim: {cfg.vision.dim} is not a multiple of vision.heads ({cfg.vision.heads})")
+        p.append(
+            f"config.vision.dim: {cfg.vision.dim} is not a multiple of vision.heads ({cfg.vision.heads})"
+        )
     if cfg.vision.rope_2d and (cfg.vision.dim // cfg.vision.heads) % 4:
         p.append("config.vision: 2D rotary positions need a head width (dim / heads) divisible by 4")
     if cfg.lm.heads % cfg.lm.kv_heads:
@@ -225,8 +254,10 @@ def check(cfg: TrainConfig) -> list[str]:
     if cfg.lm.head_dim % 2:
         p.append("config.lm.head_dim: expected an even number (rotary positions rotate pairs)")
     if cfg.lm.mrope_section and sum(cfg.lm.mrope_section) != cfg.lm.head_dim // 2:
-        p.append(f"config.lm.mrope_section: {cfg.lm.mrope_section} must have 3 parts summing to "
-                 f"lm.head_dim / 2 = {cfg.lm.head_dim // 2}")
+        p.append(
+            f"config.lm.mrope_section: {cfg.lm.mrope_section} must have 3 parts summing to "
+            f"lm.head_dim / 2 = {cfg.lm.head_dim // 2}"
+        )
     if cfg.lm.mrope_section and len(cfg.lm.mrope_section) != 3:
         p.append("config.lm.mrope_section: expected 3 numbers (t, h, w)")
     if cfg.init and cfg.resume:
@@ -252,7 +283,9 @@ def from_dict(raw: dict[str, Any], where: str = "checkpoint") -> TrainConfig:
     problems: list[str] = []
     cfg = build(TrainConfig, raw, "config", problems)
     if cfg is None:
-        raise ConfigError(f"{where}: its training config does not load:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            f"{where}: its training config does not load:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return cfg
 
 

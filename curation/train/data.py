@@ -55,8 +55,15 @@ log = logging.getLogger(__name__)
 
 MIXTURE_FORMAT = "curation.mixture/1"
 # Qwen's special tokens: looked up in a tokenizer.json, added after its vocabulary when it lacks them.
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>")
+SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 # Columns the samples are built from (any that a shard lacks are read as null).
 COLUMNS = ("key", "id", "modality", "text", "image", "texts", "images", "frames", "frame_ts", "messages")
 IGNORE = -100  # label of a position without loss
@@ -152,18 +159,24 @@ def open_mixture(path: str, fmt: str) -> Mixture:
     try:
         manifest = json.loads(cfs.read_bytes(manifest_uri))
     except FileNotFoundError:
-        raise ConfigError(f"{manifest_uri}: not found: is {path} a mixture folder written by `curation mix`?") from None
+        raise ConfigError(
+            f"{manifest_uri}: not found: is {path} a mixture folder written by `curation mix`?"
+        ) from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{manifest_uri}: cannot read it: {e}") from None
     if manifest.get("format") != MIXTURE_FORMAT:
-        raise ConfigError(f"{manifest_uri}: format is {manifest.get('format')!r}, not {MIXTURE_FORMAT!r} "
-                          "(a pool folder? build a mixture from it with `curation mix`)")
+        raise ConfigError(
+            f"{manifest_uri}: format is {manifest.get('format')!r}, not {MIXTURE_FORMAT!r} "
+            "(a pool folder? build a mixture from it with `curation mix`)"
+        )
     key = "tar" if fmt == "webdataset" else "parquet"
     shards, problems = [], []
     for i, entry in enumerate(manifest.get("shards") or []):
         if key not in entry:
-            problems.append(f"shard {entry.get('name', i)} has no {fmt} file in the manifest "
-                            f"(set data.format to {'parquet' if key == 'tar' else 'webdataset'})")
+            problems.append(
+                f"shard {entry.get('name', i)} has no {fmt} file in the manifest "
+                f"(set data.format to {'parquet' if key == 'tar' else 'webdataset'})"
+            )
             continue
         f = entry[key]
         shards.append(Shard(i, cfs.join(path, f["path"]), int(entry["rows"]), int(f["bytes"]), f["sha256"]))
@@ -185,15 +198,21 @@ def verify_shards(mixture: Mixture, verify: str = "sha256", hashed: set[int] | N
         fs, p = cfs.filesystem(s.uri)
         info = fs.get_file_info(p)
         if info.type.name == "NotFound":
-            problems.append(f"{s.uri}: missing (listed in manifest.json; rebuild the mixture with `curation mix`, "
-                            "which resumes and rewrites missing shards)")
+            problems.append(
+                f"{s.uri}: missing (listed in manifest.json; rebuild the mixture with `curation mix`, "
+                "which resumes and rewrites missing shards)"
+            )
         elif verify != "none" and info.size != s.bytes:
-            problems.append(f"{s.uri}: {info.size} bytes, the manifest says {s.bytes} (truncated or replaced)")
+            problems.append(
+                f"{s.uri}: {info.size} bytes, the manifest says {s.bytes} (truncated or replaced)"
+            )
         elif verify == "sha256" and (hashed is None or s.index in hashed):
             digest = sha256_file(fs, p)
             if digest != s.sha256:
-                problems.append(f"{s.uri}: sha256 {digest[:12]}... differs from the manifest's "
-                                f"{s.sha256[:12]}... (the file changed after the mixture was written)")
+                problems.append(
+                    f"{s.uri}: sha256 {digest[:12]}... differs from the manifest's "
+                    f"{s.sha256[:12]}... (the file changed after the mixture was written)"
+                )
     if problems:
         raise ConfigError(f"mixture {mixture.path}:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -204,15 +223,19 @@ def check_stage_rows(mixture: Mixture, stage: str) -> None:
     have = {k: v for k, v in mixture.modality_rows().items() if v}
     if not any(m in have for m in spec.needs):
         found = ", ".join(f"{k} ({v} rows)" for k, v in sorted(have.items())) or "no rows"
-        hint = {"sft": "build one from a cold-start pool: curation mix mixtures/coldstart.yaml",
-                "0": "stage 0 learns from image-text pairs: curation mix mixtures/stage0_vision.yaml"}.get(
-            stage, "use a mixture with images, video or interleaved documents")
-        raise ConfigError(f"mixture {mixture.path}: stage {stage} ({spec.what}) needs rows of "
-                          f"{' or '.join(spec.needs)}, and it holds {found}; {hint}")
+        hint = {
+            "sft": "build one from a cold-start pool: curation mix mixtures/coldstart.yaml",
+            "0": "stage 0 learns from image-text pairs: curation mix mixtures/stage0_vision.yaml",
+        }.get(stage, "use a mixture with images, video or interleaved documents")
+        raise ConfigError(
+            f"mixture {mixture.path}: stage {stage} ({spec.what}) needs rows of "
+            f"{' or '.join(spec.needs)}, and it holds {found}; {hint}"
+        )
 
 
-def _read_rows(shard: Shard, fmt: str, start: int, stop: int,
-               columns: tuple[str, ...] = COLUMNS) -> Iterator[dict[str, Any]]:
+def _read_rows(
+    shard: Shard, fmt: str, start: int, stop: int, columns: tuple[str, ...] = COLUMNS
+) -> Iterator[dict[str, Any]]:
     """Rows ``start:stop`` of a shard as dicts (only ``columns``), reading as little of it as the format allows."""
     if fmt == "parquet":
         with cfs.open_random_access(shard.uri) as f:
@@ -331,16 +354,18 @@ class StreamPlan:
 # ---------------------------------------------------------------- media
 
 
-def load_frame(blob: bytes, patch: int, merge: int, min_pixels: int, max_pixels: int,
-               size: tuple[int, int] | None = None) -> np.ndarray:
+def load_frame(
+    blob: bytes, patch: int, merge: int, min_pixels: int, max_pixels: int, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decode an image, resize it to the 28-multiple size :func:`smart_resize` gives (or ``size``): (H, W, 3) uint8."""
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as im:
         im = im.convert("RGB")
         if size is None:
-            size = smart_resize(im.width, im.height, patch=patch, merge=merge, min_pixels=min_pixels,
-                                max_pixels=max_pixels)
+            size = smart_resize(
+                im.width, im.height, patch=patch, merge=merge, min_pixels=min_pixels, max_pixels=max_pixels
+            )
         if im.size != size:
             im = im.resize(size, Image.Resampling.BICUBIC)
         return np.asarray(im)
@@ -357,8 +382,9 @@ def patchify(pixels: np.ndarray, patch: int, merge: int) -> tuple[np.ndarray, np
     x = (pixels.astype(np.float32) / 255.0 - _MEAN) / _STD
     x = x.transpose(2, 0, 1).reshape(3, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6).reshape(gh * gw, 3 * patch * patch)
-    by, bx, dy, dx = np.meshgrid(np.arange(gh // merge), np.arange(gw // merge), np.arange(merge), np.arange(merge),
-                                 indexing="ij")
+    by, bx, dy, dx = np.meshgrid(
+        np.arange(gh // merge), np.arange(gw // merge), np.arange(merge), np.arange(merge), indexing="ij"
+    )
     rc = np.stack([(by * merge + dy).ravel(), (bx * merge + dx).ravel()], axis=1)
     return np.ascontiguousarray(x), rc
 
@@ -440,8 +466,14 @@ class _Seq:
 class SampleBuilder:
     """Turns a mixture row into a sample for one stage; returns a skip reason when the row gives none."""
 
-    def __init__(self, stage: str, tokenizer: ByteTokenizer | HFTokenizer, data: DataConfig, vision: VisionConfig,
-                 max_text: int):
+    def __init__(
+        self,
+        stage: str,
+        tokenizer: ByteTokenizer | HFTokenizer,
+        data: DataConfig,
+        vision: VisionConfig,
+        max_text: int,
+    ):
         self.stage, self.tok, self.data, self.vision, self.max_text = stage, tokenizer, data, vision, max_text
         self.sp = tokenizer.special
 
@@ -449,8 +481,11 @@ class SampleBuilder:
     def image(self, blob: bytes) -> Visual:
         v, d = self.vision, self.data
         pixels = load_frame(blob, v.patch, v.merge, d.min_pixels, d.max_pixels)
-        return Visual([patchify(pixels, v.patch, v.merge)], (pixels.shape[0] // v.patch, pixels.shape[1] // v.patch),
-                      True)
+        return Visual(
+            [patchify(pixels, v.patch, v.merge)],
+            (pixels.shape[0] // v.patch, pixels.shape[1] // v.patch),
+            True,
+        )
 
     def video(self, frames: list[bytes], ts: list[float] | None) -> tuple[Visual, list[float]]:
         """At most ``max_frames`` frames spread evenly, all at the first frame's resized size; the time
@@ -462,8 +497,9 @@ class SampleBuilder:
         size = (first.shape[1], first.shape[0])
         pixels = [first] + [load_frame(frames[i], v.patch, v.merge, 0, 0, size) for i in keep[1:]]
         times = [ts[i] - ts[keep[0]] for i in keep[:: v.temporal_patch]]
-        vis = Visual([patchify(p, v.patch, v.merge) for p in pixels],
-                     (size[1] // v.patch, size[0] // v.patch), False)
+        vis = Visual(
+            [patchify(p, v.patch, v.merge) for p in pixels], (size[1] // v.patch, size[0] // v.patch), False
+        )
         return vis, times
 
     def _visual(self, seq: _Seq, vis: Visual, times: list[float] | None = None) -> None:
@@ -575,9 +611,13 @@ def _visual_tensors(visuals: list[Visual]) -> dict[str, torch.Tensor]:
     for v in visuals:
         items.append((first, len(v.frames), *v.grid))
         first += len(v.frames)
-    return {"patches": torch.from_numpy(patches), "patch_rc": torch.from_numpy(rc),
-            "patch_mask": torch.from_numpy(mask), "frame_grid": torch.tensor(grids, dtype=torch.long).view(-1, 2),
-            "visuals": torch.tensor(items, dtype=torch.long).view(-1, 4)}
+    return {
+        "patches": torch.from_numpy(patches),
+        "patch_rc": torch.from_numpy(rc),
+        "patch_mask": torch.from_numpy(mask),
+        "frame_grid": torch.tensor(grids, dtype=torch.long).view(-1, 2),
+        "visuals": torch.tensor(items, dtype=torch.long).view(-1, 4),
+    }
 
 
 def collate(samples: list[Any], special: dict[str, int]) -> dict[str, Any]:
@@ -605,11 +645,17 @@ def collate(samples: list[Any], special: dict[str, int]) -> dict[str, Any]:
             labels[i, : len(t) - 1] = torch.where(target, t[1:], IGNORE)
             pos[:, i, : len(t)] = torch.tensor(s.pos)
             # pad positions continue the sequence, so padding never shares a position with a real token
-            pos[:, i, len(t):] = pos[:, i, len(t) - 1].max() + 1 + torch.arange(n - len(t))
+            pos[:, i, len(t) :] = pos[:, i, len(t) - 1].max() + 1 + torch.arange(n - len(t))
         visuals = [v for s in samples for v in s.visuals]
         slots = torch.isin(ids, torch.tensor([special["<|image_pad|>"], special["<|video_pad|>"]]))
-        batch = {"kind": "lm", "input_ids": ids, "labels": labels, "position_ids": pos, "visual_slots": slots,
-                 **_visual_tensors(visuals)}
+        batch = {
+            "kind": "lm",
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": pos,
+            "visual_slots": slots,
+            **_visual_tensors(visuals),
+        }
         batch["tokens"] = sum(len(s.ids) for s in samples)
         batch["targets"] = int((labels != IGNORE).sum())
     batch["images"] = sum(1 for v in visuals if v.image)
@@ -641,8 +687,10 @@ class MixtureStream(IterableDataset):
                 skipped[s] += 1
                 barren += 1
                 if barren > rows_in_stream:  # a whole pass without one sample: it would loop forever
-                    raise RuntimeError(f"stream {stream}: none of its {rows_in_stream} rows gives a stage "
-                                       f"{self.builder.stage} sample (skipped: {dict(skipped)})")
+                    raise RuntimeError(
+                        f"stream {stream}: none of its {rows_in_stream} rows gives a stage "
+                        f"{self.builder.stage} sample (skipped: {dict(skipped)})"
+                    )
                 continue
             barren = 0
             samples.append(s)
@@ -668,5 +716,6 @@ class MixtureStream(IterableDataset):
             if not yielded and first_piece == 0:
                 raise RuntimeError(f"stream {stream} read no rows in a whole pass over its pieces {pieces}")
             epoch, first_piece = epoch + 1, 0
-            log.info("stream %d: epoch %d of its %d rows begins", stream, epoch,
-                     sum(b - a for _, a, b in pieces))
+            log.info(
+                "stream %d: epoch %d of its %d rows begins", stream, epoch, sum(b - a for _, a, b in pieces)
+            )

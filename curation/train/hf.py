@@ -28,7 +28,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ConfigError("loading Hugging Face weights needs transformers: pip install 'keye-curation[train]'") from None
+        raise ConfigError(
+            "loading Hugging Face weights needs transformers: pip install 'keye-curation[train]'"
+        ) from None
     if importlib.util.find_spec("torchvision") is not None:  # transformers imports it when present
         from curation.models.torch_compat import ensure_torchvision
 
@@ -41,7 +43,9 @@ def _config(path: str, key: str) -> Any:
     try:
         return tf.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: {path} is not a Hugging Face checkpoint folder with a config.json: {e}") from None
+        raise ConfigError(
+            f"{key}: {path} is not a Hugging Face checkpoint folder with a config.json: {e}"
+        ) from None
 
 
 def siglip_vision_config(path: str) -> dict[str, Any]:
@@ -53,9 +57,15 @@ def siglip_vision_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"vision.hf_path: {path} holds a {c.model_type!r} model, not SigLIP")
     if c.hidden_act != "gelu_pytorch_tanh":
         raise ConfigError(f"vision.hf_path: activation {c.hidden_act!r} is not SigLIP's gelu_pytorch_tanh")
-    return {"dim": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
-            "mlp_dim": c.intermediate_size, "patch": c.patch_size, "learned_grid": c.image_size // c.patch_size,
-            "norm_eps": c.layer_norm_eps}
+    return {
+        "dim": c.hidden_size,
+        "layers": c.num_hidden_layers,
+        "heads": c.num_attention_heads,
+        "mlp_dim": c.intermediate_size,
+        "patch": c.patch_size,
+        "learned_grid": c.image_size // c.patch_size,
+        "norm_eps": c.layer_norm_eps,
+    }
 
 
 def siglip_vision_weights(path: str) -> dict[str, torch.Tensor]:
@@ -84,14 +94,26 @@ def qwen3_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"lm.hf_path: {path} holds a {c.model_type!r} model, not Qwen3")
     rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
     if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"lm.hf_path: rope scaling {rope.get('rope_type')!r} is not supported (default RoPE only)")
+        raise ConfigError(
+            f"lm.hf_path: rope scaling {rope.get('rope_type')!r} is not supported (default RoPE only)"
+        )
     if c.hidden_act != "silu" or c.attention_bias:
-        raise ConfigError(f"lm.hf_path: {path} is not a standard Qwen3 (activation {c.hidden_act}, "
-                          f"attention bias {c.attention_bias})")
-    return {"dim": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
-            "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim or c.hidden_size // c.num_attention_heads,
-            "mlp_dim": c.intermediate_size, "rope_theta": float(rope["rope_theta"]), "norm_eps": c.rms_norm_eps,
-            "tie_embeddings": bool(c.tie_word_embeddings), "vocab_size": c.vocab_size}
+        raise ConfigError(
+            f"lm.hf_path: {path} is not a standard Qwen3 (activation {c.hidden_act}, "
+            f"attention bias {c.attention_bias})"
+        )
+    return {
+        "dim": c.hidden_size,
+        "layers": c.num_hidden_layers,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim or c.hidden_size // c.num_attention_heads,
+        "mlp_dim": c.intermediate_size,
+        "rope_theta": float(rope["rope_theta"]),
+        "norm_eps": c.rms_norm_eps,
+        "tie_embeddings": bool(c.tie_word_embeddings),
+        "vocab_size": c.vocab_size,
+    }
 
 
 def qwen3_weights(path: str) -> dict[str, torch.Tensor]:
@@ -99,5 +121,8 @@ def qwen3_weights(path: str) -> dict[str, torch.Tensor]:
     tf = _transformers()
     model = tf.Qwen3ForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tied = model.config.tie_word_embeddings
-    return {k.removeprefix("model."): v for k, v in model.state_dict().items()
-            if not (tied and k == "lm_head.weight")}
+    return {
+        k.removeprefix("model."): v
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }

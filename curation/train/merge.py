@@ -28,18 +28,26 @@ def merge_checkpoints(paths: list[str], out: str, weights: list[float] | None = 
     """Average the model weights of ``paths`` into ``out``; returns the merged checkpoint."""
     if len(paths) < 2:
         raise ConfigError("merge needs at least two checkpoints")
-    if weights is not None and (len(weights) != len(paths) or any(w < 0 for w in weights) or not sum(weights)):
-        raise ConfigError(f"--weights: expected {len(paths)} non-negative numbers, not all zero; got {weights}")
+    if weights is not None and (
+        len(weights) != len(paths) or any(w < 0 for w in weights) or not sum(weights)
+    ):
+        raise ConfigError(
+            f"--weights: expected {len(paths)} non-negative numbers, not all zero; got {weights}"
+        )
     ckpts = [load_checkpoint(p) for p in paths]
     first = ckpts[0]
     for c in ckpts[1:]:
         diff = architecture_diff(first["config"], c["config"])
         if diff:
-            raise ConfigError(f"cannot merge {c['path']} with {first['path']}: their model configs differ:\n"
-                              + "\n".join(f"  - {d}" for d in diff))
+            raise ConfigError(
+                f"cannot merge {c['path']} with {first['path']}: their model configs differ:\n"
+                + "\n".join(f"  - {d}" for d in diff)
+            )
         if c["tokenizer"] != first["tokenizer"]:
-            raise ConfigError(f"cannot merge {c['path']} with {first['path']}: trained with different tokenizers "
-                              f"({c['tokenizer']['source']} vs {first['tokenizer']['source']})")
+            raise ConfigError(
+                f"cannot merge {c['path']} with {first['path']}: trained with different tokenizers "
+                f"({c['tokenizer']['source']} vs {first['tokenizer']['source']})"
+            )
     share = [w / sum(weights) for w in weights] if weights else [1 / len(ckpts)] * len(ckpts)
     merged = {}
     for name, tensor in first["model"].items():
@@ -50,11 +58,21 @@ def merge_checkpoints(paths: list[str], out: str, weights: list[float] | None = 
             merged[name] = acc.to(tensor.dtype)
         else:  # integer buffers, if any: identical across checkpoints of one architecture
             merged[name] = tensor.clone()
-    result = {"format": CKPT_FORMAT, "config": first["config"], "stage": "merged", "step": 0, "model": merged,
-              "optimizer": None, "data": None, "tokenizer": first["tokenizer"],
-              "mixture": {"path": None, "recipe_hash": None},
-              "merged_from": [{"path": c["path"], "stage": c["stage"], "step": c["step"], "weight": s,
-                               "mixture": c["mixture"]} for c, s in zip(ckpts, share)]}
+    result = {
+        "format": CKPT_FORMAT,
+        "config": first["config"],
+        "stage": "merged",
+        "step": 0,
+        "model": merged,
+        "optimizer": None,
+        "data": None,
+        "tokenizer": first["tokenizer"],
+        "mixture": {"path": None, "recipe_hash": None},
+        "merged_from": [
+            {"path": c["path"], "stage": c["stage"], "step": c["step"], "weight": s, "mixture": c["mixture"]}
+            for c, s in zip(ckpts, share)
+        ],
+    }
     _save(result, Path(out))
     log.info("merged %d checkpoints into %s", len(ckpts), out)
     return result

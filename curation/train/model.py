@@ -80,7 +80,9 @@ class VisionBlock(nn.Module):
         self.mlp.add_module("act", nn.GELU(approximate="tanh"))
         self.mlp.add_module("fc2", nn.Linear(mlp_dim, dim))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask, rope)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -93,12 +95,16 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.patch_embedding = nn.Linear(3 * cfg.patch * cfg.patch, cfg.dim)  # a stride-14 conv, as a matmul
         self.position_embedding = nn.Embedding(cfg.learned_grid**2, cfg.dim) if cfg.learned_grid else None
-        self.layers = nn.ModuleList(VisionBlock(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.norm_eps)
-                                    for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            VisionBlock(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.norm_eps) for _ in range(cfg.layers)
+        )
         self.post_layernorm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         quarter = cfg.dim // cfg.heads // 4  # rows take half the head's rotary pairs, columns the other half
-        self.register_buffer("inv_freq", 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float) / quarter),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq",
+            1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float) / quarter),
+            persistent=False,
+        )
 
     def forward(self, patches: Tensor, rc: Tensor, grid: Tensor, mask: Tensor) -> Tensor:
         """``patches`` (F, P, 3*14*14), ``rc`` (F, P, 2) row/column, ``grid`` (F, 2) rows/columns of
@@ -108,7 +114,9 @@ class VisionTower(nn.Module):
             x = x + self.grid_positions(rc, grid)
         rope = None
         if self.cfg.rope_2d:
-            freqs = torch.cat([rc[..., 0, None] * self.inv_freq, rc[..., 1, None] * self.inv_freq], -1).float()
+            freqs = torch.cat(
+                [rc[..., 0, None] * self.inv_freq, rc[..., 1, None] * self.inv_freq], -1
+            ).float()
             emb = torch.cat([freqs, freqs], -1)[:, None]  # (F, 1, P, head_dim)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         attn_mask = mask[:, None, None, :]
@@ -122,8 +130,11 @@ class VisionTower(nn.Module):
         table = self.position_embedding.weight.view(1, g, g, d).permute(0, 3, 1, 2)
         out = torch.zeros(*rc.shape[:2], d, dtype=table.dtype, device=table.device)
         for gh, gw in torch.unique(grid, dim=0).tolist():
-            resized = table if (gh, gw) == (g, g) else F.interpolate(table, size=(gh, gw), mode="bicubic",
-                                                                     align_corners=False)
+            resized = (
+                table
+                if (gh, gw) == (g, g)
+                else F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False)
+            )
             resized = resized[0].permute(1, 2, 0)  # (gh, gw, d)
             sel = (grid[:, 0] == gh) & (grid[:, 1] == gw)
             r = rc[sel, :, 0].clamp(max=gh - 1)
@@ -221,8 +232,11 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         half = cfg.head_dim // 2
-        self.register_buffer("inv_freq", 1.0 / cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float) / half),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq",
+            1.0 / cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float) / half),
+            persistent=False,
+        )
         # which axis (0 = t, 1 = h, 2 = w) drives each rotary frequency: contiguous sections, as Qwen2-VL
         axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate(mrope_section(cfg))])
         self.register_buffer("axis", axis, persistent=False)
@@ -255,8 +269,10 @@ class Contrastive(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, vision.dim)
         self.position_embedding = nn.Embedding(cfg.max_text, vision.dim)
-        self.layers = nn.ModuleList(VisionBlock(vision.dim, vision.heads, vision.mlp_dim, vision.norm_eps)
-                                    for _ in range(cfg.text_layers))
+        self.layers = nn.ModuleList(
+            VisionBlock(vision.dim, vision.heads, vision.mlp_dim, vision.norm_eps)
+            for _ in range(cfg.text_layers)
+        )
         self.norm = nn.LayerNorm(vision.dim, eps=vision.norm_eps)
         self.text_head = nn.Linear(vision.dim, cfg.embed_dim)
         self.image_head = nn.Linear(vision.dim, cfg.embed_dim)
@@ -304,7 +320,7 @@ class VLM(nn.Module):
         feats = self.vision(batch["patches"], batch["patch_rc"], batch["frame_grid"], batch["patch_mask"])
         pieces = []
         for first, frames, gh, gw in batch["visuals"].tolist():
-            x = feats[first:first + frames, : gh * gw]
+            x = feats[first : first + frames, : gh * gw]
             if frames > 1:  # temporal groups: average each pair of frames (an odd last frame stands alone)
                 groups = -(-frames // self.temporal_patch)
                 pad = groups * self.temporal_patch - frames

@@ -138,9 +138,11 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, what: str) -> None:
     """Same architecture (every field of vision, lm, contrastive), else a ConfigError listing the differences."""
     diff = architecture_diff(ckpt["config"], cfg)
     if diff:
-        raise ConfigError(f"{what} {ckpt['path']} was trained with another model config (checkpoint vs this run):\n"
-                          + "\n".join(f"  - {d}" for d in diff)
-                          + "\nuse the config it was trained with (--config / --set), or a checkpoint of this one")
+        raise ConfigError(
+            f"{what} {ckpt['path']} was trained with another model config (checkpoint vs this run):\n"
+            + "\n".join(f"  - {d}" for d in diff)
+            + "\nuse the config it was trained with (--config / --set), or a checkpoint of this one"
+        )
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
@@ -161,12 +163,16 @@ def resolve(cfg: TrainConfig, tokenizer_vocab: int) -> TrainConfig:
     if cfg.lm.hf_path:
         cfg.lm = dataclasses.replace(cfg.lm, **hf.qwen3_config(cfg.lm.hf_path))
         if cfg.lm.vocab_size < tokenizer_vocab:
-            raise ConfigError(f"lm.hf_path: the model embeds {cfg.lm.vocab_size} tokens, the tokenizer needs "
-                              f"{tokenizer_vocab} (with its special tokens): set data.tokenizer to the model's own")
+            raise ConfigError(
+                f"lm.hf_path: the model embeds {cfg.lm.vocab_size} tokens, the tokenizer needs "
+                f"{tokenizer_vocab} (with its special tokens): set data.tokenizer to the model's own"
+            )
     elif not cfg.lm.vocab_size:
         cfg.lm.vocab_size = tokenizer_vocab
     elif cfg.lm.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"lm.vocab_size: {cfg.lm.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+        raise ConfigError(
+            f"lm.vocab_size: {cfg.lm.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}"
+        )
     return cfg
 
 
@@ -195,19 +201,30 @@ def make_optimizer(model: VLM, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.optim.beta1, cfg.optim.beta2),
-                             fused=next(model.parameters()).is_cuda)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=lr_at(0, cfg),
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        fused=next(model.parameters()).is_cuda,
+    )
 
 
 def _load_hf_weights(model: VLM, cfg: TrainConfig) -> None:
-    for part, path, load in (("vision", cfg.vision.hf_path, hf.siglip_vision_weights),
-                             ("lm", cfg.lm.hf_path, hf.qwen3_weights)):
+    for part, path, load in (
+        ("vision", cfg.vision.hf_path, hf.siglip_vision_weights),
+        ("lm", cfg.lm.hf_path, hf.qwen3_weights),
+    ):
         if path:
             missing, unexpected = getattr(model, part).load_state_dict(load(path), strict=False)
             if missing or unexpected:
-                raise ConfigError(f"{part}.hf_path {path}: weights do not fit (missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
+                raise ConfigError(
+                    f"{part}.hf_path {path}: weights do not fit (missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]})"
+                )
             log.info("%s: weights from %s", part, path)
 
 
@@ -242,45 +259,64 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             start = load_checkpoint(cfg.resume or cfg.init)
             check_compatible(start, cfg, "resume" if cfg.resume else "init")
             if start["tokenizer"]["vocab_size"] != tokenizer.vocab_size or (
-                    start["tokenizer"]["sha256"] != tokenizer.sha256):
-                raise ConfigError(f"{start['path']} was trained with tokenizer {start['tokenizer']['source']} "
-                                  f"({start['tokenizer']['vocab_size']} ids), this run uses {tokenizer.source} "
-                                  f"({tokenizer.vocab_size} ids): set data.tokenizer to the same file")
+                start["tokenizer"]["sha256"] != tokenizer.sha256
+            ):
+                raise ConfigError(
+                    f"{start['path']} was trained with tokenizer {start['tokenizer']['source']} "
+                    f"({start['tokenizer']['vocab_size']} ids), this run uses {tokenizer.source} "
+                    f"({tokenizer.vocab_size} ids): set data.tokenizer to the same file"
+                )
         workers = cfg.data.num_workers
         n_streams = ranks.world * max(1, workers)
         mixture = open_mixture(cfg.mixture, cfg.data.format)
         pieces = plan_pieces(mixture.shards, n_streams)
         empty = [s for s, p in enumerate(pieces) if not p]
         if empty:
-            raise ConfigError(f"mixture {cfg.mixture}: {sum(s.rows for s in mixture.shards)} rows cannot feed "
-                              f"{n_streams} data streams (ranks x workers): use fewer data.num_workers")
-        mine = {i for s in range(ranks.rank * max(1, workers), (ranks.rank + 1) * max(1, workers))
-                for i, _, _ in pieces[s]}
+            raise ConfigError(
+                f"mixture {cfg.mixture}: {sum(s.rows for s in mixture.shards)} rows cannot feed "
+                f"{n_streams} data streams (ranks x workers): use fewer data.num_workers"
+            )
+        mine = {
+            i
+            for s in range(ranks.rank * max(1, workers), (ranks.rank + 1) * max(1, workers))
+            for i, _, _ in pieces[s]
+        }
         verify_shards(mixture, cfg.data.verify, hashed=mine)
         check_stage_rows(mixture, cfg.stage)
         tok_sha = (mixture.manifest.get("tokenizer") or {}).get("sha256")
         if ranks.main and tok_sha and tok_sha != tokenizer.sha256:
-            log.warning("the mixture's budgets were counted with tokenizer %s; this run tokenizes with %s, so "
-                        "its token counts differ from the manifest's", mixture.manifest["tokenizer"].get("source"),
-                        tokenizer.source)
+            log.warning(
+                "the mixture's budgets were counted with tokenizer %s; this run tokenizes with %s, so "
+                "its token counts differ from the manifest's",
+                mixture.manifest["tokenizer"].get("source"),
+                tokenizer.source,
+            )
         plan = StreamPlan(ranks.rank, ranks.world, workers, pieces)
         step0 = 0
         if cfg.resume:
             d = start["data"]
             if start["stage"] != cfg.stage:
-                raise ConfigError(f"resume {start['path']}: a stage {start['stage']} run cannot continue as stage "
-                                  f"{cfg.stage} (start the new stage from it with --init)")
+                raise ConfigError(
+                    f"resume {start['path']}: a stage {start['stage']} run cannot continue as stage "
+                    f"{cfg.stage} (start the new stage from it with --init)"
+                )
             if start["mixture"]["recipe_hash"] != mixture.recipe_hash:
-                raise ConfigError(f"resume {start['path']}: it trained on mixture {start['mixture']['path']} "
-                                  f"(recipe {start['mixture']['recipe_hash']}), not {cfg.mixture} "
-                                  f"(recipe {mixture.recipe_hash})")
+                raise ConfigError(
+                    f"resume {start['path']}: it trained on mixture {start['mixture']['path']} "
+                    f"(recipe {start['mixture']['recipe_hash']}), not {cfg.mixture} "
+                    f"(recipe {mixture.recipe_hash})"
+                )
             if d["n_streams"] != n_streams:
-                raise ConfigError(f"resume {start['path']}: it read {d['n_streams']} data streams (ranks x workers: "
-                                  f"{d['world_size']} x {max(1, d['workers'])}), this run has {n_streams}: "
-                                  "resume with the same number of ranks and data.num_workers")
+                raise ConfigError(
+                    f"resume {start['path']}: it read {d['n_streams']} data streams (ranks x workers: "
+                    f"{d['world_size']} x {max(1, d['workers'])}), this run has {n_streams}: "
+                    "resume with the same number of ranks and data.num_workers"
+                )
             step0 = int(start["step"])
             if step0 >= cfg.steps:
-                raise ConfigError(f"resume {start['path']}: already at step {step0}; set steps above it to go on")
+                raise ConfigError(
+                    f"resume {start['path']}: already at step {step0}; set steps above it to go on"
+                )
             plan.start = {int(k): Position(*v) for k, v in d["streams"].items()}
             plan.consumed = int(d["consumed"])
         ok, err = True, None
@@ -304,24 +340,46 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt.load_state_dict(start["optimizer"])
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if ranks.main:
-        log.info("stage %s (%s): training %s, %s of %s parameters; %d rank(s) on %s, %d data stream(s)",
-                 cfg.stage, spec.what, "+".join(trains), f"{n_train:,}",
-                 f"{sum(p.numel() for p in model.parameters()):,}", ranks.world, ranks.device, n_streams)
+        log.info(
+            "stage %s (%s): training %s, %s of %s parameters; %d rank(s) on %s, %d data stream(s)",
+            cfg.stage,
+            spec.what,
+            "+".join(trains),
+            f"{n_train:,}",
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            ranks.world,
+            ranks.device,
+            n_streams,
+        )
     ddp = model
     if ranks.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.stage != "1")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and ranks.device.type == "cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if ranks.device.type == "cuda"
-                 and k in torch.cuda.get_device_name(ranks.device)), None)
+    peak = next(
+        (
+            v
+            for k, v in PEAK_FLOPS.items()
+            if ranks.device.type == "cuda" and k in torch.cuda.get_device_name(ranks.device)
+        ),
+        None,
+    )
 
     # -- data
     threads = torch.get_num_threads()
-    if ranks.device.type == "cpu" and workers:  # leave the data workers their cores: oversubscribed, steps stall
+    if (
+        ranks.device.type == "cpu" and workers
+    ):  # leave the data workers their cores: oversubscribed, steps stall
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     builder = SampleBuilder(cfg.stage, tokenizer, cfg.data, cfg.vision, cfg.contrastive.max_text)
     dataset = MixtureStream(mixture, plan, builder, cfg.data.batch_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=ranks.device.type == "cuda",
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=ranks.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     batches = iter(loader)
     own = {plan.rank * plan.per_rank + w for w in range(plan.per_rank)}
     positions = {s: p for s, p in plan.start.items() if s in own}  # checkpoints gather each rank's own
@@ -360,29 +418,48 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             digest.update("\n".join(batch["keys"]).encode())
             if peak:
                 flops += model_flops(model, batch)
-            batch = {k: v.to(ranks.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(ranks.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
             sync = ranks.world == 1 or micro == cfg.optim.grad_accum - 1
-            with (ddp.no_sync() if not sync else contextlib.nullcontext()), torch.autocast(
-                    ranks.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with (
+                ddp.no_sync() if not sync else contextlib.nullcontext(),
+                torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=use_bf16),
+            ):
                 loss = ddp(batch) / cfg.optim.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ranks.device.type == "cuda":
             torch.cuda.synchronize(ranks.device)
         step_s = time.perf_counter() - t0
-        stats = torch.tensor([loss_sum, counts["tokens"], counts["images"] + counts["frames"], wait, flops],
-                             dtype=torch.float64, device=ranks.device)
+        stats = torch.tensor(
+            [loss_sum, counts["tokens"], counts["images"] + counts["frames"], wait, flops],
+            dtype=torch.float64,
+            device=ranks.device,
+        )
         if ranks.world > 1:
             dist.all_reduce(stats)
         loss_v = float(stats[0]) / ranks.world
-        rec = {"step": step + 1, "stage": cfg.stage, "loss": round(loss_v, 6), "lr": lr,
-               "tokens": int(stats[1]), "images": int(stats[2]), "step_s": round(step_s, 5),
-               "tokens_per_s": round(float(stats[1]) / step_s, 1), "images_per_s": round(float(stats[2]) / step_s, 2),
-               "data_wait_share": round(float(stats[3]) / ranks.world / step_s, 4), "batch": digest.hexdigest()}
+        rec = {
+            "step": step + 1,
+            "stage": cfg.stage,
+            "loss": round(loss_v, 6),
+            "lr": lr,
+            "tokens": int(stats[1]),
+            "images": int(stats[2]),
+            "step_s": round(step_s, 5),
+            "tokens_per_s": round(float(stats[1]) / step_s, 1),
+            "images_per_s": round(float(stats[2]) / step_s, 2),
+            "data_wait_share": round(float(stats[3]) / ranks.world / step_s, 4),
+            "batch": digest.hexdigest(),
+        }
         if peak:
             rec["mfu"] = round(float(stats[4]) / step_s / (peak * ranks.world), 4)
         records.append(rec)
@@ -390,13 +467,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.1f img/s  data wait %.0f%%", step + 1,
-                         cfg.steps, loss_v, lr, rec["tokens_per_s"], rec["images_per_s"],
-                         100 * rec["data_wait_share"])
+                log.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.1f img/s  data wait %.0f%%",
+                    step + 1,
+                    cfg.steps,
+                    loss_v,
+                    lr,
+                    rec["tokens_per_s"],
+                    rec["images_per_s"],
+                    100 * rec["data_wait_share"],
+                )
         last = step + 1 == cfg.steps
         if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
-            ckpt_file = save_checkpoint(model, opt, cfg, step + 1, positions, consumed, plan, tokenizer, mixture,
-                                        ranks, out)
+            ckpt_file = save_checkpoint(
+                model, opt, cfg, step + 1, positions, consumed, plan, tokenizer, mixture, ranks, out
+            )
     del batches  # stops the data-loader workers now, not whenever the iterator is collected
     if log_file:
         log_file.close()
@@ -411,9 +496,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def save_checkpoint(model: VLM, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
-                    positions: dict[int, Position], consumed: int, plan: StreamPlan, tokenizer: Any,
-                    mixture: Any, ranks: Ranks, out: Path) -> Path:
+def save_checkpoint(
+    model: VLM,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    positions: dict[int, Position],
+    consumed: int,
+    plan: StreamPlan,
+    tokenizer: Any,
+    mixture: Any,
+    ranks: Ranks,
+    out: Path,
+) -> Path:
     """Rank 0 writes model, optimizer, config, step and every stream's position (gathered from all ranks)."""
     streams = {str(k): v.as_list() for k, v in positions.items()}
     if ranks.world > 1:
@@ -422,32 +517,60 @@ def save_checkpoint(model: VLM, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         streams = {k: v for g in gathered for k, v in g.items()}
     path = out / "checkpoints" / f"step_{step:08d}.pt"
     if ranks.main:
-        _save({"format": CKPT_FORMAT, "config": to_dict(cfg), "stage": cfg.stage, "step": step,
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "optimizer": opt.state_dict(),
-               "data": {"streams": streams, "n_streams": plan.world_size * plan.per_rank,
-                        "world_size": plan.world_size, "workers": plan.workers, "consumed": consumed},
-               "tokenizer": {"source": tokenizer.source, "sha256": tokenizer.sha256,
-                             "vocab_size": tokenizer.vocab_size},
-               "mixture": {"path": mixture.path, "recipe_hash": mixture.recipe_hash}}, path)
+        _save(
+            {
+                "format": CKPT_FORMAT,
+                "config": to_dict(cfg),
+                "stage": cfg.stage,
+                "step": step,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "data": {
+                    "streams": streams,
+                    "n_streams": plan.world_size * plan.per_rank,
+                    "world_size": plan.world_size,
+                    "workers": plan.workers,
+                    "consumed": consumed,
+                },
+                "tokenizer": {
+                    "source": tokenizer.source,
+                    "sha256": tokenizer.sha256,
+                    "vocab_size": tokenizer.vocab_size,
+                },
+                "mixture": {"path": mixture.path, "recipe_hash": mixture.recipe_hash},
+            },
+            path,
+        )
         log.info("checkpoint: %s", path)
     return path
 
 
-def _summary(cfg: TrainConfig, records: list[dict[str, Any]], skipped: dict[str, int], ckpt: Path | None,
-             seconds: float, n_train: int, out: Path) -> dict[str, Any]:
+def _summary(
+    cfg: TrainConfig,
+    records: list[dict[str, Any]],
+    skipped: dict[str, int],
+    ckpt: Path | None,
+    seconds: float,
+    n_train: int,
+    out: Path,
+) -> dict[str, Any]:
     """Totals of the run; throughput leaves out the first step (worker start-up, first allocations)."""
     steady = records[1:] or records
     step_s = sum(r["step_s"] for r in steady)
     summary = {
-        "stage": cfg.stage, "steps": records[-1]["step"] if records else 0, "seconds": round(seconds, 2),
+        "stage": cfg.stage,
+        "steps": records[-1]["step"] if records else 0,
+        "seconds": round(seconds, 2),
         "trainable_parameters": n_train,
-        "first_loss": records[0]["loss"] if records else None, "last_loss": records[-1]["loss"] if records else None,
+        "first_loss": records[0]["loss"] if records else None,
+        "last_loss": records[-1]["loss"] if records else None,
         "tokens_per_s": round(sum(r["tokens"] for r in steady) / step_s, 1) if step_s else None,
         "images_per_s": round(sum(r["images"] for r in steady) / step_s, 2) if step_s else None,
         "data_wait_share": round(sum(r["data_wait_share"] * r["step_s"] for r in steady) / step_s, 4)
-        if step_s else None,
-        "skipped_rows": skipped, "checkpoint": str(ckpt) if ckpt else None,
+        if step_s
+        else None,
+        "skipped_rows": skipped,
+        "checkpoint": str(ckpt) if ckpt else None,
     }
     if any("mfu" in r for r in steady):
         summary["mfu"] = round(sum(r.get("mfu", 0) * r["step_s"] for r in steady) / step_s, 4)
@@ -507,12 +630,15 @@ def _svg(xs: list[float], ys: list[float], title: str, w: int = 600, h: int = 35
     ticks = "".join(
         f'<text x="{left - 6}" y="{py(v):.1f}" text-anchor="end" dominant-baseline="middle">{v:.3g}</text>'
         f'<line x1="{left}" x2="{w - right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>'
-        for v in (y0, (y0 + y1) / 2, y1))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-            f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{ticks}\n'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{points}"/>\n'
-            f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>\n'
-            f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">step {x0:g} to {x1:g}</text>\n</svg>\n')
+        for v in (y0, (y0 + y1) / 2, y1)
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+        f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{ticks}\n'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{points}"/>\n'
+        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>\n'
+        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">step {x0:g} to {x1:g}</text>\n</svg>\n'
+    )
 
 
 @torch.no_grad()
@@ -536,4 +662,3 @@ def evaluate(checkpoint: str, mixture: str, stage: str, batches: int = 4) -> flo
     stream = MixtureStream(mix, StreamPlan(0, 1, 0, plan_pieces(mix.shards, 1)), builder, cfg.data.batch_size)
     losses = [float(model(batch)) for batch, _ in zip(stream, range(batches))]
     return sum(losses) / len(losses)
-
