@@ -27,11 +27,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/audit")
     args = ap.parse_args()
 
-    from curation.dedup.audit import run_audit
+    from curation.audit import run_audit
+    from curation.filters import registry
     from curation.io.detect import detect_sources
     from curation.io.readers import plan_units, read_unit
     from curation.sample import write_sample_corpus
-    from curation.stage import load_registry
 
     out = Path(args.out)
     corpus = out / f"corpus-{args.rows}-{args.seed}"
@@ -47,7 +47,7 @@ def main() -> None:
     audit_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stage = load_registry()["decontaminate"](benchmarks=REGISTRY, registry_set=overrides)
+    stage = registry()["decontaminate"](benchmarks=REGISTRY, registry_set=overrides)
     stage.setup()
     stage.use_index(stage.build_index(None))
     rows = loop_hits = 0

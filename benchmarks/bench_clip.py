@@ -7,7 +7,7 @@ On the image-text rows of a generated sample corpus (every kind of dirt included
 - ``stage``: ``clip_score`` called in this process on the reader's batches: decoding, preprocessing and
   tokenising included, with ``decode_threads`` threads decoding ahead of the model;
 - ``stage_inline``: the same with ``decode_threads: 0`` (decoding in the calling thread, no overlap);
-- ``pipeline``: ``curation run``'s code path (:func:`curation.runner.run_pipeline`, local Ray) over the
+- ``pipeline``: ``curation run``'s code path (:func:`curation.pipeline.run_pipeline`, local Ray) over the
   corpus with ``clip_score`` as the only stage: reading and writing shards included.
 
 ``ratio`` = stage images/s over bare images/s (the overlap's target: 0.8 or more on CPU). The default
@@ -201,7 +201,7 @@ def main() -> None:
     result["ratio"] = round(result["stage"]["images_per_s"] / result["bare"]["images_per_s"], 3)
     result["ratio_inline"] = round(result["stage_inline"]["images_per_s"] / result["bare"]["images_per_s"], 3)
     if not args.no_pipeline:
-        from curation.runner import run_pipeline
+        from curation.pipeline import run_pipeline
 
         recipe = pipeline_from_dict(recipe_dict(root, work / "pool", params, args.batch_rows, os.cpu_count()))
         t0 = time.perf_counter()

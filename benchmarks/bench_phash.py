@@ -4,7 +4,7 @@
                                      [--index-sizes 1000,5000] [--runs 3]
 
 Accuracy: ``--reps`` edited copies of each of the sample benchmark's first ``--items`` images
-per transform (the transforms of ``tests/test_dedup_image.py``, imported from there, with other
+per transform (the transforms of ``tests/helpers/image_edits.py``, imported from there, with other
 seeds), and ``--unrelated`` corpus-like drawings (seeds 50,000+; the test uses 10,000+). FPR =
 share of unrelated images matching any benchmark image.
 
@@ -35,8 +35,8 @@ from PIL import Image
 from curation import sample as S
 from curation.dedup.image import ImageHashIndex, describe, hash_batch, phash
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_dedup_image import TRANSFORMS, bench_images, copies, unrelated
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers.image_edits import TRANSFORMS, bench_images, copies, unrelated
 
 
 def best_rate(fn, n: int, runs: int) -> float:

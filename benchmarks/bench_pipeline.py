@@ -31,7 +31,8 @@ import sys, time
 from curation.io.pool import Pool
 from curation.io.readers import plan_units
 from curation.recipe import load_pipeline
-from curation.runner import UnitJob, index_unit, process_unit
+from curation.poolwide import index_unit
+from curation.runner import UnitJob, process_unit
 from curation.stage import IndexedFilter
 import pyarrow as pa
 
@@ -97,7 +98,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; return wall seconds, peak PSS of its process tree and of its own process (MiB), and its output."""
+    """Run ``cmd``; return wall seconds, peak PSS of its process tree and of its own process (MiB), and
+    its output."""
     peak = own = anon = 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -121,8 +123,9 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     th.join()
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    # Ray leaves its session processes to exit on their own: give them a moment, so the next measurement starts
-    # clean. (Never pkill them: other Ray sessions on the machine, a test suite's, are not ours to stop.)
+    # Ray leaves its session processes to exit on their own: give them a moment, so the next measurement
+    # starts clean. (Never pkill them: other Ray sessions on the machine, a test suite's, are not ours
+    # to stop.)
     time.sleep(2)
     return {
         "seconds": round(wall, 2),
@@ -150,7 +153,7 @@ def bench(rows: int, work: Path, ray_only: bool = False) -> dict:
         str(RECIPE),
         "-q",
         "--overwrite",
-        *sum((["--set", s] for s in sets + [f"vars.out={work / f'ray-{rows}'}"]), []),
+        *(arg for s in sets + [f"vars.out={work / f'ray-{rows}'}"] for arg in ("--set", s)),
     ]
     plain_cmd = [py, "-c", PLAIN_LOOP, str(RECIPE), *sets, f"vars.out={work / f'plain-{rows}'}"]
     print(f"{rows:,} rows: curation run (Ray Data) ...", file=sys.stderr)
@@ -200,7 +203,8 @@ def main() -> None:
     results = [bench(r, args.work, args.ray_only) for r in args.rows]
     machine = (
         f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}"
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"Python {platform.python_version()}"
     )
     print(f"\nmachine: {machine}\n")
     print(

@@ -2,8 +2,8 @@
 and the JSONL and Parquet readers end to end. Run it under this tree, then under a baseline to compare:
 
     python benchmarks/bench_readers.py --out bench-out/readers
-    git archive HEAD curation | tar -x -C /tmp/base && PYTHONPATH=/tmp/base python benchmarks/bench_readers.py \\
-        --out bench-out/readers
+    git archive HEAD curation | tar -x -C /tmp/base &&
+        PYTHONPATH=/tmp/base python benchmarks/bench_readers.py --out bench-out/readers
 
 Inputs are made once under ``--out`` (about 3 x ``--mb`` MB): one JSONL line of ``--mb`` MB, ``--mb`` MB of
 1-2 KB JSONL lines, and a Parquet file of the same lines (pyarrow's defaults: zstd off, one large row group).

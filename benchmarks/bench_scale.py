@@ -3,22 +3,22 @@
 Two comparisons, each on the same generated corpus (`curation.sample`) and `pipelines/demo.yaml` (report off):
 
 1. **One node against two nodes, same CPUs in total**: a Ray cluster of one node with 2 CPUs, and one of two
-   nodes with 1 CPU each. Both are ``ray.cluster_utils.Cluster`` clusters (full raylets, each node with its own
-   object store) started the same way, in a child process (``tests/raycluster.py``, as
-   ``tests/test_cluster.py`` uses it): a private short ``RAY_TMPDIR`` and token authentication. ``curation run
-   --address`` joins them as a user would. Ray start-up is outside the timings. The pipeline is deterministic, so
-   both pools must have the same shards, byte for byte: the script checks their sha256s.
-2. **Local disk against S3**: on the one-node cluster, the corpus and the pool on local disk, then both on a local
-   S3 server (SeaweedFS ``weed mini`` from ``tests/s3server.py``, on loopback). The corpus is uploaded once,
-   untimed. The cluster carries the AWS_* variables, so its workers reach the server. The script checks that the
-   S3 pool holds the same ids as the local one. Its shards are not byte-identical: a row records where it came
-   from (``source_uri``, video references) and the recipe hash covers ``vars``. The script lists the Parquet
-   columns that differ, so that any other difference shows.
+   nodes with 1 CPU each. Both are ``ray.cluster_utils.Cluster`` clusters (full raylets, each node with its
+   own object store) started the same way, in a child process (``tests/helpers/servers/raycluster.py``, as
+   ``tests/integration/test_cluster.py`` uses it): a private short ``RAY_TMPDIR`` and token authentication.
+   ``curation run --address`` joins them as a user would. Ray start-up is outside the timings. The pipeline is
+   deterministic, so both pools must have the same shards, byte for byte: the script checks their sha256s.
+2. **Local disk against S3**: on the one-node cluster, the corpus and the pool on local disk, then both on a
+   local S3 server (SeaweedFS ``weed mini`` from ``tests/helpers/servers/s3server.py``, on loopback). The
+   corpus is uploaded once, untimed. The cluster carries the AWS_* variables, so its workers reach the
+   server. The script checks that the S3 pool holds the same ids as the local one. Its shards are not
+   byte-identical: a row records where it came from (``source_uri``, video references) and the recipe hash
+   covers ``vars``. The script lists the Parquet columns that differ, so that any other difference shows.
 
-Seconds are the wall time of ``curation run`` (process start, planning, the dedup index pass, the unit pass, the
-manifest). CPU seconds are counted for the driver and the cluster's processes, for the S3 server, and for every
-other process on the machine: the last shows how much the machine was shared during a run. Peak memory is
-the largest sum of PSS over the driver and the cluster's processes (the S3 server's is not counted). With
+Seconds are the wall time of ``curation run`` (process start, planning, the dedup index pass, the unit pass,
+the manifest). CPU seconds are counted for the driver and the cluster's processes, for the S3 server, and for
+every other process on the machine: the last shows how much the machine was shared during a run. Peak memory
+is the largest sum of PSS over the driver and the cluster's processes (the S3 server's is not counted). With
 ``--repeat N`` there are N rounds (one node: local disk, S3; then two nodes), each on fresh clusters, so that
 the runs of a round share the machine's load; the fastest run of each kind is kept.
 
@@ -44,10 +44,11 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 from bench_pipeline import _descendants as _tree
 from bench_pipeline import _pss_kib
-from raycluster import LocalCluster
+
+from tests.helpers.servers.raycluster import LocalCluster
 
 RECIPE = ROOT / "pipelines" / "demo.yaml"
 # Resources of a cluster node, per CPU it has: the one-node and the two-node cluster get the same totals.
@@ -176,7 +177,8 @@ def run_cmd(corpus: str, out: str, address: str) -> list[str]:
 
 
 def best_of(runs: list[dict], stats: list[dict]) -> dict:
-    """The fastest of ``runs`` with rows/s from its stats.json (rows in, pipeline seconds without process start)."""
+    """The fastest of ``runs`` with rows/s from its stats.json (rows in, pipeline seconds without
+    process start)."""
     i = min(range(len(runs)), key=lambda k: runs[k]["seconds"])
     r, s = runs[i], stats[i]
     return {
@@ -215,8 +217,9 @@ def local_pool(pool: Path) -> dict:
 
 
 def s3_pool(client, uri: str, local: Path) -> dict:
-    """The same for a pool on S3, ``sha`` from its manifest; and ``differing_columns``: the Parquet columns whose
-    values differ from those of the same shard in the ``local`` pool (where a row came from is part of a row)."""
+    """The same for a pool on S3, ``sha`` from its manifest; and ``differing_columns``: the Parquet columns
+    whose values differ from those of the same shard in the ``local`` pool (where a row came from is
+    part of a row)."""
     import pyarrow.parquet as pq
 
     bucket, prefix = uri.removeprefix("s3://").split("/", 1)
@@ -276,7 +279,8 @@ def _sha_report(a: dict, b: dict) -> dict:
 def run_one_node(
     corpus: Path, work: Path, r: int, runs: dict, s3=None, s3_corpus: str | None = None
 ) -> str | None:
-    """Repeat ``r`` on a fresh cluster of one node x 2 CPUs: local disk, then S3 when ``s3``; returns the S3 pool."""
+    """Repeat ``r`` on a fresh cluster of one node x 2 CPUs: local disk, then S3 when ``s3``; returns the
+    S3 pool."""
     s3_out = None
     print(f"repeat {r + 1}: a Ray cluster of 1 node x 2 CPUs ...", file=sys.stderr)
     with fresh_cluster(1, 2, extra_env=s3.env() if s3 else None) as cluster:
@@ -313,7 +317,7 @@ def run_two_nodes(corpus: Path, work: Path, r: int, runs: dict) -> None:
         runs.setdefault("two_nodes", []).append((m, json.loads((out / "stats.json").read_text())))
         # Informational: how many nodes ran the unit pass (the task name is the runner's, and may change).
         runs.setdefault("two_node_nodes_used", []).append(
-            len(cluster.nodes_that_ran("MapBatches(_process_batch)"))
+            len(cluster.nodes_that_ran("MapBatches(process_batch)"))
         )
 
 
@@ -351,7 +355,8 @@ def bench(corpus: Path, work: Path, repeat: int, nodes: bool, s3=None, s3_corpus
         assert check["identical"], f"shard sha256s differ between one and two nodes: {check}"
         result["nodes_check"] = {"same_ids": True, **check}
         result["nodes_ratio"] = round(result["two_nodes"]["rows_per_s"] / result["one_node"]["rows_per_s"], 3)
-        # Less sensitive to other load on the machine: CPU seconds used, fewest of the runs, two nodes / one node.
+        # Less sensitive to other load on the machine: CPU seconds used, fewest of the runs, two nodes /
+        # one node.
         result["nodes_cpu_ratio"] = round(
             min(result["two_nodes"]["all_cpu_s"]) / min(result["one_node"]["all_cpu_s"]), 3
         )
@@ -366,7 +371,8 @@ def bench(corpus: Path, work: Path, repeat: int, nodes: bool, s3=None, s3_corpus
             "differing_columns": remote["differing_columns"],
         }
         result["s3_ratio"] = round(result["s3"]["rows_per_s"] / result["one_node"]["rows_per_s"], 3)
-        # CPU seconds of the pipeline's processes, and of the pipeline's plus the S3 server's, against local disk.
+        # CPU seconds of the pipeline's processes, and of the pipeline's plus the S3 server's, against
+        # local disk.
         s3_cpu = [a + b for a, b in zip(result["s3"]["all_cpu_s"], result["s3"]["all_server_cpu_s"])]
         result["s3_cpu_ratio"] = round(
             min(result["s3"]["all_cpu_s"]) / min(result["one_node"]["all_cpu_s"]), 3
@@ -441,7 +447,8 @@ def main() -> None:
             results.update(bench(corpus, work, args.repeat, not args.skip_nodes))
         else:
             import boto3
-            from s3server import seaweedfs_s3
+
+            from tests.helpers.servers.s3server import seaweedfs_s3
 
             with seaweedfs_s3() as s3:
                 client = boto3.client("s3", **s3.boto3_kwargs())
@@ -461,7 +468,8 @@ def main() -> None:
 
     print(
         f"\nmachine: {info['host']}: {info['cpu_count']} CPUs ({info['cpu']}), {info['memory_gib']:.0f} GiB, "
-        f"{info['platform']}, Python {info['python']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, {info['date']}"
+        f"{info['platform']}, Python {info['python']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, "
+        f"{info['date']}"
     )
     print(
         f"corpus: {results['rows']:,} rows in, {results['kept']:,} kept; best of {args.repeat}; "
@@ -482,9 +490,10 @@ def main() -> None:
     if "nodes_check" in results:
         c = results["nodes_check"]
         print(
-            f"one node vs two nodes: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same "
-            f"sha256 (identical: {c['identical']}); unit pass ran on {results['two_node_nodes_used']} node(s) "
-            f"(per round); two-node rows/s / one-node rows/s: {results['nodes_ratio']} (best runs), "
+            f"one node vs two nodes: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the "
+            f"same sha256 (identical: {c['identical']}); unit pass ran on "
+            f"{results['two_node_nodes_used']} node(s) (per round); two-node rows/s / one-node rows/s: "
+            f"{results['nodes_ratio']} (best runs), "
             f"{results['nodes_ratio_by_round']} (round by round); CPU seconds, two nodes / one node: "
             f"{results['nodes_cpu_ratio']}"
         )
@@ -492,8 +501,8 @@ def main() -> None:
         c = results["s3_check"]
         u = results["upload"]
         print(
-            f"local vs S3: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same sha256 in "
-            f"the manifests (identical: {c['identical']}); Parquet columns that differ: "
+            f"local vs S3: same ids; {c['same_sha256']}/{c['shard_files']} shard files with the same sha256 "
+            f"in the manifests (identical: {c['identical']}); Parquet columns that differ: "
             f"{', '.join(c['differing_columns']) or 'none'}; S3 rows/s / local rows/s: {results['s3_ratio']} "
             f"(best runs), {results['s3_ratio_by_round']} (round by round); CPU seconds, S3 / local: "
             f"{results['s3_cpu_ratio']} (pipeline), {results['s3_cpu_ratio_with_server']} (with the server); "

@@ -38,8 +38,8 @@ def build_mixture(work: Path, rows: int) -> Path:
 
     from curation.mix.builder import build_mixtures
     from curation.mix.recipe import load_mix_recipe
+    from curation.pipeline import run_pipeline
     from curation.recipe import load_pipeline
-    from curation.runner import run_pipeline
     from curation.sample import write_sample_corpus
 
     root = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ import numpy as np
 from curation.dedup.image import hamming, hash_batch
 from curation.dedup.video import VideoHashIndex
 from curation.io.video import probe, sample_frames
-from curation.sample_video import make_video, reencode, trim
+from curation.sample.video import make_video, reencode, trim
 
 
 def best_of(runs: int, fn) -> float:
@@ -134,7 +134,8 @@ def accuracy(n_bench: int, n_clean: int) -> None:
     t_build = time.perf_counter() - t
     blob = pickle.dumps(index)
     print(
-        f"- built in {t_build:.1f} s ({n_bench / t_build:.0f} videos/s; generating them took {t_make:.1f} s): "
+        f"- built in {t_build:.1f} s ({n_bench / t_build:.0f} videos/s; "
+        f"generating them took {t_make:.1f} s): "
         f"{len(index.phashes):,} frames, pickled {len(blob) / 1024:.0f} KiB "
         f"({len(blob) / len(index.phashes):.1f} bytes per frame)"
     )
@@ -192,11 +193,13 @@ def accuracy(n_bench: int, n_clean: int) -> None:
     frame_distances(index, copies, hashed)
     print(
         f"- recall: {found}/{len(copies)} = {found / len(copies):.4f}; score of the true video: "
-        f"min {min(scores):.2f}, 1st percentile {np.percentile(scores, 1):.2f}, median {np.median(scores):.2f}"
+        f"min {min(scores):.2f}, 1st percentile {np.percentile(scores, 1):.2f}, "
+        f"median {np.median(scores):.2f}"
     )
     print(f"- false positives: {len(fp_rows)}/{n_clean} = {len(fp_rows) / n_clean:.4%} {fp_rows[:10]}")
     print(
-        f"- margin: unrelated videos with even 2 time-consistent matching frames (any score): {near}/{n_clean}"
+        f"- margin: unrelated videos with even 2 time-consistent matching frames (any score): "
+        f"{near}/{n_clean}"
     )
     print(
         f"- query (hash the row's JPEG frames + match): {n_clean / t_query:,.0f} rows/s "

@@ -1,4 +1,5 @@
-"""Near-duplicate videos within a corpus (the ``video_near_dedup`` stage): accuracy and the pair search's cost.
+"""Near-duplicate videos within a corpus (the ``video_near_dedup`` stage): accuracy and the pair
+search's cost.
 
     python benchmarks/bench_video_dedup.py [--originals 1000] [--copies 300] [--scale 20000]
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from curation.dedup.video import _pair_match, frame_hashes, near_duplicate_pairs
 from curation.io.video import sample_frames
-from curation.sample_video import make_video, reencode
+from curation.sample.video import make_video, reencode
 
 
 def hashes(videos: list[bytes]):
@@ -51,7 +52,8 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=20000)
     args = ap.parse_args()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, "
+        f"python {platform.python_version()}"
     )
 
     rng = random.Random(7)
@@ -91,7 +93,8 @@ def main() -> None:
         for kind in ("re-encoded", "whole-second trim", "fractional trim"):
             mine = [(i, c) for c, (k, i) in kinds.items() if k == kind]
             cells.append(
-                f"{sum(p in found for p in mine):>8}/{len(mine):<4} {100 * np.mean([p in found for p in mine]):4.0f}%"
+                f"{sum(p in found for p in mine):>8}/{len(mine):<4} "
+                f"{100 * np.mean([p in found for p in mine]):4.0f}%"
             )
         mark = "  <- stage defaults" if (radius, dr, mm) == (14, 18, 2) else ""
         print(
@@ -110,8 +113,9 @@ def main() -> None:
     got, base = {(a, b) for a, b, _, _ in banded}, set(brute)
     n = len(P)
     print(
-        f"all pairs: {n * (n - 1) // 2:,} checks in {t_all:.2f} s; bands: {facts['candidate_pairs']:,} checks in "
-        f"{t_band:.2f} s: {t_all / t_band:.1f}x faster; pairs found {len(got)} vs {len(base)} "
+        f"all pairs: {n * (n - 1) // 2:,} checks in {t_all:.2f} s; "
+        f"bands: {facts['candidate_pairs']:,} checks in {t_band:.2f} s: {t_all / t_band:.1f}x faster; "
+        f"pairs found {len(got)} vs {len(base)} "
         f"(missed by bands: {len(base - got)})"
     )
 

@@ -4,12 +4,13 @@
                                               [--shots] [--clip] [--preset ultrafast|veryfast]
                                               [--work /tmp/bench-video-pipeline]
 
-The corpus: ``--videos`` encoded videos (``curation.sample_video``: a camera panning over drawn scenes,
+The corpus: ``--videos`` encoded videos (``curation.sample.video``: a camera panning over drawn scenes,
 h264/mp4 at 30 fps, ``--size``, ``--seconds`` long; with ``--shots`` each is three scenes joined by hard
-cuts) and a JSONL manifest pointing at them. ``--clip`` also keeps each video (or each shot) in the pool: a shot
-is copied packet for packet when it starts and ends on keyframes, else re-encoded from its cut. ``--preset``: the
-x264 preset the corpus is encoded with: ``ultrafast`` (default) has no scene-cut detection, so no keyframe at
-the cuts (every shot re-encoded); ``veryfast`` places one at each hard cut, as web encoders do (shots copied).
+cuts) and a JSONL manifest pointing at them. ``--clip`` also keeps each video (or each shot) in the pool: a
+shot is copied packet for packet when it starts and ends on keyframes, else re-encoded from its cut.
+``--preset``: the x264 preset the corpus is encoded with: ``ultrafast`` (default) has no scene-cut detection,
+so no keyframe at the cuts (every shot re-encoded); ``veryfast`` places one at each hard cut, as web encoders
+do (shots copied).
 
 - ``ffmpeg``: ``ffmpeg -threads 1 -i X -f null -`` for every file, ``--cores`` processes at a time: decoding
   alone, the baseline the issue names.
@@ -35,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from curation.sample_video import _X264, _encode, video_frames
+from curation.sample.video import _X264, _encode, video_frames
 
 
 def write_corpus(
@@ -72,8 +73,8 @@ def ffmpeg_null(ffmpeg: str, paths: list[Path], cores: int) -> float:
 
 
 def pipeline(root: Path, out: Path, shots: bool, clip: bool) -> tuple[float, dict]:
+    from curation.pipeline import run_pipeline
     from curation.recipe import pipeline_from_dict
-    from curation.runner import run_pipeline
 
     shutil.rmtree(out, ignore_errors=True)
     raw = {

@@ -3,7 +3,7 @@
 Every integer must fit in 64 bits and every float must be finite (YAML reads ``.inf`` and ``.nan``): a value
 past either is refused when the recipe loads, not met later as an ``OverflowError`` deep in a writer. A field
 whose zero, negative or huge values mean nothing declares its range with :func:`bounded`;
-:func:`curation.recipe.build` checks it and names the key.
+:func:`curation.spec.build` checks it and names the key.
 """
 
 from __future__ import annotations

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from curation.report import _CSS, _card, _esc, _n, _write_atomic, svg_histogram
+from curation.html import CSS, esc, number, row_card, svg_histogram
+from curation.io import commit
 
 DEFAULT_KEEP = (0.9, 0.7, 0.5, 0.3, 0.1)
 _CARD_COLUMNS = [
@@ -103,8 +105,8 @@ def calibrate(
     }
     stem = f"calibrate-{score}"
     json_path, html_path = pool / f"{stem}.json", pool / f"{stem}.html"
-    _write_atomic(json_path, json.dumps(data, indent=2))
-    _write_atomic(html_path, _html(data, cuts, edges, counts, thumb_px))
+    commit.write_text(json_path, json.dumps(data, indent=2))
+    commit.write_text(html_path, _html(data, cuts, edges, counts, thumb_px))
     return html_path, json_path
 
 
@@ -149,24 +151,27 @@ def _html(data: dict, cuts: list[dict], edges: np.ndarray, counts: np.ndarray, p
     )
     hist = hist.replace("</svg>", marks + "</svg>")
     rows = "".join(
-        f"<tr><td class=r>{c['threshold']:.4g}</td><td>{_esc(c['asked'])}</td><td class=r>"
-        f"{_n(c['kept'])}</td><td class=r>{100 * c['kept_fraction']:.1f}%</td></tr>"
+        f"<tr><td class=r>{c['threshold']:.4g}</td><td>{esc(c['asked'])}</td><td class=r>"
+        f"{number(c['kept'])}</td><td class=r>{100 * c['kept_fraction']:.1f}%</td></tr>"
         for c in cuts
     )
     sections = []
     for c in cuts:
-        below = "".join(_card(r, px, False) for r in c["below"]) or "<p class=meta>none</p>"
-        above = "".join(_card(r, px, False) for r in c["above"]) or "<p class=meta>none</p>"
+        below = "".join(row_card(r, px, False) for r in c["below"]) or "<p class=meta>none</p>"
+        above = "".join(row_card(r, px, False) for r in c["above"]) or "<p class=meta>none</p>"
         sections.append(
-            f"<h2>{_esc(score)} ≥ {c['threshold']:.4g} keeps {100 * c['kept_fraction']:.1f}% "
-            f"({_n(c['kept'])} rows)</h2><h3>just above: kept</h3><div class=grid>{above}</div>"
+            f"<h2>{esc(score)} ≥ {c['threshold']:.4g} keeps {100 * c['kept_fraction']:.1f}% "
+            f"({number(c['kept'])} rows)</h2><h3>just above: kept</h3><div class=grid>{above}</div>"
             f"<h3>just below: dropped</h3><div class=grid>{below}</div>"
         )
     q = " · ".join(f"{k} {v:.4g}" for k, v in data["quantiles"].items())
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calibrate {_esc(score)}</title>
-<style>{_CSS}</style></head><body><h1>Calibrate {_esc(score)}</h1>
-<p class="meta">{_esc(data["pool"])} · {data["rows_scored"]:,} rows scored (shards and rejects) · {_esc(q)}</p>
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">\
+<title>calibrate {esc(score)}</title>
+<style>{CSS}</style></head><body><h1>Calibrate {esc(score)}</h1>
+<p class="meta">{esc(data["pool"])} · {data["rows_scored"]:,} rows scored (shards and rejects) · \
+{esc(q)}</p>
 <div class="hists">{hist}</div>
-<table><thead><tr><th class=r>threshold</th><th>from</th><th class=r>rows kept</th><th class=r>kept</th></tr></thead>
+<table><thead><tr><th class=r>threshold</th><th>from</th><th class=r>rows kept</th><th class=r>kept</th></tr>\
+</thead>
 <tbody>{rows}</tbody></table>{"".join(sections)}</body></html>
 """

@@ -30,9 +30,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from curation.recipe import RecipeError, load_pipeline
-    from curation.runner import run_pipeline, summary_table
+    from curation.pipeline import run_pipeline
+    from curation.recipe import load_pipeline
+    from curation.spec import RecipeError
     from curation.stage import NotReady
+    from curation.stats import summary_table
 
     try:
         recipe = load_pipeline(args.recipe, args.set or [])
@@ -57,9 +59,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import yaml
 
-    from curation.dedup.audit import run_audit
+    from curation.audit import run_audit
     from curation.io.detect import UndetectedSource
-    from curation.recipe import RecipeError
+    from curation.spec import RecipeError
 
     match = {}
     for item in args.match or []:
@@ -110,7 +112,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_mix(args: argparse.Namespace) -> int:
     from curation.mix.builder import build_mixtures, iter_plan
     from curation.mix.recipe import load_mix_recipe
-    from curation.recipe import RecipeError
+    from curation.spec import RecipeError
 
     try:
         recipe = load_mix_recipe(args.recipe, args.set or [])
@@ -164,9 +166,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from curation.stage import describe, load_registry
+    from curation.filters import registry as stage_registry
+    from curation.stage import describe
 
-    registry = load_registry()
+    registry = stage_registry()
     if args.json:
         print(json.dumps({n: describe(c) for n, c in sorted(registry.items())}, indent=2, default=str))
         return 0
@@ -204,8 +207,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if summary:  # rank 0
         print(
             f"stage {summary['stage']}: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
-            f"{summary['last_loss']:.4f}; {summary['tokens_per_s']:,.0f} tokens/s, {summary['images_per_s']:,.1f} "
-            f"images/s, data wait {100 * summary['data_wait_share']:.1f}% of step time"
+            f"{summary['last_loss']:.4f}; {summary['tokens_per_s']:,.0f} tokens/s, "
+            f"{summary['images_per_s']:,.1f} images/s, "
+            f"data wait {100 * summary['data_wait_share']:.1f}% of step time"
         )
         print(f"checkpoint: {summary['checkpoint']}\nloss plot:  {summary['plot']}")
     return 0

@@ -12,7 +12,8 @@ has the same id in Parquet and WebDataset, on a laptop and on a cluster, and exa
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 import xxhash
@@ -34,8 +35,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("video", pa.string()),
         pa.field("frames", pa.list_(pa.binary())),
         pa.field("frame_ts", pa.list_(pa.float64())),
-        # A clip of ``video`` (a shot, with ``video: {shots: true}`` on the source): its span in seconds of the
-        # source video; frame_ts stay absolute (seconds of the source), so start at clip_start.
+        # A clip of ``video`` (a shot, with ``video: {shots: true}`` on the source): its span in seconds of
+        # the source video; frame_ts stay absolute (seconds of the source), so start at clip_start.
         pa.field("clip_start", pa.float64()),
         pa.field("clip_end", pa.float64()),
         # The video itself, with ``video: {clip: true}`` on the source: the file's bytes, or a shot re-encoded
@@ -59,6 +60,11 @@ ROW_SCHEMA = pa.schema(
 )
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason", "reject_detail")
+
+# Row columns no reader fills: stages write them (image_decode the size and format, ocr the text,
+# caption_language the language, dense_caption the caption). A stage that reads one needs its writer earlier
+# in the recipe (curation.stage.check_reads), or a pool source that carries it.
+STAGE_COLUMNS = ("image_format", "width", "height", "ocr_text", "dense_caption", "lang")
 
 
 def score_column(stage_name: str) -> str:

@@ -1,13 +1,13 @@
 """Credentials never print: one redaction for every message, log line and traceback.
 
-Credentials reach this tool by several roads: the environment (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
-the variable a VLM backend's ``api_key_env`` names), an AWS profile file (``~/.aws/credentials``,
-``AWS_SHARED_CREDENTIALS_FILE``), the user part of a URI (``s3://KEY:SECRET@bucket/x``, an endpoint such as
-``http://user:pass@host``) and query strings (``?X-Amz-Signature=...``, ``token=``, ``sig=``). Rather than
-trusting every message to leave them out, :func:`redact` masks all of them in any text, and :func:`install`
-puts it in front of what a process writes by itself: log records (their message and formatted exception) and
-tracebacks that escape. ``curation``'s command line installs it at start, and every Ray task of ours before it runs
-(:func:`curation.runner.in_worker`).
+Credentials reach this tool by several roads: the environment (``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, the variable a VLM backend's ``api_key_env`` names), an AWS profile file
+(``~/.aws/credentials``, ``AWS_SHARED_CREDENTIALS_FILE``), the user part of a URI (``s3://KEY:SECRET@bucket/x``,
+an endpoint such as ``http://user:pass@host``) and query strings (``?X-Amz-Signature=...``, ``token=``,
+``sig=``). Rather than trusting every message to leave them out, :func:`redact` masks all of them in any text,
+and :func:`install` puts it in front of what a process writes by itself: log records (their message and
+formatted exception) and tracebacks that escape. ``curation``'s command line installs it at start, and every
+Ray task of ours before it runs (:func:`curation.runner.in_worker`).
 
 The AWS access key id is masked too: AWS calls it non-secret, but it names the account and is half of a
 credential pair, and masking costs a message nothing it needs.
@@ -30,9 +30,11 @@ MASK = "***"
 
 # scheme://user[:password]@ : the password may hold "/" or "+" (AWS secret keys do), the user part may not.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@:'\"<>]*(?::[^\s@'\"<>]*)?@")
-# ... and user:password@host with the scheme cut off, as pyarrow quotes an s3:// URI ("got a URI: 'K:S@bucket/x'")
+# ... and user:password@host with the scheme cut off, as pyarrow quotes an s3:// URI
+# ("got a URI: 'K:S@bucket/x'")
 _BARE_USERINFO = re.compile(r"(?P<scheme>(?:^|(?<=[\s'\"(=,\[])))[^\s/@:='\"<>]+:(?!//)[^\s@'\"<>]*@(?=\w)")
-# ?name=value / &name=value whose name says it carries a credential (X-Amz-Signature, token, sig, api_key, ...)
+# ?name=value / &name=value whose name says it carries a credential (X-Amz-Signature, token, sig,
+# api_key, ...)
 _QUERY = re.compile(
     r"(?P<name>[?&;][A-Za-z0-9_.-]*(?:sig|token|secret|password|passwd|key|credential|auth)"
     r"[A-Za-z0-9_.-]*=)[^&\s#'\"<>]*",
@@ -139,7 +141,8 @@ def _known_values() -> set[str]:
 
 @functools.lru_cache(maxsize=8)
 def _profile_values(path: str, stamp: int) -> frozenset[str]:
-    """The credentials in an AWS profile file (every profile); ``stamp`` (its mtime) re-reads an edited file."""
+    """The credentials in an AWS profile file (every profile); ``stamp`` (its mtime) re-reads an
+    edited file."""
     parser = configparser.RawConfigParser()
     try:
         parser.read(path, encoding="utf-8")
@@ -154,7 +157,8 @@ def _profile_values(path: str, stamp: int) -> frozenset[str]:
 
 
 def install() -> None:
-    """Redact every log record and every traceback that escapes, in this process; calling it again does nothing.
+    """Redact every log record and every traceback that escapes, in this process; calling it again
+    does nothing.
 
     Log records are redacted where they are made (a record factory), so every handler sees the masked text,
     including handlers added later (Ray's, a notebook's); the formatted exception is stored in ``exc_text``,
@@ -168,7 +172,7 @@ def install() -> None:
         record = make_record(*args, **kwargs)
         try:
             record.msg, record.args = redact(record.getMessage()), None
-        except Exception:  # a bad format string: the handler reports it as usual (with the raw arguments)
+        except Exception:  # noqa: BLE001 - a bad format string: the handler reports it as usual (with the raw arguments)
             return record
         if record.exc_info and not record.exc_text:
             record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))

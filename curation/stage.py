@@ -3,15 +3,20 @@
 A stage runs unchanged inside a Ray Data task or actor, in a plain loop, or in a test. It declares
 its YAML name, the columns it reads and writes, the modalities it applies to, the resources it wants
 and the optional packages it needs. Heavy imports and model loads go in :meth:`Stage.setup`, which
-runs once per worker.
+runs once per worker. What a stage ``reads`` is checked against what the sources and the stages before it
+provide when the recipe loads (:func:`check_reads`).
 
-A :class:`ScoreFilter` computes a score first (persisted as a column) and decides second, so a
-threshold can change without recomputing the score, and ``annotate_only`` keeps every row.
+A :class:`ScoreFilter` computes first and decides second. :meth:`~ScoreFilter.score` returns every column
+to persist, and for the rows it could not score, why (:func:`unscored`); :meth:`~ScoreFilter.decide` is a
+pure function of persisted columns and parameters, never of state kept on ``self`` between the two. So a
+threshold can change without recomputing a score, ``annotate_only`` keeps every row it scored, and a row
+that could not be scored is rejected with its reason in every mode (also under ``keep_fraction``, whose
+pool-wide cut would otherwise pass a row without a score unseen).
 Rejected rows are not dropped: they keep flowing with ``reject_stage`` / ``reject_reason`` set,
 later stages skip them, and the sink writes them to ``rejects/``. Every drop is therefore counted
 by stage and reason, and nothing vanishes.
 
-Example (a complete filter)::
+Example (a complete filter that cannot score some rows)::
 
     @register
     class CaptionLength(ScoreFilter):
@@ -19,7 +24,11 @@ Example (a complete filter)::
         reads = ("text",)
         min: int = 1
         def score(self, batch):
-            return {self.score_name: pc.utf8_length(batch["text"]).cast(pa.float64())}
+            text = batch["text"]
+            return {
+                self.score_name: pc.utf8_length(text).cast(pa.float64()),
+                **unscored(reason_where(pc.is_null(text), "no_text")),
+            }
         def decide(self, batch, scores):
             return reason_where(pc.less(scores[self.score_name], self.min), "too_short")
 """
@@ -37,9 +46,40 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.bounds import bounded
-from curation.schema import ROW_SCHEMA, score_column
+from curation.schema import ROW_SCHEMA, STAGE_COLUMNS, score_column
 
 log = logging.getLogger(__name__)
+
+# Keys of :meth:`ScoreFilter.score`'s result that are not columns: why rows could not be scored (null: scored)
+# and a detail for each. The base class takes them out and rejects those rows (see :func:`unscored`).
+UNSCORED = "__unscored_reason__"
+UNSCORED_DETAIL = "__unscored_detail__"
+
+
+def unscored(
+    reasons: pa.Array | list[str | None], details: pa.Array | list[str | None] | None = None
+) -> dict:
+    """Entries for :meth:`ScoreFilter.score`'s result: per row, why it could not be scored (null: it was),
+    and a detail each (what to do, which image). Spread them into the returned dict::
+
+        return {self.score_name: values, **unscored(reasons, details)}
+
+    The base class rejects those rows with these reasons whatever the mode (``annotate_only``,
+    ``keep_fraction``), before :meth:`~ScoreFilter.decide` sees the rest.
+    """
+    out = {UNSCORED: pa.array(reasons, pa.string()) if isinstance(reasons, list) else reasons}
+    if details is not None:
+        out[UNSCORED_DETAIL] = pa.array(details, pa.string()) if isinstance(details, list) else details
+    return out
+
+
+def required(help: str) -> Any:
+    """A stage parameter a recipe must give (no default): ``benchmarks: str = required("registry YAML")``.
+
+    Recipes that leave it out fail to load, naming the stage and the key; so does constructing the stage in
+    Python without it (:func:`register` checks after ``__init__``).
+    """
+    return field(default=None, metadata={"required": True, "help": help})
 
 
 @dataclass
@@ -122,6 +162,20 @@ class Stage:
         (``outcomes``) beside the drops: what happened to rows it kept (OCR: text, no_text, too_small)."""
         return None
 
+    def output_fields(self) -> list[pa.Field]:
+        """Columns this stage adds beyond :data:`ROW_SCHEMA`: always present after it ran, so every
+        batch of a pipeline has the same schema."""
+        return []
+
+    def columns_read(self) -> tuple[str, ...]:
+        """The columns this instance needs to find filled: :attr:`reads`, plus any its parameters name
+        (a stage that reads another stage's output). Checked when the recipe loads (:func:`check_reads`)."""
+        return self.reads
+
+    def columns_written(self) -> tuple[str, ...]:
+        """The columns this stage fills: :attr:`writes` (row columns) and :meth:`output_fields`."""
+        return (*self.writes, *(f.name for f in self.output_fields()))
+
     def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -139,10 +193,13 @@ class ScoreFilter(Stage):
     """Compute score columns, then turn them into reject reasons (``None`` = keep)."""
 
     # Score filters whose score ranks quality (higher is better) may keep a fraction of the whole dataset
-    # instead of applying their per-row rule: the runner cuts at the global quantile after every row is scored.
+    # instead of applying their per-row rule: the runner cuts at the global quantile after every row
+    # is scored.
     ranks: ClassVar[bool] = False
 
-    annotate_only: bool = field(default=False, metadata={"help": "write scores but reject nothing"})
+    annotate_only: bool = field(
+        default=False, metadata={"help": "write scores; reject only the rows that could not be scored"}
+    )
     keep_fraction: float | None = field(
         default=None,
         metadata={
@@ -161,36 +218,43 @@ class ScoreFilter(Stage):
         return self.keep_fraction is not None
 
     def output_fields(self) -> list[pa.Field]:
-        """Columns this stage adds beyond :data:`ROW_SCHEMA`: always present after it ran, so every
-        batch of a pipeline has the same schema."""
         return [pa.field(self.score_name, pa.float64())]
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
-        """Columns to persist, computed over ``batch`` (only the rows this stage applies to)."""
+        """Columns to persist, computed over ``batch`` (only the rows this stage applies to), and for the rows
+        that could not be scored, why (``**unscored(reasons, details)``). Everything :meth:`decide` needs
+        must be among the columns returned or already in the batch."""
         raise NotImplementedError
 
     def decide(self, batch: pa.Table, scores: dict[str, pa.Array]) -> pa.Array | tuple[pa.Array, pa.Array]:
-        """A string array of reject reasons (null = keep), optionally with a detail string array."""
-        raise NotImplementedError
+        """A string array of reject reasons (null = keep), optionally with a detail string array.
+
+        A pure function of ``batch`` (the rows scored), ``scores`` (the columns :meth:`score` persisted) and
+        the stage's parameters: no state from :meth:`score` on ``self``, so it gives the same answer on a
+        pool read back. The default keeps every row scored (an annotator whose only rejects are the rows it
+        could not score)."""
+        return pa.nulls(batch.num_rows, pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        mask = self.applies(batch)
-        active_idx = pc.indices_nonzero(mask)
+        active_idx = pc.indices_nonzero(self.applies(batch))
         active = batch.take(active_idx)
-        scores = self.score(active) if active.num_rows else {}
-        if active.num_rows:
-            decided = self.decide(active, scores)
+        scores = dict(self.score(active)) if active.num_rows else {}
+        failed, failed_detail = scores.pop(UNSCORED, None), scores.pop(UNSCORED_DETAIL, None)
         types = {f.name: f.type for f in self.output_fields()}
         types.update((f.name, f.type) for f in ROW_SCHEMA)
         for name, arr in scores.items():
-            batch = _set_column(
-                batch, name, _scatter(arr, active_idx, batch.num_rows).cast(types.get(name, arr.type))
-            )
+            values = _scatter(arr, active_idx, batch.num_rows).cast(types.get(name, arr.type))
+            batch = _set_column(batch, name, values)
         for f in self.output_fields():
             if f.name not in batch.column_names:
                 batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
-        if not active.num_rows or self.annotate_only or self.cuts:
-            return batch  # decided later, over the whole pool (runner._global_cuts)
+        if not active.num_rows:
+            return batch
+        if failed is not None:  # in every mode: no later decision could keep a row on a score it lacks
+            batch = mark_rejected(batch, active_idx, self.label, failed, failed_detail)
+        if self.annotate_only or self.cuts:
+            return batch  # decided later, over the whole pool (curation.cuts), or not at all
+        decided = self.decide(active, scores)
         reasons, detail = decided if isinstance(decided, tuple) else (decided, None)
         return mark_rejected(batch, active_idx, self.label, reasons, detail)
 
@@ -241,9 +305,6 @@ class GlobalFilter(ScoreFilter):
     @property
     def cuts(self) -> bool:
         return True
-
-    def decide(self, batch: pa.Table, scores: dict[str, pa.Array]) -> pa.Array:
-        return pa.nulls(batch.num_rows, pa.string())  # nothing is decided row by row
 
     def decide_global(self, rows: pa.Table) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
         """``rows``: :attr:`global_columns` plus the lineage columns (``source_uri``, ``source_offset``,
@@ -313,15 +374,48 @@ def register(cls: type[Stage]) -> type[Stage]:
         raise ValueError(f"two stages are registered as '{cls.name}': {existing} and {cls}")
     # Subclasses inherit __dataclass_fields__, so always (re)apply dataclass to pick up their own fields.
     cls = dataclass(cls)
+    needed = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required")]
+    if needed:
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            missing = [n for n in needed if getattr(self, n) in (None, "")]
+            if missing:
+                raise ValueError(f"{', '.join(missing)}: required (stage '{cls.name}')")
+
+        cls.__init__ = __init__
     REGISTRY[cls.name] = cls
     return cls
 
 
-def load_registry() -> dict[str, type[Stage]]:
-    """Import the built-in stage modules so they register themselves."""
-    from curation import filters  # noqa: F401  (imports every filter family)
+def check_reads(stages: list[Stage], pool_source: bool = False) -> tuple[list[str], list[str]]:
+    """What each stage reads against what is filled before it: (problems, warnings).
 
-    return REGISTRY
+    Readers fill the row's columns except :data:`~curation.schema.STAGE_COLUMNS` (``width``, ``ocr_text``...),
+    which only stages write; each stage adds what it writes for the stages after it. A column nothing fills
+    before the stage that reads it would reach it as nulls (``image_size`` without ``image_decode`` keeps
+    every row), so it is a problem; with a ``pool`` source (which carries whatever its own pipeline wrote) it
+    is a warning.
+    """
+    filled = {f.name for f in ROW_SCHEMA} - set(STAGE_COLUMNS)
+    problems: list[str] = []
+    warnings: list[str] = []
+    for i, stage in enumerate(stages):
+        unfilled = [c for c in stage.columns_read() if c not in filled]
+        if unfilled:
+            what = (
+                f"stages.{i} ({stage.label}): reads {', '.join(unfilled)}, which no source fills and no "
+                f"stage before it writes"
+            )
+            writers = sorted({n for n, cls in REGISTRY.items() for c in unfilled if c in cls.writes})
+            if pool_source:
+                warnings.append(f"{what}: it must come from the pool source")
+            else:
+                hint = f"add {' or '.join(writers)} before it" if writers else "add the stage that writes it"
+                problems.append(f"{what} ({hint})")
+        filled.update(stage.columns_written())
+    return problems, warnings
 
 
 def describe(cls: type[Stage]) -> dict[str, Any]:
@@ -334,4 +428,35 @@ def describe(cls: type[Stage]) -> dict[str, Any]:
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        if f.metadata.get("required"):
+            out[f.name] = "(required)"
     return out
+
+
+# ---------------------------------------------------------------- stage order
+
+
+def split_at_cuts(stages: list[Stage]) -> tuple[list[Stage], dict[str, list[Stage]]]:
+    """The stages of the unit pass, and the stages after each pool-wide cut (up to the next cut).
+
+    A global cut (``keep_fraction``, near-duplicate clusters) is known only once every row has been scored, so
+    the unit pass stops at the first such stage; the stages after it run on the rows the cut keeps, shard by
+    shard (an expensive VLM judge after DataComp's "top 30%" CLIP cut sees 30% of the rows, not all of them).
+    A pure function of the stages: the recipe checks the order with it when it loads (``ValueError`` for an
+    indexing stage after a cut), the runner plans its passes with it.
+    """
+    cuts = [i for i, s in enumerate(stages) if isinstance(s, ScoreFilter) and s.cuts]
+    if not cuts:
+        return list(stages), {}
+    for s in stages[cuts[0] + 1 :]:
+        if isinstance(s, IndexedFilter) and s.index_columns:
+            raise ValueError(
+                f"stage '{s.label}' indexes the whole corpus before filtering it, so it must come before "
+                f"'{stages[cuts[0]].label}', whose cut runs after every row is scored: "
+                f"move it up the stages list"
+            )
+    bounds = cuts + [len(stages) - 1]
+    return (
+        list(stages[: cuts[0] + 1]),
+        {stages[c].label: list(stages[c + 1 : nxt + 1]) for c, nxt in zip(cuts, bounds[1:])},
+    )

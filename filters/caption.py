@@ -1,4 +1,5 @@
-"""Dense captions: a vision-language model writes a detailed caption of each image or video (``dense_caption``).
+"""Dense captions: a vision-language model writes a detailed caption of each image or video
+(``dense_caption``).
 
 A video is shown as ``frames_per_request`` of its sampled frames, spread over the clip, each after a text part
 with its time ("t=3.0 s:"), and described with ``video_prompt``; its reject for nothing to look at is
@@ -13,7 +14,7 @@ Every answer is checked before it is kept, because a model that fails does so in
 
 - ``caption_too_short``: fewer than ``min_words`` words (a refusal, a one-line caption, a cut-off answer);
 - ``caption_repetitive``: stuck in a loop; the share of word ``ngram``-grams that repeat an earlier one
-  (:func:`curation.mix.coldstart.repetition`, the measure of the SFT filter) is above ``max_repeat``;
+  (:func:`curation.target.chat.repetition`, the measure of the SFT filter) is above ``max_repeat``;
 - ``caption_echoes_prompt``: the model copied its instructions or hints instead of looking; the *echo* is
   the share of the answer's word ``ngram``-grams (lower-cased ``\\w+`` words) that also occur in the
   prompt as sent (the template filled with the hints). A long original caption or OCR text quoted as
@@ -35,7 +36,8 @@ Recipe::
                   max_new_tokens: 512}
         min_words: 20
         prompt: |
-          Describe the image in detail. Hints, which may be wrong: caption "{caption}", text in it "{ocr_text}".
+          Describe the image in detail.
+          Hints, which may be wrong: caption "{caption}", text in it "{ocr_text}".
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.bounds import bounded
-from curation.mix.coldstart import repetition
 from curation.models.vlm import (
     BackendConfig,
     Request,
@@ -62,23 +63,36 @@ from curation.models.vlm import (
     image_part,
     make_backend,
 )
-from curation.stage import ScoreFilter, register
+from curation.stage import ScoreFilter, register, unscored
+from curation.target.chat import repetition
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = """Describe this image in detail, for training a vision-language model. Cover the main subjects and their attributes (colours, shapes, sizes, materials, counts), where things are and how they relate, the setting and background, any visible text, and the style of the image.
-Write fluent plain prose in one or more paragraphs. Describe only what you can see; do not guess.
-
-Hints, which may be wrong or incomplete (use them only where the image confirms them):
-Original caption: {caption}
-Text read from the image by OCR: {ocr_text}"""
-VIDEO_PROMPT = """These are frames of a video clip, in order, each after its time in seconds from the start of the video. Describe the clip in detail, for training a vision-language model: what happens and in what order (say when, using the times), the subjects and their attributes, how they move, the setting, any visible text, and how the camera moves.
-Write fluent plain prose. Describe only what you can see; do not guess.
-
-Hints, which may be wrong or incomplete (use them only where the frames confirm them):
-Original caption: {caption}
-Text read from the frames by OCR: {ocr_text}"""
-REPAIR = "Your description cannot be used: {problem}. Write a new, detailed description of the image in your own words."
+DEFAULT_PROMPT = (
+    "Describe this image in detail, for training a vision-language model. Cover the main subjects and their "
+    "attributes (colours, shapes, sizes, materials, counts), where things are and how they relate, the "
+    "setting and background, any visible text, and the style of the image.\n"
+    "Write fluent plain prose in one or more paragraphs. Describe only what you can see; do not guess.\n"
+    "\n"
+    "Hints, which may be wrong or incomplete (use them only where the image confirms them):\n"
+    "Original caption: {caption}\n"
+    "Text read from the image by OCR: {ocr_text}"
+)
+VIDEO_PROMPT = (
+    "These are frames of a video clip, in order, each after its time in seconds from the start of the video. "
+    "Describe the clip in detail, for training a vision-language model: what happens and in what order "
+    "(say when, using the times), the subjects and their attributes, how they move, the setting, any visible "
+    "text, and how the camera moves.\n"
+    "Write fluent plain prose. Describe only what you can see; do not guess.\n"
+    "\n"
+    "Hints, which may be wrong or incomplete (use them only where the frames confirm them):\n"
+    "Original caption: {caption}\n"
+    "Text read from the frames by OCR: {ocr_text}"
+)
+REPAIR = (
+    "Your description cannot be used: {problem}. "
+    "Write a new, detailed description of the image in your own words."
+)
 PLACEHOLDERS = ("caption", "ocr_text")
 NONE = "(none)"  # what an empty hint reads as in the prompt
 MAX_RAW = 2000  # characters of a rejected answer kept in the reject detail
@@ -124,9 +138,7 @@ class DenseCaption(ScoreFilter):
         "images",
         "frames",
         "frame_ts",
-        "ocr_text",
-        "dense_caption",
-    )
+    )  # and, when an earlier stage filled them, ocr_text (a hint in the prompt) and dense_caption (kept)
     writes: ClassVar[tuple[str, ...]] = ("dense_caption",)
     default_modalities: ClassVar[tuple[str, ...]] = ("image_text", "video")
 
@@ -220,11 +232,11 @@ class DenseCaption(ScoreFilter):
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
         self.setup()
         n = batch.num_rows
-        cols = {c: batch[c].to_pylist() for c in self.reads}
+        cols = {c: batch[c].to_pylist() for c in (*self.reads, "ocr_text")}
         words = np.full(n, np.nan)
         captions: list[str | None] = [None] * n
-        self._reject: list[str | None] = [None] * n
-        self._detail: list[str | None] = [None] * n
+        failed: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
         requests: dict[int, Request] = {}
         prompts: dict[int, str] = {}
         for i in range(n):
@@ -235,13 +247,13 @@ class DenseCaption(ScoreFilter):
             if cols["modality"][i] == "video":
                 parts = self._frame_parts(cols["frames"][i] or [], cols["frame_ts"][i] or [])
                 if not parts:
-                    self._reject[i] = "missing_frames"
+                    failed[i] = "missing_frames"
                     continue
                 prompts[i] = fill(self.video_prompt, hints)
             else:
                 image = cols["image"][i] or next((x for x in cols["images"][i] or [] if x is not None), None)
                 if image is None:
-                    self._reject[i] = "missing_image"
+                    failed[i] = "missing_image"
                     continue
                 parts = [image_part(image, self.max_image_side)]
                 prompts[i] = fill(self.prompt, hints)
@@ -251,37 +263,39 @@ class DenseCaption(ScoreFilter):
 
         def answer(i: int, resp: Response, may_retry: bool) -> Request | None:
             if resp.error is not None:
-                self._reject[i], self._detail[i] = f"caption_{resp.error_kind or 'unreachable'}", resp.error
+                failed[i], detail[i] = f"caption_{resp.error_kind or 'unreachable'}", resp.error
                 return None
             text = re.sub(r"<think>.*?(</think>|$)", "", resp.text or "", flags=re.DOTALL).strip()
             problem = self.check(text, prompts[i])
             if problem is None:
                 captions[i], words[i] = text, len(text.split())
-                self._reject[i] = self._detail[i] = None
+                failed[i] = detail[i] = None
                 return None
             reason, what = problem
-            self._reject[i] = reason
-            self._detail[i] = f"{what}; answer: {(resp.text or '(empty answer)')[:MAX_RAW]}"
+            failed[i] = reason
+            detail[i] = f"{what}; answer: {(resp.text or '(empty answer)')[:MAX_RAW]}"
             return _repaired(requests[i], resp, what) if may_retry else None
 
         converse(self._backend, requests, self.max_attempts, answer)
-        failed = sum(r is not None and r.startswith("caption_") for r in self._reject)
-        if failed:
+        errors = sum(r is not None and r.startswith("caption_") for r in failed)
+        if errors:
             log.info(
                 "%s: %d of %d rows got no usable caption in %d attempt(s)",
                 self.label,
-                failed,
+                errors,
                 n,
                 self.max_attempts,
             )
+        # every reject is a row without a usable caption: nothing is left for decide() to threshold
         return {
             "dense_caption": pa.array(captions, pa.string()),
             self.score_name: pa.array(words, mask=np.isnan(words)),
+            **unscored(failed, detail),
         }
 
     def _frame_parts(self, frames: list[bytes], ts: list[float]) -> list[dict[str, Any]]:
-        """Up to ``frames_per_request`` frames spread evenly over the clip, each after its time ("t=3.0 s:"), so
-        the model can say when things happen (Keye-VL ties positions to absolute time)."""
+        """Up to ``frames_per_request`` frames spread evenly over the clip, each after its time ("t=3.0 s:"),
+        so the model can say when things happen (Keye-VL ties positions to absolute time)."""
         if not frames:
             return []
         pick = np.unique(
@@ -314,9 +328,6 @@ class DenseCaption(ScoreFilter):
                 f"it copies the prompt ({copied:.0%} of its {self.ngram}-word phrases)",
             )
         return None
-
-    def decide(self, batch, scores):
-        return pa.array(self._reject, pa.string()), pa.array(self._detail, pa.string())
 
 
 def _repaired(request: Request, answer: Response, problem: str) -> Request:

@@ -31,10 +31,11 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.bounds import bounded
-from curation.stage import NotReady, ScoreFilter, mark_rejected, register
+from curation.stage import NotReady, ScoreFilter, reason_where, register, required, unscored
 
 log = logging.getLogger(__name__)
 
+MAX_DETAIL = 283  # characters of an unreadable image's error kept in the reject detail
 PREFETCH = 2  # batches being decoded while the model runs one; more only holds memory
 DEVICES = ("auto", "cpu", "cuda")
 REDUCERS = ("mean", "max")
@@ -71,7 +72,10 @@ class ClipScore(ScoreFilter):
 
     ranks: ClassVar[bool] = True  # a higher score is a better pair: keep_fraction applies
 
-    model: str = ""  # required: the CLIP spec
+    model: str = required(
+        "the CLIP model: ARCH:TAG (e.g. ViT-B-32:datacomp_xl_s13b_b90k), ARCH:/path/to/weights.pt, "
+        "a checkpoint written by curation.models.clip.save_clip, or local-dir:/path/to/open_clip/folder"
+    )
     min_score: float | None = bounded(None, -1, 1)  # absolute cosine threshold
     batch_size: int = bounded(64, 1, 4096)  # images per forward pass
     device: str = "auto"  # auto: cuda when resources.num_gpus > 0, else cpu
@@ -83,11 +87,9 @@ class ClipScore(ScoreFilter):
     video_reduce: str = "mean"  # frames -> row score: mean or max
 
     def __post_init__(self):
-        from curation.models.clip import PRECISIONS, SPEC_FORMS
+        from curation.models.clip import PRECISIONS
 
         problems = []
-        if not self.model:
-            problems.append(f"model: required, one of {SPEC_FORMS}")
         if self.min_score is not None and self.keep_fraction is not None:
             problems.append("min_score and keep_fraction: give one threshold, not both")
         if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
@@ -196,13 +198,13 @@ class ClipScore(ScoreFilter):
             self.setup()
         n = batch.num_rows
         cols = {c: batch[c].to_pylist() for c in ("modality", *self.reads)}
-        self._errors: list[str | None] = [None] * n
+        failed: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
         images: list[bytes] = []  # one entry per (image, text) pair
         pair_text: list[str] = []
         pair_row: list[int] = []
         for i in range(n):
-            pairs, error = self._pairs(cols, i)
-            self._errors[i] = error
+            pairs, failed[i], detail[i] = self._pairs(cols, i)
             for data, text in pairs:
                 images.append(data)
                 pair_text.append(text)
@@ -214,11 +216,11 @@ class ClipScore(ScoreFilter):
         for k, i in enumerate(pair_row):
             by_row.setdefault(i, []).append(k)
         for i, ks in by_row.items():
-            failed = [(j, bad[k]) for j, k in enumerate(ks) if bad[k] is not None]
-            if failed:
-                j, err = failed[0]
+            unreadable = [(j, bad[k]) for j, k in enumerate(ks) if bad[k] is not None]
+            if unreadable:
+                j, err = unreadable[0]
                 what = {"interleaved": f"image {j}: ", "video": f"frame {j}: "}.get(cols["modality"][i], "")
-                self._errors[i] = f"unreadable_image:{what}{err}"[:300]
+                failed[i], detail[i] = "unreadable_image", f"{what}{err}"[:MAX_DETAIL]
                 continue
             values = sims[ks]
             if cols["modality"][i] == "image_text":
@@ -233,58 +235,42 @@ class ClipScore(ScoreFilter):
         return {
             self.score_name: pa.array(scores, mask=np.isnan(scores)),
             self.parts_name: pa.array(parts, pa.list_(pa.float64())),
+            **unscored(failed, detail),
         }
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """As :class:`ScoreFilter`; with ``keep_fraction`` (decided later by the runner's global cut, which keeps
-        rows without a score), the rows that could not be scored are rejected here, with their reasons."""
-        positions = pc.indices_nonzero(self.applies(batch))
-        batch = super().__call__(batch)
-        if self.keep_fraction is None or self.annotate_only or not len(positions):
-            return batch
-        return mark_rejected(batch, positions, self.label, *self._unscorable())
-
     def decide(self, batch, scores):
-        reasons, details = self._unscorable()
         if self.min_score is None:
-            return reasons, details
-        reasons, details = reasons.to_pylist(), details.to_pylist()
-        for i, s in enumerate(scores[self.score_name].to_pylist()):
-            if reasons[i] is None and s is not None and s < self.min_score:
-                reasons[i], details[i] = "score_below_min", f"{s:.4f} < {self.min_score:g}"
-        return pa.array(reasons, pa.string()), pa.array(details, pa.string())
-
-    def _unscorable(self) -> tuple[pa.Array, pa.Array]:
-        """Reasons and details of the last scored batch's rows that have no score (null: scored)."""
-        parts = [(e or "").partition(":") for e in self._errors]
-        return pa.array([p[0] or None for p in parts], pa.string()), pa.array(
-            [p[2] or None for p in parts], pa.string()
+            return pa.nulls(batch.num_rows, pa.string())
+        score = scores[self.score_name]
+        below = pc.less(score, self.min_score)
+        detail = [None if s is None else f"{s:.4f} < {self.min_score:g}" for s in score.to_pylist()]
+        return reason_where(below, "score_below_min"), pc.if_else(
+            pc.fill_null(below, False), pa.array(detail, pa.string()), pa.scalar(None, pa.string())
         )
 
-    def _pairs(self, cols: dict[str, list], i: int) -> tuple[list[tuple[bytes, str]], str | None]:
-        """The (image bytes, text) pairs of row ``i``, or none and the reason it cannot be scored."""
+    def _pairs(self, cols: dict[str, list], i: int) -> tuple[list[tuple[bytes, str]], str | None, str | None]:
+        """The (image bytes, text) pairs of row ``i``; or none, the reason it cannot be scored and
+        a detail."""
         modality = cols["modality"][i]
         if modality == "interleaved":
             texts, images = cols["texts"][i] or [], cols["images"][i] or []
             text_pos = [p for p, t in enumerate(texts) if _has_text(t)]
             image_pos = [p for p, d in enumerate(images) if d is not None]
             if not image_pos:
-                return [], "no_image:the document has no image"
+                return [], "no_image", "the document has no image"
             if not text_pos:
-                return [], "no_caption:the document has no text"
-            return [(images[p], texts[nearest_text(text_pos, p)]) for p in image_pos], None
+                return [], "no_caption", "the document has no text"
+            return [(images[p], texts[nearest_text(text_pos, p)]) for p in image_pos], None, None
         if not _has_text(cols["text"][i]):
-            return [], "no_caption:"
+            return [], "no_caption", None
         if modality == "video":
             frames = [f for f in cols["frames"][i] or [] if f is not None]
-            return (
-                ([(f, cols["text"][i]) for f in frames], None)
-                if frames
-                else ([], "no_image:no sampled frames")
-            )
+            if not frames:
+                return [], "no_image", "no sampled frames"
+            return [(f, cols["text"][i]) for f in frames], None, None
         if cols["image"][i] is None:
-            return [], "no_image:"
-        return [(cols["image"][i], cols["text"][i])], None
+            return [], "no_image", None
+        return [(cols["image"][i], cols["text"][i])], None, None
 
     def _similarities(self, images: list[bytes], texts: list[str]) -> tuple[np.ndarray, list[str | None]]:
         """Cosine similarity of every (image, text) pair, and the decode error of each image (None: fine).

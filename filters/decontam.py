@@ -19,7 +19,7 @@ import pyarrow as pa
 from curation.dedup.index import MatchConfig
 from curation.io import refs
 from curation.schema import message_texts
-from curation.stage import IndexedFilter, register
+from curation.stage import IndexedFilter, register, required
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def _keyframes(uri: str, data: bytes | None, policy: refs.RefPolicy) -> tuple[li
     """Frames of a video the row holds as a clip or only points to, as the readers sample them; none if it
     cannot be read. A path is read only under the stage's ``media_roots`` (a row is untrusted)."""
     from curation.io.video import VideoError, sample_frames
-    from curation.recipe import VIDEO_OPTIONS as o
-    from curation.recipe import frame_bounds
+    from curation.target.video import VIDEO_OPTIONS as o
+    from curation.target.video import frame_bounds
 
     try:
         data = data if data is not None else policy.read(uri, "/")[1]
@@ -78,16 +78,12 @@ class Decontaminate(IndexedFilter):
     )
     index_columns: ClassVar[tuple[str, ...]] = ()  # the index comes from the registry: no corpus pre-pass
 
-    benchmarks: str = ""  # registry YAML
+    benchmarks: str = required("the benchmark registry YAML, e.g. pipelines/benchmarks.yaml")
     registry_set: list[str] = field(default_factory=list)  # --set style overrides for the registry
     match: MatchConfig = field(default_factory=MatchConfig)  # thresholds; see docs/decontamination.md
-    # A video row with neither frames nor clip (a pool row written with output.video: clip elsewhere) is sampled
-    # from its path only under these folders or s3:// prefixes (default: none, it is not matched).
+    # A video row with neither frames nor clip (a pool row written with output.video: clip elsewhere) is
+    # sampled from its path only under these folders or s3:// prefixes (default: none, it is not matched).
     media_roots: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.benchmarks:
-            raise ValueError("benchmarks: required (a registry YAML, e.g. pipelines/benchmarks.yaml)")
 
     @property
     def matches_name(self) -> str:
@@ -125,9 +121,14 @@ class Decontaminate(IndexedFilter):
         found = self._index.match_rows(texts, images, frames, ts)
         best = np.array([m[0].score if m else 0.0 for m in found])
         details = [json.dumps([x.to_dict() for x in m[:MAX_MATCHES_PER_ROW]]) if m else None for m in found]
-        self._reasons = [f"contaminated:{m[0].benchmark}" if m else None for m in found]
-        self._details = details
         return {self.score_name: pa.array(best), self.matches_name: pa.array(details, pa.string())}
 
     def decide(self, batch, scores):
-        return pa.array(self._reasons, pa.string()), pa.array(self._details, pa.string())
+        """Every row with a match: ``contaminated:<benchmark of the strongest>``, the matches as
+        the detail."""
+        matches = scores[self.matches_name]
+        reasons = [
+            None if m is None else f"contaminated:{json.loads(m)[0]['benchmark']}"
+            for m in matches.to_pylist()
+        ]
+        return pa.array(reasons, pa.string()), matches

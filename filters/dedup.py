@@ -29,7 +29,7 @@ class ExactDedup(IndexedFilter):
     """
 
     name: ClassVar[str] = "exact_dedup"
-    reads: ClassVar[tuple[str, ...]] = ("id",)
+    reads: ClassVar[tuple[str, ...]] = ("id", "source_uri", "source_offset")
     splits_by_id: ClassVar[bool] = True  # copies share their id: each id range is deduplicated on its own
 
     def build_index(self, rows: pa.Table) -> dict[str, Any]:
@@ -62,14 +62,14 @@ class ExactDedup(IndexedFilter):
 
     def score(self, batch):
         pos = pc.index_in(batch["id"], value_set=self._ids)
-        self._pos = pos
         return {self.score_name: pc.fill_null(pc.take(self._copies, pos), 1.0)}
 
     def decide(self, batch, scores):
+        """A row is a copy unless it is its content's first occurrence (the index's winner)."""
         here = pc.binary_join_element_wise(
             batch["source_uri"], pa.scalar("#"), batch["source_offset"].cast(pa.string()), ""
         )
-        winner = pc.take(self._winner, self._pos)
+        winner = pc.take(self._winner, pc.index_in(batch["id"], value_set=self._ids))
         loser = pc.and_(pc.is_valid(winner), pc.not_equal(winner, here))
         detail = pc.binary_join_element_wise(pa.scalar("duplicate of "), winner, "")
         return reason_where(loser, "duplicate"), detail
@@ -81,17 +81,17 @@ class VideoNearDedup(GlobalFilter):
     rate), and copies trimmed at either end or cut from a longer video.
 
     In the unit pass every video row's sampled frames get a 64-bit pHash and dHash (``<label>_phash``,
-    ``<label>_dhash``, one per frame of ``frames``, null for a frame that does not decode; kept in the pool for
-    later dedup and decontamination). Then, over the whole pool, pairs of videos whose frames match at one time
-    offset are found (:func:`curation.dedup.video.near_duplicate_pairs`: band candidates, then the temporal
-    check), linked into clusters, and one video per cluster stays: ``keep: longest`` (default; then the larger
-    frame size, then input order), ``largest`` (frame size first) or ``first`` (input order). The others are
-    rejected ``near_duplicate``, naming the one kept and the match that linked them.
+    ``<label>_dhash``, one per frame of ``frames``, null for a frame that does not decode; kept in the pool
+    for later dedup and decontamination). Then, over the whole pool, pairs of videos whose frames match at one
+    time offset are found (:func:`curation.dedup.video.near_duplicate_pairs`: band candidates, then the
+    temporal check), linked into clusters, and one video per cluster stays: ``keep: longest`` (default; then
+    the larger frame size, then input order), ``largest`` (frame size first) or ``first`` (input order). The
+    others are rejected ``near_duplicate``, naming the one kept and the match that linked them.
 
     Score: the number of frames hashed (a row with fewer than 2 is never matched: one frame is an image).
     Defaults measured with ``benchmarks/bench_video_dedup.py`` on the sample corpus's synthetic videos
     (fast-moving drawings: the hard case for 1-fps frames): see BENCHMARKS.md.
-    """
+    """  # noqa: E501 - the first line is the summary `curation stages` prints: kept as it was
 
     name: ClassVar[str] = "video_near_dedup"
     reads: ClassVar[tuple[str, ...]] = ("frames", "frame_ts")
@@ -215,7 +215,8 @@ class VideoNearDedup(GlobalFilter):
                     rejected[keys[i]] = (
                         "near_duplicate",
                         (
-                            f"near duplicate of {keys[winner]} (kept: {self.keep}; a cluster of {len(group)} videos): "
+                            f"near duplicate of {keys[winner]} "
+                            f"(kept: {self.keep}; a cluster of {len(group)} videos): "
                             f"{score:.0%} of its frames match {keys[partner]} at {off:+.2f} s"
                         ),
                     )

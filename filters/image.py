@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.bounds import bounded
-from curation.stage import ScoreFilter, first_reason, reason_where, register
+from curation.stage import ScoreFilter, first_reason, reason_where, register, unscored
 
 
 def _clean(e: Exception) -> str:
@@ -22,6 +22,7 @@ def _clean(e: Exception) -> str:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+MAX_DETAIL = 288  # characters of an exception's text kept in the reject detail
 
 
 @register
@@ -54,7 +55,8 @@ class ImageDecode(ScoreFilter):
         valid = np.zeros(n, bool)
         sized = np.zeros(n, bool)
         fmts: list[str | None] = [None] * n
-        self._errors: list[str | None] = [None] * n
+        failed: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
         modality = batch["modality"].to_pylist()
         singles, multis = batch["image"].to_pylist(), batch["images"].to_pylist()
         for i in range(n):
@@ -63,28 +65,31 @@ class ImageDecode(ScoreFilter):
                 for j, data in images:
                     info, err = self._check(data)
                     if err:
-                        reason, _, detail = err.partition(":")
-                        self._errors[i] = f"{reason}:image {j}: {detail or reason}"
+                        failed[i], detail[i] = err[0], f"image {j}: {err[1] or err[0]}"
                         break
                     pixels[i] = max(pixels[i], info[2])
-                valid[i] = bool(images) and self._errors[i] is None
+                valid[i] = bool(images) and failed[i] is None
                 continue
             if singles[i] is None:
-                self._errors[i] = "missing_image"
+                failed[i] = "missing_image"
                 continue
-            info, self._errors[i] = self._check(singles[i])
+            info, err = self._check(singles[i])
+            if err:
+                failed[i], detail[i] = err
             if info is not None:
                 width[i], height[i], pixels[i], fmts[i] = info
                 valid[i] = sized[i] = True
+        # every reject is an image that did not decode (a bomb is never decoded): decide() keeps the rest
         return {
             self.score_name: pa.array(pixels, mask=~valid),
             "width": pa.array(width, mask=~sized),
             "height": pa.array(height, mask=~sized),
             "image_format": pa.array(fmts, pa.string()),
+            **unscored(failed, detail),
         }
 
-    def _check(self, data: bytes) -> tuple[tuple | None, str | None]:
-        """((width, height, pixels, format) or None, "reason:detail" or None) for one encoded image."""
+    def _check(self, data: bytes) -> tuple[tuple | None, tuple[str, str] | None]:
+        """((width, height, pixels, format) or None, (reason, detail) or None) for one encoded image."""
         try:
             with warnings.catch_warnings():
                 # Pillow warns between 1x and 2x its own limit; the check below is ours.
@@ -94,21 +99,15 @@ class ImageDecode(ScoreFilter):
                 w, h = img.size
                 info = (w, h, float(w) * h, (img.format or "").lower() or None)
                 if w * h > self.max_pixels:
-                    return info, f"decompression_bomb:{w}x{h} exceeds max_pixels={self.max_pixels}"
+                    return info, ("decompression_bomb", f"{w}x{h} exceeds max_pixels={self.max_pixels}")
                 if not self.full_decode and img.format == "JPEG":
                     img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
                 img.load()
                 return info, None
         except Image.DecompressionBombError as e:  # above 2x Pillow's limit it refuses to open
-            return None, f"decompression_bomb:{_clean(e)}"
-        except Exception as e:  # PIL raises many types for bad data
-            return None, f"undecodable:{type(e).__name__}: {_clean(e)}"[:300]
-
-    def decide(self, batch, scores):
-        parts = [e.split(":", 1) if e else (None, None) for e in self._errors]
-        reasons = [p[0] for p in parts]
-        details = [p[1] if len(p) > 1 else None for p in parts]
-        return pa.array(reasons, pa.string()), pa.array(details, pa.string())
+            return None, ("decompression_bomb", _clean(e))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+            return None, ("undecodable", f"{type(e).__name__}: {_clean(e)}"[:MAX_DETAIL])
 
 
 @register

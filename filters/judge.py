@@ -46,7 +46,7 @@ from curation.models.vlm import (
     image_part,
     make_backend,
 )
-from curation.stage import ScoreFilter, mark_rejected, register
+from curation.stage import ScoreFilter, reason_where, register, unscored
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +63,40 @@ _RUBRIC = """Rate the sample from 1 to 5 for training a vision-language model:
 1 = unrelated, false, spam or unreadable"""
 
 DEFAULT_PROMPTS = {
-    "image_text": f"""You judge image-caption pairs for a vision-language training set. Look at the image, then read its caption.
-Judge how well the caption matches the image, whether it is correct, how much true detail it gives, and how useful the pair is.
-
-Caption: {{caption}}
-
-{_RUBRIC}
-
-{_ANSWER}""",
-    "interleaved": f"""You judge interleaved image-text documents (the {{num_images}} image(s) and texts above, in order) for a vision-language training set.
-Judge whether the images and the surrounding text belong together, whether the text is coherent and informative, and how useful the document is.
-
-{_RUBRIC}
-
-{_ANSWER}""",
-    "video": f"""You judge video-caption pairs for a vision-language training set. Above are {{num_images}} frames sampled from the video at {{timestamps}} seconds.
-Judge how well the caption describes what happens in the video, whether it is correct, how much true detail it gives (actions, order of events), and how useful the pair is.
-
-Caption: {{caption}}
-
-{_RUBRIC}
-
-{_ANSWER}""",
+    "image_text": (
+        "You judge image-caption pairs for a vision-language training set. Look at the image, then read its "
+        "caption.\n"
+        "Judge how well the caption matches the image, whether it is correct, how much true detail it gives, "
+        "and how useful the pair is.\n"
+        "\n"
+        "Caption: {caption}\n"
+        "\n"
+        f"{_RUBRIC}\n"
+        "\n"
+        f"{_ANSWER}"
+    ),
+    "interleaved": (
+        "You judge interleaved image-text documents (the {num_images} image(s) and texts above, in order) "
+        "for a vision-language training set.\n"
+        "Judge whether the images and the surrounding text belong together, whether the text is coherent and "
+        "informative, and how useful the document is.\n"
+        "\n"
+        f"{_RUBRIC}\n"
+        "\n"
+        f"{_ANSWER}"
+    ),
+    "video": (
+        "You judge video-caption pairs for a vision-language training set. Above are {num_images} frames "
+        "sampled from the video at {timestamps} seconds.\n"
+        "Judge how well the caption describes what happens in the video, whether it is correct, how much "
+        "true detail it gives (actions, order of events), and how useful the pair is.\n"
+        "\n"
+        "Caption: {caption}\n"
+        "\n"
+        f"{_RUBRIC}\n"
+        "\n"
+        f"{_ANSWER}"
+    ),
 }
 REPAIR = (
     "Your answer could not be read ({error}). Reply again with only the JSON object, nothing else: "
@@ -259,63 +271,49 @@ class VLMJudge(ScoreFilter):
         n = batch.num_rows
         cols = {c: batch[c].to_pylist() for c in ("modality", *self.reads)}
         scores, reasons = np.full(n, np.nan), [None] * n
-        self._reject: list[str | None] = [None] * n
-        self._detail: list[str | None] = [None] * n
+        failed: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
         requests: dict[int, Request] = {}
         for i in range(n):
             req = self._request({c: v[i] for c, v in cols.items()})
             if isinstance(req, str):
-                self._reject[i] = req
+                failed[i] = req
             else:
                 requests[i] = req
         lo, hi = self.score_range
 
         def answer(i: int, resp: Response, may_retry: bool) -> Request | None:
             if resp.error is not None:
-                self._reject[i], self._detail[i] = f"judge_{resp.error_kind or 'unreachable'}", resp.error
+                failed[i], detail[i] = f"judge_{resp.error_kind or 'unreachable'}", resp.error
                 return None
             try:
                 scores[i], reasons[i] = parse_judgement(resp.text, lo, hi)
             except ParseError as e:
-                self._reject[i], self._detail[i] = "judge_failure", (resp.text or "(empty answer)")[:MAX_RAW]
+                failed[i], detail[i] = "judge_failure", (resp.text or "(empty answer)")[:MAX_RAW]
                 return _repaired(requests[i], resp, str(e), lo, hi) if may_retry else None
-            self._reject[i], self._detail[i] = (
-                ("score_below_min", reasons[i]) if scores[i] < self.min_score else (None, None)
-            )
+            failed[i] = detail[i] = None
             return None
 
         converse(self._backend, requests, self.max_attempts, answer)
-        failed = sum(r == "judge_failure" for r in self._reject)
-        if failed:
+        unparsed = sum(r == "judge_failure" for r in failed)
+        if unparsed:
             log.info(
                 "%s: %d of %d answers did not parse after %d attempt(s)",
                 self.label,
-                failed,
+                unparsed,
                 n,
                 self.max_attempts,
             )
         return {
             self.score_name: pa.array(scores, mask=np.isnan(scores)),
             self.reason_name: pa.array(reasons, pa.string()),
+            **unscored(failed, detail),
         }
 
     def decide(self, batch, scores):
-        return pa.array(self._reject, pa.string()), pa.array(self._detail, pa.string())
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = super().__call__(batch)
-        if self.keep_fraction is None or self.annotate_only:
-            return out
-        # keep_fraction: the runner cuts on the score pool-wide, and a row without a score would pass that cut
-        # unseen, so failures are rejected here all the same; only the per-row threshold waits.
-        active = pc.indices_nonzero(self.applies(batch))
-        if not len(active):
-            return out
-        reasons = [None if r == "score_below_min" else r for r in self._reject]
-        details = [d if r else None for r, d in zip(reasons, self._detail)]
-        return mark_rejected(
-            out, active, self.label, pa.array(reasons, pa.string()), pa.array(details, pa.string())
-        )
+        """Below ``min_score``: ``score_below_min``, with the model's own reason as the detail."""
+        below = pc.less(scores[self.score_name], self.min_score)
+        return reason_where(below, "score_below_min"), scores[self.reason_name]
 
     def _request(self, row: dict[str, Any]) -> Request | str:
         """The chat for one row, or a reject reason when there is nothing to look at."""

@@ -1,4 +1,5 @@
-"""OCR: read the text in images with PP-OCR models (``ocr``), then keep or route text-rich images (``text_rich``).
+"""OCR: read the text in images with PP-OCR models (``ocr``), then keep or route text-rich images
+(``text_rich``).
 
 ``ocr`` annotates; it rejects only rows it cannot read. Per row it writes:
 
@@ -62,7 +63,7 @@ from PIL import Image, ImageDraw
 
 from curation.bounds import bounded
 from curation.models.ocr import mean_confidence
-from curation.stage import NotReady, ScoreFilter, first_reason, reason_where, register
+from curation.stage import NotReady, ScoreFilter, first_reason, reason_where, register, unscored
 
 AREA_GRID = 512  # text area is measured on a mask whose longer side is at most this many cells
 
@@ -74,8 +75,8 @@ class Ocr(ScoreFilter):
     Parameters: ``engine`` (``rapidocr`` or ``paddleocr``), ``model_dir`` (see :mod:`curation.models.ocr`;
     default for RapidOCR: the PP-OCRv6 models inside its wheel), ``angle`` (the text-line angle classifier),
     ``min_side`` (images whose shorter side is below it are annotated ``too_small`` and not read),
-    ``retry_below`` (RapidOCR: a line read with less confidence is read again turned over, 180 degrees, and the
-    more confident reading kept; 0: never),
+    ``retry_below`` (RapidOCR: a line read with less confidence is read again turned over, 180 degrees, and
+    the more confident reading kept; 0: never),
     ``det_limit_side_len``/``det_limit_type`` (the detector's input size: by default the longer side is scaled
     down to 960 pixels; ``min`` scales the shorter side up instead, for small text in small images, at several
     times the cost), ``min_line_confidence`` (lines the recogniser is less sure of are dropped).
@@ -196,7 +197,8 @@ class Ocr(ScoreFilter):
         modality = batch["modality"].to_pylist()
         singles, multis = batch["image"].to_pylist(), batch["images"].to_pylist()
         frames = batch["frames"].to_pylist()
-        self._errors: list[str | None] = [None] * n
+        failed: list[str | None] = [None] * n
+        detail: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n
         lines: list[str | None] = [None] * n
         status: list[str | None] = [None] * n
@@ -207,16 +209,18 @@ class Ocr(ScoreFilter):
             elif modality[i] == "video":  # text overlays: a few frames spread over the clip
                 fr = frames[i] or []
                 if not fr:
-                    self._errors[i] = "missing_frames:"
+                    failed[i] = "missing_frames"
                     continue
                 picks = np.unique(np.linspace(0, len(fr) - 1, min(self.frames_per_video, len(fr))).round())
                 images = [(int(k), fr[int(k)]) for k in picks]
             elif singles[i] is None:
-                self._errors[i] = "missing_image:"
+                failed[i] = "missing_image"
                 continue
             else:
                 images = [(None, singles[i])]
-            self._errors[i], row = self._read(images, once=modality[i] == "video")
+            error, row = self._read(images, once=modality[i] == "video")
+            if error:
+                failed[i], detail[i] = error
             texts[i], lines[i], status[i] = row.get("text"), row.get("lines"), row.get("status")
             ratio[i], conf[i] = row.get("ratio", np.nan), row.get("confidence", np.nan)
         return {
@@ -225,13 +229,14 @@ class Ocr(ScoreFilter):
             self.lines_name: pa.array(lines, pa.string()),
             self.confidence_name: pa.array(conf, mask=np.isnan(conf)),
             self.status_name: pa.array(status, pa.string()),
+            **unscored(failed, detail),
         }
 
     def _read(
         self, images: list[tuple[int | None, bytes]], once: bool = False
-    ) -> tuple[str | None, dict[str, Any]]:
+    ) -> tuple[tuple[str, str] | None, dict[str, Any]]:
         """One row's images (position in the document or None, bytes), read one at a time (a batch of large
-        images is never decoded at once): ("reason:detail", {}) or (None, the row's annotation). ``once``: a
+        images is never decoded at once): ((reason, detail), {}) or (None, the row's annotation). ``once``: a
         line already read from an earlier image is not repeated in the text (video frames)."""
         found, entries, parts = [], [], []
         seen: set[str] = set()
@@ -241,14 +246,14 @@ class Ocr(ScoreFilter):
             where = "" if j is None else f"image {j}: "
             rgb, err = _decode(data)
             if err:
-                return f"undecodable:{where}{err}", {}
+                return ("undecodable", f"{where}{err}"), {}
             h, w = rgb.shape[:2]
             if min(w, h) < self.min_side:
                 small = True
                 continue
             [res] = self._engine.recognise([rgb])
             if isinstance(res, Exception):
-                return f"ocr_error:{where}{type(res).__name__}: {res}"[:500], {}
+                return ("ocr_error", f"{where}{type(res).__name__}: {res}"[:490]), {}
             px += w * h
             text_px += text_area([ln.box for ln in res], w, h) * w * h
             rows = reading_order(res)
@@ -276,13 +281,6 @@ class Ocr(ScoreFilter):
             "confidence": mean_confidence(found),
             "status": "text",
         }
-
-    def decide(self, batch, scores):
-        parts = [e.split(":", 1) if e else (None, None) for e in self._errors]
-        return (
-            pa.array([p[0] for p in parts], pa.string()),
-            pa.array([p[1] or None for p in parts], pa.string()),
-        )
 
 
 def _decode(data: bytes) -> tuple[np.ndarray | None, str | None]:
@@ -400,6 +398,9 @@ class TextRich(ScoreFilter):
 
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(self.score_name, pa.float64()), pa.field(self.flag_name, pa.bool_())]
+
+    def columns_read(self) -> tuple[str, ...]:
+        return (f"score_{self.ocr}", f"{self.ocr}_confidence", f"{self.ocr}_status")
 
     def preflight(self) -> None:
         if self.keep_fraction is not None and self.route:

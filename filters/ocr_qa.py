@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 import xxhash
 
 from curation.bounds import bounded
-from curation.mix.coldstart import apply_suffix, dump_messages
 from curation.schema import row_id
 from curation.stage import Stage, mark_rejected, register
+from curation.target.chat import apply_suffix, dump_messages
 
 TASKS = ("read_region", "count_lines", "locate_word", "read_all")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]{2,}|[\u3400-\u9fff]{2,}")
@@ -81,8 +81,10 @@ def questions(lines: list[dict], tasks: list[str], seed: int) -> list[tuple[str,
                 box = word_box(line["box"], line["text"], start, end)
                 out.append(
                     (
-                        f'Where is the word "{word}" in the image? Answer with its bounding box '
-                        f"[x0, y0, x1, y1] in pixels.",
+                        (
+                            f'Where is the word "{word}" in the image? Answer with its bounding box '
+                            f"[x0, y0, x1, y1] in pixels."
+                        ),
                         str(box),
                     )
                 )
@@ -110,6 +112,9 @@ class OcrQA(Stage):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks: expected some of {', '.join(TASKS)}, got {self.tasks}")
+
+    def columns_read(self) -> tuple[str, ...]:
+        return ("image", f"{self.ocr}_lines")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         column = f"{self.ocr}_lines"

@@ -1,6 +1,6 @@
 """Cold-start SFT rows: the rules of each mode (``docs/sft-format.md``) and degenerate repetition.
 
-The rules themselves live in :mod:`curation.mix.coldstart` (one place for the modes' formats); this
+The rules themselves live in :mod:`curation.target.chat` (one place for the modes' formats); this
 stage applies them to ``modality == "sft"`` rows and turns them into reject reasons.
 """
 
@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.bounds import bounded
-from curation.mix.coldstart import check_row, degenerate
 from curation.stage import ScoreFilter, register
+from curation.target.chat import check_row, degenerate
 
 
 @register
@@ -53,19 +53,13 @@ class SftValidate(ScoreFilter):
             raise ValueError("ngram: expected 2 or more (words per n-gram)")
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
-        n_images = pc.fill_null(pc.list_value_length(batch["images"]), 0).to_pylist()
-        n_frames = pc.fill_null(pc.list_value_length(batch["frames"]), 0).to_pylist()
-        self._verdicts = [
-            check_row(m, mode, ni, nf, ngram=self.ngram, min_bytes=self.min_bytes)
-            for m, mode, ni, nf in zip(
-                batch["messages"].to_pylist(), batch["mode"].to_pylist(), n_images, n_frames
-            )
-        ]
-        return {self.score_name: pa.array([v.repeat for v in self._verdicts], pa.float64())}
+        return {self.score_name: pa.array([v.repeat for v in self._verdicts(batch)], pa.float64())}
 
     def decide(self, batch, scores):
+        """The rules and both repetition thresholds, from ``messages`` itself: the compression ratio and the
+        turn that repeats are measured again (cheap beside a model) rather than carried over from score()."""
         reasons, details = [], []
-        for v in self._verdicts:
+        for v in self._verdicts(batch):
             found = (
                 (v.reason, v.detail)
                 if v.reason
@@ -76,3 +70,13 @@ class SftValidate(ScoreFilter):
             reasons.append(found[0] if found else None)
             details.append(found[1] if found else None)
         return pa.array(reasons, pa.string()), pa.array(details, pa.string())
+
+    def _verdicts(self, batch: pa.Table) -> list:
+        n_images = pc.fill_null(pc.list_value_length(batch["images"]), 0).to_pylist()
+        n_frames = pc.fill_null(pc.list_value_length(batch["frames"]), 0).to_pylist()
+        return [
+            check_row(m, mode, ni, nf, ngram=self.ngram, min_bytes=self.min_bytes)
+            for m, mode, ni, nf in zip(
+                batch["messages"].to_pylist(), batch["mode"].to_pylist(), n_images, n_frames
+            )
+        ]

@@ -123,7 +123,9 @@ class CaptionBoilerplate(ScoreFilter):
 
     def __post_init__(self):
         try:
-            self._re = re.compile("|".join(f"(?:{p})" for p in (self.patterns or DEFAULT_BOILERPLATE)), re.I)
+            self._re = re.compile(
+                "|".join(f"(?:{p})" for p in (self.patterns or DEFAULT_BOILERPLATE)), re.IGNORECASE
+            )
         except re.error as e:
             raise ValueError(f"patterns: not a valid regular expression: {e}") from None
 

@@ -18,13 +18,14 @@ import pyarrow as pa
 from PIL import Image
 
 from curation.bounds import bounded
-from curation.stage import ScoreFilter, first_reason, reason_where, register
+from curation.stage import ScoreFilter, first_reason, reason_where, register, unscored
 
 THUMB = 64  # side of the greyscale thumbnails motion and blankness are measured on
 
 
 def thumbnails(frames: list[bytes] | None) -> tuple[list[np.ndarray], list[int]]:
-    """Greyscale float32 thumbnails (0..1) of the frames that decode, and the positions of those that do not."""
+    """Greyscale float32 thumbnails (0..1) of the frames that decode, and the positions of those that
+    do not."""
     out, bad = [], []
     for j, data in enumerate(frames or []):
         try:
@@ -44,6 +45,21 @@ def _meta(raw: str | None) -> dict:
         return json.loads(raw) if raw else {}
     except ValueError:
         return {}
+
+
+def _facts(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Duration, shorter side and frame rate of each row's video (NaN: unknown) from its ``meta`` column, and
+    whether ingest recorded any facts at all."""
+    metas = [_meta(m) for m in batch["meta"].to_pylist()]
+    nan = float("nan")
+    return {
+        "duration": np.array([m.get("duration") or nan for m in metas], np.float64),
+        "side": np.array(
+            [min(m.get("video_width") or 0, m.get("video_height") or 0) or nan for m in metas], np.float64
+        ),
+        "fps": np.array([m.get("fps") or nan for m in metas], np.float64),
+        "known": np.array([bool(m.get("duration") or m.get("video_width")) for m in metas]),
+    }
 
 
 @register
@@ -79,22 +95,17 @@ class VideoBounds(ScoreFilter):
             )
 
     def score(self, batch: pa.Table) -> dict[str, pa.Array]:
-        metas = [_meta(m) for m in batch["meta"].to_pylist()]
-        nan = float("nan")
-        self._facts = {
-            "duration": np.array([m.get("duration") or nan for m in metas], np.float64),
-            "side": np.array(
-                [min(m.get("video_width") or 0, m.get("video_height") or 0) or nan for m in metas], np.float64
-            ),
-            "fps": np.array([m.get("fps") or nan for m in metas], np.float64),
-            "known": np.array([bool(m.get("duration") or m.get("video_width")) for m in metas]),
+        f = _facts(batch)
+        return {
+            self.score_name: pa.array(f["duration"], mask=np.isnan(f["duration"])),
+            **unscored(reason_where(pa.array(~f["known"]), "no_video_facts")),
         }
-        d = self._facts["duration"]
-        return {self.score_name: pa.array(d, mask=np.isnan(d))}
 
     def decide(self, batch, scores):
-        f = self._facts
-        checks = [reason_where(pa.array(~f["known"]), "no_video_facts")]
+        """The bounds, on the facts in the persisted ``meta`` column (read again: a threshold changed on a
+        pool read back gives the same answer)."""
+        f = _facts(batch)
+        checks = []
         detail: list[str | None] = [None] * batch.num_rows
 
         def bound(values: np.ndarray, limit: float | None, below: bool, reason: str, what: str) -> None:
@@ -110,6 +121,8 @@ class VideoBounds(ScoreFilter):
         bound(f["duration"], self.max_duration, False, "duration_above_max", "duration (s)")
         bound(f["side"], self.min_side, True, "side_below_min", "shorter side (px)")
         bound(f["fps"], self.min_fps, True, "fps_below_min", "frame rate")
+        if not checks:
+            return pa.nulls(batch.num_rows, pa.string())
         return first_reason(*checks), pa.array(detail, pa.string())
 
 
@@ -144,15 +157,16 @@ class VideoMotion(ScoreFilter):
             if len(thumbs) >= 2:
                 stack = np.stack(thumbs)
                 motion[i] = float(np.abs(np.diff(stack, axis=0)).mean())
-        return {self.score_name: pa.array(motion, mask=np.isnan(motion))}
+        few = np.isnan(motion)
+        return {
+            self.score_name: pa.array(motion, mask=few),
+            **unscored(reason_where(pa.array(few), "too_few_frames")),
+        }
 
     def decide(self, batch, scores):
         m = scores[self.score_name].to_numpy(zero_copy_only=False)
         few = np.isnan(m)
-        checks = [
-            reason_where(pa.array(few), "too_few_frames"),
-            reason_where(pa.array(~few & (m < self.min_motion)), "static"),
-        ]
+        checks = [reason_where(pa.array(~few & (m < self.min_motion)), "static")]
         if self.max_motion is not None:
             checks.append(reason_where(pa.array(~few & (m > self.max_motion)), "too_much_motion"))
         detail = [None if np.isnan(x) else f"motion {x:.4f} (min {self.min_motion:g})" for x in m]
@@ -205,13 +219,13 @@ class VideoBlank(ScoreFilter):
         return {
             self.score_name: pa.array(share, mask=np.isnan(share)),
             self.frames_name: pa.array(blank_ts, pa.list_(pa.float64())),
+            **unscored(reason_where(pa.array(np.isnan(share)), "no_frames")),
         }
 
     def decide(self, batch, scores):
         s = scores[self.score_name].to_numpy(zero_copy_only=False)
         none = np.isnan(s)
         detail = [None if np.isnan(x) else f"{x:.0%} of the sampled frames are blank" for x in s]
-        return first_reason(
-            reason_where(pa.array(none), "no_frames"),
-            reason_where(pa.array(~none & (s > self.max_blank_fraction)), "mostly_blank"),
-        ), pa.array(detail, pa.string())
+        return reason_where(pa.array(~none & (s > self.max_blank_fraction)), "mostly_blank"), pa.array(
+            detail, pa.string()
+        )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+
+from tests.helpers import ROOT
+from tests.helpers.images import jpeg, write_tar
+from tests.helpers.recipes import TINY_RECIPE
 
 os.environ.setdefault("RAY_ACCEPT_CALLABLE_NAMESPACES", "1")
 
@@ -28,28 +29,6 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
-
-
-def jpeg(w: int = 64, h: int = 48, color: str = "red", shape: str = "circle", quality: int = 85) -> bytes:
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
-    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=color)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    """samples: [{"__key__": k, "jpg": b..., "txt": b...}, ...]"""
-    with tarfile.open(path, "w") as tar:
-        for s in samples:
-            for ext, data in s.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture
@@ -78,7 +57,7 @@ def tiny_corpus(tmp_path: Path) -> Path:
         },  # truncated
         {"__key__": "005", "jpg": jpeg(20, 16), "txt": b"A tiny red circle on white."},  # too small
         {"__key__": "006", "jpg": jpeg(400, 50), "txt": b"A long thin banner with a red circle."},  # aspect
-        {"__key__": "007", "jpg": jpeg(96, 80, "blue"), "txt": "Un cercle bleu sur un fond blanc.".encode()},
+        {"__key__": "007", "jpg": jpeg(96, 80, "blue"), "txt": b"Un cercle bleu sur un fond blanc."},
         {
             "__key__": "008",
             "jpg": jpeg(96, 80, "pink"),
@@ -110,27 +89,6 @@ def tiny_corpus(tmp_path: Path) -> Path:
     return root
 
 
-TINY_RECIPE = """
-name: tiny
-vars: {{corpus: {corpus}, out: {out}}}
-sources:
-  - {{name: wds, format: webdataset, modality: image_text, paths: ["${{corpus}}/wds/*.tar"]}}
-  - {{name: pairs, format: jsonl, modality: image_text, paths: ["${{corpus}}/jsonl/*.jsonl"]}}
-  - {{name: docs, format: jsonl, modality: text, paths: ["${{corpus}}/text/*.jsonl"]}}
-stages:
-  - image_decode: {{}}
-  - image_size: {{min_side: 32}}
-  - aspect_ratio: {{max_ratio: 3.0}}
-  - caption_length: {{min: 3}}
-  - caption_repetition: {{}}
-  - caption_boilerplate: {{}}
-  - caption_language: {{languages: [en]}}
-  - caption_length: {{instance: doc_length, modalities: [text], min: 20}}
-  - exact_dedup: {{}}
-output: {{path: "${{out}}", shard_rows: 4}}
-"""
-
-
 @pytest.fixture
 def tiny_recipe(tmp_path: Path, tiny_corpus: Path) -> Path:
     path = tmp_path / "tiny.yaml"
@@ -155,18 +113,17 @@ def train_mixtures(tmp_path_factory, ray_local) -> dict[str, Path]:
     so that streams split across shards: stage0, stage2, anneal_text_heavy, anneal_vision_heavy, coldstart."""
     from curation.mix.builder import build_mixtures
     from curation.mix.recipe import load_mix_recipe
+    from curation.pipeline import run_pipeline
     from curation.recipe import load_pipeline
-    from curation.runner import run_pipeline
     from curation.sample import write_sample_corpus
-    from test_mix_tokens import packaged_tokenizer_json
+    from tests.helpers.mix import packaged_tokenizer_json
 
-    root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("train")
     write_sample_corpus(tmp / "corpus", rows=300, seed=5, progress=False, workers=2)
     for name in ("demo", "coldstart"):
         run_pipeline(
             load_pipeline(
-                root / "pipelines" / f"{name}.yaml",
+                ROOT / "pipelines" / f"{name}.yaml",
                 [f"vars.corpus={tmp / 'corpus'}", f"vars.out={tmp / 'pools' / name}"],
             ),
             progress=False,
@@ -183,7 +140,7 @@ def train_mixtures(tmp_path_factory, ray_local) -> dict[str, Path]:
         ("stage3_anneal", ["vars.budget=auto"]),
         ("coldstart", []),
     ):
-        build_mixtures(load_mix_recipe(root / "mixtures" / f"{recipe}.yaml", sets + extra), progress=False)
+        build_mixtures(load_mix_recipe(ROOT / "mixtures" / f"{recipe}.yaml", sets + extra), progress=False)
     return {
         name: tmp / "mix" / name
         for name in ("stage0", "stage2", "anneal_text_heavy", "anneal_vision_heavy", "coldstart")

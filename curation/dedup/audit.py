@@ -1,7 +1,7 @@
-"""``curation audit``: is this corpus contaminated with benchmark X, and where?
+"""The contamination report of ``curation audit`` (:mod:`curation.audit` runs the scan): is this corpus
+contaminated with benchmark X, and where?
 
-Runs the ``decontaminate`` stage over a corpus as a Ray Data job (sources detected from the paths,
-see :mod:`curation.io.detect`; nothing but the matched rows is written) and turns the matches into
+The ``decontaminate`` stage's matches over a corpus (nothing but the matched rows is written) become
 
 - ``report.json``, for machines. Stable names (docs/decontamination.md)::
 
@@ -26,10 +26,7 @@ import json
 import logging
 import os
 import re
-import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.dedup.index import METHODS, BenchmarkIndex
-from curation.dedup.registry import load_benchmarks
-from curation.report import _write_atomic
+from curation.html import CSS, esc, number, percent, svg_histogram, thumbnail
+from curation.io import commit
 
 log = logging.getLogger(__name__)
 
@@ -46,96 +43,16 @@ FORMAT = "curation.audit/1"
 HTML_MATCHES_PER_BENCHMARK = 200
 
 
-@dataclass
-class AuditResult:
-    out: str
-    report_json: str
-    report_html: str
-    data: dict[str, Any]
-
-
-def run_audit(
-    registry: str,
-    corpus: Sequence[str],
-    out: str,
-    *,
-    registry_set: Sequence[str] = (),
-    match: dict[str, Any] | None = None,
-    address: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    num_cpus: int | None = None,
-) -> AuditResult:
-    """Scan ``corpus`` (pools, source files or folders) against every benchmark of ``registry``.
-
-    ``out`` must not overlap the corpus, the registry or a benchmark file, and must be new, empty or an earlier
-    audit (:class:`curation.io.outputs.OutputError` otherwise, before anything is written); ``overwrite``
-    empties an earlier audit there first. One audit writes ``out`` at a time."""
-    from curation.io import outputs
-    from curation.io.detect import detect_sources
-    from curation.recipe import pipeline_from_dict
-    from curation.runner import run_pipeline
-
-    t0 = time.perf_counter()
-    registry = str(Path(registry).resolve()) if "://" not in registry else registry
-    specs = load_benchmarks(registry, list(registry_set))  # a broken registry fails here, before Ray starts
-    out = out if "://" in out else os.path.abspath(out)
-    outputs.check_overlap(
-        out,
-        [("--corpus", c) for c in corpus]
-        + [("--benchmarks", registry)]
-        + [(f"benchmark {b.name}", p) for b in specs for p in b.paths],
-    )
-    outputs.check_writable(out, "audit", overwrite)
-    sources = detect_sources(list(corpus))
-    for s in sources:
-        log.info("corpus source %s: %s %s, %d files", s.name, s.format, s.modality, len(s.paths))
-    scan = os.path.join(os.path.abspath(out), "scan")
-    raw = {
-        "name": "audit",
-        "sources": [asdict(s) for s in sources],
-        "stages": [
-            {
-                "decontaminate": {
-                    "benchmarks": registry,
-                    "registry_set": list(registry_set),
-                    "match": dict(match or {}),
-                }
-            }
-        ],
-        "output": {"path": scan, "formats": [], "write_rejects": True, "report": False},
-        "execution": {"num_cpus": num_cpus} if num_cpus else {},
-    }
-    recipe = pipeline_from_dict(raw, "curation audit")
-    with outputs.lock(out, "curation audit"):
-        outputs.claim(out, "audit", overwrite)  # with overwrite, the earlier scan and reports go too
-        result = run_pipeline(recipe, address=address, progress=progress)
-        stage = recipe.stages[0]
-        index = getattr(stage, "index", None) or BenchmarkIndex.build(registry, registry_set, stage.match)
-        data = build_report(
-            index,
-            scan,
-            result.stats,
-            registry=registry,
-            corpus=list(corpus),
-            sources=[asdict(s) for s in sources],
-            seconds=time.perf_counter() - t0,
-        )
-        wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
-        catalog = {
-            (it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted
-        }
-        out_dir = Path(out)
-        json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-        _write_atomic(json_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(html_path, render_html(data, catalog, _corpus_rows(scan, data)))
-    log.info(
-        "audit: %d rows scanned, %d contaminated; %s",
-        data["rows_scanned"],
-        data["rows_contaminated"],
-        html_path,
-    )
-    return AuditResult(str(out_dir), str(json_path), str(html_path), data)
+def write_reports(index: BenchmarkIndex, scan: str, stats: dict[str, Any], out: str, **header: Any) -> dict:
+    """``report.json`` and ``report.html`` in ``out`` from a finished scan (a pool whose rejects are the
+    matched rows) and its run's stats; returns the report's data."""
+    data = build_report(index, scan, stats, **header)
+    wanted = {(m["benchmark"], m["benchmark_item"]) for m in _all_matches(data)}
+    catalog = {(it.benchmark, it.item_id): it for it in index.items if (it.benchmark, it.item_id) in wanted}
+    out_dir = Path(out)
+    commit.write_text(out_dir / "report.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    commit.write_text(out_dir / "report.html", render_html(data, catalog, _corpus_rows(scan, data)))
+    return data
 
 
 def _reject_files(scan: str) -> list[str]:
@@ -286,8 +203,10 @@ def _corpus_rows(scan: str, data: dict[str, Any]) -> dict[str, dict]:
 
 _CSS_EXTRA = """
 .m{display:grid;grid-template-columns:70px 1fr 1fr;gap:10px;background:#fff;border:1px solid #dde;
-border-radius:8px;padding:8px;margin:8px 0}.m .s{font-size:18px;font-weight:600}.m .meth{font-size:11px;color:#556}
-.side{display:flex;gap:8px;min-width:0}.side img,.side .ph{width:110px;height:110px;object-fit:contain;flex:none}
+border-radius:8px;padding:8px;margin:8px 0}.m .s{font-size:18px;font-weight:600}\
+.m .meth{font-size:11px;color:#556}
+.side{display:flex;gap:8px;min-width:0}\
+.side img,.side .ph{width:110px;height:110px;object-fit:contain;flex:none}
 .side .tx{font-size:12px;white-space:pre-wrap;word-break:break-word;max-height:150px;overflow:auto}
 .side .k{color:#667;font-size:11px}mark{background:#ffe58a}details{margin:8px 0}
 """
@@ -308,51 +227,56 @@ def _snippet(text: str, question: str, width: int = 320) -> tuple[str, tuple[int
 
 
 def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thumb_px: int = 110) -> str:
-    from curation.report import _CSS, _esc, _n, _pct, svg_histogram, thumbnail
-
     def thumb(blob: bytes | None) -> str:
         uri, why = thumbnail(blob, thumb_px) if blob else (None, "no image")
-        return f'<img src="{uri}" alt="">' if uri else f'<div class="ph">{_esc(why)}</div>'
+        return f'<img src="{uri}" alt="">' if uri else f'<div class="ph">{esc(why)}</div>'
 
     b_rows = []
     for name, b in data["benchmarks"].items():
         rate = b.get("contamination_rate", 0.0)
         methods = " ".join(
-            f'<span class="pill">{_esc(m)}: {_n(c)}</span>' for m, c in b.get("by_method", {}).items()
+            f'<span class="pill">{esc(m)}: {number(c)}</span>' for m, c in b.get("by_method", {}).items()
         )
         b_rows.append(
-            f'<tr><td><a href="#b-{_esc(name)}">{_esc(name)}</a></td><td class="r">{_n(b["items"])}</td>'
-            f'<td class="r">{_n(b["contaminated_items"])}</td><td class="r">{rate * 100:.2f}%</td>'
+            f'<tr><td><a href="#b-{esc(name)}">{esc(name)}</a></td><td class="r">{number(b["items"])}</td>'
+            f'<td class="r">{number(b["contaminated_items"])}</td><td class="r">{rate * 100:.2f}%</td>'
             f'<td><div class="bar"><i style="width:{min(100.0, rate * 100):.1f}%"></i></div></td>'
-            f'<td class="r">{_n(b.get("matched_rows", 0))}</td><td>{methods}</td>'
-            f'<td class="r">{_n(len({x["item"] for x in b.get("not_indexed", [])}))}</td>'
-            f'<td class="r">{_n(len({x["item"] for x in b.get("partially_indexed", [])}))}</td></tr>'
+            f'<td class="r">{number(b.get("matched_rows", 0))}</td><td>{methods}</td>'
+            f'<td class="r">{number(len({x["item"] for x in b.get("not_indexed", [])}))}</td>'
+            f'<td class="r">{number(len({x["item"] for x in b.get("partially_indexed", [])}))}</td></tr>'
         )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Contamination audit</title>",
-        f"<style>{_CSS}{_CSS_EXTRA}</style></head><body>",
+        f"<style>{CSS}{_CSS_EXTRA}</style></head><body>",
         "<h1>Contamination audit</h1>",
-        f'<p class="meta">registry <code>{_esc(data.get("registry"))}</code> · corpus '
-        + ", ".join(f"<code>{_esc(c)}</code>" for c in data.get("corpus", []))
+        f'<p class="meta">registry <code>{esc(data.get("registry"))}</code> · corpus '
+        + ", ".join(f"<code>{esc(c)}</code>" for c in data.get("corpus", []))
         + "</p>",
         '<div class="totals">',
-        f'<div class="tot"><b>{_n(data["rows_scanned"])}</b>rows scanned</div>',
-        f'<div class="tot"><b>{_n(data["rows_contaminated"])}</b>rows contaminated '
-        f"({_pct(data['rows_contaminated'], data['rows_scanned'])})</div>",
-        f'<div class="tot"><b>{_n(data["rows_unreadable"])}</b>rows unreadable (not scanned)</div>',
-        f'<div class="tot"><b>{_n(round(data.get("seconds", 0), 1))} s</b>wall time</div></div>',
-        "<h2>Benchmarks</h2><table><thead><tr><th>benchmark</th><th class=r>items</th><th class=r>contaminated</th>"
-        "<th class=r>rate</th><th></th><th class=r>rows</th><th>matches by method</th><th class=r>not indexed</th>"
-        "<th class=r>partly indexed</th>"
-        "</tr></thead><tbody>" + "".join(b_rows) + "</tbody></table>",
-        '<p class="meta">Scores are 0-1 per method: share of the item\'s word n-grams found in the row '
-        "(text_containment), estimated Jaccard (text_minhash), 1 - verified distance/255 (image_hash), share of the row's "
-        "frames matching in order (video_keyframes); *_question also requires the item's question in the row.</p>",
+        f'<div class="tot"><b>{number(data["rows_scanned"])}</b>rows scanned</div>',
+        (
+            f'<div class="tot"><b>{number(data["rows_contaminated"])}</b>rows contaminated '
+            f"({percent(data['rows_contaminated'], data['rows_scanned'])})</div>"
+        ),
+        f'<div class="tot"><b>{number(data["rows_unreadable"])}</b>rows unreadable (not scanned)</div>',
+        f'<div class="tot"><b>{number(round(data.get("seconds", 0), 1))} s</b>wall time</div></div>',
+        (
+            "<h2>Benchmarks</h2><table><thead><tr><th>benchmark</th><th class=r>items</th>"
+            "<th class=r>contaminated</th><th class=r>rate</th><th></th><th class=r>rows</th>"
+            "<th>matches by method</th><th class=r>not indexed</th><th class=r>partly indexed</th>"
+            "</tr></thead><tbody>" + "".join(b_rows) + "</tbody></table>"
+        ),
+        (
+            '<p class="meta">Scores are 0-1 per method: share of the item\'s word n-grams found in the row '
+            "(text_containment), estimated Jaccard (text_minhash), 1 - verified distance/255 (image_hash), "
+            "share of the row's frames matching in order (video_keyframes); *_question also requires the "
+            "item's question in the row.</p>"
+        ),
     ]
     for name, b in data["benchmarks"].items():
         parts.append(
-            f'<h2 id="b-{_esc(name)}">{_esc(name)}: {_n(b["contaminated_items"])} of {_n(b["items"])} items '
-            f"contaminated, {_n(len(b['matches']))} matches</h2>"
+            f'<h2 id="b-{esc(name)}">{esc(name)}: {number(b["contaminated_items"])} of '
+            f"{number(b['items'])} items contaminated, {number(len(b['matches']))} matches</h2>"
         )
         if b["matches"]:
             scores = [m["score"] for m in b["matches"]]
@@ -368,11 +292,11 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
         ):
             if b.get(key):
                 lis = "".join(
-                    f"<li><code>{_esc(x['item'])}</code> {_esc(x['part'])}: {_esc(x['reason'])}</li>"
+                    f"<li><code>{esc(x['item'])}</code> {esc(x['part'])}: {esc(x['reason'])}</li>"
                     for x in b[key][:500]
                 )
                 n_items = len({x["item"] for x in b[key]})
-                parts.append(f"<details><summary>{_n(n_items)} {label}</summary><ul>{lis}</ul></details>")
+                parts.append(f"<details><summary>{number(n_items)} {label}</summary><ul>{lis}</ul></details>")
         pairs: dict[tuple[str, str], dict] = {}  # one card per (item, row), listing every method that matched
         for m in b["matches"]:
             card = pairs.setdefault((m["benchmark_item"], m["sample_id"]), {**m, "methods": []})
@@ -380,8 +304,8 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
         shown = list(pairs.values())[:HTML_MATCHES_PER_BENCHMARK]
         if len(pairs) > len(shown):
             parts.append(
-                f'<p class="meta">Showing the {len(shown)} strongest of {_n(len(pairs))} (item, row) pairs; '
-                "report.json has every match.</p>"
+                f'<p class="meta">Showing the {len(shown)} strongest of {number(len(pairs))} (item, row) '
+                "pairs; report.json has every match.</p>"
             )
         for m in shown:
             item = catalog.get((name, m["benchmark_item"]))
@@ -393,14 +317,14 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
             snippet, span = _snippet(text, question)
             snippet_html = (
                 (
-                    _esc(snippet[: span[0]])
+                    esc(snippet[: span[0]])
                     + "<mark>"
-                    + _esc(snippet[span[0] : span[1]])
+                    + esc(snippet[span[0] : span[1]])
                     + "</mark>"
-                    + _esc(snippet[span[1] :])
+                    + esc(snippet[span[1] :])
                 )
                 if span
-                else _esc(snippet)
+                else esc(snippet)
             )
             media = (
                 row.get("image")
@@ -409,13 +333,14 @@ def render_html(data: dict[str, Any], catalog: dict, rows: dict[str, dict], thum
             )
             parts.append(
                 f'<div class="m"><div><div class="s">{m["score"]:.2f}</div><div class="meth">'
-                f"{'<br>'.join(_esc(x) for x in m['methods'])}</div></div>"
+                f"{'<br>'.join(esc(x) for x in m['methods'])}</div></div>"
                 f'<div class="side">{thumb(b_img) if b_img or m["modality"] != "text" else ""}<div>'
-                f'<div class="k">benchmark item <code>{_esc(m["benchmark_item"])}</code></div>'
-                f'<div class="tx">{_esc(q_text)}</div></div></div>'
+                f'<div class="k">benchmark item <code>{esc(m["benchmark_item"])}</code></div>'
+                f'<div class="tx">{esc(q_text)}</div></div></div>'
                 f'<div class="side">{thumb(media) if media or m["modality"] != "text" else ""}<div>'
-                f'<div class="k">row <code>{_esc(m["sample_id"][:12])}</code> · '
-                f"<code>{_esc(os.path.basename(str(m.get('source_uri'))))}#{_esc(m.get('source_offset'))}</code></div>"
+                f'<div class="k">row <code>{esc(m["sample_id"][:12])}</code> · '
+                f"<code>{esc(os.path.basename(str(m.get('source_uri'))))}#"
+                f"{esc(m.get('source_offset'))}</code></div>"
                 f'<div class="tx">{snippet_html}</div></div></div></div>'
             )
     parts.append("</body></html>")

@@ -17,7 +17,7 @@ Two tools:
   a match has ``distance <= index.max_distance``). The index is numpy arrays (14.6 KB per
   benchmark image), picklable, to be put in the Ray object store once and shared.
 
-What counts as a copy -- the edits measured (``tests/test_dedup_image.py`` defines them): resized
+What counts as a copy -- the edits measured (``tests/unit/dedup/test_image.py`` defines them): resized
 0.5x-2x keeping the aspect ratio; re-encoded as JPEG at quality 50-95, PNG <-> JPEG; cropped:
 up to 10% of the width and up to 10% of the height removed in total, split in any way between
 the two sides of each axis (left 3% + right 7%, say); brightness factor 0.75-1.25 (RGB

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
 from curation.io import refs
-from curation.recipe import LimitsSpec, RecipeError, build, check_paths_exist, load_yaml
+from curation.spec import LimitsSpec, RecipeError, build, check_paths_exist, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class NotIndexed:
 def load_benchmarks(
     path: str | Path, overrides: list[str] = (), check_paths: bool = True
 ) -> list[BenchmarkSpec]:
-    """Load and validate a registry; raise :class:`~curation.recipe.RecipeError` listing every problem."""
+    """Load and validate a registry; raise :class:`~curation.spec.RecipeError` listing every problem."""
     file = str(path)
     raw = load_yaml(path, overrides, "a mapping with a list of benchmarks")
     problems: list[str] = []
@@ -249,7 +249,7 @@ def _jsonl_rows(uri: str, spec: BenchmarkSpec, problems: list) -> Iterator[tuple
             try:
                 row = json.loads(line.decode("utf-8", "replace"))
                 if not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")  # noqa: TRY004 - caught below
             except ValueError as e:
                 problems.append(NotIndexed(spec.name, f"{uri}#{offset}", "item", f"not a JSON object ({e})"))
                 continue
@@ -285,7 +285,8 @@ def _item(spec: BenchmarkSpec, row: dict[str, Any], uri: str, offset: int) -> Be
     answer = get("answer")
     if answer is not None:
         answer = str(answer).strip()
-        # MMLU-style exports give the answer as a letter or an index into the options: match on the option text
+        # MMLU-style exports give the answer as a letter or an index into the options:
+        # match on the option text
         if answer in _LETTERS[: len(options)] and len(answer) == 1:
             answer = options[_LETTERS.index(answer)]
         elif (
@@ -354,7 +355,7 @@ def _check_image(data: bytes) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.size  # header only; the hasher decodes it
+        with Image.open(io.BytesIO(data)):
+            pass  # opening reads the header only; the hasher decodes it
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({e})") from None

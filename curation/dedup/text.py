@@ -97,7 +97,8 @@ def normalize(text: str) -> str:
 
 
 def tokens(text: str) -> list[str]:
-    """Words of `normalize(text)`; each character of Chinese, Japanese, Thai, Lao, Khmer, Myanmar is one token.
+    """Words of `normalize(text)`; each character of Chinese, Japanese, Thai, Lao, Khmer, Myanmar is
+    one token.
 
     >>> tokens("What is 東京タワー?")
     ['what', 'is', '東', '京', 'タ', 'ワ', 'ー']
@@ -152,7 +153,7 @@ def _token_hashes(toks: list[str]) -> np.ndarray:
 # punctuation dropped by `_BYTE_MAP`, hyphen joins found with numpy); a text whose non-ASCII characters
 # all have an ASCII form (`_ascii_form`: typographic quotes, dashes, accented Latin letters) as that
 # ASCII; any other text through `normalize` first. All give exactly `tokens(text)`;
-# tests/test_dedup_text.py checks it on random Unicode and on every character with an ASCII form.
+# tests/unit/dedup/test_text.py checks it on random Unicode and on every character with an ASCII form.
 # `_BYTE_MAP`: ASCII letters to lower case, digits kept, bytes >= 0x80 kept (UTF-8 of normalised text),
 # everything else 0, a separator.
 _BYTE_MAP = bytes(
@@ -180,7 +181,7 @@ def _ascii_form(ch: str) -> str | None:
     "-"; a space by " "; punctuation, symbols and controls, which `normalize` turns into spaces, by "'"
     (like them, neither space nor letter nor hyphen for the join). Format characters (deleted by
     `normalize`, so they glue their neighbours together) and anything starting with a combining mark
-    (it composes with the character before) have none. tests/test_dedup_text.py checks every character.
+    (it composes with the character before) have none. tests/unit/dedup/test_text.py checks every character.
     """
     if unicodedata.combining(unicodedata.normalize("NFKD", ch)[0]):
         return None

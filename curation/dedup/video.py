@@ -18,8 +18,8 @@ benchmark's frames at the same moments. So:
   match within one offset window; the score is that count over the number of query frames that
   could overlap the benchmark video (all of them, unless the query is longer than the benchmark).
 
-Defaults and why (measured with ``benchmarks/bench_video.py`` and ``tests/test_video.py`` on the
-synthetic videos of :mod:`curation.sample_video`: flat-colour drawings, the hard case where
+Defaults and why (measured with ``benchmarks/bench_video.py`` and ``tests/unit/io/test_video.py`` on the
+synthetic videos of :mod:`curation.sample.video`: flat-colour drawings, the hard case where
 unrelated frames with the same layout hash alike):
 
 * ``fps=4`` at build: the nearest index frame is at most 0.125 s from any query frame, so even a
@@ -360,7 +360,8 @@ def _popcount_into(x: np.ndarray, out: np.ndarray) -> None:
 
 
 def frame_hashes(frames: Sequence[Any], ts: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """pHashes, dHashes and timestamps of a row's frames that decode (what :func:`near_duplicate_pairs` takes)."""
+    """pHashes, dHashes and timestamps of a row's frames that decode (what
+    :func:`near_duplicate_pairs` takes)."""
     ph, dh, ok = hash_batch(list(frames))
     return ph[ok], dh[ok], np.asarray(ts, dtype=np.float64)[ok]
 
@@ -384,12 +385,12 @@ def near_duplicate_pairs(
 ) -> tuple[list[tuple[int, int, float, float]], dict]:
     """Pairs of videos of a corpus that show the same footage: ``(a, b, score, offset)`` with ``a < b``.
 
-    Video ``i`` is given by its frames' pHashes, dHashes and timestamps (``phashes[i]``, ...; sampled sparsely,
-    1 fps, as the readers do). Two videos are near-duplicates when, as in :class:`VideoHashIndex`, the frames of
-    the one with fewer frames match the other's (both hashes within their radius) at one time offset, for at
-    least ``min_matches`` frames and a ``min_score`` share of the frames that could overlap. ``offset`` is
-    seconds to add to ``a``'s timestamps to land on ``b``'s: a re-upload, a re-encode, a trimmed or cut copy
-    all match at one offset; unrelated videos with alike frames do not line up in time.
+    Video ``i`` is given by its frames' pHashes, dHashes and timestamps (``phashes[i]``, ...; sampled
+    sparsely, 1 fps, as the readers do). Two videos are near-duplicates when, as in :class:`VideoHashIndex`,
+    the frames of the one with fewer frames match the other's (both hashes within their radius) at one time
+    offset, for at least ``min_matches`` frames and a ``min_score`` share of the frames that could overlap.
+    ``offset`` is seconds to add to ``a``'s timestamps to land on ``b``'s: a re-upload, a re-encode, a trimmed
+    or cut copy all match at one offset; unrelated videos with alike frames do not line up in time.
 
     Candidates come first, so the cost is not quadratic in the corpus: each frame's pHash is cut into
     ``64 / band_bits`` bands, and two videos are compared only when a frame of one shares a whole band with a
@@ -402,8 +403,8 @@ def near_duplicate_pairs(
     So ``band_bits=None`` picks 16 up to :data:`WIDE_BANDS_FROM` frames and 32 above, where chance
     candidates vanish but fewer copies are proposed: on the synthetic set, re-encodes stay at 100% and
     whole-second trims go from 99% to 90%, copies trimmed by a fraction of a second (frames between the
-    original's) from 78% to 40% (``benchmarks/bench_video_dedup.py``). Returns the pairs and counts (``candidate_pairs``,
-    ``skipped_buckets``, ``band_bits``).
+    original's) from 78% to 40% (``benchmarks/bench_video_dedup.py``). Returns the pairs and counts
+    (``candidate_pairs``, ``skipped_buckets``, ``band_bits``).
     """
     import polars as pl
 
@@ -464,7 +465,8 @@ def near_duplicate_pairs(
 
 
 def _pair_match(qp, qd, qt, rp, rd, rt, radius, dhash_radius, tol, min_matches, min_score):
-    """``(score, offset)`` when the query video's frames match the reference's at one time offset, else None."""
+    """``(score, offset)`` when the query video's frames match the reference's at one time offset,
+    else None."""
     if len(qp) < 2 or len(rp) < 2:
         return None
     near = (hamming(qp[:, None], rp[None, :]) <= radius) & (hamming(qd[:, None], rd[None, :]) <= dhash_radius)
@@ -490,7 +492,8 @@ def _pair_match(qp, qd, qt, rp, rd, rt, radius, dhash_radius, tol, min_matches, 
 
 
 def clusters(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
-    """Connected components of ``n`` items linked by ``pairs``: the component's smallest member for each item."""
+    """Connected components of ``n`` items linked by ``pairs``: the component's smallest member for
+    each item."""
     parent = np.arange(n)
 
     def root(i: int) -> int:

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from curation.io import fs as cfs
 from curation.io.tar import iter_tar
-from curation.recipe import LimitsSpec, SourceSpec
+from curation.recipe import SourceSpec
+from curation.spec import LimitsSpec
 
 log = logging.getLogger(__name__)
 

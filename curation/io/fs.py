@@ -62,9 +62,9 @@ class StorageError(OSError):
 
 @contextlib.contextmanager
 def writing(root: str, where: str = ""):
-    """Turn an ``OSError`` raised while reading or writing under ``root`` into a :class:`StorageError` that says
-    where (``where``, e.g. the unit, then the location) and what to do. ``FileExistsError`` (a folder holding
-    another job's output) and StorageErrors pass through unchanged."""
+    """Turn an ``OSError`` raised while reading or writing under ``root`` into a :class:`StorageError` that
+    says where (``where``, e.g. the unit, then the location) and what to do. ``FileExistsError`` (a folder
+    holding another job's output) and StorageErrors pass through unchanged."""
     try:
         yield
     except (FileExistsError, StorageError):
@@ -82,8 +82,8 @@ def make_dirs(root: str, subdirs: tuple[str, ...] = ("",)) -> None:
 
 
 def storage_problem(root: str, e: BaseException) -> str:
-    """What went wrong writing under ``root``, and what to do. Everything quoted is redacted: a server's message
-    may echo a key, and ``root`` or the endpoint may carry ``user:password@``."""
+    """What went wrong writing under ``root``, and what to do. Everything quoted is redacted: a server's
+    message may echo a key, and ``root`` or the endpoint may carry ``user:password@``."""
     root, msg = redact(root), redact(str(e).strip())
     if root.startswith("s3://"):
         bucket = root[len("s3://") :].split("/", 1)[0]
@@ -92,8 +92,8 @@ def storage_problem(root: str, e: BaseException) -> str:
         )
         if "not found" in msg.lower() and "bucket" in msg.lower():
             return (
-                f"cannot write to {root}: the bucket '{bucket}' does not exist at {endpoint}; create it first "
-                f"(aws s3 mb s3://{bucket}), or check the path and AWS_ENDPOINT_URL"
+                f"cannot write to {root}: the bucket '{bucket}' does not exist at {endpoint}; "
+                f"create it first (aws s3 mb s3://{bucket}), or check the path and AWS_ENDPOINT_URL"
             )
         if any(
             k in msg.upper()
@@ -133,9 +133,10 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 class TooLarge(Exception):
-    """Input over one of the size limits (a recipe's ``limits:``), found before the memory is spent. ``reason``
-    is the reject reason: ``file_too_large``, ``line_too_long``, ``value_too_large`` or ``member_too_large``.
-    Neither an OSError nor a ValueError, so that no reader takes it for a missing file or a malformed row."""
+    """Input over one of the size limits (a recipe's ``limits:``), found before the memory is spent.
+    ``reason`` is the reject reason: ``file_too_large``, ``line_too_long``, ``value_too_large`` or
+    ``member_too_large``. Neither an OSError nor a ValueError, so that no reader takes it for a missing file
+    or a malformed row."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -158,7 +159,8 @@ class Skipped:
 
 
 class BadFileName(ValueError):
-    """A file name that is not UTF-8 under a source folder: pyarrow refuses the whole listing without naming it."""
+    """A file name that is not UTF-8 under a source folder: pyarrow refuses the whole listing
+    without naming it."""
 
 
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
@@ -264,10 +266,10 @@ def exists(path: str) -> bool:
 
 
 def read_bytes(path: str, limit: int | None = None, key: str = "max_media_bytes") -> bytes:
-    """The whole file. A local path must be a regular file: a device (``/dev/zero``) or a named pipe named by a
-    hostile corpus would be read forever, so it raises ``OSError`` instead. A file over ``limit`` bytes raises
-    :class:`TooLarge` (naming ``limits.<key>``) before any byte is read: an 8 GB sparse file costs nothing.
-    With a limit the bytes are read as stored (a ``.gz`` name does not inflate them on the fly)."""
+    """The whole file. A local path must be a regular file: a device (``/dev/zero``) or a named pipe named by
+    a hostile corpus would be read forever, so it raises ``OSError`` instead. A file over ``limit`` bytes
+    raises :class:`TooLarge` (naming ``limits.<key>``) before any byte is read: an 8 GB sparse file costs
+    nothing. With a limit the bytes are read as stored (a ``.gz`` name does not inflate them on the fly)."""
     fs, p = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem) and os.path.exists(p) and not os.path.isfile(p):
         raise OSError(f"not a regular file: {p}")
@@ -285,9 +287,9 @@ def read_bytes(path: str, limit: int | None = None, key: str = "max_media_bytes"
 
 
 def read_capped(f, size: int, limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of the stream ``f`` of a file that said it holds ``size``: one byte over the
-    limit shows a file that is longer than the limit. The first read asks for the size it said (a buffer of
-    ``limit`` bytes per small image would cost more than reading it); a file longer than it said (grown, or
+    """At most ``limit + 1`` bytes of the stream ``f`` of a file that said it holds ``size``: one byte over
+    the limit shows a file that is longer than the limit. The first read asks for the size it said (a buffer
+    of ``limit`` bytes per small image would cost more than reading it); a file longer than it said (grown, or
     on a file system that reports no sizes) is read on up to the limit."""
     data = f.read(min(size, limit) + 1)
     if len(data) > size:

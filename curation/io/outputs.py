@@ -1,5 +1,7 @@
 """What an output writer may touch: which folders are ours, what ``--overwrite`` deletes, which outputs are
-refused, and who may write an output at a time. Every writer (pools, mixtures, audits) goes through here.
+refused, who may write an output at a time, and the life of a pool's or mixture's folder
+(:class:`OutputFolder`: claim, resume, done records, temp sweep). Every writer (pools, mixtures, audits) goes
+through here; how each file in it is written is :mod:`curation.io.commit`.
 
 - **Marker.** A folder this tool writes holds ``.curation-output.json`` (``tool``, ``kind``: pool, mixture,
   mixtures-root or audit, ``version``, ``created``), written when the folder is first claimed. Folders written
@@ -12,6 +14,8 @@ refused, and who may write an output at a time. Every writer (pools, mixtures, a
   ``s3://`` URIs by bucket and key prefix.
 - **Lock.** One writer per output (:func:`lock`): ``flock`` on ``.curation-lock`` locally (the kernel drops it
   when the holder dies, however it dies), a lock object with a time to live on ``s3://``.
+- **Resume.** A pool or mixture folder records the hash of what it holds (:data:`RECORDS`); a rerun of the
+  same recipe resumes it (finished units have done records and are skipped), any other is refused.
 
 Example::
 
@@ -40,6 +44,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from curation import __version__
+from curation.io import commit
 from curation.io import fs as cfs
 
 log = logging.getLogger(__name__)
@@ -50,9 +55,17 @@ LOCK = ".curation-lock"
 KINDS = ("pool", "mixture", "mixtures-root", "audit")
 #: How long an ``s3://`` lock stays valid without its holder renewing it (renewed every third of it).
 S3_LOCK_TTL_S = 300.0
-# How a folder written before markers existed is recognised: the format its manifest.json (pools, mixtures) or
-# report.json (audits) declares, as curation.io.pool, curation.mix.builder and curation.dedup.audit write them.
+# How a folder written before markers existed is recognised: the format its manifest.json (pools, mixtures)
+# or report.json (audits) declares, as curation.io.pool, curation.mix.builder and curation.dedup.audit write
+# them.
 _LEGACY_FORMATS = {"curation.pool/1": "pool", "curation.mixture/1": "mixture", "curation.audit/1": "audit"}
+#: Per kind of :class:`OutputFolder`: its record of what it holds, the hash in it that a resumed run must
+#: agree on, and the folders it writes into. The record also tells a pool or mixture written before markers
+#: existed.
+RECORDS = {
+    "pool": ("_work/recipe.json", "recipe_hash", ("shards", "rejects", "_work/done", "_work/index")),
+    "mixture": ("_work/mixture.json", "mixture_hash", ("shards", "_work/done", "_work/buckets")),
+}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
@@ -99,13 +112,15 @@ def _location(path: str) -> tuple[str, ...]:
 
 
 def check_overlap(output: str, inputs: Iterable[tuple[str, str]]) -> None:
-    """Refuse ``output`` if it overlaps one of ``inputs`` (``(recipe key, path or glob)`` pairs): a pool inside
-    its corpus is read back as input by the next run, and a corpus inside a pool is deleted by ``--overwrite``."""
+    """Refuse ``output`` if it overlaps one of ``inputs`` (``(recipe key, path or glob)`` pairs): a pool
+    inside its corpus is read back as input by the next run, and a corpus inside a pool is deleted by
+    ``--overwrite``."""
     out = _location(output)
     for where, pattern in inputs:
         prefix, deep = _fixed_prefix(pattern)
         inp = _location(prefix)
-        # a glob like corpus/wds/*.tar reads only that folder's own files: a pool in corpus/wds/pool is not read
+        # a glob like corpus/wds/*.tar reads only that folder's own files: a pool in corpus/wds/pool is not
+        # read
         inside = out[: len(inp)] == inp and (deep or len(out) == len(inp))
         if inside or inp[: len(out)] == out:
             relation = "is" if out == inp else "is inside" if len(out) > len(inp) else "holds"
@@ -142,10 +157,10 @@ def _listing(fs: pafs.FileSystem, path: str, root: str) -> list[pafs.FileInfo] |
 
 
 def owner(root: str) -> str | None:
-    """Which output of this tool ``root`` holds: a kind from its marker, or for a folder written before markers
-    existed, from its own records (a pool's ``_work/recipe.json`` or manifest, a mixture's ``_work/mixture.json``
-    or manifest, an audit's ``report.json`` or ``scan`` pool, a folder of such mixtures). ``""`` when there is
-    nothing there (no folder, or only a lock), ``None`` for anything else."""
+    """Which output of this tool ``root`` holds: a kind from its marker, or for a folder written before
+    markers existed, from its own records (a pool's ``_work/recipe.json`` or manifest, a mixture's
+    ``_work/mixture.json`` or manifest, an audit's ``report.json`` or ``scan`` pool, a folder of such
+    mixtures). ``""`` when there is nothing there (no folder, or only a lock), ``None`` for anything else."""
     fs, path = cfs.filesystem(root)
     entries = _listing(fs, path, root)
     names = {i.base_name for i in entries or ()} - {LOCK}
@@ -158,10 +173,9 @@ def owner(root: str) -> str | None:
         kind = _LEGACY_FORMATS.get((_read_json(fs, f"{path}/{record}") or {}).get("format"))
         if kind:
             return kind
-    if "recipe_hash" in (_read_json(fs, f"{path}/_work/recipe.json") or {}):
-        return "pool"
-    if "mixture_hash" in (_read_json(fs, f"{path}/_work/mixture.json") or {}):
-        return "mixture"
+    for kind, (record, key, _) in RECORDS.items():
+        if key in (_read_json(fs, f"{path}/{record}") or {}):
+            return kind
     if "scan" in names and owner(f"{root}/scan") == "pool":
         return "audit"
     dirs = [i.base_name for i in entries if i.type == pafs.FileType.Directory]
@@ -194,7 +208,8 @@ def check_writable(root: str, kind: str, overwrite: bool = False) -> str:
 
 def claim(root: str, kind: str, overwrite: bool = False) -> None:
     """Make ``root`` this run's ``kind`` output: create it, keep it as it is (a rerun resumes it), or with
-    ``overwrite`` empty it first. Refuses what :func:`check_writable` refuses. Call it holding :func:`lock`."""
+    ``overwrite`` empty it first; write its marker (:data:`MARKER`). Refuses what :func:`check_writable`
+    refuses. Call it holding :func:`lock`."""
     found = check_writable(root, kind, overwrite)
     fs, path = cfs.filesystem(root)
     with cfs.writing(root):
@@ -202,10 +217,8 @@ def claim(root: str, kind: str, overwrite: bool = False) -> None:
             _empty(fs, path, root, found)
         fs.create_dir(path, recursive=True)
         if (_read_json(fs, f"{path}/{MARKER}") or {}).get("kind") != kind:
-            from curation.io.pool import _commit_bytes  # pool imports this module
-
             body = {"tool": TOOL, "kind": kind, "version": __version__, "created": _now()}
-            _commit_bytes(fs, f"{path}/{MARKER}", json.dumps(body, indent=2).encode())
+            commit.write_bytes(f"{path}/{MARKER}", json.dumps(body, indent=2).encode(), fs)
 
 
 def _empty(fs: pafs.FileSystem, path: str, root: str, kind: str) -> None:
@@ -234,6 +247,77 @@ def _empty(fs: pafs.FileSystem, path: str, root: str, kind: str) -> None:
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
+
+
+# ---------------------------------------------------------------- folder life
+
+
+class OutputFolder:
+    """A pool's or mixture's folder (``kind`` in :data:`RECORDS`) through one run: :meth:`prepare` it, commit
+    each unit of work by its done record (:meth:`commit_done`), skip the units a rerun finds done
+    (:meth:`done_records`), :meth:`sweep_temp` what killed writers left. Exactly once per unit: a unit is
+    done when its record is, and the record is written after everything it lists.
+
+    Example::
+
+        folder = OutputFolder("pools/demo", "pool")
+        with lock(folder.root, "curation run demo.yaml"):
+            folder.prepare({"recipe_hash": "ab12", "recipe": resolved})
+            todo = [u for u in units if u not in folder.done_records()]
+    """
+
+    def __init__(self, root: str, kind: str):
+        self.root, self.kind = root, kind
+        self.fs, self.path = cfs.filesystem(root)
+        record, self.hash_key, self.subdirs = RECORDS[kind]
+        self.record_path = f"{self.path}/{record}"
+
+    def prepare(self, record: dict[str, Any], *, overwrite: bool = False, indent: int | None = None) -> None:
+        """Make the folder this run's: claim it (:func:`claim`; ``overwrite`` empties an earlier output of
+        this tool), check that what it holds is this output (``record[hash_key]`` equal to the recorded one: a
+        rerun, which resumes it, with the temp files of the run before swept), create its folders and write
+        ``record`` (JSON, ``indent``). Call it holding :func:`lock`.
+
+        Raises ``FileExistsError`` for a folder holding another recipe's output (or a manifest without its
+        record, which cannot be checked), :class:`OutputError` for one this tool did not write,
+        :class:`curation.io.fs.StorageError` when the location cannot be read or written."""
+        with cfs.writing(self.root):
+            claim(self.root, self.kind, overwrite)
+            if self.fs.get_file_info(self.record_path).type == pafs.FileType.File:
+                with self.fs.open_input_stream(self.record_path) as f:
+                    previous = json.loads(f.read()).get(self.hash_key)
+                if previous != record[self.hash_key]:
+                    raise FileExistsError(
+                        f"{self.root} holds a {self.kind} from a different recipe (hash {previous}, this one "
+                        f"is {record[self.hash_key]}); write elsewhere or pass --overwrite"
+                    )
+                self.sweep_temp()
+            elif self.fs.get_file_info(f"{self.path}/manifest.json").type == pafs.FileType.File:
+                raise FileExistsError(
+                    f"{self.root} already holds a {self.kind}; write elsewhere or pass --overwrite"
+                )
+            cfs.make_dirs(self.root, self.subdirs)
+            commit.write_bytes(self.record_path, json.dumps(record, indent=indent).encode(), self.fs)
+
+    def sweep_temp(self) -> int:
+        """Before resuming, and once every task is done: :func:`curation.io.commit.sweep_temp`."""
+        return commit.sweep_temp(self.fs, self.path, self.root)
+
+    def done_path(self, n: int) -> str:
+        return f"{self.path}/_work/done/{n:05d}.json"
+
+    def commit_done(self, n: int, record: dict[str, Any]) -> None:
+        """Write unit ``n``'s done record (keys sorted): the commit point of that unit."""
+        commit.write_bytes(self.done_path(n), json.dumps(record, sort_keys=True).encode(), self.fs)
+
+    def done_records(self) -> dict[int, dict[str, Any]]:
+        """The done records there are, by unit."""
+        out = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/_work/done", allow_not_found=True)):
+            if info.base_name.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as f:
+                    out[int(info.base_name.removesuffix(".json"))] = json.loads(f.read())
+        return out
 
 
 # ---------------------------------------------------------------- lock
@@ -265,7 +349,8 @@ def _refusal(root: str, holder: dict[str, Any] | None) -> OutputError:
 
 @contextlib.contextmanager
 def lock(root: str, command: str, ttl_s: float = S3_LOCK_TTL_S) -> Iterator[None]:
-    """Hold ``root``'s writer lock, or raise :class:`OutputError` naming its holder (host, pid, command, start).
+    """Hold ``root``'s writer lock, or raise :class:`OutputError` naming its holder (host, pid, command,
+    start).
 
     Creates ``root`` if need be, never inside a folder this tool did not write. ``command`` says what holds
     it (no secrets: it is stored in the output). ``ttl_s``: the ``s3://`` lock's time to live."""
@@ -305,9 +390,9 @@ def _local_lock(root: str, path: str, holder: dict[str, Any], ttl_s: float) -> I
 @contextlib.contextmanager
 def _s3_lock(root: str, path: str, holder: dict[str, Any], ttl_s: float) -> Iterator[None]:
     """A lock object created only if absent (``If-None-Match: *``), renewed every ``ttl_s / 3`` with
-    ``If-Match`` on its own ETag, deleted on exit. It is stale once ``expires`` has passed, or at once when its
-    holder ran on this host and that process is gone; a stale lock is replaced with ``If-Match`` on the ETag
-    read, so of two runs that find it stale only one gets it."""
+    ``If-Match`` on its own ETag, deleted on exit. It is stale once ``expires`` has passed, or at once when
+    its holder ran on this host and that process is gone; a stale lock is replaced with ``If-Match`` on the
+    ETag read, so of two runs that find it stale only one gets it."""
     try:
         from botocore.exceptions import ClientError
     except ImportError:
@@ -364,7 +449,7 @@ def _s3_lock(root: str, path: str, holder: dict[str, Any], ttl_s: float) -> Iter
                     log.error("%s: another run took over this run's lock (it was not renewed in time)", root)
                     return
                 log.warning("%s: could not renew the lock (%s); trying again", root, code(e))
-            except Exception as e:  # the store away for a while: the run itself reports that
+            except Exception as e:  # noqa: BLE001 - the store away for a while: the run itself reports that
                 log.warning("%s: could not renew the lock (%s); trying again", root, type(e).__name__)
 
     renewer = threading.Thread(target=renew, name="curation-output-lock", daemon=True)

@@ -3,9 +3,9 @@
 See ``docs/pool-format.md`` for the layout. Writes are idempotent and exactly-once per unit:
 
 1. a worker writes every part of a unit (``shards/UUUUU_PPPP.{parquet,tar}``, ``rejects/UUUUU.parquet``)
-   under temporary names and renames each into place when complete;
+   under temporary names and renames each into place when complete (:mod:`curation.io.commit`);
 2. then it writes ``_work/done/UUUUU.json`` (rows, bytes, sha256 of each part, stage counters), again
-   by temp-and-rename. That record is the commit.
+   committed whole (:meth:`curation.io.outputs.OutputFolder.commit_done`). That record is the commit.
 
 A rerun skips units that have a done record (their shards are not rewritten) and redoes the others
 from scratch; since units, ids and bytes are deterministic, a redone unit overwrites its half-written
@@ -14,14 +14,9 @@ parts with identical ones, so no row is lost or duplicated whatever moment the c
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import logging
-import tarfile
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,156 +25,19 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curation.io import commit, outputs
 from curation.io import fs as cfs
-from curation.io import outputs
 from curation.schema import REJECT_COLUMNS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "curation.pool/1"
-_JSON_SKIP = {"image", "images", "frames", "video_bytes", *REJECT_COLUMNS}
-_MAGIC = [
-    (b"\xff\xd8\xff", "jpg"),
-    (b"\x89PNG", "png"),
-    (b"GIF8", "gif"),
-    (b"BM", "bmp"),
-    (b"II*\x00", "tif"),
-    (b"MM\x00*", "tif"),
-]
-
-
-def image_ext(data: bytes, fmt: str | None = None) -> str:
-    """File extension for encoded image bytes (img2dataset uses .jpg; we keep the real format)."""
-    if fmt:
-        return {"jpeg": "jpg", "tiff": "tif"}.get(fmt.lower(), fmt.lower())
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "bin")
-
-
-def sha256_file(fs: pafs.FileSystem, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sweep_temp(fs: pafs.FileSystem, path: str, label: str) -> int:
-    """Delete the temp files (``*.tmp-<tag>``) under ``path`` that no task will rename any more: those of a
-    worker killed mid-write (Ray retried its task, which wrote its own), or of a failed unit whose store went
-    away before it could delete them. Call it when no task of this job is running. No manifest lists them."""
-    stale = [
-        i.path
-        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        if i.type == pafs.FileType.File and ".tmp-" in i.base_name
-    ]
-    for name in stale:
-        with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(name)
-    if stale:
-        log.info("removed %d temp file(s) left by killed or failed writers in %s", len(stale), label)
-    return len(stale)
-
-
-def _commit_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
-
-
-# ---------------------------------------------------------------- worker side
-
-
-def _discard(fs: pafs.FileSystem, handles, paths: list[str]) -> None:
-    """Close ``handles`` and delete ``paths``, best effort: after a full disk, closing may fail too."""
-    for handle in handles:
-        with contextlib.suppress(Exception):
-            if handle is not None:
-                handle.close()
-    for path in paths:
-        with contextlib.suppress(OSError):
-            if fs.get_file_info(path).type == pafs.FileType.File:
-                fs.delete_file(path)
-
-
-class _Part:
-    """One shard being written: a Parquet file and a tar with the same rows, under temp names."""
-
-    def __init__(self, fs, root: str, name: str, schema: pa.Schema, formats: list[str], key: str = "id"):
-        # key: the column naming each sample in the tar (mixtures repeat a row across epochs, so they key
-        # by a column that adds the epoch)
-        self.fs, self.root, self.name, self.schema, self.formats, self.key = (
-            fs,
-            root,
-            name,
-            schema,
-            formats,
-            key,
-        )
-        self.tmp_tag = uuid.uuid4().hex[:8]
-        self.rows = 0
-        self.bytes = 0
-        self._pq = self._tar = self._tar_stream = None
-        if "parquet" in formats:
-            self._pq_stream = fs.open_output_stream(self._tmp("parquet"))
-            self._pq = pq.ParquetWriter(self._pq_stream, schema, compression="zstd")
-        if "webdataset" in formats:
-            self._tar_stream = fs.open_output_stream(self._tmp("tar"))
-            self._tar = tarfile.open(fileobj=self._tar_stream, mode="w", format=tarfile.USTAR_FORMAT)
-
-    def abort(self) -> None:
-        """Close and delete this part's temp files, best effort."""
-        _discard(
-            self.fs,
-            (self._pq, self._tar, getattr(self, "_pq_stream", None), self._tar_stream),
-            [self._tmp(ext) for ext in ("parquet", "tar")],
-        )
-
-    def _final(self, ext: str) -> str:
-        return f"{self.root}/shards/{self.name}.{ext}"
-
-    def _tmp(self, ext: str) -> str:
-        return f"{self._final(ext)}.tmp-{self.tmp_tag}"
-
-    def write(self, table: pa.Table) -> None:
-        if self._pq is not None:
-            self._pq.write_table(table, row_group_size=max(1, min(table.num_rows, 1024)))
-        if self._tar is not None:
-            for row in table.to_pylist():
-                for member, data in _wds_members(row):
-                    info = tarfile.TarInfo(f"{row[self.key]}.{member}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    self._tar.addfile(info, io.BytesIO(data))
-        self.rows += table.num_rows
-        self.bytes += table.nbytes
-
-    def commit(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"name": self.name, "rows": self.rows}
-        if self._pq is not None:
-            self._pq.close()
-            self._pq_stream.close()
-        if self._tar is not None:
-            self._tar.close()
-            self._tar_stream.close()
-        for ext, key in (("parquet", "parquet"), ("tar", "webdataset")):
-            if key in self.formats:
-                self.fs.move(self._tmp(ext), self._final(ext))
-                path = self._final(ext)
-                entry[ext] = {
-                    "path": f"shards/{self.name}.{ext}",
-                    "bytes": self.fs.get_file_info(path).size,
-                    "sha256": sha256_file(self.fs, path),
-                }
-        return entry
-
-
 #: What a pool's video rows carry (``output.video``): the sampled frames, the clip's bytes, or both.
 VIDEO_PAYLOADS = ("frames", "clip", "both")
 
 
-# Reject reasons whose row's media bytes are not a decodable image or video of the corpus (or were never read).
+# Reject reasons whose row's media bytes are not a decodable image or video of the corpus (or were never
+# read).
 NO_MEDIA = frozenset(
     {
         "undecodable",
@@ -212,8 +70,9 @@ def without_media(table: pa.Table) -> pa.Table:
 
 
 def video_payload(table: pa.Table, payload: str) -> pa.Table:
-    """``table`` with what ``output.video`` leaves out of video rows nulled: ``video_bytes`` for ``frames``; for
-    ``clip``, the ``frames`` of rows that have their clip (``frame_ts`` stays: when the frames were sampled)."""
+    """``table`` with what ``output.video`` leaves out of video rows nulled: ``video_bytes`` for ``frames``;
+    for ``clip``, the ``frames`` of rows that have their clip (``frame_ts`` stays: when the frames were
+    sampled)."""
     import pyarrow.compute as pc
 
     if payload == "both" or "video_bytes" not in table.column_names or not table.num_rows:
@@ -233,24 +92,7 @@ def video_payload(table: pa.Table, payload: str) -> pa.Table:
     return table.set_column(i, table.schema.field(i), frames)
 
 
-def _wds_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
-    meta = {k: v for k, v in row.items() if k not in _JSON_SKIP and v is not None}
-    members = []
-    if row.get("image") is not None:
-        members.append((image_ext(row["image"], row.get("image_format")), row["image"]))
-    for i, img in enumerate(row.get("images") or []):
-        if img is not None:
-            members.append((f"img{i}.{image_ext(img)}", img))
-    for i, frame in enumerate(row.get("frames") or []):  # timestamps are in the .json (frame_ts)
-        if frame is not None:
-            members.append((f"frame{i:03d}.{image_ext(frame)}", frame))
-    if row.get("video_bytes"):  # video2dataset's member: <key>.mp4 (or the source's own container)
-        ext = (json.loads(row["meta"]).get("clip_ext") if row.get("meta") else None) or "mp4"
-        members.append((ext, row["video_bytes"]))
-    members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
-    if row.get("text") is not None:
-        members.append(("txt", row["text"].encode("utf-8", "replace")))
-    return sorted(members)
+# ---------------------------------------------------------------- worker side
 
 
 @dataclass
@@ -271,10 +113,10 @@ class UnitSink:
 
     def __post_init__(self):
         self.fs, self.path = cfs.filesystem(self.root)
-        self._part: _Part | None = None
+        self._part: commit.ShardWriter | None = None
         self._rejects: pq.ParquetWriter | None = None
+        self._rejects_file: commit.PendingFile | None = None
         self._rejects_rows = 0
-        self._rejects_tmp = f"{self.path}/rejects/{self.unit:05d}.parquet.tmp-{uuid.uuid4().hex[:8]}"
 
     def write(self, table: pa.Table) -> None:
         if not self.formats:  # formats: [] keeps no shards (an audit only wants the rejects)
@@ -283,7 +125,7 @@ class UnitSink:
         start = 0
         while start < table.num_rows:
             if self._part is None:
-                self._part = _Part(
+                self._part = commit.ShardWriter(
                     self.fs, self.path, f"{self.unit:05d}_{len(self.parts):04d}", self.schema, self.formats
                 )
             room = self.shard_rows - self._part.rows
@@ -303,17 +145,21 @@ class UnitSink:
         if not self.reject_media:
             table = without_media(table)
         if self._rejects is None:
-            self._rejects_stream = self.fs.open_output_stream(self._rejects_tmp)
-            self._rejects = pq.ParquetWriter(self._rejects_stream, self.reject_schema, compression="zstd")
+            self._rejects_file = commit.PendingFile(f"{self.path}/rejects/{self.unit:05d}.parquet", self.fs)
+            self._rejects = pq.ParquetWriter(
+                self._rejects_file.stream, self.reject_schema, compression="zstd"
+            )
         self._rejects.write_table(table)
         self._rejects_rows += table.num_rows
 
     def abort(self) -> None:
-        """After a failure (a full disk): close and delete this unit's temp files, best effort. Committed parts
-        stay; the unit has no done record, so a rerun redoes it whole and overwrites them identically."""
+        """After a failure (a full disk): close and delete this unit's temp files, best effort. Committed
+        parts stay; the unit has no done record, so a rerun redoes it whole and overwrites them
+        identically."""
         if self._part is not None:
             self._part.abort()
-        _discard(self.fs, (self._rejects, getattr(self, "_rejects_stream", None)), [self._rejects_tmp])
+        if self._rejects_file is not None:
+            self._rejects_file.abort(self._rejects)
 
     def close(self) -> dict[str, Any]:
         """Commit the last part and the rejects; return this unit's manifest entries."""
@@ -323,14 +169,13 @@ class UnitSink:
         rejects = None
         if self._rejects is not None:
             self._rejects.close()
-            self._rejects_stream.close()
-            final = f"{self.path}/rejects/{self.unit:05d}.parquet"
-            self.fs.move(self._rejects_tmp, final)
+            self._rejects_file.commit()
+            final = self._rejects_file.path
             rejects = {
                 "path": f"rejects/{self.unit:05d}.parquet",
                 "rows": self._rejects_rows,
                 "bytes": self.fs.get_file_info(final).size,
-                "sha256": sha256_file(self.fs, final),
+                "sha256": commit.sha256_file(final, self.fs),
             }
         return {"shards": self.parts, "rejects": rejects, "rejected": self._rejects_rows}
 
@@ -338,62 +183,19 @@ class UnitSink:
 # ---------------------------------------------------------------- driver side
 
 
-class Pool:
-    """A pool folder on the driver: resume state, and the final manifest."""
+class Pool(outputs.OutputFolder):
+    """A pool folder on the driver: its life as an output (:class:`curation.io.outputs.OutputFolder`: resume
+    state, done records, temp sweep), and the final manifest."""
 
     def __init__(self, root: str, recipe_hash: str):
-        self.root = root
+        super().__init__(root, "pool")
         self.recipe_hash = recipe_hash
-        self.fs, self.path = cfs.filesystem(root)
 
-    def exists(self) -> bool:
-        return self.fs.get_file_info(f"{self.path}/_work/recipe.json").type == pafs.FileType.File
-
-    def prepare(self, resolved: dict[str, Any], overwrite: bool = False) -> None:
-        """Create the folder, or check that an existing one was written by the same recipe; ``overwrite``
-        empties an earlier output of this tool first (:func:`curation.io.outputs.claim`). Call it holding the
-        output's lock (:func:`curation.io.outputs.lock`).
-
-        Raises ``FileExistsError`` for a pool of another recipe, :class:`curation.io.outputs.OutputError` for a
-        folder this tool did not write, :class:`curation.io.fs.StorageError` when the location cannot be read
-        or written (a missing bucket, refused credentials, a read-only disk)."""
-        with cfs.writing(self.root):
-            self._prepare(resolved, overwrite)
-
-    def _prepare(self, resolved: dict[str, Any], overwrite: bool) -> None:
-        outputs.claim(self.root, "pool", overwrite)
-        if self.exists():
-            with self.fs.open_input_stream(f"{self.path}/_work/recipe.json") as f:
-                previous = json.loads(f.read())
-            if previous.get("recipe_hash") != self.recipe_hash:
-                raise FileExistsError(
-                    f"{self.root} holds a pool from a different recipe (hash {previous.get('recipe_hash')}, "
-                    f"this one is {self.recipe_hash}); write to another folder or pass --overwrite"
-                )
-            self.sweep_temp()
-        cfs.make_dirs(self.root, ("shards", "rejects", "_work/done", "_work/index"))
-        _commit_bytes(
-            self.fs,
-            f"{self.path}/_work/recipe.json",
-            json.dumps({"recipe_hash": self.recipe_hash, "recipe": resolved}, indent=2).encode(),
-        )
-
-    def sweep_temp(self) -> None:
-        """Before resuming, and once every task is done: see :func:`sweep_temp`."""
-        sweep_temp(self.fs, self.path, self.root)
-
-    def done_path(self, unit: int) -> str:
-        return f"{self.path}/_work/done/{unit:05d}.json"
-
-    def done_records(self) -> dict[int, dict[str, Any]]:
-        sel = pafs.FileSelector(f"{self.path}/_work/done", allow_not_found=True)
-        out = {}
-        for info in self.fs.get_file_info(sel):
-            if info.path.endswith(".json"):
-                with self.fs.open_input_stream(info.path) as f:
-                    rec = json.loads(f.read())
-                out[rec["unit"]] = rec
-        return out
+    def prepare(self, resolved: dict[str, Any], *, overwrite: bool = False) -> None:
+        """:meth:`curation.io.outputs.OutputFolder.prepare` with the record of this recipe
+        (``_work/recipe.json``: its hash and ``resolved``): a rerun of the same recipe resumes the pool,
+        another is refused."""
+        super().prepare({"recipe_hash": self.recipe_hash, "recipe": resolved}, overwrite=overwrite, indent=2)
 
     def write_manifest(
         self,
@@ -431,19 +233,11 @@ class Pool:
         return manifest
 
     def write_json(self, name: str, obj: Any) -> None:
-        _commit_bytes(
-            self.fs,
+        commit.write_bytes(
             f"{self.path}/{name}",
             json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode(),
+            self.fs,
         )
-
-
-def commit_done(root: str, record: dict[str, Any]) -> None:
-    """Write a unit's done record: the commit point of that unit."""
-    fs, path = cfs.filesystem(root)
-    _commit_bytes(
-        fs, f"{path}/_work/done/{record['unit']:05d}.json", json.dumps(record, sort_keys=True).encode()
-    )
 
 
 def lineage_keys(table: pa.Table) -> list[str]:
@@ -460,8 +254,8 @@ def lineage_keys(table: pa.Table) -> list[str]:
 
 @dataclass(frozen=True)
 class ThresholdCut:
-    """A ``keep_fraction`` cut: rows scoring below ``threshold`` in ``column`` go (or at it, unless their lineage
-    key is in ``tied_kept``); rows without a score stay."""
+    """A ``keep_fraction`` cut: rows scoring below ``threshold`` in ``column`` go (or at it, unless their
+    lineage key is in ``tied_kept``); rows without a score stay."""
 
     stage: str
     column: str
@@ -471,7 +265,8 @@ class ThresholdCut:
     reason: str = "below_keep_fraction"
 
     def select(self, table: pa.Table) -> tuple[pa.Array, list[str], list[str]]:
-        """The rows of ``table`` this cut rejects (a boolean mask), with a reason and a detail for each of them."""
+        """The rows of ``table`` this cut rejects (a boolean mask), with a reason and a detail for each of
+        them."""
         import pyarrow.compute as pc
 
         keys = pa.array(lineage_keys(table), pa.string())
@@ -533,7 +328,7 @@ def cut_shard(
     else:
         record = _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, video)
         fs.create_dir(f"{path}/_work/global/{cut.stage}", recursive=True)
-        _commit_bytes(fs, done, json.dumps(record, sort_keys=True).encode())
+        commit.write_bytes(done, json.dumps(record, sort_keys=True).encode(), fs)
     if record["shard"]["name"] != entry["name"]:
         for kind in ("parquet", "tar"):
             old = f"{path}/{entry[kind]['path']}" if kind in entry else None
@@ -579,16 +374,44 @@ def _cut_unrecorded(fs, path, entry, cut, schema, reject_schema, formats, tail, 
         rel = f"rejects/g_{stage}_{entry['name']}.parquet"
         buf = pa.BufferOutputStream()
         pq.write_table(out, buf, compression="zstd")
-        _commit_bytes(fs, f"{path}/{rel}", buf.getvalue().to_pybytes())
+        commit.write_bytes(f"{path}/{rel}", buf.getvalue().to_pybytes(), fs)
         record["rejects"] = {
             "path": rel,
             "rows": out.num_rows,
             "bytes": fs.get_file_info(f"{path}/{rel}").size,
-            "sha256": sha256_file(fs, f"{path}/{rel}"),
+            "sha256": commit.sha256_file(f"{path}/{rel}", fs),
         }
-    part = _Part(fs, path, f"{entry['name']}-{stage}", schema, formats)
+    part = commit.ShardWriter(fs, path, f"{entry['name']}-{stage}", schema, formats)
     part.write(video_payload(kept, video))
     record["shard"] = dict(
         part.commit(), **{k: v for k, v in entry.items() if k not in ("name", "rows", "parquet", "tar")}
     )
     return record
+
+
+def scan_columns(
+    fs: pafs.FileSystem,
+    files: list[str],
+    columns: list[str],
+    schema: pa.Schema | None = None,
+    batch_rows: int = 1 << 16,
+) -> Iterator[pa.RecordBatch]:
+    """Batches of ``columns`` from each Parquet file in turn; a column a file lacks (an older pool, an earlier
+    cut's rejects) is null, typed by ``schema``. One file's footer is held at a time: a pyarrow dataset over
+    the whole pool keeps every file's, about 150 KB each, so 500 MB for a pool of a million rows."""
+    for name in files:
+        with fs.open_input_file(name) as f:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            for b in pf.iter_batches(columns=[c for c in columns if c in have], batch_size=batch_rows):
+                if any(c not in have for c in columns):
+                    b = pa.RecordBatch.from_arrays(
+                        [
+                            b.column(c)
+                            if c in have
+                            else pa.nulls(b.num_rows, schema.field(c).type if schema else None)
+                            for c in columns
+                        ],
+                        names=columns,
+                    )
+                yield b

@@ -9,7 +9,7 @@ Bad input never stops a reader: a row that cannot be read (malformed JSON, text 
 an image file that is missing, the unreadable tail of a truncated tar) becomes a row rejected by the
 ``ingest`` stage with a reason and a detail naming the file and offset.
 
-Nor does input larger than the recipe's ``limits:`` (:class:`curation.recipe.LimitsSpec`, carried in each
+Nor does input larger than the recipe's ``limits:`` (:class:`curation.spec.LimitsSpec`, carried in each
 unit): it is found before its memory is spent and rejected with the limit's reason.
 
 ==================== ======== ====================================================== ================
@@ -44,7 +44,7 @@ qa          sft         question/answer tables: ``question``, ``answer``, ``reas
 =========== =========== ===================================================================
 
 ``sharegpt`` and ``qa`` read ``.json`` (one list of records), ``.jsonl`` and ``.parquet`` files and build
-the conversation of each record with :mod:`curation.mix.coldstart` (modes, suffixes, placeholders:
+the conversation of each record with :mod:`curation.io.conversations` (modes, suffixes, placeholders:
 ``docs/sft-format.md``). Image and video paths are relative to the file, or to ``fields: {image_root: DIR}``
 (itself relative to the file); a video is sampled at ingest like a video row's. ``mode:`` in the source
 gives the mode of records that carry none (else it is inferred).
@@ -64,13 +64,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.io import conversations, pages, refs
 from curation.io import fs as cfs
-from curation.io import pages, refs
 from curation.io.tar import TarError, iter_tar
-from curation.mix import coldstart
-from curation.recipe import SFT_FORMATS, VIDEO_OPTIONS, LimitsSpec, SourceSpec, frame_bounds
+from curation.recipe import SFT_FORMATS, SourceSpec
 from curation.schema import MODALITIES, ROW_SCHEMA, from_rows, json_meta, row_id
 from curation.secrets import redact
+from curation.spec import LimitsSpec
+from curation.target import chat
+from curation.target.video import VIDEO_OPTIONS, frame_bounds
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ _DEFAULT_FIELDS: dict[tuple[str, str], dict[str, str]] = {
     # video2dataset's layout: <key>.mp4 (or another container) with <key>.txt and <key>.json
     ("webdataset", "video"): {"text": "txt", "video": "mp4;webm;mkv;mov;avi;m4v", "meta": "json"},
     ("parquet", "video"): {"text": "caption", "video": "video"},
-    **{(fmt, "sft"): fields for fmt, fields in coldstart.SOURCE_FIELDS.items()},
+    **{(fmt, "sft"): fields for fmt, fields in conversations.SOURCE_FIELDS.items()},
 }
 VIDEO_UNIT_ROWS = 16  # videos per unit: a video costs ~1000x a text row to read, so units stay small enough
 # that a manifest of a few dozen videos still keeps every core busy (a unit is one task); 16 videos of
@@ -113,7 +115,7 @@ class Unit:
     fields_json: str = "{}"
     on_bad_text: str = "reject"
     mode: str | None = None  # sft: the mode of records that carry none
-    video_json: str = "{}"  # how videos are sampled (recipe.VIDEO_OPTIONS, resolved)
+    video_json: str = "{}"  # how videos are sampled (target.video.VIDEO_OPTIONS, resolved)
     refs_json: str = (
         "{}"  # where media references may point: media_roots, allow_absolute, schemes (curation.io.refs)
     )
@@ -161,17 +163,17 @@ def plan_units(
                 if f not in files:
                     files.append(f)
         for uri in files:
-            common = dict(
-                source=spec.name,
-                format=spec.format,
-                modality=spec.modality,
-                uri=uri,
-                fields_json=fields_json,
-                on_bad_text=spec.on_bad_text,
-                mode=spec.mode,
-                video_json=json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True),
-                limits_json=limits_json,
-                refs_json=json.dumps(
+            common = {
+                "source": spec.name,
+                "format": spec.format,
+                "modality": spec.modality,
+                "uri": uri,
+                "fields_json": fields_json,
+                "on_bad_text": spec.on_bad_text,
+                "mode": spec.mode,
+                "video_json": json.dumps({**VIDEO_OPTIONS, **spec.video}, sort_keys=True),
+                "limits_json": limits_json,
+                "refs_json": json.dumps(
                     {
                         "roots": spec.media_roots,
                         "allow_absolute": spec.allow_absolute,
@@ -179,7 +181,7 @@ def plan_units(
                     },
                     sort_keys=True,
                 ),
-            )
+            }
             sft = spec.format in SFT_FORMATS
             if spec.format in ("parquet", "pool") or (sft and uri.endswith(".parquet")):
                 for start, stop in _row_group_ranges(uri, unit_rows):
@@ -208,7 +210,7 @@ def _row_group_ranges(uri: str, unit_rows: int) -> list[tuple[int, int | None]]:
     try:
         with cfs.open_random_access(uri) as f:
             meta = pq.ParquetFile(f).metadata
-    except Exception as e:  # unreadable file: one unit, whose reader reports the error as a reject
+    except Exception as e:  # noqa: BLE001 - unreadable file: one unit, whose reader reports the error as a reject
         log.warning("cannot read Parquet metadata of %s (%s); it will be reported as unreadable", uri, e)
         return [(0, None)]
     ranges, start, rows = [], 0, 0
@@ -253,7 +255,7 @@ def read_unit(unit: Unit, batch_rows: int = 256) -> Iterator[pa.Table]:
             if len(rows) >= batch_rows:
                 yield _table(rows, make)
                 rows = []
-    except Exception as e:  # noqa: BLE001 - a reader bug or an exotic file must not stop the run
+    except Exception as e:  # a reader bug or an exotic file must not stop the run
         log.exception("reading %s stopped at offset %d", unit.label, next_offset)
         rows.append(make.broken(next_offset, "unreadable_file", f"reading stopped: {type(e).__name__}: {e}"))
     if rows:
@@ -301,7 +303,8 @@ class _RowMaker:
         )
 
     def resolve(self, ref: Any) -> str:
-        """A media reference as an absolute path or URI; :class:`refs.RefusedReference` where it may not point."""
+        """A media reference as an absolute path or URI; :class:`refs.RefusedReference` where it may not
+        point."""
         return self.refs.resolve(ref, self.base)
 
     def read(self, ref: Any) -> bytes:
@@ -343,8 +346,8 @@ class _RowMaker:
     def _fetch_video(
         self, offset: int, ref: Any, data: bytes | None
     ) -> tuple[Any, bytes | None, str | None, str | None]:
-        """``(location, bytes, reject reason, detail)`` of a row's video. Bytes in hand keep their label (a tar
-        member, a Parquet row); a reference is resolved under the source's roots, then read."""
+        """``(location, bytes, reject reason, detail)`` of a row's video. Bytes in hand keep their label (a
+        tar member, a Parquet row); a reference is resolved under the source's roots, then read."""
         where = f"{self.unit.uri}#{offset}"
         if (
             data is not None
@@ -680,7 +683,7 @@ def _open_parquet(unit: Unit):
     try:
         handle = cfs.open_random_access(unit.uri)
         pf = pq.ParquetFile(handle)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to open it is reported as an unreadable file
         return f"not a readable Parquet file: {e}"
     stop = unit.rg_stop if unit.rg_stop is not None else pf.metadata.num_row_groups
     offset = sum(pf.metadata.row_group(i).num_rows for i in range(unit.rg_start))
@@ -713,9 +716,9 @@ def _parquet_batches(
 
 
 def _too_large(handle, group, limit: int, local: bool) -> str | None:
-    """Why a row group (``RowGroupMetaData``) must not be decompressed: a column with a page (so perhaps a value)
-    of more than ``limit`` bytes uncompressed. A chunk the footer puts under the limit is walked only in a
-    local file (where it is cheap), and there a page header that cannot be read is left to pyarrow."""
+    """Why a row group (``RowGroupMetaData``) must not be decompressed: a column with a page (so perhaps a
+    value) of more than ``limit`` bytes uncompressed. A chunk the footer puts under the limit is walked only
+    in a local file (where it is cheap), and there a page header that cannot be read is left to pyarrow."""
     for j in range(group.num_columns):
         column = group.column(j)
         claimed = column.total_uncompressed_size
@@ -751,7 +754,8 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
             if c not in mapped and not pa.types.is_binary(pf.schema_arrow.field(c).type)
         ]
         try:
-            for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=1024):
+            for first, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=1024):
+                offset = first
                 if isinstance(batch, dict):  # a reject
                     yield batch
                     continue
@@ -759,7 +763,7 @@ def _read_parquet(unit: Unit) -> Iterator[dict[str, Any]]:
                 for i in range(batch.num_rows):
                     yield from make.guarded(offset, _parquet_rows, make, f, cols, meta_cols, i, offset)
                     offset += 1
-        except Exception as e:  # a corrupt page: report where, keep what was read
+        except Exception as e:  # noqa: BLE001 - a corrupt page: report where, keep what was read
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
 
 
@@ -806,9 +810,10 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
             return
         columns = [c for c in _POOL_COLUMNS if c in names]
         try:
-            for offset, batch in _parquet_batches(
+            for first, batch in _parquet_batches(
                 make, handle, pf, groups, offset, batch_size=256, columns=columns
             ):
+                offset = first
                 if isinstance(batch, dict):  # a reject
                     yield batch
                     continue
@@ -831,7 +836,7 @@ def _read_pool(unit: Unit) -> Iterator[dict[str, Any]]:
                     )
                     yield row
                     offset += 1
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a corrupt page: report where, keep what was read
             yield make.broken(offset, "unreadable_file", f"Parquet read failed after row {offset}: {e}")
 
 
@@ -894,7 +899,7 @@ def _json_lines(unit: Unit, stream) -> Iterator[tuple[int, dict | Exception, str
         try:
             obj = json.loads(text_of_line)
             if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 - caught below
         except ValueError as e:
             obj = e
         except RecursionError:
@@ -983,14 +988,14 @@ def _jsonl_rows(
 
 
 def _read_sft(unit: Unit) -> Iterator[dict[str, Any]]:
-    """Records of a ``sharegpt`` or ``qa`` source as SFT rows (:mod:`curation.mix.coldstart` converts).
+    """Records of a ``sharegpt`` or ``qa`` source as SFT rows (:mod:`curation.io.conversations` converts).
 
     A record that cannot become a conversation (no turns, an unknown role or mode, roles out of order,
     placeholders that do not match the images, a suffix that contradicts the mode) is an ingest reject
     with the converter's reason; a missing image file is ``missing_image_file`` and keeps the messages.
     """
     make = _RowMaker(unit)
-    convert = coldstart.from_conversation if unit.format == "sharegpt" else coldstart.from_qa
+    convert = conversations.from_conversation if unit.format == "sharegpt" else conversations.from_qa
     for offset, record, broken in _sft_records(unit, make):
         if broken is not None:
             yield broken
@@ -1002,7 +1007,7 @@ def _sft_row(make: _RowMaker, convert, record: dict, offset: int) -> list[dict[s
     try:
         conv = convert(record, make.fields, make.unit.mode)
         images, reason, why = _load_images(conv.images, make)
-    except coldstart.ConversionError as e:
+    except chat.ConversionError as e:
         return [make.broken(offset, e.reason, e.detail, _raw_record(record))]
     detail = f"{make.unit.uri}#{offset}: {why}" if reason else None
     meta = {
@@ -1013,7 +1018,7 @@ def _sft_row(make: _RowMaker, convert, record: dict, offset: int) -> list[dict[s
     return [
         make.row(
             offset,
-            messages=coldstart.dump_messages(conv.messages),
+            messages=chat.dump_messages(conv.messages),
             mode=conv.mode,
             images=images or None,
             meta=meta,
@@ -1042,10 +1047,10 @@ def _load_images(references: list[Any], make: _RowMaker) -> tuple[list[bytes | N
     missing: list[str] = []
     refused: tuple[str, str] | None = None
     for ref in references:
-        data = coldstart.image_bytes(ref)
-        path = coldstart.image_path(ref) if data is None else None
+        data = conversations.image_bytes(ref)
+        path = conversations.image_path(ref) if data is None else None
         if data is None and path is None:
-            raise coldstart.ConversionError(
+            raise chat.ConversionError(
                 "malformed_row",
                 f"an image reference must be bytes, a path or a data URI, got {type(ref).__name__}",
             )
@@ -1080,14 +1085,15 @@ def _sft_records(unit: Unit, make: _RowMaker) -> Iterator[tuple[int, dict | None
         handle, pf, groups, offset = opened
         with handle:
             try:
-                for offset, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=256):
+                for first, batch in _parquet_batches(make, handle, pf, groups, offset, batch_size=256):
+                    offset = first
                     if isinstance(batch, dict):  # a reject
                         yield offset, None, batch
                         continue
                     for record in batch.to_pylist():
                         yield offset, record, None
                         offset += 1
-            except Exception as e:  # a corrupt page: report where, keep what was read
+            except Exception as e:  # noqa: BLE001 - a corrupt page: report where, keep what was read
                 yield (
                     offset,
                     None,

@@ -208,7 +208,8 @@ def policy(
     schemes: list[str] | tuple[str, ...] = SCHEMES,
     extra: tuple[str, ...] = (),
 ) -> RefPolicy:
-    """The policy for rows of the file ``uri``: its folder, ``roots`` and ``extra`` (already absolute) roots."""
+    """The policy for rows of the file ``uri``: its folder, ``roots`` and ``extra`` (already
+    absolute) roots."""
     folder = cfs.dirname(uri)
     return RefPolicy(
         tuple(dict.fromkeys(normalize_root(r) for r in (folder, *extra, *roots))),

@@ -62,6 +62,8 @@ import av.error
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
+from curation.target.geometry import MAX_PIXELS, MERGE, MIN_PIXELS, PATCH, smart_resize
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -86,10 +88,9 @@ _EPS = 1e-3  # seconds: timestamps are rationals, sampling times floats
 _IMAGE_FORMATS = ("image2", "_pipe", "apng")
 
 
-#: Sampled frames' sides are multiples of this (the model's 14-pixel patches merged 2x2) unless told otherwise.
-FACTOR = 28
-#: ... and hold at least this many pixels (4 visual tokens, the model's lower bound per image).
-MIN_PIXELS = 4 * FACTOR * FACTOR
+#: Sampled frames' sides are multiples of this (the model's 14-pixel patches merged 2x2) unless told
+#: otherwise, and hold at least MIN_PIXELS (4 visual tokens, the model's lower bound per image).
+FACTOR = PATCH * MERGE
 
 
 class VideoError(ValueError):
@@ -378,15 +379,13 @@ def frame_size(
 ) -> tuple[int, int]:
     """The ``(width, height)`` a ``w`` x ``h`` video's frames are sampled at: scaled (never up) so that the
     longer side is ``max_side``, then each side rounded to the nearest multiple of ``factor`` with the area
-    kept within ``[min_pixels, max_pixels]`` (Qwen2-VL's ``smart_resize``: what the model will resize the frame
-    to anyway, so a frame stored at this size is read without resampling). ``factor=1`` keeps the exact
-    aspect ratio. Raises :class:`VideoError` for aspect ratios the model refuses (over 200:1).
+    kept within ``[min_pixels, max_pixels]`` (Qwen2-VL's ``smart_resize``: what the model will resize the
+    frame to anyway, so a frame stored at this size is read without resampling). ``factor=1`` keeps the
+    exact aspect ratio. Raises :class:`VideoError` for aspect ratios the model refuses (over 200:1).
 
     >>> frame_size(640, 360, 384)     # 384x216, rounded to 28-pixel steps
     (392, 224)
     """
-    from curation.mix.tokens import MAX_PIXELS, smart_resize
-
     sw, sh = _scaled_size(w, h, max_side)
     try:
         return smart_resize(
@@ -487,7 +486,8 @@ def _frames(
     size = frame_size(info.width, info.height, max_side, factor, min_pixels, max_pixels)
     scaler = VideoReformatter()  # one per video: keeps libswscale's context between frames
     target, kept = 0.0, 0
-    for t, frame in _decode_in_order(o, lambda: kept < max_frames, timeout_s):
+    # the decoder calls the lambda as it goes: it must see the live count, not a copy bound at definition
+    for t, frame in _decode_in_order(o, lambda: kept < max_frames, timeout_s):  # noqa: B023 - live count
         if t < target - _EPS or kept >= max_frames:
             continue
         yield t, _rgb(scaler, frame, size)
@@ -544,8 +544,8 @@ def _luma_thumb(frame: av.VideoFrame, small: tuple[int, int], scaler: VideoRefor
 
 @dataclass
 class Shot:
-    """One shot of a video: ``[start, end)`` in seconds of the source, and its sampled frames (JPEG) with their
-    absolute timestamps (seconds from the start of the source video, not of the shot)."""
+    """One shot of a video: ``[start, end)`` in seconds of the source, and its sampled frames (JPEG) with
+    their absolute timestamps (seconds from the start of the source video, not of the shot)."""
 
     start: float
     end: float
@@ -717,7 +717,8 @@ def sample_frames(
     messages (pass the URI when passing bytes). Frames are taken every ``1/fps`` seconds, at most
     ``max_frames`` spread over the whole video and at least ``min_frames`` when the video is short,
     and sized by :func:`frame_size` (longer side ``max_side``, sides in multiples of ``factor``, area within
-    ``min_pixels``..``max_pixels``); decoding gives up after ``timeout_s`` seconds. Raises :class:`VideoError`.
+    ``min_pixels``..``max_pixels``); decoding gives up after ``timeout_s`` seconds. Raises
+    :class:`VideoError`.
     """
     with VideoReader(src, name=name) as v:
         frames, ts = [], []
@@ -788,13 +789,15 @@ def encode_clips(
 ) -> list[Clip]:
     """Each ``(start, end)`` span of the video (seconds, in order, not overlapping: shots) as its own MP4.
 
-    * **Copied** when it can be (``copy``, no ``max_side`` scaling, an MP4-compatible codec): a span that starts
-      on a keyframe and ends on the next span's keyframe (or at the end of the video) is the source's own packets
-      in a new MP4, untouched, with timestamps from 0. Encoders place a keyframe at a hard cut (x264's scene-cut
-      detection), so shots of web videos usually qualify; copying costs a demux, no decoding, no quality.
-    * **Re-encoded** otherwise, in one in-order decode: frames with ``start <= t < end`` go to that span's H.264
-      encoder, so a clip starts exactly at its cut whatever the source's keyframes. ``max_side`` scales down
-      (even sides). Fragmented MP4 (``empty_moov``): written in one pass, plays everywhere web video does.
+    * **Copied** when it can be (``copy``, no ``max_side`` scaling, an MP4-compatible codec): a span that
+      starts on a keyframe and ends on the next span's keyframe (or at the end of the video) is the source's
+      own packets in a new MP4, untouched, with timestamps from 0. Encoders place a keyframe at a hard cut
+      (x264's scene-cut detection), so shots of web videos usually qualify; copying costs a demux, no
+      decoding, no quality.
+    * **Re-encoded** otherwise, in one in-order decode: frames with ``start <= t < end`` go to that span's
+      H.264 encoder, so a clip starts exactly at its cut whatever the source's keyframes. ``max_side``
+      scales down (even sides). Fragmented MP4 (``empty_moov``): written in one pass, plays everywhere web
+      video does.
     """
     out: list[Clip | None] = [None] * len(spans)
     if copy and not max_side and spans:
@@ -856,9 +859,9 @@ def _copy_spans(src: VideoSource, spans: list[tuple[float, float]], name: str | 
 
 
 def _remux(stream, packets, offset: int) -> bytes:
-    """Packets of ``stream`` in a new MP4, timestamps shifted so the first frame shows at 0 (the edit list keeps
-    B-frame delays right: a plain MP4 with its index at the end, since an index written first would need a second
-    pass over the file)."""
+    """Packets of ``stream`` in a new MP4, timestamps shifted so the first frame shows at 0 (the edit list
+    keeps B-frame delays right: a plain MP4 with its index at the end, since an index written first would
+    need a second pass over the file)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
         o = out.add_stream_from_template(stream)
@@ -898,7 +901,8 @@ def _encode_spans(
                 out[k] = buf.getvalue()
                 enc = None
 
-        for t, frame in _decode_in_order(v, lambda: k < len(spans), timeout_s):
+        # the decoder calls the lambda as it goes: it must see the live span index, not a bound copy
+        for t, frame in _decode_in_order(v, lambda: k < len(spans), timeout_s):  # noqa: B023 - live index
             while k < len(spans) and t >= spans[k][1] - _EPS:
                 finish()
                 k += 1

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -45,17 +44,16 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
+from curation.io import commit, outputs
 from curation.io import fs as cfs
-from curation.io import outputs
-from curation.io.pool import _commit_bytes, _Part, sweep_temp
 from curation.mix.recipe import MixRecipe, MixSource, Mixture, resolved_source
-from curation.mix.tokens import Markup, Tokenizer, VisionConfig, row_tokens
-from curation.recipe import RecipeError
+from curation.mix.tokens import Markup, Tokenizer, row_tokens
 from curation.schema import ROW_SCHEMA, conform
+from curation.spec import RecipeError
+from curation.target.geometry import VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -442,15 +440,15 @@ def plan_mixture(
             )
         elif p.target > p.available and not p.spec.upsample:
             problems.append(
-                f"{where}.sources.{p.name}: needs {p.target:,} {unit} but pool '{p.spec.pool}' gives {p.available:,} "
-                f"in {p.candidates:,} rows ({_describe_selector(p.spec)}); set upsample: true to repeat rows, "
-                f"lower the budget, or use budget: auto"
+                f"{where}.sources.{p.name}: needs {p.target:,} {unit} but pool '{p.spec.pool}' gives "
+                f"{p.available:,} in {p.candidates:,} rows ({_describe_selector(p.spec)}); set upsample: "
+                f"true to repeat rows, lower the budget, or use budget: auto"
             )
         elif p.target > capacity[p.name] + 1e-9:
             problems.append(
-                f"{where}.sources.{p.name}: needs {p.target:,} {unit}, {p.target / p.available:.2f} passes over "
-                f"pool '{p.spec.pool}' ({p.available:,} {unit}), more than max_epochs {p.spec.max_epochs:g}; "
-                f"raise max_epochs, lower the budget, or use budget: auto"
+                f"{where}.sources.{p.name}: needs {p.target:,} {unit}, {p.target / p.available:.2f} passes "
+                f"over pool '{p.spec.pool}' ({p.available:,} {unit}), more than max_epochs "
+                f"{p.spec.max_epochs:g}; raise max_epochs, lower the budget, or use budget: auto"
             )
     if problems:
         return plans, problems
@@ -585,15 +583,14 @@ def _scatter_batch(batch: dict[str, np.ndarray], job: WriteJob, pending: list[in
             part = rows.filter(pc.field("out_shard") == out).drop_columns(["out_shard"])
             target = f"{_bucket_dir(path, out)}/{it['pool']:03d}_{it['shard']:05d}.parquet"
             fs.create_dir(_bucket_dir(path, out), recursive=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with fs.open_output_stream(tmp) as f:
+            with commit.open_committed(target, fs) as f:
                 pq.write_table(part, f)
-            fs.move(tmp, target)
     return {"done": np.array([len(batch["item"])])}
 
 
 def _gather_batch(batch: dict[str, np.ndarray], job: WriteJob) -> dict[str, np.ndarray]:
-    fs, path = cfs.filesystem(job.root)
+    folder = outputs.OutputFolder(job.root, "mixture")
+    fs, path = folder.fs, folder.path
     records = []
     for item in batch["item"]:
         it = json.loads(item)
@@ -606,7 +603,7 @@ def _gather_batch(batch: dict[str, np.ndarray], job: WriteJob) -> dict[str, np.n
         table = table.take(pc.sort_indices(table["position"])).drop_columns(["position"])
         if table.num_rows != it["rows"]:
             raise RuntimeError(f"shard {out}: the buckets hold {table.num_rows} rows, the plan {it['rows']}")
-        part = _Part(fs, path, f"{out:05d}", job.schema, job.formats, key="key")
+        part = commit.ShardWriter(fs, path, f"{out:05d}", job.schema, job.formats, key="key")
         part.write(table.cast(job.schema))
         entry = part.commit()
         entry["name"] = f"{out:05d}"
@@ -615,7 +612,7 @@ def _gather_batch(batch: dict[str, np.ndarray], job: WriteJob) -> dict[str, np.n
             for k, c in (("text", "text_tokens"), ("visual", "visual_tokens"), ("total", "tokens"))
         }
         record = {"out_shard": out, "entry": entry}
-        _commit_bytes(fs, f"{path}/_work/done/{out:05d}.json", json.dumps(record, sort_keys=True).encode())
+        folder.commit_done(out, record)
         records.append(json.dumps(record))
     return {"record": np.array(records, dtype=object)}
 
@@ -645,8 +642,8 @@ def build_mixtures(
 
     Raises :class:`RecipeError` for a recipe the pools cannot satisfy, before writing anything;
     ``dry_run`` stops after the plan and returns the would-be manifests. Raises
-    :class:`curation.io.outputs.OutputError` before reading the pools for a mixture folder that overlaps a pool
-    or holds what this tool did not write, and before writing for one that another run is writing.
+    :class:`curation.io.outputs.OutputError` before reading the pools for a mixture folder that overlaps a
+    pool or holds what this tool did not write, and before writing for one that another run is writing.
     """
     from curation.runner import configure_data_context, ray_session
 
@@ -656,8 +653,10 @@ def build_mixtures(
             raise RecipeError(
                 recipe.file,
                 [
-                    f"--only {', '.join(unknown)}: no such mixture (the recipe has "
-                    f"{', '.join(m.name for m in recipe.mixtures)})"
+                    (
+                        f"--only {', '.join(unknown)}: no such mixture (the recipe has "
+                        f"{', '.join(m.name for m in recipe.mixtures)})"
+                    )
                 ],
             )
         recipe.mixtures = [m for m in recipe.mixtures if m.name in only]
@@ -767,25 +766,6 @@ def _count(
     return counts
 
 
-def _prepare_output(fs, path: str, root: str, name: str, mix_hash: str, overwrite: bool) -> None:
-    """Create the mixture's folder, or check that an existing one holds this mixture (a rerun resumes it);
-    ``overwrite`` empties an earlier output of this tool first (:func:`curation.io.outputs.claim`)."""
-    marker = f"{path}/_work/mixture.json"
-    outputs.claim(root, "mixture", overwrite)
-    if fs.get_file_info(marker).type == pafs.FileType.File:
-        with fs.open_input_stream(marker) as f:
-            previous = json.loads(f.read()).get("mixture_hash")
-        if previous != mix_hash:
-            raise FileExistsError(
-                f"{root} holds mixture '{name}' from a different recipe or pools (hash "
-                f"{previous}, this one is {mix_hash}); write elsewhere or pass --overwrite"
-            )
-    elif fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File:
-        raise FileExistsError(f"{root} already holds a mixture; write elsewhere or pass --overwrite")
-    cfs.make_dirs(root, ("shards", "_work/done", "_work/buckets"))
-    _commit_bytes(fs, marker, json.dumps({"mixture_hash": mix_hash}).encode())
-
-
 def _write_mixture(
     recipe: MixRecipe,
     mix: Mixture,
@@ -815,29 +795,21 @@ def _write_mixture(
         return MixResult(mix.name, root, manifest, None, timings)
     t_write = time.perf_counter()
 
-    fs, path = cfs.filesystem(root)
-    mix_hash = _mixture_hash(recipe, mix)
-    with cfs.writing(
-        root
-    ):  # a missing bucket, refused credentials, a read-only disk: say where and what to do
-        _prepare_output(fs, path, root, mix.name, mix_hash, overwrite)
-    _commit_bytes(
-        fs,
+    folder = outputs.OutputFolder(root, "mixture")
+    fs, path = folder.fs, folder.path
+    folder.prepare({"mixture_hash": _mixture_hash(recipe, mix)}, overwrite=overwrite)
+    commit.write_bytes(
         f"{path}/_work/plan.parquet",
         _parquet_bytes(
             sel.select(
                 "pool", "shard", "row", "position", "out_shard", *[f.name for f in MIX_FIELDS]
             ).to_arrow()
         ),
+        fs,
     )
 
     n_out = int(sel["out_shard"].max()) + 1 if sel.height else 0
-    done = {}
-    for info in fs.get_file_info(pafs.FileSelector(f"{path}/_work/done", allow_not_found=True)):
-        if info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                rec = json.loads(f.read())
-            done[rec["out_shard"]] = rec["entry"]
+    done = {n: rec["entry"] for n, rec in folder.done_records().items()}
     pending = [k for k in range(n_out) if k not in done]
     if done:
         log.info("%s: resuming, %d of %d shards already written", mix.name, len(done), n_out)
@@ -881,22 +853,24 @@ def _write_mixture(
                 done[rec["out_shard"]] = rec["entry"]
                 bar.update(1)
         bar.close()
-    sweep_temp(fs, path, root)  # every task is done: what is left under a temp name was a killed worker's
+    folder.sweep_temp()  # every task is done: what is left under a temp name was a killed worker's
     manifest["shards"] = [done[k] for k in range(n_out)]
     manifest["totals"]["shards"] = n_out
     manifest["totals"]["bytes"] = sum(
         s[k]["bytes"] for s in manifest["shards"] for k in ("parquet", "tar") if k in s
     )
-    _commit_bytes(fs, f"{path}/manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    commit.write_bytes(
+        f"{path}/manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode(), fs
+    )
     fs.delete_dir_contents(f"{path}/_work/buckets", missing_dir_ok=True)
     timings["write_s"] = time.perf_counter() - t_write
     timings["shards_written"] = len(pending)
-    _commit_bytes(
-        fs,
+    commit.write_bytes(
         f"{path}/stats.json",
         json.dumps(
             {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}, indent=2
         ).encode(),
+        fs,
     )
     report = None
     if recipe.output.report:
@@ -981,6 +955,10 @@ def _manifest(
         }
     target = sum(p.target for p in plans)
     selected = sum(p.selected for p in plans)
+    try:
+        tokenizer_sha256 = commit.sha256_file(tokenizer.source)
+    except (OSError, ValueError):  # a hub name, not a file
+        tokenizer_sha256 = None
     return {
         "format": FORMAT,
         "name": mix.name,
@@ -992,7 +970,7 @@ def _manifest(
             "source": os.path.basename(tokenizer.source)
             if not cfs.is_uri(tokenizer.source)
             else tokenizer.source,
-            "sha256": _file_sha256(tokenizer.source),
+            "sha256": tokenizer_sha256,
         },
         "vision": dataclasses.asdict(recipe.vision),
         "markup": dataclasses.asdict(recipe.markup),
@@ -1021,14 +999,6 @@ def _manifest(
             "bytes": 0,
         },
     }
-
-
-def _file_sha256(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
 
 
 def iter_plan(results: list[MixResult]) -> Iterator[str]:

@@ -2,7 +2,7 @@
 
 A mixture recipe names pools (folders written by ``curation run``), how to count tokens (the model's
 tokenizer and vision settings), and one or more mixtures, each with a budget and the sources that
-share it. Loading is as strict as for pipelines (:mod:`curation.recipe`): every problem is reported at
+share it. Loading is as strict as for pipelines (:mod:`curation.spec`): every problem is reported at
 once, naming the file and key, before anything is read or written.
 
 Example::
@@ -38,12 +38,14 @@ from typing import Any
 
 from curation.bounds import bounded, fits
 from curation.io.outputs import name_problem
-from curation.mix.tokens import Markup, VisionConfig
-from curation.recipe import OUTPUT_FORMATS, RecipeError, build, load_yaml
+from curation.mix.tokens import Markup
+from curation.recipe import OUTPUT_FORMATS
 from curation.schema import MODALITIES
 from curation.secrets import redact_tree
+from curation.spec import RecipeError, build, load_yaml
+from curation.target.chat import MODES
+from curation.target.geometry import VisionConfig
 
-MODES = ("thinking", "non_thinking", "auto_think", "think_with_image", "video")
 UNITS = ("tokens", "rows")
 WEIGHT_TOLERANCE = 1e-6
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -131,7 +133,7 @@ def _amount(value: Any) -> int | None:
         m = _AMOUNT.match(value.replace("_", "").replace(",", ""))
         if m:
             try:
-                return int(round(float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)))
+                return round(float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1))
             except OverflowError:  # more digits than a float holds: no budget is that large
                 return None
     return None
@@ -350,7 +352,7 @@ def _source(where: str, spec: Any, pools: dict, problems: list[str]) -> MixSourc
 
         try:
             pl.sql_expr(src.where)
-        except Exception as e:  # polars raises several kinds for bad SQL
+        except Exception as e:  # noqa: BLE001 - polars raises several kinds for bad SQL
             problems.append(
                 f"{where}.where: not a valid SQL predicate ({str(e).splitlines()[0]}): {src.where!r}"
             )

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from curation.io import fs as cfs
-from curation.io.pool import _commit_bytes
-from curation.report import _CSS, _esc, _n, _pct, svg_histogram
+from curation.html import CSS, esc, number, percent, svg_histogram
+from curation.io import commit
 
 _EXTRA_CSS = """
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px;border-radius:2px}
@@ -31,18 +30,20 @@ def _bars(rows: list[tuple[str, float, float | None]], title: str) -> str:
     height = 28 + row_h * len(rows)
     top = max([max(v, t or 0) for _, v, t in rows] or [1]) or 1
     out = [
-        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f'<text x="8" y="15" class="t">{_esc(title)}</text>',
+        (
+            f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">'
+        ),
+        f'<text x="8" y="15" class="t">{esc(title)}</text>',
     ]
     pw = width - pad_l - 70
     for i, (label, value, target) in enumerate(rows):
         y = 24 + i * row_h
         w = pw * value / top
-        out.append(f'<text x="{pad_l - 6}" y="{y + 13}" text-anchor="end">{_esc(label)}</text>')
+        out.append(f'<text x="{pad_l - 6}" y="{y + 13}" text-anchor="end">{esc(label)}</text>')
         out.append(
             f'<rect x="{pad_l}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="{row_h - 8}">'
-            f"<title>{_esc(label)}: {100 * value:.2f}%</title></rect>"
+            f"<title>{esc(label)}: {100 * value:.2f}%</title></rect>"
         )
         if target is not None:
             tx = pad_l + pw * target / top
@@ -82,10 +83,8 @@ def write_mix_report(root: str, manifest: dict[str, Any], sel: pl.DataFrame) -> 
     hists = _length_histograms(sel)
     data = {k: v for k, v in manifest.items() if k not in ("shards", "recipe")}
     data["length_histograms"] = hists
-    fs, path = cfs.filesystem(root)
-
-    _commit_bytes(fs, f"{path}/report.json", json.dumps(data, indent=2, ensure_ascii=False).encode())
-    _commit_bytes(fs, f"{path}/report.html", _html(manifest, hists).encode())
+    commit.write_text(f"{root}/report.json", json.dumps(data, indent=2, ensure_ascii=False))
+    commit.write_text(f"{root}/report.html", _html(manifest, hists))
     return f"{root}/report.html"
 
 
@@ -110,18 +109,18 @@ def _html(m: dict[str, Any], hists: dict[str, dict[str, Any]]) -> str:
         dev = s["deviation"]
         cls = "dev-ok" if abs(dev) <= max(1, s["tokens"] // max(s["rows"], 1)) else "dev-bad"
         rows.append(
-            f"<tr><td>{_esc(name)}</td><td>{_esc(s['pool'])}</td><td class=r>{_n(s['rows'])}</td>"
-            f"<td class=r>{_n(s['tokens'])}</td><td class=r>{_n(s['text_tokens'])}</td>"
-            f"<td class=r>{_n(s['visual_tokens'])}</td><td class=r>{_n(s['target'])}</td>"
+            f"<tr><td>{esc(name)}</td><td>{esc(s['pool'])}</td><td class=r>{number(s['rows'])}</td>"
+            f"<td class=r>{number(s['tokens'])}</td><td class=r>{number(s['text_tokens'])}</td>"
+            f"<td class=r>{number(s['visual_tokens'])}</td><td class=r>{number(s['target'])}</td>"
             f"<td class='r {cls}'>{dev:+,}</td><td class=r>{s['epochs']:.2f}</td>"
-            f"<td class=r>{_n(s['available']['rows'])}</td></tr>"
+            f"<td class=r>{number(s['available']['rows'])}</td></tr>"
         )
     ledger = []
     for name, s in m["sources"].items():
         for e in s["ledger"]:
             ledger.append(
-                f"<tr><td>{_esc(name)}</td><td class=r>{e['epoch']}</td><td class=r>{_n(e['rows'])}</td>"
-                f"<td class=r>{_n(e['tokens'])}</td><td>{'whole pass' if e['complete'] else 'partial'}"
+                f"<tr><td>{esc(name)}</td><td class=r>{e['epoch']}</td><td class=r>{number(e['rows'])}</td>"
+                f"<td class=r>{number(e['tokens'])}</td><td>{'whole pass' if e['complete'] else 'partial'}"
                 f"</td></tr>"
             )
     hist_svgs = "".join(
@@ -129,35 +128,40 @@ def _html(m: dict[str, Any], hists: dict[str, dict[str, Any]]) -> str:
         for name, h in hists.items()
     )
     mode_rows = "".join(
-        f"<tr><td>{_esc(k)}</td><td class=r>{_n(v['rows'])}</td><td class=r>{_n(v['tokens'])}</td>"
-        f"<td class=r>{_pct(v['tokens'], t['tokens'])}</td></tr>"
+        f"<tr><td>{esc(k)}</td><td class=r>{number(v['rows'])}</td><td class=r>{number(v['tokens'])}</td>"
+        f"<td class=r>{percent(v['tokens'], t['tokens'])}</td></tr>"
         for k, v in m["modes"].items()
     )
+    requested = number(b["requested"]) if isinstance(b["requested"], int) else b["requested"]
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>mixture {_esc(m["name"])}</title><style>{_CSS}{_EXTRA_CSS}</style></head><body>
-<h1>Mixture {_esc(m["name"])}</h1>
-<p class="meta">recipe hash <code>{_esc(m["recipe_hash"])}</code> · seed {m["seed"]} · tokenizer
-<code>{_esc(m["tokenizer"]["source"])}</code> · budget in {unit}: requested {_esc(_n(b["requested"]) if isinstance(b["requested"], int) else b["requested"])},
-target {_n(b["target"])}, selected {_n(b["selected"])} (deviation {b["deviation"]:+,}, {b["deviation_pct"]:+.4f}%)</p>
+<title>mixture {esc(m["name"])}</title><style>{CSS}{_EXTRA_CSS}</style></head><body>
+<h1>Mixture {esc(m["name"])}</h1>
+<p class="meta">recipe hash <code>{esc(m["recipe_hash"])}</code> · seed {m["seed"]} · tokenizer
+<code>{esc(m["tokenizer"]["source"])}</code> · budget in {unit}: requested {esc(requested)},
+target {number(b["target"])}, selected {number(b["selected"])} \
+(deviation {b["deviation"]:+,}, {b["deviation_pct"]:+.4f}%)</p>
 <div class="totals">
-<div class="tot"><b>{_n(t["rows"])}</b>rows ({_n(t["unique_rows"])} distinct)</div>
-<div class="tot"><b>{_n(t["tokens"])}</b>tokens</div>
-<div class="tot"><b>{_n(t["text_tokens"])}</b>text tokens</div>
-<div class="tot"><b>{_n(t["visual_tokens"])}</b>visual tokens</div>
-<div class="tot"><b>{_n(t["shards"])}</b>shards</div></div>
+<div class="tot"><b>{number(t["rows"])}</b>rows ({number(t["unique_rows"])} distinct)</div>
+<div class="tot"><b>{number(t["tokens"])}</b>tokens</div>
+<div class="tot"><b>{number(t["text_tokens"])}</b>text tokens</div>
+<div class="tot"><b>{number(t["visual_tokens"])}</b>visual tokens</div>
+<div class="tot"><b>{number(t["shards"])}</b>shards</div></div>
 <h2>Proportions</h2><div class="hists">{bars}
 {split(m["modalities"], "tokens by modality")}{split(m["modes"], "tokens by mode")}</div>
 <h2>Sources</h2>
-<table><thead><tr><th>source</th><th>pool</th><th class=r>rows</th><th class=r>tokens</th><th class=r>text</th>
+<table><thead><tr><th>source</th><th>pool</th><th class=r>rows</th><th class=r>tokens</th>\
+<th class=r>text</th>
 <th class=r>visual</th><th class=r>target ({unit})</th><th class=r>deviation</th><th class=r>epochs</th>
 <th class=r>rows available</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
-<h2>Modes</h2><table><thead><tr><th>mode</th><th class=r>rows</th><th class=r>tokens</th><th class=r>share</th>
+<h2>Modes</h2><table><thead><tr><th>mode</th><th class=r>rows</th><th class=r>tokens</th>\
+<th class=r>share</th>
 </tr></thead><tbody>{mode_rows}</tbody></table>
 <h2>Length distributions</h2><p class="meta">Tokens per row (text and visual), log-scaled bins.</p>
 <div class="hists">{hist_svgs}</div>
 <h2>Epoch ledger</h2><p class="meta">How many passes each source took; a source is repeated only when its
 recipe allows it (upsample: true).</p>
-<table><thead><tr><th>source</th><th class=r>epoch</th><th class=r>rows</th><th class=r>tokens</th><th>pass</th>
+<table><thead><tr><th>source</th><th class=r>epoch</th><th class=r>rows</th><th class=r>tokens</th>\
+<th>pass</th>
 </tr></thead><tbody>{"".join(ledger)}</tbody></table>
 </body></html>
 """

@@ -5,8 +5,9 @@ functions that need them, so a pipeline that uses no model never pays for them.
 """
 
 import functools
-import hashlib
 import os
+
+from curation.io import commit
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -19,8 +20,4 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return commit.sha256_file(path)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curation.io import commit
 from curation.models import file_sha256
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def save_clip(model, arch: str | dict, path: str | os.PathLike, name: str | None
     ``arch``: an open_clip architecture name (``ViT-B-32``) or a model config dict in open_clip's format
     (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``), recorded under ``name`` (default:
     ``custom-<hash of the config>``). The preprocessing open_clip attached to the model is kept too.
-    Written to a temporary name and renamed, so a reader never sees half a file.
+    Written to a temporary name and renamed (:func:`curation.io.commit.open_committed`), so a reader never
+    sees half a file.
     """
     import torch
 
@@ -238,18 +240,17 @@ def save_clip(model, arch: str | dict, path: str | os.PathLike, name: str | None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     preprocess = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(
-        {
-            "format": FORMAT,
-            "arch": arch_name,
-            "model_cfg": cfg,
-            "preprocess_cfg": preprocess,
-            "state_dict": state,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    with commit.open_committed(path) as f:
+        torch.save(
+            {
+                "format": FORMAT,
+                "arch": arch_name,
+                "model_cfg": cfg,
+                "preprocess_cfg": preprocess,
+                "state_dict": state,
+            },
+            f,
+        )
     return path
 
 
@@ -279,9 +280,10 @@ def _register_arch(open_clip, name: str, cfg: dict) -> str:
 class ClipModel:
     """A loaded CLIP model: its preprocessing, tokenizer and where its weights came from.
 
-    Preprocessing is open_clip's evaluation transform in two halves: :meth:`prepare` (resize, crop, RGB: Pillow
-    only, so it runs on any thread without starting a torch thread team there) and :meth:`pixels` (to float
-    and normalise, over a whole batch, on ``device``); ``preprocess`` is the whole transform, for one image.
+    Preprocessing is open_clip's evaluation transform in two halves: :meth:`prepare` (resize, crop, RGB:
+    Pillow only, so it runs on any thread without starting a torch thread team there) and :meth:`pixels` (to
+    float and normalise, over a whole batch, on ``device``); ``preprocess`` is the whole transform, for one
+    image.
     """
 
     model: Any
@@ -312,8 +314,8 @@ class ClipModel:
         return np.asarray(self._prepare(image))
 
     def pixels(self, prepared: list) -> Any:
-        """A batch of :meth:`prepare` outputs as the model's normalised float input (N, 3, H, W) on ``device``:
-        the same numbers as ``preprocess`` gives image by image."""
+        """A batch of :meth:`prepare` outputs as the model's normalised float input (N, 3, H, W) on
+        ``device``: the same numbers as ``preprocess`` gives image by image."""
         import numpy as np
         import torch
 
@@ -342,7 +344,8 @@ class ClipModel:
         return out.float()
 
     def encode_texts(self, texts: list[str]) -> Any:
-        """L2-normalised float32 text embeddings (N, D), on ``device``; texts longer than the context are cut."""
+        """L2-normalised float32 text embeddings (N, D), on ``device``; texts longer than the context are
+        cut."""
         import torch
 
         tokens = self.tokenizer(texts)

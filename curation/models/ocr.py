@@ -41,7 +41,8 @@ import numpy as np
 from curation.models import file_sha256
 
 ENGINES = ("rapidocr", "paddleocr")
-# (import name, extra) pairs each engine needs; the stage reports the install command for the first missing one.
+# (import name, extra) pairs each engine needs; the stage reports the install command for the first
+# missing one.
 REQUIRES = {
     "rapidocr": (("rapidocr", "ocr"), ("onnxruntime", "ocr")),
     "paddleocr": (("paddleocr", "ocr-paddle"), ("paddle", "ocr-paddle")),
@@ -188,8 +189,8 @@ def _resolve_paddleocr(model_dir: str | None, angle: bool) -> OcrModels:
             "cls": "PP-LCNet_x1_0_textline_ori",
         }
         raise FileNotFoundError(
-            f"engine paddleocr: model_dir {folder} has no {', '.join(missing)} model folder (a folder with an "
-            f"inference.yml naming e.g. {', '.join(examples[r] for r in missing)})"
+            f"engine paddleocr: model_dir {folder} has no {', '.join(missing)} model folder "
+            f"(a folder with an inference.yml naming e.g. {', '.join(examples[r] for r in missing)})"
             + (
                 "; or set angle: false to run without the text-line orientation model"
                 if missing == ["cls"]
@@ -215,9 +216,10 @@ class OcrOptions:
         "max"  # max: scale the longer side down to det_limit_side_len; min: the shorter side up
     )
     min_line_confidence: float = 0.5  # lines recognised below this are dropped by the engine
-    # RapidOCR: a line read with less confidence than this is read again turned over (180 degrees) and the more
-    # confident reading kept. The angle classifier sees a long line squeezed into 192 pixels and often gets it
-    # wrong, both ways; re-reading only the doubtful lines costs little. 0: never. (PaddleOCR: not applied.)
+    # RapidOCR: a line read with less confidence than this is read again turned over (180 degrees) and the
+    # more confident reading kept. The angle classifier sees a long line squeezed into 192 pixels and often
+    # gets it wrong, both ways; re-reading only the doubtful lines costs little. 0: never. (PaddleOCR:
+    # not applied.)
     retry_below: float = 0.9
 
 
@@ -241,7 +243,8 @@ class OcrEngine:
 
 
 def mean_confidence(lines: Sequence[Line]) -> float:
-    """The recogniser's confidence per character (a long line weighs more than a stray mark); 0 without text."""
+    """The recogniser's confidence per character (a long line weighs more than a stray mark);
+    0 without text."""
     chars = sum(max(1, len(ln.text)) for ln in lines)
     return sum(max(1, len(ln.text)) * ln.confidence for ln in lines) / chars if lines else 0.0
 
@@ -258,7 +261,8 @@ class RapidOcrEngine(OcrEngine):
         if "keys" not in models.files:
             _check_rec_characters(models.files["rec"])
         params: dict[str, Any] = {
-            "Global.log_level": "error",  # "The text detection result is empty" is a result here, not a warning
+            # "The text detection result is empty" is a result here, not a warning
+            "Global.log_level": "error",
             "Global.use_cls": opts.angle,
             "Det.model_path": models.files["det"],
             "Det.limit_side_len": opts.det_limit_side_len,
@@ -273,7 +277,8 @@ class RapidOcrEngine(OcrEngine):
             params["Rec.rec_keys_path"] = models.files["keys"]
         self._ocr = RapidOCR(params=params)
         self._min_confidence = opts.min_line_confidence
-        # RapidOCR loads each model on first use; load them all now, so a broken file fails setup(), not a row.
+        # RapidOCR loads each model on first use; load them all now, so a broken file fails setup(),
+        # not a row.
         self._ocr._load_det_model()
         self._ocr._load_rec_model()
         if opts.angle:

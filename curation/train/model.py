@@ -7,7 +7,7 @@ Keye-VL's layout at any size (the tiny default trains on a CPU):
   optionally SigLIP's learned grid table resized to the image (``learned_grid``). Patches arrive in
   *merge-block order* (each 2x2 neighbourhood contiguous), so the projector's merge is a reshape.
 - **Projector.** LayerNorm, then each 2x2 block of patch features concatenated (4 x width) and an MLP
-  to the decoder's width: one LLM token per 28x28 pixels, as :mod:`curation.mix.tokens` counts them.
+  to the decoder's width: one LLM token per 28x28 pixels, as :mod:`curation.target.geometry` counts them.
   A video's frames are encoded one by one and averaged in temporal pairs before the merge, so a video of
   n frames costs ceil(n / 2) frames of tokens, as mixtures count it.
 - **Decoder.** Qwen3's block (RMSNorm, grouped-query attention with q/k RMSNorm, SwiGLU MLP), with
@@ -144,7 +144,8 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Module):
-    """LayerNorm, then merge x merge patches concatenated and an MLP to the decoder width (Qwen2-VL's merger)."""
+    """LayerNorm, then merge x merge patches concatenated and an MLP to the decoder width
+    (Qwen2-VL's merger)."""
 
     def __init__(self, cfg: VisionConfig, out_dim: int):
         super().__init__()
@@ -154,7 +155,8 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(cfg.projector_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` (N, dim) patch features in merge-block order, N a multiple of merge^2 -> (N / merge^2, out)."""
+        """``x`` (N, dim) patch features in merge-block order, N a multiple of merge^2 ->
+        (N / merge^2, out)."""
         x = self.norm(x).reshape(-1, self.group * x.shape[-1])
         return self.fc2(F.gelu(self.fc1(x)))
 
@@ -302,7 +304,8 @@ class Contrastive(nn.Module):
 
 
 class VLM(nn.Module):
-    """Vision tower + projector + decoder (+ stage 0's contrastive head). ``forward(batch)`` returns the loss."""
+    """Vision tower + projector + decoder (+ stage 0's contrastive head). ``forward(batch)`` returns
+    the loss."""
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import xxhash
 from torch.utils.data import DataLoader
 
+from curation.io import commit
 from curation.train import hf
 from curation.train.config import (
     STAGE_DEFAULTS,
@@ -135,7 +136,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, what: str) -> None:
-    """Same architecture (every field of vision, lm, contrastive), else a ConfigError listing the differences."""
+    """Same architecture (every field of vision, lm, contrastive), else a ConfigError listing the
+    differences."""
     diff = architecture_diff(ckpt["config"], cfg)
     if diff:
         raise ConfigError(
@@ -145,11 +147,13 @@ def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, what: str) -> None:
         )
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
+def write_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` through a temp file renamed into place
+    (:func:`curation.io.commit.open_committed`): a run killed mid-write never leaves half a checkpoint under
+    the real name, where ``resume`` and ``init`` would find it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
+    with commit.open_committed(path) as f:
+        torch.save(obj, f)
 
 
 # ---------------------------------------------------------------- setup
@@ -389,7 +393,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- steps
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        commit.write_text(out / "config.json", json.dumps(to_dict(cfg), indent=2))
     # a resumed run goes on with its log; a new run into the same folder starts a new one
     log_file = (out / "log.jsonl").open("a" if cfg.resume else "w") if ranks.main else None
     records: list[dict[str, Any]] = []
@@ -489,7 +493,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary = {}
     if ranks.main:
         summary = _summary(cfg, records, skipped, ckpt_file, time.perf_counter() - t_run, n_train, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        commit.write_text(out / "summary.json", json.dumps(summary, indent=2))
     if ranks.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -517,7 +521,7 @@ def save_checkpoint(
         streams = {k: v for g in gathered for k, v in g.items()}
     path = out / "checkpoints" / f"step_{step:08d}.pt"
     if ranks.main:
-        _save(
+        write_checkpoint(
             {
                 "format": CKPT_FORMAT,
                 "config": to_dict(cfg),
